@@ -1,0 +1,78 @@
+"""Command line: `galore-bench list | run` (report, compare and check plug in beside them)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from galore_bench.record import DEFAULT_RESULTS
+from galore_bench.scenario import MODES, SCENARIO_DIR, UserError, load_scenario
+
+EPILOG = "Results are JSON records under results/<device>/<scenario>/; see README.md."
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    console = Console()
+    for path in sorted(SCENARIO_DIR.glob("*.toml")):
+        scenario = load_scenario(str(path))
+        methods = ", ".join(r.label for r in scenario.runs)
+        console.print(f"[bold]{scenario.name:<16}[/bold] {scenario.model_name:>5}  {scenario.description}  "
+                      f"[dim]({methods})[/dim]", highlight=False)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from galore_bench.runner import results_table, run_scenario
+
+    scenario = load_scenario(args.scenario)
+    console = Console()
+    paths = run_scenario(scenario, out=args.out, mode=args.mode, steps=args.steps,
+                         skip_existing=args.skip_existing)
+    console.print(results_table(paths, title=f"{scenario.name}: {scenario.description}"))
+    console.print(f"{len(paths)} record(s) under {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="galore-bench",
+        description="Will this training recipe fit, how fast will it run, what does it cost in quality? "
+                    "Memory, throughput and perplexity of GaLore, LOMO and their baselines on LLaMA models.",
+        epilog=EPILOG)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    listing = commands.add_parser("list", help="list the shipped scenarios, one line each",
+                                  description="List the scenarios shipped in scenarios/, one line each.")
+    listing.set_defaults(func=cmd_list)
+
+    run = commands.add_parser(
+        "run", help="run a scenario: every method, each in its own process, one record per run",
+        description="Run every method of a scenario, each in its own process, and write one JSON record per run. "
+                    "Modes: estimate (closed-form byte counts), simulate (real steps on fake tensors: any "
+                    "size on a CPU), measure (real steps on the real device), auto (measure when the device "
+                    "can hold the run, else simulate).")
+    run.add_argument("--scenario", required=True, help="a shipped scenario name (see `list`) or a .toml path")
+    run.add_argument("--mode", choices=MODES, default=None, help="override the scenario's mode (default: its own)")
+    run.add_argument("--steps", type=int, default=None, help="override the number of training steps (measure mode)")
+    run.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
+    run.add_argument("--skip-existing", action="store_true", help="resume: skip runs that already have an ok record")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"galore-bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("galore-bench: interrupted; finished records are kept (resume with --skip-existing)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The simulate and measure engines: real training steps of the real method code, with the tracker on.
+
+simulate runs them on fake tensors (no memory, any model size, on a CPU); measure runs them on the
+real device. Both report the peak of the steady state (steps 2+), once optimizer states exist.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from galore_bench.methods import REGISTRY, Trainer
+from galore_bench.models import build_model
+from galore_bench.scenario import RunSpec, Scenario
+from galore_bench.tracker import CUDA_BLOCK, MemoryTracker
+
+ProgressFn = Callable[[int, int], None]
+SIMULATE_STEPS = 2  # step 1 creates optimizer states; step 2 is the steady state we report
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return "cpu"
+
+
+def _input_batches(scenario: Scenario, run: RunSpec, device: str, fake: bool) -> Iterator[torch.Tensor]:
+    """Token batches: shape-only under fake tensors, learnable data for real steps."""
+    train, vocab = scenario.train, run.model.vocab_size
+    if fake:
+        while True:
+            yield torch.randint(0, vocab, (train.batch_size, train.seq_len), device=device)
+    for batch in training_batches(scenario, vocab).forever():
+        yield batch.to(device)
+
+
+def training_batches(scenario: Scenario, vocab_size: int, split: str = "train", seed_offset: int = 0):
+    """The scenario's data: learnable synthetic tokens (labelled so) or the offline Wikipedia corpus."""
+    from galore_bench import data
+
+    train = scenario.train
+    if scenario.data == "wiki":
+        return data.TokenBatches.from_corpus(split, train.seq_len, train.batch_size, seed=train.seed + seed_offset)
+    n_batches = max(8, train.steps * train.grad_accum)
+    return data.synthetic_batches(vocab_size, train.batch_size, train.seq_len,
+                                  seed=train.seed + seed_offset + (1000 if split != "train" else 0), n_batches=n_batches)
+
+
+class _StepTimer:
+    """Wall time per step, synchronised on CUDA so queued kernels are counted."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.times, self._start = device, [], 0.0
+
+    def __enter__(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def build_trainer(scenario: Scenario, run: RunSpec, device: str, tracker: MemoryTracker,
+                  fake_mode: FakeTensorMode | None) -> Trainer:
+    """Model, then the method's model changes, then the tracker's hooks, then the method's optimizer."""
+    method = REGISTRY[run.method]
+    mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    with mode:
+        model = build_model(run.model, scenario.train.dtype, device, seed=scenario.train.seed)
+        if scenario.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method.prepare is not None:
+            model = method.prepare(model, run.options, scenario.train)
+        model.train()
+        tracker.watch_model(model)
+        return method.build(model, run.options, scenario.train)
+
+
+def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, steps: int,
+                progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Run `steps` real training steps and return what was measured (memory, losses, step times)."""
+    round_to = CUDA_BLOCK if (fake or device == "cuda") else 1
+    tracker = MemoryTracker(round_to=round_to)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else None
+    trainer = build_trainer(scenario, run, device, tracker, fake_mode)
+    batches = _input_batches(scenario, run, device, fake)
+    timer, losses = _StepTimer(device), []
+    cuda_peak: dict[str, int] = {}
+    mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    with mode, tracker:
+        for step in range(steps):
+            if step == min(1, steps - 1):
+                tracker.reset_peak()
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+            with timer:
+                step_loss = _one_step(trainer, tracker, batches, scenario.train.grad_accum, step)
+            tracker.label(trainer.state_tensors(), "optimizer_states")
+            if not fake:
+                losses.append(step_loss)
+            if progress is not None:
+                progress(step + 1, steps)
+    if device == "cuda":
+        stats = torch.cuda.memory_stats()
+        cuda_peak = {"allocated_bytes": stats.get("allocated_bytes.all.peak", 0),
+                     "reserved_bytes": stats.get("reserved_bytes.all.peak", 0),
+                     "num_ooms": stats.get("num_ooms", 0), "num_alloc_retries": stats.get("num_alloc_retries", 0)}
+    tracker.unwatch()
+    return {"tracker": tracker, "losses": losses, "step_times": timer.times, "cuda": cuda_peak,
+            "trainer_info": trainer.info, "model": trainer.model}
+
+
+def _one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.Tensor], grad_accum: int,
+              step: int) -> float | None:
+    total: torch.Tensor | None = None
+    for _ in range(grad_accum):
+        with tracker.phase("data"):
+            batch = next(batches)
+        with tracker.phase("forward"):
+            loss = trainer.model(input_ids=batch, labels=batch, use_cache=False).loss
+            scaled = loss / grad_accum if grad_accum > 1 else loss
+        with tracker.phase("backward"):
+            trainer.backward(scaled)
+        detached = loss.detach()
+        total = detached if total is None else total + detached
+        del loss, scaled
+    with tracker.phase("optimizer"):
+        trainer.update(step)
+    if total is None or isinstance(total, torch._subclasses.fake_tensor.FakeTensor):
+        return None
+    return float(total) / grad_accum
+
+
+def throughput(step_times: list[float], tokens_per_step: int, device: str) -> dict[str, Any]:
+    """Tokens/s and TGS over the steps after the first (warm-up: kernels, state creation)."""
+    timed = step_times[1:] if len(step_times) > 1 else step_times
+    if not timed:
+        return {"tokens_per_second": None, "tgs": None, "mfu": None}
+    median = statistics.median(timed)
+    rate = tokens_per_step / median
+    return {"tokens_per_second": rate, "tgs": rate, "mfu": None, "device_kind": device,
+            "step_seconds_median": median, "step_seconds": timed,
+            "step_seconds_spread": (max(timed) - min(timed)) if len(timed) > 1 else 0.0}

@@ -1,0 +1,20 @@
+"""The method registry: an explicit tuple, in the fixed order reports use."""
+from __future__ import annotations
+
+from galore_bench.methods import adam8bit, adamw, galore, lomo, lora, sgd
+from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
+
+METHODS: tuple[MethodDef, ...] = (
+    adamw.METHOD,
+    sgd.METHOD,
+    adam8bit.METHOD,
+    galore.METHOD,
+    galore.METHOD_8BIT,
+    lomo.METHOD,
+    lora.LORA,
+    lora.RELORA,
+    lora.LOW_RANK,
+)
+REGISTRY: dict[str, MethodDef] = {m.name: m for m in METHODS}
+
+__all__ = ["METHODS", "REGISTRY", "MethodDef", "Option", "Trainer", "TrainSettings"]

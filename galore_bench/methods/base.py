@@ -1,0 +1,123 @@
+"""What every method adapter provides: its options, its limits, and a trainer that does one update."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def type_name(kind: type) -> str:
+    """'an int', 'a float': how error messages name an allowed type."""
+    return {"int": "an int", "float": "a number", "bool": "a bool (true/false)", "str": "a string"}.get(
+        kind.__name__, f"a {kind.__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One method option as a scenario may set it."""
+
+    kind: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """The 'allowed ...' text when `value` is not acceptable, else None."""
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
+            return type_name(self.kind)
+        if self.choices is not None and value not in self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.minimum is not None and value < self.minimum:
+            return f"{type_name(self.kind)} >= {self.minimum:g}"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class TrainSettings:
+    """Training settings shared by every run of a scenario."""
+
+    batch_size: int = 8
+    seq_len: int = 256
+    dtype: str = "bf16"
+    steps: int = 3
+    activation_checkpointing: bool = False
+    grad_accum: int = 1
+    seed: int = 0
+    warmup_steps: int = 0
+
+
+class Trainer:
+    """Backward plus one optimizer update, the unit every method is measured on."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
+                 info: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.info = info or {}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch (fused-update methods also update here)."""
+        loss.backward()
+
+    def update(self, step: int) -> None:
+        """The optimizer step after all micro-batches (a no-op for layer-wise stepping)."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor the optimizer keeps between steps (the 'optimizer_states' category)."""
+        yield from _tensors_in(getattr(self.optimizer, "state", {}))
+
+
+def _tensors_in(state: Any) -> Iterator[torch.Tensor]:
+    values = state.values() if isinstance(state, Mapping) else state
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (Mapping, list, tuple)):
+            yield from _tensors_in(value)
+        else:
+            basis = getattr(value, "ortho_matrix", None)  # GaLore projector keeps its basis as state
+            if isinstance(basis, torch.Tensor):
+                yield basis
+
+
+@dataclass(frozen=True, slots=True)
+class MethodDef:
+    """A registered method: name, options, what it cannot do, and how to build its trainer."""
+
+    name: str
+    summary: str
+    build: Callable[[torch.nn.Module, dict[str, Any], TrainSettings], Trainer]
+    options: dict[str, Option] = field(default_factory=dict)
+    supports_grad_accum: bool = True
+    uses_rank: bool = False
+    paper: str = ""
+    prepare: Callable[[torch.nn.Module, dict[str, Any], TrainSettings], torch.nn.Module] | None = None
+    """Changes the model before training (LoRA adapters, low-rank factors); runs in the engine's tensor mode."""
+
+    def all_options(self) -> dict[str, Option]:
+        common = {
+            "lr": Option(float, 1e-3, "peak learning rate", minimum=0.0),
+            "weight_decay": Option(float, 0.0, "decoupled weight decay", minimum=0.0),
+            "label": Option(str, "", "run name in reports (default: derived from method and options)"),
+        }
+        return {**common, **self.options}
+
+    def limits(self, opts: dict[str, Any], train: TrainSettings) -> list[tuple[str, str, str]]:
+        """(field, got, allowed) for each combination this method cannot run."""
+        problems = []
+        layerwise = bool(opts.get("layerwise", False))
+        if train.grad_accum > 1 and (layerwise or not self.supports_grad_accum):
+            why = "layer-wise updates" if layerwise else self.name
+            problems.append(("train.grad_accum", str(train.grad_accum),
+                             f"1 with {why} (the update happens inside backward, before the next micro-batch)"))
+        return problems

@@ -1,0 +1,45 @@
+"""LOMO (arXiv 2306.09782): SGD fused into backward, at most one gradient alive."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
+from galore_bench.optim.lomo import LOMO
+
+
+class LomoTrainer(Trainer):
+    """The update happens inside backward; there is nothing left to do after it."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.step(loss)
+
+    def update(self, step: int) -> None:
+        return None
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        return iter(())
+
+
+def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
+    lomo = LOMO(model, lr=opts["lr"], clip_grad_norm=opts["clip_grad_norm"] or None,
+                clip_grad_value=opts["clip_grad_value"] or None, loss_scale=opts["loss_scale"] or None,
+                weight_decay=opts["weight_decay"])
+    return LomoTrainer(model, lomo, info={"optimizer": "galore_bench.optim.lomo.LOMO",
+                                          "backward_passes": 2 if opts["clip_grad_norm"] else 1})
+
+
+METHOD = MethodDef(
+    name="lomo",
+    summary="LOMO: fused-backward SGD, one live gradient",
+    build=build,
+    options={
+        "clip_grad_norm": Option(float, 0.0, "max global gradient norm, 0 = off (on costs a 2nd backward)", minimum=0.0),
+        "clip_grad_value": Option(float, 0.0, "clip each gradient element to +-value, 0 = off", minimum=0.0),
+        "loss_scale": Option(float, 0.0, "static fp16 loss scale, 0 = off", minimum=0.0),
+    },
+    supports_grad_accum=False,
+    paper="arXiv 2306.09782",
+)

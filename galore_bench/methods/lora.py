@@ -1,0 +1,83 @@
+"""LoRA (peft), ReLoRA (LoRA with periodic merge-and-restart) and the low-rank W = BA baseline.
+
+The three of GaLore's Table 2 comparison that change the model itself before training.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from galore_bench.methods.adamw import trainable
+from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
+from galore_bench.optim.lowrank import apply_low_rank
+from galore_bench.optim.relora import ReLoRA, jagged_cosine_lr, lora_config, wrap_lora
+
+
+def _adamw(model: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(trainable(model), lr=opts["lr"], weight_decay=opts["weight_decay"])
+
+
+def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
+    """Wrap q,k,v,o,gate,up,down with adapters; as in pre-training, embeddings, norms and head stay trainable."""
+    config = lora_config(opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"])
+    return wrap_lora(model, config, train_non_lora=True)
+
+
+def build_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
+    return Trainer(model, _adamw(model, opts), info={"optimizer": "torch.optim.AdamW", "adapters": "peft LoRA"})
+
+
+class ReLoRATrainer(Trainer):
+    """LoRA training plus ReLoRA's merge, re-initialisation and optimizer-state pruning every `reset_every` steps."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, restarts: ReLoRA,
+                 scheduler: Any, info: dict[str, Any]) -> None:
+        super().__init__(model, optimizer, scheduler, info)
+        self.restarts = restarts
+
+    def update(self, step: int) -> None:
+        super().update(step)
+        self.restarts.maybe_restart(step + 1)
+
+
+def build_relora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
+    optimizer = _adamw(model, opts)
+    every, rewarm = opts["reset_every"], opts["restart_warmup"]
+    warmup = min(train.warmup_steps, every - 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: jagged_cosine_lr(s, max(train.steps, 1), warmup, every, min(rewarm, every - 1)))
+    restarts = ReLoRA(model, optimizer, reset_every=every, prune_ratio=opts["prune_ratio"])
+    return ReLoRATrainer(model, optimizer, restarts, schedule,
+                         {"optimizer": "torch.optim.AdamW", "adapters": "peft LoRA", "reset_every": every})
+
+
+def prepare_low_rank(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
+    return apply_low_rank(model, opts["rank"])
+
+
+def build_low_rank(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
+    return Trainer(model, _adamw(model, opts), info={"optimizer": "torch.optim.AdamW", "factorised": "W = B A"})
+
+
+LORA_OPTIONS = {
+    "rank": Option(int, 128, "adapter rank r", minimum=1),
+    "alpha": Option(float, 32.0, "LoRA alpha (update scale alpha / r); 32 as in the ReLoRA code base", minimum=0.0),
+    "dropout": Option(float, 0.0, "adapter dropout", minimum=0.0),
+}
+
+LORA = MethodDef(name="lora", summary="LoRA adapters (peft) on attention and MLP, base weights frozen",
+                 build=build_lora, prepare=prepare_lora, options=LORA_OPTIONS, uses_rank=True,
+                 paper="arXiv 2106.09685; baseline in arXiv 2403.03507")
+
+RELORA = MethodDef(
+    name="relora", summary="ReLoRA: LoRA merged into W and restarted periodically, jagged cosine schedule",
+    build=build_relora, prepare=prepare_lora, uses_rank=True, paper="arXiv 2307.05695; baseline in arXiv 2403.03507",
+    options={**LORA_OPTIONS,
+             "reset_every": Option(int, 200, "steps between merge-and-restart", minimum=2),
+             "restart_warmup": Option(int, 10, "linear re-warm-up steps after each restart", minimum=0),
+             "prune_ratio": Option(float, 0.999, "fraction of adapter optimizer state zeroed at a restart", minimum=0.0)})
+
+LOW_RANK = MethodDef(name="lowrank", summary="low-rank baseline: every projected weight factorised W = B A, all trained",
+                     build=build_low_rank, prepare=prepare_low_rank, uses_rank=True,
+                     options={"rank": Option(int, 128, "factor rank r", minimum=1)}, paper="arXiv 2403.03507, Table 2")

@@ -1,0 +1,27 @@
+"""Plain SGD (torch.optim): the LOMO paper's stateful-free baseline (momentum 0 keeps no state)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from galore_bench.methods.adamw import impl_flags, trainable
+from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
+
+
+def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
+    params = trainable(model)
+    flags = {k: v for k, v in impl_flags("auto", params).items() if k == "foreach"}
+    optimizer = torch.optim.SGD(params, lr=opts["lr"], momentum=opts["momentum"],
+                                weight_decay=opts["weight_decay"], **flags)
+    return Trainer(model, optimizer, info={"optimizer": "torch.optim.SGD",
+                                           "impl": "foreach" if flags["foreach"] else "for-loop"})
+
+
+METHOD = MethodDef(
+    name="sgd",
+    summary="SGD (torch.optim), no momentum by default",
+    build=build,
+    options={"momentum": Option(float, 0.0, "momentum (> 0 adds one state tensor per parameter)", minimum=0.0)},
+    paper="baseline in arXiv 2306.09782",
+)

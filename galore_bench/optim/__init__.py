@@ -1,0 +1,1 @@
+"""Optimizers and training-step mechanics of the measured methods (our own implementations)."""

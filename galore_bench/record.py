@@ -1,0 +1,112 @@
+"""Result records: one JSON file per run, schema-versioned, written atomically, never overwritten."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from galore_bench.scenario import UserError
+
+SCHEMA_VERSION = 1
+DEFAULT_RESULTS = Path("results")
+TRACKED_PACKAGES = ("galore-bench", "torch", "transformers", "bitsandbytes", "peft", "galore-torch", "lomo-optim")
+STATUSES = ("ok", "oom", "error")
+
+
+def environment() -> dict[str, Any]:
+    """Versions and commit: enough to tell two records' provenance apart."""
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+            "git_commit": commit}
+
+
+def empty_record(scenario: dict[str, Any], run: dict[str, Any], mode: str, device: str) -> dict[str, Any]:
+    """The record skeleton: every field present, null where not measured."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "scenario": scenario["name"],
+        "run": run["label"],
+        "method": {"name": run["method"], **run["options"]},
+        "mode": mode,
+        "device": device,
+        "status": "error",
+        "error": None,
+        "model": {"name": scenario["model_name"], "parameters": None, "trainable_parameters": None,
+                  "shape": scenario["model"]},
+        "train": scenario["train"],
+        "budget": {"bytes": scenario["budget_bytes"], "text": scenario["budget_text"], "fits": None},
+        "memory": {"peak_bytes": None, "breakdown": None},
+        "throughput": {"tokens_per_second": None, "tgs": None, "mfu": None},
+        "quality": {"final_loss": None, "perplexity": None, "losses": []},
+        "env": environment(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def record_path(out_dir: Path, record: dict[str, Any]) -> Path:
+    stamp = record["created"].replace(":", "").replace("-", "")
+    return out_dir / record["device"] / record["scenario"] / f"{record['run']}.{record['mode']}.{stamp}.json"
+
+
+def write_record(record: dict[str, Any], out_dir: Path) -> Path:
+    """Write to a temporary file, then hard-link it into place: atomic, and an existing file is never replaced."""
+    target = record_path(out_dir, record)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle, indent=1, sort_keys=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        for attempt in range(100):
+            candidate = target if attempt == 0 else target.with_name(f"{target.stem}-{attempt}.json")
+            try:
+                os.link(tmp, candidate)
+                return candidate
+            except FileExistsError:
+                continue
+        raise OSError(f"could not find a free file name for {target}")
+    finally:
+        os.unlink(tmp)
+
+
+def load_record(path: Path) -> dict[str, Any]:
+    """Read one record; a record of another schema version is a clear error, not a KeyError later."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a readable result record ({exc})") from None
+    version = record.get("schema_version") if isinstance(record, dict) else None
+    if version != SCHEMA_VERSION:
+        hint = "update galore-bench" if isinstance(version, int) and version > SCHEMA_VERSION else "re-run the scenario"
+        raise UserError(f"{path}: record schema_version {version!r}, this galore-bench reads {SCHEMA_VERSION}: {hint}")
+    return record
+
+
+def find_records(paths: list[Path]) -> list[Path]:
+    """Record files under the given files/folders, in a stable order."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-")))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return found

@@ -1,0 +1,239 @@
+"""Scenario files (TOML) to a validated spec: every problem found, reported once, before anything is built."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from galore_bench.methods import REGISTRY, TrainSettings
+from galore_bench.methods.base import type_name
+from galore_bench.models import DTYPES, ZOO, ModelShape, matrix_shapes
+from galore_bench.units import ALLOWED_UNITS, parse_bytes
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+MODES = ("auto", "estimate", "simulate", "measure")
+DATA_SOURCES = ("synthetic", "wiki")
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as a message with exit code 1, never a traceback."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """One method with its resolved options (defaults filled in)."""
+
+    method: str
+    options: dict[str, Any]
+    label: str
+    model_name: str
+    model: ModelShape
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    path: str
+    description: str
+    model_name: str
+    model: ModelShape
+    train: TrainSettings
+    budget_bytes: int | None
+    budget_text: str | None
+    mode: str
+    data: str
+    eval_batches: int
+    runs: tuple[RunSpec, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_label(method: str, opts: dict[str, Any], model_name: str | None = None) -> str:
+    """Stable run name used in file names and reports: method, its distinguishing switch, its own model."""
+    if opts.get("label"):
+        return str(opts["label"])
+    return method + ("-layerwise" if opts.get("layerwise") else "") + (f"-{model_name}" if model_name else "")
+
+
+def find_scenario(name_or_path: str) -> Path:
+    """A path to a .toml file, or the name of a shipped scenario."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise UserError(f"{name_or_path}: no such scenario file")
+        return path
+    shipped = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        known = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+        raise UserError(f"{name_or_path}: unknown scenario; allowed: {known} or a path to a .toml file")
+    return shipped
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    path = find_scenario(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    return parse_scenario(raw, path)
+
+
+class _Problems:
+    """Collects `file: field: got X, allowed Y` lines so the user sees them all at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.lines = path, []
+
+    def add(self, where: str, got: Any, allowed: str) -> None:
+        self.lines.append(f"{self.path}: {where}: got {got!r}, allowed {allowed}")
+
+    def unknown_keys(self, where: str, table: dict[str, Any], allowed: list[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                self.add(f"{where}{key}", key, "one of " + ", ".join(allowed))
+
+    def table(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
+        value = raw.get(key, {})
+        if not isinstance(value, dict):
+            self.add(key, value, "a table")
+            return {}
+        return value
+
+
+def _check_typed(problems: _Problems, where: str, value: Any, kind: type, minimum: float | None) -> bool:
+    is_number = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_number or (isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
+    if not ok:
+        problems.add(where, value, type_name(kind))
+    elif minimum is not None and value < minimum:
+        problems.add(where, value, f"{type_name(kind)} >= {minimum:g}")
+        ok = False
+    return ok
+
+
+def _parse_model(problems: _Problems, table: dict[str, Any]) -> tuple[str, ModelShape | None]:
+    dims = [f.name for f in dataclasses.fields(ModelShape) if f.name != "source"]
+    problems.unknown_keys("model.", table, ["size", *dims])
+    if "size" in table:
+        size = table["size"]
+        if size not in ZOO:
+            problems.add("model.size", size, "one of " + ", ".join(ZOO))
+            return str(size), None
+        extra = [k for k in table if k != "size"]
+        if extra:
+            problems.add(f"model.{extra[0]}", table[extra[0]], "no explicit dimension together with model.size")
+        return size, ZOO[size]
+    missing = [d for d in dims if d not in table and d != "vocab_size"]
+    if missing:
+        problems.add("model", "{}" if not table else sorted(table), "model.size or all of " + ", ".join(dims[:4]))
+        return "custom", None
+    ok = all(_check_typed(problems, f"model.{d}", table[d], int, 1) for d in dims if d in table)
+    if ok and table["hidden_size"] % table["num_attention_heads"]:
+        problems.add("model.num_attention_heads", table["num_attention_heads"], "a divisor of model.hidden_size")
+        ok = False
+    return "custom", ModelShape(**{d: table[d] for d in dims if d in table}) if ok else None
+
+
+def _parse_train(problems: _Problems, table: dict[str, Any]) -> TrainSettings:
+    defaults = TrainSettings()
+    problems.unknown_keys("train.", table, [f.name for f in dataclasses.fields(TrainSettings)])
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainSettings):
+        if f.name not in table:
+            continue
+        value, kind = table[f.name], type(getattr(defaults, f.name))
+        if f.name == "dtype":
+            if value not in DTYPES:
+                problems.add("train.dtype", value, "one of " + ", ".join(DTYPES))
+                continue
+        elif not _check_typed(problems, f"train.{f.name}", value, kind, 0 if f.name in ("seed", "warmup_steps") else 1):
+            continue
+        values[f.name] = value
+    return dataclasses.replace(defaults, **values)
+
+
+def _parse_runs(problems: _Problems, runs: Any, model_name: str, model: ModelShape | None,
+                train: TrainSettings) -> list[RunSpec]:
+    if not isinstance(runs, list) or not runs:
+        problems.add("runs", runs, "a non-empty array of [[runs]] tables")
+        return []
+    specs = []
+    for i, run in enumerate(runs):
+        where = f"runs[{i}]"
+        if not isinstance(run, dict) or "method" not in run:
+            problems.add(f"{where}.method", run.get("method") if isinstance(run, dict) else run,
+                         "one of " + ", ".join(REGISTRY))
+            continue
+        method = REGISTRY.get(run["method"])
+        if method is None:
+            problems.add(f"{where}.method", run["method"], "one of " + ", ".join(REGISTRY))
+            continue
+        options = method.all_options()
+        problems.unknown_keys(f"{where}.", run, ["method", "model", *options])
+        run_model_name, run_model = model_name, model
+        if "model" in run:
+            if run["model"] not in ZOO:
+                problems.add(f"{where}.model", run["model"], "one of " + ", ".join(ZOO))
+                continue
+            run_model_name, run_model = run["model"], ZOO[run["model"]]
+        resolved = {name: opt.default for name, opt in options.items()}
+        for name, value in run.items():
+            if name in options:
+                allowed = options[name].problem(value)
+                if allowed:
+                    problems.add(f"{where}.{name}", value, allowed)
+                else:
+                    resolved[name] = float(value) if options[name].kind is float else value
+        if method.uses_rank and run_model is not None and isinstance(resolved.get("rank"), int):
+            smallest = min(min(s) for s in matrix_shapes(run_model).values())
+            if resolved["rank"] > smallest:
+                problems.add(f"{where}.rank", resolved["rank"], f"an int from 1 to {smallest} (smallest matrix side)")
+        for field_name, got, allowed in method.limits(resolved, train):
+            problems.add(f"{where} ({method.name}) {field_name}", got, allowed)
+        if run_model is None:
+            continue
+        label = run_label(method.name, resolved, run["model"] if "model" in run else None)
+        specs.append(RunSpec(method.name, resolved, label, run_model_name, run_model))
+    labels = [s.label for s in specs]
+    for label in sorted({x for x in labels if labels.count(x) > 1}):
+        problems.add("runs", label, "distinct run labels (set `label` on one of the runs)")
+    return specs
+
+
+def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
+    """Validate a parsed TOML document; raise UserError listing every problem."""
+    problems = _Problems(path)
+    problems.unknown_keys("", raw, ["description", "model", "train", "device", "eval", "runs"])
+    model_name, model = _parse_model(problems, problems.table(raw, "model"))
+    train = _parse_train(problems, problems.table(raw, "train"))
+    device = problems.table(raw, "device")
+    problems.unknown_keys("device.", device, ["budget", "mode"])
+    budget_text, budget = device.get("budget"), None
+    if budget_text is not None:
+        try:
+            budget = parse_bytes(budget_text)
+        except ValueError:
+            problems.add("device.budget", budget_text, f"a size such as '24 GiB' (units {ALLOWED_UNITS})")
+    mode = device.get("mode", "auto")
+    if mode not in MODES:
+        problems.add("device.mode", mode, "one of " + ", ".join(MODES))
+    evaluation = problems.table(raw, "eval")
+    problems.unknown_keys("eval.", evaluation, ["data", "batches"])
+    data = evaluation.get("data", "synthetic")
+    if data not in DATA_SOURCES:
+        problems.add("eval.data", data, "one of " + ", ".join(DATA_SOURCES))
+    eval_batches = evaluation.get("batches", 0)
+    _check_typed(problems, "eval.batches", eval_batches, int, 0)
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        problems.add("description", description, "a string")
+    runs = _parse_runs(problems, raw.get("runs"), model_name, model, train)
+    if problems.lines:
+        raise UserError(f"{len(problems.lines)} problem(s) in scenario {path}:\n" + "\n".join(problems.lines))
+    if model is None:  # unreachable: a missing model always adds a problem above
+        raise UserError(f"{path}: model: no model")
+    return Scenario(path.stem, str(path), description, model_name, model, train, budget, budget_text,
+                    mode, data, eval_batches, tuple(runs))

@@ -1,0 +1,34 @@
+"""Byte quantities as people write them ("24 GiB", "22 GB") and as reports print them."""
+from __future__ import annotations
+
+import re
+
+# GiB (2**30) and GB (10**9) differ by 7.4%: the LOMO paper prints GiB as "GB", the GaLore paper means GB.
+_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]+)\s*$")
+ALLOWED_UNITS = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
+
+
+def parse_bytes(text: str) -> int:
+    """Parse '24 GiB' / '1.5GB' to bytes; raises ValueError naming what is allowed."""
+    match = _PATTERN.match(str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse {text!r} as a size; write a number and a unit ({ALLOWED_UNITS})")
+    return int(round(float(match.group(1)) * _UNITS[match.group(2).lower()]))
+
+
+def gib(n_bytes: float) -> float:
+    return n_bytes / 2**30
+
+
+def format_bytes(n_bytes: float | None) -> str:
+    """Human-readable size in binary units (what allocators and nvidia-smi report)."""
+    if n_bytes is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n_bytes) >= size:
+            return f"{n_bytes / size:.2f} {unit}"
+    return f"{int(n_bytes)} B"

@@ -1,0 +1,125 @@
+"""One run in its own process: fresh peak counters, and a crash here cannot take the sweep down.
+
+Invoked by the runner as `python -m galore_bench.worker REQUEST.json`; prints one JSON line per step
+(progress) and a final line naming the record it wrote.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from galore_bench import engine
+from galore_bench.models import parameter_count
+from galore_bench.record import empty_record, write_record
+from galore_bench.scenario import RunSpec, Scenario, load_scenario
+from galore_bench.units import format_bytes
+
+FAULT_ENV = "GALORE_BENCH_FAULT"  # test hook: "kill:<run label>" makes that run die mid-way (SIGKILL)
+CPU_MEASURE_MAX_PARAMS = 200_000_000  # beyond this, real CPU steps take minutes: auto simulates instead
+
+
+def resolve_mode(requested: str, run: RunSpec, device: str) -> str:
+    """auto: real steps when the device can hold and run them in reasonable time, else fake-tensor trace."""
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        return "measure"
+    return "measure" if parameter_count(run.model) <= CPU_MEASURE_MAX_PARAMS else "simulate"
+
+
+def _emit(**message: Any) -> None:
+    print(json.dumps(message), flush=True)
+
+
+def _maybe_fault(run: RunSpec, step: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"kill:{run.label}" and step >= 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> dict[str, Any]:
+    """Run one method and return its record (status oom/error instead of raising)."""
+    device = engine.pick_device()
+    mode = resolve_mode(mode, run, device)
+    record = empty_record(scenario.to_dict(), {"label": run.label, "method": run.method, "options": run.options},
+                          mode, engine.device_name(device) if mode == "measure" else "cpu")
+    if mode == "simulate":
+        record["device"] = f"simulated-{engine.device_name(device)}"
+    record["model"].update(name=run.model_name, shape=dataclasses.asdict(run.model),
+                           parameters=parameter_count(run.model))
+    try:
+        if mode == "estimate":
+            from galore_bench.estimate import estimate_run
+
+            record["memory"] = estimate_run(scenario, run)
+        else:
+            _train(record, scenario, run, mode, device, steps)
+        record["status"] = "ok"
+    except torch.OutOfMemoryError as exc:
+        record["status"] = "oom"
+        record["error"] = f"OOM at {format_bytes(torch.cuda.max_memory_allocated())}: {str(exc).splitlines()[0]}"
+    except Exception as exc:  # a failing method is a result of the sweep, not the end of it
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc()
+    peak, budget = record["memory"].get("peak_bytes"), scenario.budget_bytes
+    if budget is not None:
+        record["budget"]["fits"] = (peak is not None and peak <= budget) if record["status"] != "oom" else False
+    return record
+
+
+def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, device: str,
+           steps: int | None) -> None:
+    fake = mode == "simulate"
+    n_steps = engine.SIMULATE_STEPS if fake else max(2, steps or scenario.train.steps)
+    if device == "cuda" and scenario.budget_bytes and not fake:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, scenario.budget_bytes / total))
+
+    def progress(done: int, total: int) -> None:
+        _emit(step=done, of=total)
+        _maybe_fault(run, done)
+
+    result = engine.train_steps(scenario, run, fake=fake, device=device if not fake else "cpu", steps=n_steps,
+                                progress=progress)
+    tracker, model = result["tracker"], result["model"]
+    breakdown = tracker.breakdown()
+    memory: dict[str, Any] = {"peak_bytes": tracker.peak, "breakdown": breakdown, "source": "tracker",
+                              "steady_state_from_step": 2}
+    if result["cuda"]:
+        allocated = result["cuda"]["allocated_bytes"]
+        breakdown["other"] += allocated - tracker.peak  # allocator blocks the tracker did not attribute
+        memory.update(peak_bytes=allocated, source="torch.cuda.memory_stats", cuda=result["cuda"],
+                      tracker_peak_bytes=tracker.peak)
+    elif not fake:
+        import psutil
+
+        memory["process_rss_bytes"] = psutil.Process().memory_info().rss
+    record["memory"] = memory
+    record["model"]["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record["method"]["implementation"] = result["trainer_info"]
+    if not fake:
+        tokens = scenario.train.batch_size * scenario.train.seq_len * scenario.train.grad_accum
+        record["throughput"] = engine.throughput(result["step_times"], tokens, device)
+        record["quality"]["losses"] = result["losses"]
+        record["quality"]["final_loss"] = result["losses"][-1] if result["losses"] else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    request = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    scenario = load_scenario(request["scenario"])
+    run = scenario.runs[request["run_index"]]
+    record = execute(scenario, run, request["mode"] or scenario.mode, request.get("steps"))
+    path = write_record(record, Path(request["out"]))
+    _emit(record=str(path), status=record["status"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The runner end to end: real CPU training through worker processes, records, crash isolation, resume."""
+from __future__ import annotations
+
+from galore_bench.record import load_record
+from galore_bench.runner import run_scenario
+from galore_bench.scenario import load_scenario
+from galore_bench.worker import FAULT_ENV
+
+from conftest import TINY_HEADER
+
+TWO_RUNS = TINY_HEADER + """
+[[runs]]
+method = "adamw"
+lr = 3e-3
+[[runs]]
+method = "sgd"
+lr = 0.3
+"""
+
+
+def test_sweep_trains_and_writes_valid_records(write_scenario, tmp_path):
+    scenario = load_scenario(str(write_scenario(TWO_RUNS, "two")))
+    paths = run_scenario(scenario, out=tmp_path / "results")
+    assert len(paths) == 2
+    for path, run in zip(paths, scenario.runs):
+        record = load_record(path)
+        assert record["status"] == "ok", record["error"]
+        assert record["run"] == run.label and record["mode"] == "measure"
+        losses = record["quality"]["losses"]
+        assert len(losses) == 4 and losses[-1] < losses[0], losses
+        breakdown = record["memory"]["breakdown"]
+        assert sum(breakdown.values()) == record["memory"]["peak_bytes"]
+        assert breakdown["weights"] == 164_672 * 4  # tiny model, fp32, counted by hand in test_models_records
+        assert record["throughput"]["tokens_per_second"] > 0
+
+
+def test_killed_run_leaves_finished_records_and_sweep_continues(write_scenario, tmp_path, monkeypatch):
+    body = TWO_RUNS + '[[runs]]\nmethod = "adamw"\nlabel = "adamw-again"\n'
+    scenario = load_scenario(str(write_scenario(body, "three")))
+    monkeypatch.setenv(FAULT_ENV, "kill:sgd")  # the middle run dies mid-way by SIGKILL
+    paths = run_scenario(scenario, out=tmp_path / "results")
+    records = [load_record(p) for p in paths]
+    assert [r["status"] for r in records] == ["ok", "error", "ok"]
+    assert "code -9" in records[1]["error"]
+    first_before = paths[0].read_bytes()
+    monkeypatch.delenv(FAULT_ENV)
+    resumed = run_scenario(scenario, out=tmp_path / "results", skip_existing=True)
+    assert resumed[0] == paths[0] and resumed[2] == paths[2]  # finished records reused, untouched
+    assert paths[0].read_bytes() == first_before
+    assert load_record(resumed[1])["status"] == "ok"
