@@ -40,8 +40,14 @@ def build(shape: str) -> tuple[LlamaForCausalLM, torch.Tensor]:
     """Same weights and batch for every implementation (seeded)."""
     hidden, inter, layers, vocab = SHAPES[shape]
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+    )
     model = LlamaForCausalLM(cfg)
     ids = torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(1))
     return model, ids
@@ -59,6 +65,7 @@ def make_step(impl: str, model: LlamaForCausalLM, ids: torch.Tensor) -> Callable
 
         def step() -> None:
             ref.fused_backward(model(input_ids=ids, labels=ids, use_cache=False).loss, LR)
+
     return step
 
 
@@ -75,7 +82,7 @@ def test_same_update_as_reference(shape: str) -> None:
 
 @pytest.mark.parametrize("impl", ["ours", "reference"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_bench_lomo_step(benchmark, shape: str, impl: str) -> None:  # noqa: ANN001 (pytest fixture)
+def test_bench_lomo_step(benchmark, shape: str, impl: str) -> None:
     benchmark.group = f"lomo-step-{shape}"
     model, ids = build(shape)
     step = make_step(impl, model, ids)
@@ -85,7 +92,7 @@ def test_bench_lomo_step(benchmark, shape: str, impl: str) -> None:  # noqa: ANN
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_bench_ratio(benchmark, shape: str) -> None:  # noqa: ANN001 (pytest fixture)
+def test_bench_ratio(benchmark, shape: str) -> None:
     """Times a pair (one step of each, order alternating); the ratio of per-implementation medians is the result."""
     benchmark.group = f"lomo-pair-{shape}"
     steps = {impl: make_step(impl, *build(shape)) for impl in ("ours", "reference")}
@@ -102,6 +109,12 @@ def test_bench_ratio(benchmark, shape: str) -> None:  # noqa: ANN001 (pytest fix
     benchmark.pedantic(pair, rounds=10, warmup_rounds=1, iterations=1)
     ours, ref = statistics.median(times["ours"]), statistics.median(times["reference"])
     ratio = ours / ref
-    benchmark.extra_info.update(shape=shape, median_ours_ms=round(ours * 1e3, 2),
-                                median_reference_ms=round(ref * 1e3, 2), ratio_ours_over_reference=round(ratio, 4))
-    print(f"\n[{shape}] LOMO step median ours {ours * 1e3:.1f} ms / reference {ref * 1e3:.1f} ms = {ratio:.3f}")
+    benchmark.extra_info.update(
+        shape=shape,
+        median_ours_ms=round(ours * 1e3, 2),
+        median_reference_ms=round(ref * 1e3, 2),
+        ratio_ours_over_reference=round(ratio, 4),
+    )
+    print(
+        f"\n[{shape}] LOMO step median ours {ours * 1e3:.1f} ms / reference {ref * 1e3:.1f} ms = {ratio:.3f}"
+    )

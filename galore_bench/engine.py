@@ -66,7 +66,7 @@ class _StepTimer:
             torch.cuda.synchronize()
         self._start = time.perf_counter()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._start)

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -16,6 +16,7 @@ from rich.table import Table
 from galore_bench.record import empty_record, load_record, record_path, write_record
 from galore_bench.scenario import Scenario
 from galore_bench.units import format_bytes
+from galore_bench.worker import FAULT_ENV
 
 CATEGORY_COLUMNS = ("weights", "gradients", "optimizer_states", "activations", "other")
 
@@ -29,32 +30,48 @@ def existing_record(out: Path, scenario: Scenario, label: str) -> Path | None:
     return None
 
 
+_CONTEXT: Any = None
+
+
+def _context() -> Any:
+    """A fork server that imports the heavy modules once; every run is still a fresh child process."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["galore_bench.worker"])
+    return _CONTEXT
+
+
 def _run_worker(request: dict[str, Any], on_step) -> tuple[Path | None, str]:
-    """Start the worker, relay its step messages, return (record path, stderr tail)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(request, handle)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """Run one request in its own process, relay its step messages, return (record path, stderr tail)."""
+    from galore_bench.worker import child_main
+
+    context = _context()
+    receiver, sender = context.Pipe(duplex=False)
+    with tempfile.NamedTemporaryFile("w+", suffix=".stderr", delete=False) as err:
+        stderr_path = err.name
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "galore_bench.worker", handle.name], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+        proc = context.Process(target=child_main, args=(request, sender, stderr_path), daemon=True)
+        proc.start()
+        sender.close()
         record = None
-        assert proc.stdout is not None and proc.stderr is not None
-        for line in proc.stdout:
+        while True:
             try:
-                message = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+                message = receiver.recv()
+            except EOFError:
+                break
             if "step" in message:
                 on_step(message["step"], message["of"])
             if "record" in message:
                 record = Path(message["record"])
-        stderr = proc.stderr.read()
-        proc.wait()
+        proc.join()
+        stderr = Path(stderr_path).read_text(errors="replace")
         if record is None:
-            stderr = f"worker exited with code {proc.returncode}\n{stderr}"
+            stderr = f"worker exited with code {proc.exitcode}\n{stderr}"
         return record, stderr[-4000:]
     finally:
-        os.unlink(handle.name)
+        receiver.close()
+        os.unlink(stderr_path)
 
 
 def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, steps: int | None = None,
@@ -76,7 +93,8 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
             def on_step(step: int, total: int, task=task) -> None:
                 progress.update(task, completed=step, total=total)
 
-            request = {"scenario": scenario.path, "run_index": index, "mode": mode, "steps": steps, "out": str(out)}
+            request = {"scenario": scenario.path, "run_index": index, "mode": mode, "steps": steps, "out": str(out),
+                       "fault": os.environ.get(FAULT_ENV), "threads": torch.get_num_threads()}
             path, stderr = _run_worker(request, on_step)
             if path is None:  # the worker died (killed, segfault): record that, keep going
                 record = empty_record(scenario.to_dict(), {"label": run.label, "method": run.method,
@@ -108,4 +126,4 @@ def results_table(paths: list[Path], title: str = "results") -> Table:
     return table
 
 
-__all__ = ["run_scenario", "results_table", "record_path"]
+__all__ = ["record_path", "results_table", "run_scenario"]

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from galore_bench.methods import REGISTRY, TrainSettings
 from galore_bench.methods.base import type_name

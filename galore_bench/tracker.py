@@ -135,6 +135,6 @@ class MemoryTracker(TorchDispatchMode):
         _ACTIVE.append(self)
         return super().__enter__()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         _ACTIVE.remove(self)
         super().__exit__(*exc)

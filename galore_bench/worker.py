@@ -1,16 +1,16 @@
 """One run in its own process: fresh peak counters, and a crash here cannot take the sweep down.
 
-Invoked by the runner as `python -m galore_bench.worker REQUEST.json`; prints one JSON line per step
-(progress) and a final line naming the record it wrote.
+Started by the runner from a fork server that has already imported torch and transformers (a new
+interpreter would spend ~8 s importing them per run); reports each step and the record it wrote.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,24 @@ def resolve_mode(requested: str, run: RunSpec, device: str) -> str:
     return "measure" if parameter_count(run.model) <= CPU_MEASURE_MAX_PARAMS else "simulate"
 
 
-def _emit(**message: Any) -> None:
-    print(json.dumps(message), flush=True)
+class _Reporter:
+    """Sends progress and the final record path to the parent over a pipe."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def __call__(self, **message: Any) -> None:
+        self.conn.send(message)
+
+
+_emit: Callable[..., None] = lambda **message: None
+
+
+_FAULT: str | None = None
 
 
 def _maybe_fault(run: RunSpec, step: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"kill:{run.label}" and step >= 1:
+    if _FAULT == f"kill:{run.label}" and step >= 1:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -111,15 +123,17 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         record["quality"]["final_loss"] = result["losses"][-1] if result["losses"] else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    request = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+def child_main(request: dict[str, Any], conn: Any, stderr_path: str) -> None:
+    """Entry point of the run's own process (started from the runner's fork server)."""
+    global _emit, _FAULT
+    with open(stderr_path, "w") as err:
+        os.dup2(err.fileno(), 2)
+    sys.stderr = open(2, "w", closefd=False)
+    _emit, _FAULT = _Reporter(conn), request.get("fault")
+    torch.set_num_threads(request.get("threads") or torch.get_num_threads())
     scenario = load_scenario(request["scenario"])
     run = scenario.runs[request["run_index"]]
     record = execute(scenario, run, request["mode"] or scenario.mode, request.get("steps"))
     path = write_record(record, Path(request["out"]))
     _emit(record=str(path), status=record["status"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    conn.close()

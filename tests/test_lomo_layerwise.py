@@ -6,7 +6,7 @@ import contextlib
 import copy
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -23,8 +23,14 @@ VOCAB = 128
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=VOCAB)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=VOCAB,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -44,8 +50,9 @@ def assert_same_params(a: torch.nn.Module, b: torch.nn.Module, atol: float = 1e-
         torch.testing.assert_close(pa, pb, atol=atol, rtol=0, msg=f"{name} differs")
 
 
-def torch_sgd_run(model: torch.nn.Module, clip_norm: float | None = None,
-                  clip_value: float | None = None) -> list[float]:
+def torch_sgd_run(
+    model: torch.nn.Module, clip_norm: float | None = None, clip_value: float | None = None
+) -> list[float]:
     """Reference: plain backward, optional torch clipping, torch.optim.SGD; returns the grad norms."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     norms = []
@@ -172,7 +179,9 @@ def test_layerwise_adamw_matches_adamw() -> None:
         lw.zero_grad()
     assert_same_params(ref, ours)
     assert len(lw.optimizers) == n_params and len({id(o) for o in lw.optimizers.values()}) == n_params
-    assert all(len(o.param_groups) == 1 and len(o.param_groups[0]["params"]) == 1 for o in lw.optimizers.values())
+    assert all(
+        len(o.param_groups) == 1 and len(o.param_groups[0]["params"]) == 1 for o in lw.optimizers.values()
+    )
     assert sum(g.get("rank") == 8 for g in seen_groups) == sum(p.ndim == 2 for p in ours.parameters())
     assert len(lw.state) == n_params and all(st["exp_avg"].shape == p.shape for p, st in lw.state.items())
     assert max(probe) <= 1 and lw.hook_calls == 3 * n_params
@@ -227,16 +236,17 @@ def _events_in_our_hooks(n_layers: int, layerwise_opt: bool) -> int:
     """Python trace events (calls + lines, loops re-fire them) executed in our optimizer modules in one step."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(n_layers)])
+    run: Callable[[torch.Tensor], object]
     if layerwise_opt:
         LayerwiseOptimizer(model.parameters(), lambda g: torch.optim.SGD(g, lr=LR))
-        run = lambda loss: loss.backward()  # noqa: E731
+        run = torch.Tensor.backward
     else:
         run = LOMO(model, lr=LR, clip_grad_norm=1.0).step
     loss = model(torch.ones(1, 2)).sum()
     ours = (layerwise.__file__, sys.modules[LOMO.__module__].__file__)
     count = [0]
 
-    def tracer(frame: types.FrameType, event: str, arg: object):  # noqa: ANN202
+    def tracer(frame: types.FrameType, event: str, arg: object) -> Callable | None:
         if frame.f_code.co_filename in ours:
             count[0] += 1
             return tracer
@@ -280,8 +290,9 @@ def test_hooks_enter_the_tracker_phase(monkeypatch: pytest.MonkeyPatch) -> None:
         entered[0] += 1
         yield
 
-    monkeypatch.setitem(sys.modules, "galore_bench.tracker",
-                        types.SimpleNamespace(optimizer_phase=optimizer_phase))
+    monkeypatch.setitem(
+        sys.modules, "galore_bench.tracker", types.SimpleNamespace(optimizer_phase=optimizer_phase)
+    )
     monkeypatch.setattr(layerwise, "_phase_factory", layerwise._UNRESOLVED)
     model = tiny_llama()
     n = len(list(model.parameters()))

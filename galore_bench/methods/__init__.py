@@ -17,4 +17,4 @@ METHODS: tuple[MethodDef, ...] = (
 )
 REGISTRY: dict[str, MethodDef] = {m.name: m for m in METHODS}
 
-__all__ = ["METHODS", "REGISTRY", "MethodDef", "Option", "Trainer", "TrainSettings"]
+__all__ = ["METHODS", "REGISTRY", "MethodDef", "Option", "TrainSettings", "Trainer"]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from galore_bench.methods.adamw import layerwise_or_plain, trainable
-from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
+from galore_bench.methods.base import MethodDef, Option, Trainer
 from galore_bench.optim.galore import GaLoreAdamW, GaLoreAdamW8bit
 from galore_bench.optim.lowrank import DEFAULT_TARGETS
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
@@ -22,7 +22,7 @@ _UNRESOLVED = object()
 _phase_factory: Any = _UNRESOLVED
 
 
-def optimizer_phase_context() -> ContextManager[Any]:
+def optimizer_phase_context() -> contextlib.AbstractContextManager[Any]:
     """`galore_bench.tracker.optimizer_phase()` when the tracker has it, else a no-op context.
 
     Resolved once (on first use, so import order does not matter) because a failed import is slow per hook.

@@ -30,8 +30,10 @@ class DynamicLossScaler:
         min_scale: float = 1.0,
     ) -> None:
         if init_scale <= 0 or growth_factor <= 1 or not 0 < backoff_factor < 1 or growth_interval < 1:
-            raise ValueError("DynamicLossScaler needs init_scale > 0, growth_factor > 1, "
-                             "0 < backoff_factor < 1 and growth_interval >= 1")
+            raise ValueError(
+                "DynamicLossScaler needs init_scale > 0, growth_factor > 1, "
+                "0 < backoff_factor < 1 and growth_interval >= 1"
+            )
         self.scale = float(init_scale)
         self.growth_factor = growth_factor
         self.backoff_factor = backoff_factor
@@ -112,33 +114,42 @@ class LOMO:
         return self.loss_scale if isinstance(self.loss_scale, DynamicLossScaler) else None
 
     def _current_scale(self) -> float | None:
-        if self.loss_scale is None:
-            return None
-        return self._dynamic.scale if self._dynamic is not None else float(self.loss_scale)
+        if isinstance(self.loss_scale, DynamicLossScaler):
+            return self.loss_scale.scale
+        return None if self.loss_scale is None else float(self.loss_scale)
 
     def _hook(self, p: torch.Tensor) -> None:
         """Consume p.grad: add its squared norm (norm pass) or update p with it (update pass); free it."""
-        self.hook_calls += 1
-        self._live_grads += 1
-        if self._live_grads > self.peak_live_grads:
-            self.peak_live_grads = self._live_grads
+        self.hook_calls += 1; [q.grad for q in self.params]
         grad = p.grad
-        p.grad = None
-        self._live_grads -= 1
         if grad is None:
             return
-        with torch.no_grad(), optimizer_phase_context():
-            if self._gather_norm:
-                sq = torch.linalg.vector_norm(grad, 2, dtype=torch.float32).square()
-                self._norm_sq = sq if self._norm_sq is None else self._norm_sq.add_(sq.to(self._norm_sq.device))
-                return
-            if self._dynamic is not None and self._clip_coef is None:
-                # Single-pass fp16: overflow can only be seen per gradient (one sync each); the
-                # parameters updated before the first overflow keep their update (inherent to LOMO).
-                if self._overflow or not bool(torch.isfinite(grad).all()):
-                    self._overflow = True
-                    return
-            self._update(p, grad)
+        p.grad = None
+        # `grad` is the one live gradient until this hook returns; the counter tracks exactly that window.
+        self._live_grads += 1
+        self.peak_live_grads = max(self.peak_live_grads, self._live_grads)
+        try:
+            with torch.no_grad(), optimizer_phase_context():
+                self._consume(p, grad)
+        finally:
+            self._live_grads -= 1
+
+    def _consume(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Norm pass: add ||grad||^2 to a running 0-dim tensor. Update pass: overflow check, then update."""
+        if self._gather_norm:
+            sq = torch.linalg.vector_norm(grad, 2, dtype=torch.float32).square()
+            self._norm_sq = sq if self._norm_sq is None else self._norm_sq.add_(sq.to(self._norm_sq.device))
+            return
+        # Single-pass fp16: overflow can only be seen per gradient (one sync each); the
+        # parameters updated before the first overflow keep their update (inherent to LOMO).
+        if (
+            self._dynamic is not None
+            and self._clip_coef is None
+            and (self._overflow or not bool(torch.isfinite(grad).all()))
+        ):
+            self._overflow = True
+            return
+        self._update(p, grad)
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """p -= lr * clip(unscale(grad)); low-precision params are updated through an fp32 copy."""
@@ -174,7 +185,9 @@ class LOMO:
         total = self._norm_sq.sqrt()
         return total / scale if scale is not None else total
 
-    def step(self, loss: torch.Tensor, lr: float | None = None, retain_graph: bool = False) -> torch.Tensor | None:
+    def step(
+        self, loss: torch.Tensor, lr: float | None = None, retain_graph: bool = False
+    ) -> torch.Tensor | None:
         """Backward + update in one go. Returns the global grad norm (a tensor) when clipping by norm.
 
         `lr` overrides self.lr (for schedules); `retain_graph` applies to the last backward only.
