@@ -15,7 +15,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from galore_bench.methods import REGISTRY, Trainer
-from galore_bench.models import build_model
+from galore_bench.models import DTYPES, build_model, default_dtype
 from galore_bench.scenario import RunSpec, Scenario
 from galore_bench.tracker import CUDA_BLOCK, MemoryTracker
 
@@ -72,6 +72,33 @@ class _StepTimer:
         self.times.append(time.perf_counter() - self._start)
 
 
+@contextlib.contextmanager
+def _moves_in_place_are_noops(active: bool) -> Iterator[None]:
+    """Under fake tensors, make Module.to() a no-op when nothing would change.
+
+    Module.to() swaps fake parameters, and FakeTensors carry a weakref that forbids the swap; libraries
+    (peft) call .to(base_layer.device) on modules already there. A real move still goes through.
+    """
+    if not active:
+        yield
+        return
+    original = torch.nn.Module.to
+
+    def to(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = [*module.parameters(), *module.buffers()]
+        if all((device is None or t.device == device) and (dtype is None or t.dtype == dtype or not t.is_floating_point())
+               for t in tensors):
+            return module
+        return original(module, *args, **kwargs)
+
+    torch.nn.Module.to = to  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original  # type: ignore[method-assign]
+
+
 def build_trainer(scenario: Scenario, run: RunSpec, device: str, tracker: MemoryTracker,
                   fake_mode: FakeTensorMode | None) -> Trainer:
     """Model, then the method's model changes, then the tracker's hooks, then the method's optimizer."""
@@ -81,17 +108,23 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str, tracker: Memory
         model = build_model(run.model, scenario.train.dtype, device, seed=scenario.train.seed)
         if scenario.train.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if method.prepare is not None:
-            model = method.prepare(model, run.options, scenario.train)
+        if method.prepare is not None:  # new modules (adapters, factors) are created in the training dtype
+            with default_dtype(DTYPES[scenario.train.dtype]), _moves_in_place_are_noops(fake_mode is not None):
+                model = method.prepare(model, run.options, scenario.train)
         model.train()
         tracker.watch_model(model)
         return method.build(model, run.options, scenario.train)
 
 
 def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, steps: int,
-                progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Run `steps` real training steps and return what was measured (memory, losses, step times)."""
-    round_to = CUDA_BLOCK if (fake or device == "cuda") else 1
+                progress: ProgressFn | None = None, round_to: int | None = None) -> dict[str, Any]:
+    """Run `steps` real training steps and return what was measured (memory, losses, step times).
+
+    Storage sizes are rounded like the CUDA caching allocator when simulating (the GPU is what a
+    simulation predicts) or measuring on CUDA; `round_to` overrides that (1 = exact bytes).
+    """
+    if round_to is None:
+        round_to = CUDA_BLOCK if (fake or device == "cuda") else 1
     tracker = MemoryTracker(round_to=round_to)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     trainer = build_trainer(scenario, run, device, tracker, fake_mode)

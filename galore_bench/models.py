@@ -66,7 +66,7 @@ def parameter_count(shape: ModelShape) -> int:
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -83,7 +83,7 @@ def build_model(shape: ModelShape, dtype: str, device: str | torch.device = "cpu
     """
     torch.manual_seed(seed)
     config = shape.config()
-    with _default_dtype(DTYPES[dtype]), torch.device(device):
+    with default_dtype(DTYPES[dtype]), torch.device(device):
         model = LlamaForCausalLM(config)
     model.config.use_cache = False
     return model

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from galore_bench.methods.adamw import ADAM_OPTIONS, layerwise_or_plain, trainable
 from galore_bench.methods.base import MethodDef, Trainer, TrainSettings
@@ -16,8 +16,13 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
     hyper = dict(lr=opts["lr"], weight_decay=opts["weight_decay"], betas=(opts["beta1"], opts["beta2"]), eps=opts["eps"])
 
     def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        with unset_fake_temporarily():  # bitsandbytes builds real quantization maps in its constructor
-            return bnb.optim.AdamW8bit(groups, **hyper)
+        with unset_fake_temporarily():  # bitsandbytes computes its quantization maps on real tensors
+            optimizer = bnb.optim.AdamW8bit(groups, **hyper)
+            optimizer.fill_qmap()
+        first = groups[0]["params"][0]
+        if is_fake(first):  # its kernels' fake implementations then need the maps as fake tensors too
+            optimizer.name2qmap = {k: first.fake_mode.from_tensor(v) for k, v in optimizer.name2qmap.items()}
+        return optimizer
 
     info = {"optimizer": "bitsandbytes.optim.AdamW8bit", "min_8bit_size": 4096}
     return layerwise_or_plain(model, [{"params": trainable(model)}], make, opts, info)

@@ -120,7 +120,7 @@ class LOMO:
 
     def _hook(self, p: torch.Tensor) -> None:
         """Consume p.grad: add its squared norm (norm pass) or update p with it (update pass); free it."""
-        self.hook_calls += 1; [q.grad for q in self.params]
+        self.hook_calls += 1
         grad = p.grad
         if grad is None:
             return

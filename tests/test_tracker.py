@@ -1,0 +1,119 @@
+"""The memory tracker against hand-computed byte counts, and simulate (fake tensors) against measure (real)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from galore_bench.engine import train_steps
+from galore_bench.models import ZOO, matrix_shapes
+from galore_bench.scenario import load_scenario
+from galore_bench.tracker import MemoryTracker
+
+from conftest import TINY_HEADER
+
+
+def _linear_adamw_peak(fake: bool) -> tuple[MemoryTracker, int]:
+    """Two AdamW steps of one 512x256 fp32 Linear; returns the tracker after step 2's peak."""
+    mode = FakeTensorMode() if fake else None
+    if mode:
+        mode.__enter__()
+    try:
+        layer = torch.nn.Linear(256, 512, bias=False)
+        optimizer = torch.optim.AdamW(layer.parameters(), foreach=False)
+        tracker = MemoryTracker()
+        tracker.watch_model(layer)
+        with tracker:
+            for step in range(2):
+                if step == 1:
+                    tracker.reset_peak()
+                with tracker.phase("data"):
+                    x = torch.randn(4, 256)
+                with tracker.phase("forward"):
+                    loss = layer(x).square().mean()
+                with tracker.phase("backward"):
+                    loss.backward()
+                with tracker.phase("optimizer"):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                tracker.label([t for s in optimizer.state.values() for t in s.values()], "optimizer_states")
+                del loss, x
+        return tracker, 512 * 256 * 4
+    finally:
+        if mode:
+            mode.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["real", "fake"])
+def test_hand_counted_adamw_breakdown(fake):
+    tracker, weight_bytes = _linear_adamw_peak(fake)
+    peak = tracker.breakdown()
+    assert peak["weights"] == weight_bytes
+    assert peak["gradients"] == weight_bytes  # the gradient is alive during the optimizer step
+    assert peak["optimizer_states"] == 2 * weight_bytes + 4  # exp_avg, exp_avg_sq, fp32 step scalar
+    # for-loop AdamW builds its denominator as (v.sqrt() / bc2_sqrt): two full-size temporaries alive
+    # at once; plus the 4 x 256 fp32 input batch
+    assert peak["other"] == 2 * weight_bytes + 4 * 256 * 4
+    assert tracker.peak == sum(peak.values())
+
+
+def _scenario(write_scenario, runs: str):
+    return load_scenario(str(write_scenario(TINY_HEADER + runs)))
+
+
+METHOD_RUNS = {
+    "adamw": 'method = "adamw"\nimpl = "for-loop"',
+    "sgd": 'method = "sgd"',
+    "galore": 'method = "galore"\nrank = 8',
+    "adamw-layerwise": 'method = "adamw"\nlayerwise = true',
+    "lomo": 'method = "lomo"',
+    "lora": 'method = "lora"\nrank = 8',
+    "lowrank": 'method = "lowrank"\nrank = 8',
+}
+
+
+@pytest.mark.parametrize("label", list(METHOD_RUNS))
+def test_simulate_matches_measure_per_category(write_scenario, label):
+    """Fake-tensor steps predict the real CPU steps' breakdown within 2% per category (exact bytes)."""
+    scenario = _scenario(write_scenario, "[[runs]]\n" + METHOD_RUNS[label] + "\n")
+    run = scenario.runs[0]
+    real = train_steps(scenario, run, fake=False, device="cpu", steps=2, round_to=1)["tracker"].breakdown()
+    fake = train_steps(scenario, run, fake=True, device="cpu", steps=2, round_to=1)["tracker"].breakdown()
+    for category in real:
+        assert fake[category] == pytest.approx(real[category], rel=0.02, abs=256), (category, real, fake)
+
+
+def test_category_invariants(write_scenario):
+    runs = "".join(f"[[runs]]\n{body}\n" for body in METHOD_RUNS.values())
+    scenario = _scenario(write_scenario, runs)
+    shape = ZOO["tiny"]
+    weights = {}
+    for run in scenario.runs:
+        result = train_steps(scenario, run, fake=True, device="cpu", steps=2, round_to=1)
+        peak, model = result["tracker"].breakdown(), result["model"]
+        all_param_bytes = sum(p.numel() * 4 for p in model.parameters())
+        trainable_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        weights[run.label] = peak["weights"]
+        assert peak["weights"] == all_param_bytes, run.label
+        if run.label in ("sgd", "lomo"):
+            assert peak["optimizer_states"] == 0, run.label
+        if run.label == "lomo":
+            largest = max(p.numel() * 4 for p in model.parameters())
+            assert peak["gradients"] <= largest
+        if run.label == "adamw-layerwise":
+            assert peak["gradients"] < trainable_bytes / 2  # never the full set
+        if run.label == "lora":
+            frozen = [p for p in model.parameters() if not p.requires_grad]
+            assert frozen and peak["optimizer_states"] <= 2 * trainable_bytes + 4 * 64
+        if run.label == "galore":
+            # Table 1: projector m*r plus two r*n moments per projected m x n matrix (m <= n), fp32
+            r, per_layer = 8, 0
+            for out_f, in_f in matrix_shapes(shape).values():
+                m, n = sorted((out_f, in_f))
+                per_layer += m * r + 2 * n * r
+            projected = shape.num_hidden_layers * per_layer * 4
+            other_params = all_param_bytes - shape.num_hidden_layers * sum(
+                a * b for a, b in matrix_shapes(shape).values()) * 4
+            expected = projected + 2 * other_params
+            assert peak["optimizer_states"] == pytest.approx(expected, rel=0.01)
+    assert weights["lowrank"] < weights["adamw"] < weights["lora"]
