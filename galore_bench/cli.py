@@ -35,6 +35,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from galore_bench.budgets import run_check
+
+    return run_check(args.budgets, args.results or [DEFAULT_RESULTS], run=args.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="galore-bench",
@@ -59,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
     run.add_argument("--skip-existing", action="store_true", help="resume: skip runs that already have an ok record")
     run.set_defaults(func=cmd_run)
+
+    check = commands.add_parser(
+        "check", help="check result records against a budgets file (memory, speed, quality); exit 1 on a violation",
+        description="Check the newest ok record of each (scenario, run) against the limits in a budgets TOML "
+                    "([[budget]] tables: peak, memory categories, tgs_min, perplexity_max, baseline + grow_max).")
+    check.add_argument("--budgets", type=Path, required=True, help="the budgets .toml file")
+    check.add_argument("results", nargs="*", type=Path, help="record files or folders (default: results/)")
+    check.add_argument("--run", action="store_true",
+                       help="first run each referenced scenario in simulate mode into the (first) results folder")
+    check.set_defaults(func=cmd_check)
     return parser
 
 

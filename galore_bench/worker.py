@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -66,13 +68,9 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> d
         record["device"] = f"simulated-{engine.device_name(device)}"
     record["model"].update(name=run.model_name, shape=dataclasses.asdict(run.model),
                            parameters=parameter_count(run.model))
+    started = time.perf_counter()
     try:
-        if mode == "estimate":
-            from galore_bench.estimate import estimate_run
-
-            record["memory"] = estimate_run(scenario, run)
-        else:
-            _train(record, scenario, run, mode, device, steps)
+        _train(record, scenario, run, mode, device, steps)
         record["status"] = "ok"
     except torch.OutOfMemoryError as exc:
         record["status"] = "oom"
@@ -80,6 +78,9 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> d
     except Exception as exc:  # a failing method is a result of the sweep, not the end of it
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()
+    record["wall_seconds"] = time.perf_counter() - started
+    # host memory of this run's process (for simulate: the cost of tracing on this machine)
+    record["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak, budget = record["memory"].get("peak_bytes"), scenario.budget_bytes
     if budget is not None:
         record["budget"]["fits"] = (peak is not None and peak <= budget) if record["status"] != "oom" else False

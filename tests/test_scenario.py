@@ -38,6 +38,19 @@ def test_broken_scenario_message(write_scenario, body, field, got, allowed):
     assert f"got {got}, allowed " in lines[0] and allowed in lines[0], lines[0]
 
 
+def test_false_bool_is_valid(write_scenario):
+    path = write_scenario('[model]\nsize = "tiny"\n[train]\nactivation_checkpointing = false\n' + GOOD_RUN)
+    assert load_scenario(str(path)).train.activation_checkpointing is False
+
+
+def test_rank_larger_than_matrix(write_scenario):
+    path = write_scenario('[model]\nsize = "tiny"\n[[runs]]\nmethod = "galore"\nrank = 65\n[[runs]]\nmethod = "lora"\nrank = 0\n')
+    with pytest.raises(UserError) as info:
+        load_scenario(str(path))
+    assert f"{path}: runs[0].rank: got 65, allowed an int from 1 to 64 (smallest matrix side)" in str(info.value)
+    assert f"{path}: runs[1].rank: got 0, allowed an int >= 1" in str(info.value)
+
+
 def test_all_problems_in_one_message(write_scenario):
     path = write_scenario('[model]\nsize = "3b"\n[train]\nbatch_size = 0\ndtype = "fp8"\n[[runs]]\nmethod = "nope"\n')
     with pytest.raises(UserError) as info:

@@ -1,0 +1,299 @@
+"""Memory / speed / quality budgets: a TOML of limits checked against result records (`galore-bench check`).
+
+    [[budget]]
+    scenario = "7b_4090"
+    run = "galore8bit-layerwise"      # or "*" for every run of the scenario
+    peak = "22 GiB"                   # also any memory category: optimizer_states = "2 GiB", ...
+    tgs_min = 100.0
+    perplexity_max = 40.0
+    baseline = "results/baseline"     # a folder of records or one record file
+    grow_max = "2%"                   # peak and every category: at most baseline * (1 + 2%)
+
+In your own tests: `assert_memory_budget(record, peak="22 GiB", gradients="1 GiB")`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from galore_bench.record import find_records, load_record
+from galore_bench.scenario import SCENARIO_DIR, UserError, load_scenario
+from galore_bench.units import ALLOWED_UNITS, format_bytes, parse_bytes
+
+CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
+MEMORY_FIELDS = ("peak", *CATEGORIES)
+# budget key -> (record section, record key, "max"/"min")
+SCALAR_FIELDS = {
+    "tgs_min": ("throughput", "tgs", "min"),
+    "tokens_per_second_min": ("throughput", "tokens_per_second", "min"),
+    "perplexity_max": ("quality", "perplexity", "max"),
+    "final_loss_max": ("quality", "final_loss", "max"),
+}
+KEYS = ("scenario", "run", *MEMORY_FIELDS, *SCALAR_FIELDS, "baseline", "grow_max")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One limit on one field of one (scenario, run); `grow` rules take their limit from the baseline."""
+
+    scenario: str
+    run: str
+    field: str                 # a MEMORY_FIELDS name or a SCALAR_FIELDS key
+    limit: float | None        # bytes for memory fields; None for a pure grow rule
+    grow: float | None = None  # fraction, e.g. 0.02
+    baseline: Path | None = None
+    source: str = ""
+
+    @property
+    def name(self) -> str:
+        grow = f" (grow {self.grow:.0%})" if self.grow is not None else ""
+        return f"{self.scenario}/{self.run} {self.field}{grow}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    rule: Rule
+    value: float | None
+    limit: float | None
+    ok: bool
+    message: str
+    record: Path | None = None
+
+
+def _memory(record: dict[str, Any], field: str) -> float | None:
+    mem = record.get("memory") or {}
+    return mem.get("peak_bytes") if field == "peak" else (mem.get("breakdown") or {}).get(field)
+
+
+def _fmt(field: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return format_bytes(value) if field in MEMORY_FIELDS else f"{value:.4g}"
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(value)
+    return float(value)
+
+
+def load_budgets(path: Path | str) -> list[Rule]:
+    """Parse and validate a budgets file; every problem is reported at once as a UserError."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"{path}: not a readable budgets TOML file ({exc})") from None
+    problems: list[str] = []
+
+    def bad(where: str, got: Any, allowed: str) -> None:
+        problems.append(f"{path}: {where}: got {got!r}, allowed {allowed}")
+
+    for key in (k for k in raw if k != "budget"):
+        bad(key, key, "[[budget]] tables only")
+    tables = raw.get("budget", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        bad("budget", tables, "[[budget]] tables")
+        tables = []
+    known = [p.stem for p in sorted(SCENARIO_DIR.glob("*.toml"))]
+    rules: list[Rule] = []
+    for i, table in enumerate(tables):
+        at = f"budget[{i}]"
+        for key in table:
+            if key not in KEYS:
+                bad(f"{at}.{key}", key, "one of " + ", ".join(KEYS))
+        scenario, run = table.get("scenario"), table.get("run", "*")
+        labels: list[str] = []
+        if scenario not in known:
+            bad(f"{at}.scenario", scenario, "one of " + ", ".join(known))
+        else:
+            labels = [r.label for r in load_scenario(scenario).runs]
+            if run != "*" and run not in labels:
+                bad(f"{at}.run", run, "'*' or one of " + ", ".join(labels))
+        limits: dict[str, float] = {}
+        for key in (k for k in (*MEMORY_FIELDS, *SCALAR_FIELDS) if k in table):
+            value = table[key]
+            try:
+                limits[key] = float(parse_bytes(value) if key in MEMORY_FIELDS else _number(value))
+            except (TypeError, ValueError):
+                bad(f"{at}.{key}", value, f"a size: a number and a unit ({ALLOWED_UNITS})"
+                    if key in MEMORY_FIELDS else "a number")
+        grow = baseline = None
+        if "grow_max" in table:
+            text = str(table["grow_max"]).strip()
+            try:
+                grow = float(text[:-1]) / 100 if text.endswith("%") else float(table["grow_max"])
+            except (TypeError, ValueError):
+                bad(f"{at}.grow_max", table["grow_max"], "a percentage such as \"2%\" or a fraction such as 0.02")
+            if "baseline" not in table:
+                bad(f"{at}.grow_max", table["grow_max"], "only with a baseline = \"folder or record\"")
+        if "baseline" in table:
+            baseline = Path(str(table["baseline"]))
+            if not baseline.exists() and (path.parent / baseline).exists():
+                baseline = path.parent / baseline
+            if not baseline.exists():
+                bad(f"{at}.baseline", str(table["baseline"]), "an existing record file or results folder")
+        if not limits and grow is None:
+            bad(at, sorted(table), "at least one limit: " + ", ".join((*MEMORY_FIELDS, *SCALAR_FIELDS, "grow_max")))
+        for label in (labels if run == "*" else [run]):
+            src = f"{path}:{at}"
+            for fld, limit in limits.items():
+                rules.append(Rule(scenario, label, fld, limit, None, baseline, src))
+            if grow is not None:  # beside any absolute limit: both are checked
+                for fld in MEMORY_FIELDS:
+                    rules.append(Rule(scenario, label, fld, None, grow, baseline, src))
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in budgets file:\n  " + "\n  ".join(problems))
+    return rules
+
+
+def newest_ok(records: list[tuple[Path, dict[str, Any]]]) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
+    """The newest ok record per (scenario, run)."""
+    chosen: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+    for path, rec in sorted(records, key=lambda pr: (str(pr[1].get("created", "")), pr[0].name)):
+        if rec.get("status") == "ok":
+            chosen[(rec.get("scenario", ""), rec.get("run", ""))] = (path, rec)
+    return chosen
+
+
+def read_records(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    return [(p, load_record(p)) for p in find_records(paths)]
+
+
+def diagnose(breakdown: dict[str, Any] | None, baseline: dict[str, Any] | None) -> str:
+    """Which category explains the overshoot: the one that grew most vs baseline, else the largest."""
+    breakdown = {k: v for k, v in (breakdown or {}).items() if isinstance(v, (int, float))}
+    if not breakdown:
+        return ""
+    if baseline:
+        growth = {k: v - baseline.get(k, 0) for k, v in breakdown.items()}
+        top = max(growth, key=lambda k: growth[k])
+        return f"largest growth vs baseline: {top} {'+' if growth[top] >= 0 else '-'}{format_bytes(abs(growth[top]))}"
+    top = max(breakdown, key=lambda k: breakdown[k])
+    return f"largest category: {top} {format_bytes(breakdown[top])}"
+
+
+def check_value(who: str, field: str, value: float | None, limit: float, kind: str,
+                breakdown: dict[str, Any] | None = None, base_breakdown: dict[str, Any] | None = None,
+                limit_note: str = "") -> str | None:
+    """None when within the limit, else the violation message."""
+    if value is None:
+        return f"{who}: {field} not measured in the record"
+    if (value <= limit) if kind == "max" else (value >= limit):
+        return None
+    rel = ">" if kind == "max" else "<"
+    msg = f"{who}: {field} {_fmt(field, value)} {rel} budget {_fmt(field, limit)}{limit_note}"
+    if field in MEMORY_FIELDS:
+        why = diagnose(breakdown, base_breakdown)
+        return msg + f" (+{format_bytes(value - limit)}" + (f"; {why})" if why else ")")
+    return msg
+
+
+def evaluate(rules: list[Rule], records: list[tuple[Path, dict[str, Any]]] | list[dict[str, Any]]) -> list[Verdict]:
+    """Check each rule against the newest ok record of its (scenario, run); records: dicts or (path, dict)."""
+    pairs = [r if isinstance(r, tuple) else (Path("<record>"), r) for r in records]
+    chosen = newest_ok(pairs)
+    baselines: dict[Path, dict[tuple[str, str], tuple[Path, dict[str, Any]]] | dict[str, Any]] = {}
+    verdicts: list[Verdict] = []
+    for rule in rules:
+        who = f"{rule.scenario}/{rule.run}"
+        base: dict[str, Any] | None = None
+        if rule.baseline is not None:
+            if rule.baseline not in baselines:
+                baselines[rule.baseline] = (load_record(rule.baseline) if rule.baseline.is_file()
+                                            else newest_ok(read_records([rule.baseline])))
+            found = baselines[rule.baseline]
+            base = found if "memory" in found else found.get((rule.scenario, rule.run), (None, None))[1]  # type: ignore
+        if (rule.scenario, rule.run) not in chosen:
+            verdicts.append(Verdict(rule, None, rule.limit, False, f"no record for {who} (no ok record found)"))
+            continue
+        path, rec = chosen[(rule.scenario, rule.run)]
+        limit, note = rule.limit, ""
+        if rule.field in SCALAR_FIELDS:
+            section, key, kind = SCALAR_FIELDS[rule.field]
+            value, field_name = (rec.get(section) or {}).get(key), key
+        else:
+            kind, field_name, value = "max", rule.field, _memory(rec, rule.field)
+            if rule.grow is not None:
+                base_value = _memory(base, rule.field) if base else None
+                if base_value is None:
+                    verdicts.append(Verdict(rule, value, None, False,
+                                            f"{who}: no baseline {rule.field} for grow_max in {rule.baseline}"))
+                    continue
+                limit = base_value * (1 + rule.grow)
+                note = f" (baseline {format_bytes(base_value)} +{rule.grow:.0%})"
+        assert limit is not None
+        base_breakdown = ((base or {}).get("memory") or {}).get("breakdown")
+        msg = check_value(who, field_name, value, limit, kind, (rec.get("memory") or {}).get("breakdown"),
+                          base_breakdown, note)
+        verdicts.append(Verdict(rule, value, limit, msg is None, msg or "ok", path))
+    return verdicts
+
+
+def _as_memory(obj: Any) -> tuple[float | None, dict[str, Any]]:
+    """(peak, breakdown) from a record, a breakdown dict, a train_steps result or a MemoryTracker."""
+    if isinstance(obj, dict) and "tracker" in obj:
+        obj = obj["tracker"]
+    if hasattr(obj, "peak") and hasattr(obj, "breakdown"):
+        return float(obj.peak), dict(obj.breakdown())
+    if isinstance(obj, dict) and ("memory" in obj or "peak_bytes" in obj):
+        mem = obj.get("memory") or obj
+        return mem.get("peak_bytes"), dict(mem.get("breakdown") or {})
+    if isinstance(obj, dict):
+        return float(sum(v for v in obj.values() if isinstance(v, (int, float)))), dict(obj)
+    raise TypeError(f"assert_memory_budget: cannot read memory from {type(obj).__name__}")
+
+
+def assert_memory_budget(record_or_breakdown: Any, peak: str | float | None = None,
+                         baseline: Any = None, name: str | None = None, **category_limits: str | float) -> None:
+    """Raise AssertionError (same message as `galore-bench check`) when peak or a category is over its limit.
+
+    Limits are sizes ("22 GiB") or bytes. `baseline` (record/breakdown) names the category that grew most.
+    """
+    value_peak, breakdown = _as_memory(record_or_breakdown)
+    base = _as_memory(baseline)[1] if baseline is not None else None
+    if name is None:
+        rec = record_or_breakdown if isinstance(record_or_breakdown, dict) else {}
+        name = f"{rec['scenario']}/{rec['run']}" if "scenario" in rec and "run" in rec else "memory"
+    limits = dict(category_limits, **({"peak": peak} if peak is not None else {}))
+    failures = []
+    for fld, limit in limits.items():
+        if fld not in MEMORY_FIELDS:
+            raise TypeError(f"assert_memory_budget: unknown field {fld!r}; allowed {', '.join(MEMORY_FIELDS)}")
+        bytes_limit = float(parse_bytes(limit) if isinstance(limit, str) else limit)
+        value = value_peak if fld == "peak" else breakdown.get(fld)
+        msg = check_value(name, fld, value, bytes_limit, "max", breakdown, base)
+        if msg:
+            failures.append(msg)
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
+def run_check(budgets: Path, results: list[Path], run: bool = False, console: Any = None) -> int:
+    """`galore-bench check`: optionally run the scenarios, print the verdict table; 1 on any violation."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    rules = load_budgets(budgets)
+    if run:
+        from galore_bench.runner import run_scenario
+        for name in dict.fromkeys(r.scenario for r in rules):
+            run_scenario(load_scenario(name), out=results[0], mode="simulate")
+    verdicts = evaluate(rules, read_records([p for p in results if p.exists() or not run]))
+    table = Table(title=f"budgets: {budgets}")
+    for col in ("rule", "value", "limit", "verdict"):
+        table.add_column(col, justify="right" if col in ("value", "limit") else "left")
+    for v in verdicts:
+        field = v.rule.field if v.rule.field in MEMORY_FIELDS else ""
+        table.add_row(v.rule.name, _fmt(field or "x", v.value), _fmt(field or "x", v.limit),
+                      "[green]ok[/green]" if v.ok else "[red]FAIL[/red]")
+    console.print(table)
+    failed = [v for v in verdicts if not v.ok]
+    for v in failed:
+        console.print(f"[red]{v.message}[/red]", highlight=False, soft_wrap=True)
+    console.print(f"{len(verdicts) - len(failed)} ok, {len(failed)} violation(s)")
+    return 1 if failed else 0
