@@ -136,7 +136,7 @@ def load_budgets(path: Path | str) -> list[Rule]:
                 baseline = path.parent / baseline
             if not baseline.exists():
                 bad(f"{at}.baseline", str(table["baseline"]), "an existing record file or results folder")
-        if not limits and grow is None:
+        if not any(k in table for k in (*MEMORY_FIELDS, *SCALAR_FIELDS, "grow_max")):
             bad(at, sorted(table), "at least one limit: " + ", ".join((*MEMORY_FIELDS, *SCALAR_FIELDS, "grow_max")))
         for label in (labels if run == "*" else [run]):
             src = f"{path}:{at}"

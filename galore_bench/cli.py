@@ -27,7 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from galore_bench.runner import results_table, run_scenario
 
     scenario = load_scenario(args.scenario)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     paths = run_scenario(scenario, out=args.out, mode=args.mode, steps=args.steps,
                          skip_existing=args.skip_existing)
     console.print(results_table(paths, title=f"{scenario.name}: {scenario.description}"))
@@ -39,6 +39,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     from galore_bench.budgets import run_check
 
     return run_check(args.budgets, args.results or [DEFAULT_RESULTS], run=args.run)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from galore_bench.report import parse_formats, render_report
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    written = render_report(args.results or [DEFAULT_RESULTS], args.out, parse_formats(args.format),
+                            console=console)
+    console.print(f"{len(written)} file(s) under {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
     run.add_argument("--skip-existing", action="store_true", help="resume: skip runs that already have an ok record")
     run.set_defaults(func=cmd_run)
+
+    report = commands.add_parser(
+        "report", help="tables and charts of records, beside the papers' numbers",
+        description="Render result records as markdown/CSV tables and a memory breakdown chart, per scenario, "
+                    "with the LOMO and GaLore papers' numbers beside ours where the setting matches "
+                    "(differences over 5%% flagged, with their known cause).")
+    report.add_argument("results", nargs="*", type=Path, help="record files or folders (default: results/)")
+    report.add_argument("--format", default="md,csv,png",
+                        help="comma-separated: md, csv, png, svg (default: md,csv,png)")
+    report.add_argument("--out", type=Path, default=Path("reports/latest"),
+                        help="output folder (default: reports/latest)")
+    report.set_defaults(func=cmd_report)
 
     check = commands.add_parser(
         "check", help="check result records against a budgets file (memory, speed, quality); exit 1 on a violation",

@@ -109,8 +109,11 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
 
 def results_table(paths: list[Path], title: str = "results") -> Table:
     """Peak and breakdown per run, and whether it fits the budget."""
-    table = Table(title=title)
-    for name in ("run", "mode", "status", "peak", *CATEGORY_COLUMNS, "fits budget", "loss", "tokens/s"):
+    budgets = {load_record(p)["budget"]["text"] for p in paths} - {None}
+    table = Table(title=title, caption=f"fits: peak <= budget ({', '.join(sorted(budgets))})" if budgets else None)
+    headers = ("run", "mode", "status", "peak", "weights", "grads", "opt states", "activ.", "other", "fits", "loss",
+               "tokens/s")
+    for name in headers:
         table.add_column(name, justify="left" if name in ("run", "mode", "status") else "right")
     for path in paths:
         record = load_record(path)
@@ -121,7 +124,7 @@ def results_table(paths: list[Path], title: str = "results") -> Table:
         status = record["status"] if record["status"] == "ok" else f"{record['status']}: {(record['error'] or '')[:60]}"
         table.add_row(record["run"], record["mode"], status, format_bytes(memory.get("peak_bytes")),
                       *(format_bytes(breakdown.get(c)) for c in CATEGORY_COLUMNS),
-                      "-" if fits is None else ("yes" if fits else "NO") + f" ({record['budget']['text']})",
+                      "-" if fits is None else ("yes" if fits else "NO"),
                       "-" if loss is None else f"{loss:.3f}", "-" if rate is None else f"{rate:,.0f}")
     return table
 

@@ -1,0 +1,149 @@
+"""Budgets: TOML validation, verdicts against records, the `check` command and assert_memory_budget."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from galore_bench.budgets import assert_memory_budget, evaluate, load_budgets
+from galore_bench.cli import main
+from galore_bench.record import empty_record
+from galore_bench.scenario import UserError, load_scenario
+
+GiB = 2**30
+BREAKDOWN = {"weights": int(12.55 * GiB), "gradients": int(0.09 * GiB), "optimizer_states": int(5.31 * GiB),
+             "activations": int(1.42 * GiB), "other": int(0.22 * GiB)}
+LABEL = "galore8bit-layerwise"
+
+
+def make_record(breakdown: dict[str, int], run: str = LABEL, created: str = "2026-01-01T00:00:00Z",
+                status: str = "ok") -> dict:
+    scenario = load_scenario("7b_4090")
+    spec = next(r for r in scenario.runs if r.label == run)
+    record = empty_record(scenario.to_dict(), dataclasses.asdict(spec), "simulate", "simulated-cpu")
+    record.update(status=status, created=created)
+    record["memory"] = {"peak_bytes": sum(breakdown.values()), "breakdown": dict(breakdown)}
+    record["throughput"].update(tgs=120.0, tokens_per_second=120.0)
+    record["quality"].update(perplexity=30.0, final_loss=3.4)
+    return record
+
+
+def write(folder: Path, record: dict, name: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (name or f"{record['run']}.{record['created'].replace(':', '')}.json")
+    path.write_text(json.dumps(record))
+    return path
+
+
+def budgets_file(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "budgets.toml"
+    path.write_text(body)
+    return path
+
+
+RULES = f"""
+[[budget]]
+scenario = "7b_4090"
+run = "{LABEL}"
+peak = "19.65 GiB"
+tgs_min = 100.0
+perplexity_max = 40.0
+baseline = "baseline"
+grow_max = "2%"
+"""
+
+
+def test_passing_records_exit_0(tmp_path, capsys):
+    write(tmp_path / "baseline", make_record(BREAKDOWN))
+    results = tmp_path / "results"
+    write(results, make_record({**BREAKDOWN, "optimizer_states": BREAKDOWN["optimizer_states"] + 2**20}))
+    # an older, worse record and a newer failed one are ignored: the newest ok record counts
+    write(results, make_record({**BREAKDOWN, "weights": 30 * GiB}, created="2025-01-01T00:00:00Z"))
+    write(results, make_record({**BREAKDOWN, "weights": 30 * GiB}, created="2027-01-01T00:00:00Z", status="oom"))
+    rc = main(["check", "--budgets", str(budgets_file(tmp_path, RULES)), str(results)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "0 violation(s)" in out
+
+
+def test_gradient_copy_regression_is_named(tmp_path, capsys):
+    """A method that keeps an extra copy of its gradients: gradients double, the check says so."""
+    write(tmp_path / "baseline", make_record(BREAKDOWN))
+    doubled = {**BREAKDOWN, "gradients": 2 * BREAKDOWN["gradients"]}
+    results = tmp_path / "results"
+    write(results, make_record(doubled))
+    path = budgets_file(tmp_path, RULES)
+
+    verdicts = evaluate(load_budgets(path), [json.loads(p.read_text()) for p in results.glob("*.json")])
+    failed = [v for v in verdicts if not v.ok]
+    assert [v.rule.field for v in failed] == ["peak", "gradients"]  # peak grew > 2%, and gradients itself
+    growth = "gradients +92.16 MiB"
+    assert all(growth in v.message for v in failed), [v.message for v in failed]
+    assert failed[1].message == (f"7b_4090/{LABEL}: gradients 184.32 MiB > budget 94.00 MiB (baseline 92.16 MiB +2%) "
+                                 "(+90.32 MiB; largest growth vs baseline: gradients +92.16 MiB)")
+
+    rc = main(["check", "--budgets", str(path), str(results)])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert f"largest growth vs baseline: {growth}" in out
+
+
+def test_absolute_limit_without_baseline_names_largest_category(tmp_path):
+    rules = load_budgets(budgets_file(tmp_path, f'[[budget]]\nscenario = "7b_4090"\nrun = "{LABEL}"\n'
+                                               'peak = "19 GiB"\n'))
+    [verdict] = evaluate(rules, [make_record(BREAKDOWN)])
+    assert not verdict.ok
+    assert verdict.message == (f"7b_4090/{LABEL}: peak 19.59 GiB > budget 19.00 GiB "
+                               "(+604.16 MiB; largest category: weights 12.55 GiB)")
+
+
+def test_missing_record_and_star_expand_to_every_run(tmp_path):
+    rules = load_budgets(budgets_file(tmp_path, '[[budget]]\nscenario = "7b_4090"\nrun = "*"\npeak = "60 GiB"\n'))
+    assert {r.run for r in rules} == {r.label for r in load_scenario("7b_4090").runs}
+    verdicts = evaluate(rules, [make_record(BREAKDOWN)])
+    assert [v.ok for v in verdicts if v.rule.run == LABEL] == [True]
+    missing = [v.message for v in verdicts if not v.ok]
+    assert len(missing) == len(rules) - 1
+    assert "no record for 7b_4090/adamw" in " ".join(missing)
+
+
+@pytest.mark.parametrize("body, problem", [
+    ('scenario = "7b_9999"\npeak = "22 GiB"', "budget[0].scenario: got '7b_9999', allowed one of"),
+    ('scenario = "7b_4090"\npeak = "22 GiB"\nlatency_max = 3', "budget[0].latency_max: got 'latency_max', allowed"),
+    ('scenario = "7b_4090"\npeak = "22 gigs"', "budget[0].peak: got '22 gigs', allowed a size"),
+    ('scenario = "7b_4090"\nrun = "adamx"\npeak = "22 GiB"', "budget[0].run: got 'adamx', allowed '*' or one of"),
+])
+def test_bad_budget_files(tmp_path, capsys, body, problem):
+    path = budgets_file(tmp_path, "[[budget]]\n" + body + "\n")
+    with pytest.raises(UserError, match="problem"):
+        load_budgets(path)
+    assert main(["check", "--budgets", str(path), str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: {problem}" in err
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    path = budgets_file(tmp_path, '[[budget]]\nscenario = "nope"\npeak = "22 gigs"\nfoo = 1\n'
+                                  '[[budget]]\nscenario = "lomo_7b"\ngrow_max = "2%"\n')
+    with pytest.raises(UserError) as info:
+        load_budgets(path)
+    text = str(info.value)
+    assert "4 problem(s)" in text
+    for where in ("budget[0].scenario", "budget[0].peak", "budget[0].foo", "budget[1].grow_max"):
+        assert f"{path}: {where}: got" in text
+
+
+def test_assert_memory_budget():
+    record = make_record(BREAKDOWN)
+    assert_memory_budget(record, peak="20 GiB", gradients="100 MiB")  # within: no error
+    assert_memory_budget(BREAKDOWN, peak=20 * GiB)  # a bare breakdown: peak is its sum
+    with pytest.raises(AssertionError, match=r"7b_4090/galore8bit-layerwise: gradients 92.16 MiB > budget "
+                                             r"50.00 MiB \(\+42.16 MiB; largest category: weights 12.55 GiB\)"):
+        assert_memory_budget(record, gradients="50 MiB")
+    grown = {**BREAKDOWN, "gradients": 2 * BREAKDOWN["gradients"]}
+    with pytest.raises(AssertionError, match=r"largest growth vs baseline: gradients \+92.16 MiB"):
+        assert_memory_budget(grown, peak="19.6 GiB", baseline=BREAKDOWN)
+    with pytest.raises(TypeError, match="unknown field"):
+        assert_memory_budget(record, gradient="1 GiB")
