@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="tables and charts of records, beside the papers' numbers",
         description="Render result records as markdown/CSV tables and a memory breakdown chart, per scenario, "
                     "with the LOMO and GaLore papers' numbers beside ours where the setting matches "
-                    "(differences over 5%% flagged, with their known cause).")
+                    "(differences over 5% flagged, with their known cause).")
     report.add_argument("results", nargs="*", type=Path, help="record files or folders (default: results/)")
     report.add_argument("--format", default="md,csv,png",
                         help="comma-separated: md, csv, png, svg (default: md,csv,png)")

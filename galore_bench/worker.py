@@ -83,7 +83,10 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> d
     record["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak, budget = record["memory"].get("peak_bytes"), scenario.budget_bytes
     if budget is not None:
-        record["budget"]["fits"] = (peak is not None and peak <= budget) if record["status"] != "oom" else False
+        if record["status"] == "oom":
+            record["budget"]["fits"] = False
+        elif peak is not None:
+            record["budget"]["fits"] = peak <= budget
     return record
 
 
