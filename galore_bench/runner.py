@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from galore_bench.record import empty_record, load_record, record_path, write_record
+from galore_bench.record import empty_record, load_record, write_record
 from galore_bench.scenario import Scenario
 from galore_bench.units import format_bytes
 from galore_bench.worker import FAULT_ENV
@@ -109,14 +109,14 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
 
 def results_table(paths: list[Path], title: str = "results") -> Table:
     """Peak and breakdown per run, and whether it fits the budget."""
-    budgets = {load_record(p)["budget"]["text"] for p in paths} - {None}
+    records = [load_record(path) for path in paths]
+    budgets = {record["budget"]["text"] for record in records} - {None}
     table = Table(title=title, caption=f"fits: peak <= budget ({', '.join(sorted(budgets))})" if budgets else None)
     headers = ("run", "mode", "status", "peak", "weights", "grads", "opt states", "activ.", "other", "fits", "loss",
                "tokens/s")
     for name in headers:
         table.add_column(name, justify="left" if name in ("run", "mode", "status") else "right")
-    for path in paths:
-        record = load_record(path)
+    for record in records:
         memory, breakdown = record["memory"], record["memory"].get("breakdown") or {}
         fits = record["budget"]["fits"]
         loss = record["quality"]["final_loss"]
