@@ -1,0 +1,112 @@
+"""What two optional costs add to a step, on a small LLaMA on one CPU thread (FLOPs can't show either).
+
+(a) GaLore: an optimizer step that refreshes every projector (an SVD per matrix, update_proj_gap = 1)
+    over a step that reuses the bases (gap far away, after the step-0 refresh). The SVD is invisible
+    to FlopCounterMode, so only a timing shows its weight.
+(b) LOMO: a training step (forward + fused backward/update) with clip_grad_norm (a second backward for
+    the global norm) over one without.
+Each pair alternates order step by step so machine noise hits both alike; extra_info keeps the ratio
+of medians. Run: python -m pytest -q benchmarks/test_bench_overheads.py -p no:cacheprovider --benchmark-enable
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from galore_bench.methods.galore import GALORE_OPTIONS, projected_groups
+from galore_bench.models import ModelShape, build_model
+from galore_bench.optim.galore import GaLoreAdamW
+from galore_bench.optim.lomo import LOMO
+
+SHAPE = ModelShape(256, 688, 2, 4, 1024, source="benchmark model")
+ROUNDS = 7  # timed pairs before the benchmark's own rounds; enough for a stable median when benchmarks are off
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _batch() -> torch.Tensor:
+    return torch.randint(0, SHAPE.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+
+
+def _time_pairs(benchmark, steps: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """Median seconds per step of each side, over ROUNDS alternating pairs plus the benchmark's rounds."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+
+    def pair() -> None:
+        order.reverse()
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+
+    for _ in range(ROUNDS):
+        pair()
+    benchmark.pedantic(pair, rounds=5, iterations=1)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _galore(update_proj_gap: int) -> GaLoreAdamW:
+    """GaLoreAdamW (rank 32) over a model holding real gradients, after its first (refreshing) step."""
+    model = build_model(SHAPE, "fp32", seed=0)
+    ids = _batch()
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    opts = {**{k: v.default for k, v in GALORE_OPTIONS.items()}, "rank": 32, "update_proj_gap": update_proj_gap}
+    optimizer = GaLoreAdamW(projected_groups(model, opts), lr=1e-3)
+    optimizer.step()
+    return optimizer
+
+
+def _bases(optimizer: GaLoreAdamW) -> list[torch.Tensor]:
+    return [s["projector"].ortho_matrix for s in optimizer.state.values() if "projector" in s]
+
+
+def test_bench_galore_refresh_overhead(benchmark):
+    refresh, plain = _galore(update_proj_gap=1), _galore(update_proj_gap=10**6)
+    before = {"refresh": _bases(refresh), "plain": _bases(plain)}
+    medians = _time_pairs(benchmark, {"refresh": refresh.step, "plain": plain.step})
+    # Guard the meaning: one side got new bases every step, the other kept its step-0 bases.
+    assert len(before["refresh"]) == 14 and all(a is not b for a, b in zip(before["refresh"], _bases(refresh)))
+    assert all(a is b for a, b in zip(before["plain"], _bases(plain)))
+    ratio = medians["refresh"] / medians["plain"]
+    benchmark.extra_info.update(median_refresh_ms=round(medians["refresh"] * 1e3, 2),
+                                median_plain_ms=round(medians["plain"] * 1e3, 2),
+                                ratio_refresh_over_plain=round(ratio, 3))
+    print(f"\nGaLore step with SVD refresh {medians['refresh'] * 1e3:.1f} ms / without "
+          f"{medians['plain'] * 1e3:.1f} ms = {ratio:.2f}x")
+    assert ratio > 1.0
+
+
+def _lomo_step(clip_grad_norm: float | None) -> tuple[Callable[[], None], LOMO]:
+    model, ids = build_model(SHAPE, "fp32", seed=0), _batch()
+    lomo = LOMO(model, lr=1e-4, clip_grad_norm=clip_grad_norm)
+
+    def step() -> None:
+        lomo.step(model(input_ids=ids, labels=ids, use_cache=False).loss)
+
+    return step, lomo
+
+
+def test_bench_lomo_clipping_overhead(benchmark):
+    (clipped, clipped_lomo), (plain, plain_lomo) = _lomo_step(1.0), _lomo_step(None)
+    medians = _time_pairs(benchmark, {"clipped": clipped, "plain": plain})
+    # Guard the meaning: the clipped step ran every parameter's hook twice (norm pass, update pass).
+    assert clipped_lomo.hook_calls == 2 * plain_lomo.hook_calls > 0
+    ratio = medians["clipped"] / medians["plain"]
+    benchmark.extra_info.update(median_clipped_ms=round(medians["clipped"] * 1e3, 2),
+                                median_plain_ms=round(medians["plain"] * 1e3, 2),
+                                ratio_clipped_over_plain=round(ratio, 3))
+    print(f"\nLOMO step with clip_grad_norm {medians['clipped'] * 1e3:.1f} ms / without "
+          f"{medians['plain'] * 1e3:.1f} ms = {ratio:.2f}x")
+    # forward + 2 backward vs forward + 1 backward: ~5/3 in matmul FLOPs.
+    assert ratio >= 1.3
