@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 from galore_bench.methods import REGISTRY, Trainer
 from galore_bench.models import DTYPES, build_model, default_dtype
@@ -20,6 +21,7 @@ from galore_bench.scenario import RunSpec, Scenario
 from galore_bench.tracker import CUDA_BLOCK, MemoryTracker
 
 ProgressFn = Callable[[int, int], None]
+EvaluateFn = Callable[[torch.nn.Module], dict[str, Any]]
 SIMULATE_STEPS = 2  # step 1 creates optimizer states; step 2 is the steady state we report
 
 
@@ -117,11 +119,13 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str, tracker: Memory
 
 
 def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, steps: int,
-                progress: ProgressFn | None = None, round_to: int | None = None) -> dict[str, Any]:
+                progress: ProgressFn | None = None, round_to: int | None = None,
+                evaluate: EvaluateFn | None = None, evaluate_every: int = 0) -> dict[str, Any]:
     """Run `steps` real training steps and return what was measured (memory, losses, step times).
 
     Storage sizes are rounded like the CUDA caching allocator when simulating (the GPU is what a
     simulation predicts) or measuring on CUDA; `round_to` overrides that (1 = exact bytes).
+    `evaluate(model)` runs every `evaluate_every` steps with the tracker paused (not part of the step).
     """
     if round_to is None:
         round_to = CUDA_BLOCK if (fake or device == "cuda") else 1
@@ -129,7 +133,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, st
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     trainer = build_trainer(scenario, run, device, tracker, fake_mode)
     batches = _input_batches(scenario, run, device, fake)
-    timer, losses = _StepTimer(device), []
+    timer, losses, evals = _StepTimer(device), [], []
     cuda_peak: dict[str, int] = {}
     mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
     with mode, tracker:
@@ -143,6 +147,9 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, st
             tracker.label(trainer.state_tensors(), "optimizer_states")
             if not fake:
                 losses.append(step_loss)
+            if evaluate is not None and evaluate_every and (step + 1) % evaluate_every == 0 and step + 1 < steps:
+                with _disable_current_modes():
+                    evals.append({"step": step + 1, **evaluate(trainer.model)})
             if progress is not None:
                 progress(step + 1, steps)
     if device == "cuda":
@@ -152,7 +159,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, st
                      "num_ooms": stats.get("num_ooms", 0), "num_alloc_retries": stats.get("num_alloc_retries", 0)}
     tracker.unwatch()
     return {"tracker": tracker, "losses": losses, "step_times": timer.times, "cuda": cuda_peak,
-            "trainer_info": trainer.info, "model": trainer.model}
+            "trainer_info": trainer.info, "model": trainer.model, "evals": evals}
 
 
 def _one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.Tensor], grad_accum: int,
@@ -176,13 +183,27 @@ def _one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.
     return float(total) / grad_accum
 
 
-def throughput(step_times: list[float], tokens_per_step: int, device: str) -> dict[str, Any]:
-    """Tokens/s and TGS over the steps after the first (warm-up: kernels, state creation)."""
-    timed = step_times[1:] if len(step_times) > 1 else step_times
+def throughput(step_times: list[float], tokens_per_step: int, device: str,
+               special_steps: dict[str, set[int]] | None = None) -> dict[str, Any]:
+    """Tokens/s and TGS: median and spread over the steps after the first (warm-up: kernels, state creation).
+
+    Steps named in `special_steps` (e.g. GaLore's SVD refreshes) are left out of the median and reported
+    as their own figure, so a periodic cost neither hides in nor distorts the typical step.
+    """
+    special = special_steps or {}
+    excluded = set().union(*special.values()) if special else set()
+    timed = [t for i, t in enumerate(step_times) if i >= 1 and i not in excluded] or step_times[-1:]
     if not timed:
         return {"tokens_per_second": None, "tgs": None, "mfu": None}
     median = statistics.median(timed)
     rate = tokens_per_step / median
-    return {"tokens_per_second": rate, "tgs": rate, "mfu": None, "device_kind": device,
-            "step_seconds_median": median, "step_seconds": timed,
-            "step_seconds_spread": (max(timed) - min(timed)) if len(timed) > 1 else 0.0}
+    result: dict[str, Any] = {
+        "tokens_per_second": rate, "tgs": rate, "mfu": None, "device_kind": device,
+        "label": "CPU throughput (not a GPU figure)" if device == "cpu" else f"{device} throughput",
+        "timed_steps": len(timed), "step_seconds_median": median, "step_seconds": step_times,
+        "step_seconds_spread": (max(timed) - min(timed)) if len(timed) > 1 else 0.0}
+    for name, steps in special.items():
+        times = [step_times[i] for i in sorted(steps) if 1 <= i < len(step_times)]
+        result[f"{name}_step_seconds_median"] = statistics.median(times) if times else None
+        result[f"{name}_steps"] = sorted(steps)
+    return result

@@ -14,7 +14,7 @@ from galore_bench.models import DTYPES, ZOO, ModelShape, matrix_shapes
 from galore_bench.units import ALLOWED_UNITS, parse_bytes
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
-MODES = ("auto", "simulate", "measure")  # "estimate" (closed form) is planned: see the README
+MODES = ("auto", "estimate", "simulate", "measure")
 DATA_SOURCES = ("synthetic", "wiki")
 
 
@@ -46,6 +46,7 @@ class Scenario:
     mode: str
     data: str
     eval_batches: int
+    eval_every: int  # steps between validation perplexities during a run (0: only at the end)
     runs: tuple[RunSpec, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,12 +224,14 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     if mode not in MODES:
         problems.add("device.mode", mode, "one of " + ", ".join(MODES))
     evaluation = problems.table(raw, "eval")
-    problems.unknown_keys("eval.", evaluation, ["data", "batches"])
+    problems.unknown_keys("eval.", evaluation, ["data", "batches", "every"])
     data = evaluation.get("data", "synthetic")
     if data not in DATA_SOURCES:
         problems.add("eval.data", data, "one of " + ", ".join(DATA_SOURCES))
     eval_batches = evaluation.get("batches", 0)
     _check_typed(problems, "eval.batches", eval_batches, int, 0)
+    eval_every = evaluation.get("every", 0)
+    _check_typed(problems, "eval.every", eval_every, int, 0)
     description = raw.get("description", "")
     if not isinstance(description, str):
         problems.add("description", description, "a string")
@@ -238,4 +241,4 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     if model is None:  # unreachable: a missing model always adds a problem above
         raise UserError(f"{path}: model: no model")
     return Scenario(path.stem, str(path), description, model_name, model, train, budget, budget_text,
-                    mode, data, eval_batches, tuple(runs))
+                    mode, data, eval_batches, eval_every, tuple(runs))

@@ -1,6 +1,7 @@
 """Who holds the memory: a dispatch-mode tracker that sees every tensor storage created and freed.
 
-Works on real tensors (CPU or CUDA) and under FakeTensorMode, so one breakdown method serves both the
+Keeps both the composition at the peak (what must fit at once) and each category's own maximum over the
+window (what the papers' tables list per category). Works on real tensors (CPU or CUDA) and under FakeTensorMode, so one breakdown method serves both the
 `measure` and the `simulate` engines. Each storage is counted once (views share it), by its byte size,
 optionally rounded up to the CUDA caching allocator's 512-byte blocks. A storage gets a category
 when it appears (from the current phase) and is relabelled when its role is known: a gradient
@@ -46,6 +47,7 @@ class MemoryTracker(TorchDispatchMode):
         self.current = 0
         self.peak = 0
         self.peak_breakdown = dict(self.totals)
+        self.category_peaks = dict(self.totals)
         self._phase = "other"
         self._hooks: list[Any] = []
 
@@ -62,6 +64,8 @@ class MemoryTracker(TorchDispatchMode):
         self._live[key] = (weakref.ref(storage, lambda _, key=key: self._free(key)), size, category)
         self.totals[category] += size
         self.current += size
+        if self.totals[category] > self.category_peaks[category]:
+            self.category_peaks[category] = self.totals[category]
         if self.current > self.peak:
             self.peak = self.current
             self.peak_breakdown = dict(self.totals)
@@ -82,12 +86,14 @@ class MemoryTracker(TorchDispatchMode):
             elif entry[2] != category:
                 self.totals[entry[2]] -= entry[1]
                 self.totals[category] += entry[1]
+                self.category_peaks[category] = max(self.category_peaks[category], self.totals[category])
                 self._live[id(storage)] = (entry[0], entry[1], category)
 
     def reset_peak(self) -> None:
         """Start a new peak window (used to measure the steady state from step 2 on)."""
         self.peak = self.current
         self.peak_breakdown = dict(self.totals)
+        self.category_peaks = dict(self.totals)
 
     def breakdown(self) -> dict[str, int]:
         return dict(self.peak_breakdown)

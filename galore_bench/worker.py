@@ -64,13 +64,16 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> d
     mode = resolve_mode(mode, run, device)
     record = empty_record(scenario.to_dict(), {"label": run.label, "method": run.method, "options": run.options},
                           mode, engine.device_name(device) if mode == "measure" else "cpu")
-    if mode == "simulate":
-        record["device"] = f"simulated-{engine.device_name(device)}"
+    if mode in ("simulate", "estimate"):
+        record["device"] = f"{mode}d-{engine.device_name(device)}"
     record["model"].update(name=run.model_name, shape=dataclasses.asdict(run.model),
                            parameters=parameter_count(run.model))
     started = time.perf_counter()
     try:
-        _train(record, scenario, run, mode, device, steps)
+        if mode == "estimate":
+            _estimate(record, scenario, run)
+        else:
+            _train(record, scenario, run, mode, device, steps)
         record["status"] = "ok"
     except torch.OutOfMemoryError as exc:
         record["status"] = "oom"
@@ -90,6 +93,37 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> d
     return record
 
 
+def _estimate(record: dict[str, Any], scenario: Scenario, run: RunSpec) -> None:
+    """Closed-form byte counts (labelled an estimate; tests hold it to the simulate engine)."""
+    from galore_bench.estimate import estimate_run
+
+    result = estimate_run(scenario, run)
+    record["memory"] = {"peak_bytes": result.peak_bytes, "breakdown": result.breakdown,
+                        "category_peaks": result.category_peaks, "source": "estimate (closed-form formulas)",
+                        "estimate": {"peak_moment": result.moment, "moments": result.moments, "terms": result.terms}}
+
+
+def _special_steps(run: RunSpec, steps: int) -> dict[str, set[int]]:
+    """Steps with a periodic extra cost, timed apart: GaLore's SVD refresh of every projector."""
+    if run.method.startswith("galore"):
+        return {"svd_refresh": {i for i in range(steps) if i % run.options["update_proj_gap"] == 0}}
+    return {}
+
+
+def _evaluator(scenario: Scenario, run: RunSpec, device: str) -> Callable[[torch.nn.Module], dict[str, Any]]:
+    """Validation perplexity on held-out batches of the scenario's data (never the training batches)."""
+    from galore_bench.data import evaluate_perplexity
+
+    batches = engine.training_batches(scenario, run.model.vocab_size, split="validation")
+    held_out = [b for _, b in zip(range(scenario.eval_batches), batches)]
+    source = "wiki-offline validation split" if scenario.data == "wiki" else "synthetic (labelled; not real text)"
+
+    def evaluate(model: torch.nn.Module) -> dict[str, Any]:
+        return {**evaluate_perplexity(model, [b.to(device) for b in held_out]), "data": source}
+
+    return evaluate
+
+
 def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, device: str,
            steps: int | None) -> None:
     fake = mode == "simulate"
@@ -102,12 +136,13 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         _emit(step=done, of=total)
         _maybe_fault(run, done)
 
+    evaluate = _evaluator(scenario, run, device) if scenario.eval_batches and not fake else None
     result = engine.train_steps(scenario, run, fake=fake, device=device if not fake else "cpu", steps=n_steps,
-                                progress=progress)
+                                progress=progress, evaluate=evaluate, evaluate_every=scenario.eval_every)
     tracker, model = result["tracker"], result["model"]
     breakdown = tracker.breakdown()
     memory: dict[str, Any] = {"peak_bytes": tracker.peak, "breakdown": breakdown, "source": "tracker",
-                              "steady_state_from_step": 2}
+                              "category_peaks": dict(tracker.category_peaks), "steady_state_from_step": 2}
     if result["cuda"]:
         allocated = result["cuda"]["allocated_bytes"]
         breakdown["other"] += allocated - tracker.peak  # allocator blocks the tracker did not attribute
@@ -117,14 +152,42 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         import psutil
 
         memory["process_rss_bytes"] = psutil.Process().memory_info().rss
+    from galore_bench.estimate import estimate_run
+
+    guess = estimate_run(scenario, run)  # the closed form beside every traced/measured peak, as a cross-check
+    memory["estimate"] = {"peak_bytes": guess.peak_bytes, "breakdown": guess.breakdown,
+                          "category_peaks": guess.category_peaks, "peak_moment": guess.moment}
     record["memory"] = memory
     record["model"]["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     record["method"]["implementation"] = result["trainer_info"]
     if not fake:
-        tokens = scenario.train.batch_size * scenario.train.seq_len * scenario.train.grad_accum
-        record["throughput"] = engine.throughput(result["step_times"], tokens, device)
+        train = scenario.train
+        tokens = train.batch_size * train.seq_len * train.grad_accum
+        speed = engine.throughput(result["step_times"], tokens, device, _special_steps(run, n_steps))
+        speed.update(_flops(scenario, run, speed, record["device"]))
+        record["throughput"] = speed
         record["quality"]["losses"] = result["losses"]
         record["quality"]["final_loss"] = result["losses"][-1] if result["losses"] else None
+        if evaluate is not None:
+            final = {"step": n_steps, **evaluate(model)}
+            record["quality"].update(perplexity=final["perplexity"], eval=final, evals=[*result["evals"], final])
+
+
+def _flops(scenario: Scenario, run: RunSpec, speed: dict[str, Any], device_name: str) -> dict[str, Any]:
+    """Counted FLOPs of the method's step, PaLM model FLOPs, and MFU against the device's peak (GPU only)."""
+    from galore_bench import flops
+
+    train = scenario.train
+    counted = flops.count_step_flops(scenario, run)
+    model = flops.hand_count(run.model, train.batch_size, train.seq_len, train.activation_checkpointing)
+    model_flops_per_step = model["model_flops_per_token"] * train.batch_size * train.seq_len * train.grad_accum
+    utilisation = flops.mfu(model_flops_per_step, speed["step_seconds_median"], device_name, train.dtype)
+    return {"mfu": utilisation["mfu"], "flops": {
+        "counted_per_step": counted["flops_per_step"], "counted_per_token": counted["flops_per_token"],
+        "counted_with": counted["counted_with"], "not_counted": counted["not_counted"],
+        "model_flops_per_token": model["model_flops_per_token"], "model_flops_formula": model["model_flops_formula"],
+        "peak_flops": utilisation["peak_flops"], "peak_source": utilisation["peak_source"],
+        "achieved_model_flops_per_second": utilisation["achieved_flops_per_second"]}}
 
 
 def child_main(request: dict[str, Any], conn: Any, stderr_path: str) -> None:

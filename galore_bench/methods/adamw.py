@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 
@@ -13,10 +14,13 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def impl_flags(impl: str, params: list[torch.nn.Parameter]) -> dict[str, bool]:
-    """torch's foreach/fused switches; 'auto' picks what a GPU user gets by default (foreach on CUDA)."""
+    """torch's foreach/fused switches; 'auto' picks what a GPU user gets by default (foreach on CUDA).
+
+    A fake-tensor simulation predicts a GPU run, so it gets foreach too (with its full-size temporaries).
+    """
     if impl == "auto":
-        on_cuda = bool(params) and params[0].device.type == "cuda"
-        return {"foreach": on_cuda}
+        on_gpu = bool(params) and (params[0].device.type == "cuda" or is_fake(params[0]))
+        return {"foreach": on_gpu}
     return {"foreach": impl == "foreach", "fused": impl == "fused"}
 
 

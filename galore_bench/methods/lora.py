@@ -8,14 +8,15 @@ from typing import Any
 
 import torch
 
-from galore_bench.methods.adamw import trainable
+from galore_bench.methods.adamw import impl_flags, trainable
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.optim.lowrank import apply_low_rank
 from galore_bench.optim.relora import ReLoRA, jagged_cosine_lr, lora_config, wrap_lora
 
 
 def _adamw(model: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(trainable(model), lr=opts["lr"], weight_decay=opts["weight_decay"])
+    params = trainable(model)
+    return torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"], **impl_flags("auto", params))
 
 
 def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:

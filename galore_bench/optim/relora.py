@@ -63,7 +63,8 @@ def wrap_lora(model: nn.Module, config: peft.LoraConfig, train_non_lora: bool = 
 
     peft freezes all non-adapter params; ReLoRA/GaLore pre-training trains embeddings, norms and lm_head.
     """
-    pm = peft.get_peft_model(model, config)
+    # Adapters in the model's dtype, as the papers train everything in BF16 (peft would upcast them to fp32).
+    pm = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
     if train_non_lora:
         frozen = {id(p) for layer in _lora_layers(pm) for p in layer.get_base_layer().parameters()}
         for p in pm.parameters():

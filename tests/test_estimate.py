@@ -1,0 +1,94 @@
+"""The closed-form estimate against the traced real step (simulate), and against hand-counted bytes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from galore_bench import engine
+from galore_bench.estimate import estimate, estimate_run
+from galore_bench.models import ZOO, matrix_shapes, parameter_count
+from galore_bench.scenario import parse_scenario
+
+EVERY_METHOD = [
+    {"method": "adamw"}, {"method": "sgd"}, {"method": "adam8bit"}, {"method": "galore", "rank": 16},
+    {"method": "galore8bit", "rank": 16}, {"method": "galore8bit", "rank": 16, "layerwise": True},
+    {"method": "adamw", "layerwise": True}, {"method": "lomo"}, {"method": "lora", "rank": 16},
+    {"method": "relora", "rank": 16}, {"method": "lowrank", "rank": 16},
+]
+SETTINGS = {  # model, train: small enough for the suite, different enough to move the peak around
+    "tiny-fp32": ("tiny", {"batch_size": 4, "seq_len": 64, "dtype": "fp32"}),
+    "tiny-bf16-checkpointing": ("tiny", {"batch_size": 8, "seq_len": 128, "dtype": "bf16",
+                                         "activation_checkpointing": True}),
+    "60m-bf16": ("60m", {"batch_size": 2, "seq_len": 128, "dtype": "bf16"}),
+}
+TOLERANCE = 0.10
+
+
+def _scenario(size: str, train: dict, runs: list[dict]):
+    return parse_scenario({"model": {"size": size}, "train": train, "runs": runs}, Path("estimate-test.toml"))
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_estimate_within_ten_percent_of_simulate_for_every_method(setting):
+    size, train = SETTINGS[setting]
+    scenario = _scenario(size, train, EVERY_METHOD)
+    failures = []
+    for run in scenario.runs:
+        traced = engine.train_steps(scenario, run, fake=True, device="cpu", steps=2)["tracker"]
+        guess = estimate_run(scenario, run)
+        checks = {"peak": (guess.peak_bytes, traced.peak)}
+        for category in ("weights", "gradients", "optimizer_states", "activations"):
+            checks[category] = (guess.category_peaks[category], traced.category_peaks[category])
+        for what, (ours, truth) in checks.items():
+            if abs(ours - truth) > TOLERANCE * max(truth, 1):
+                failures.append(f"{run.label} {what}: estimate {ours} vs simulate {truth}")
+    assert not failures, "\n".join(failures)
+
+
+def test_estimate_weights_of_7b_are_exact():
+    result = estimate(ZOO["7b"], "adamw", {}, batch_size=1, seq_len=256, dtype="bf16")
+    assert result.breakdown["weights"] == 6_738_415_616 * 2
+    assert result.terms["gradients_all"] == 6_738_415_616 * 2
+    assert result.terms["optimizer_states"] == 2 * 6_738_415_616 * 2 + 291 * 512  # m, v; one fp32 `step` each
+
+
+def test_galore_states_follow_table_1_by_hand():
+    """m*r projector + 2*n*r moments (m <= n) per projected matrix, plain AdamW moments for the rest."""
+    shape, rank = ZOO["7b"], 1024
+    projected = sum(rank * min(m, n) + 2 * rank * max(m, n) for m, n in matrix_shapes(shape).values())
+    regular = 2 * shape.vocab_size * shape.hidden_size + (2 * shape.num_hidden_layers + 1) * shape.hidden_size
+    by_hand = 2 * (shape.num_hidden_layers * projected + 2 * regular)  # BF16: 2 bytes per element
+    result = estimate(shape, "galore", {"rank": rank}, batch_size=1, seq_len=256, dtype="bf16")
+    assert result.terms["optimizer_states"] == by_hand
+
+
+def test_eight_bit_states_are_two_bytes_per_element_plus_block_scales():
+    result = estimate(ZOO["7b"], "adam8bit", {}, batch_size=1, seq_len=256, dtype="bf16")
+    per_element = result.terms["optimizer_states"] / parameter_count(ZOO["7b"])
+    assert 2.0 < per_element < 2.0 + 2 * 4 / 256 + 0.01  # 2 uint8 moments + 2 fp32 absmax per 256 elements
+
+
+def test_fused_and_layerwise_methods_hold_one_gradient_and_never_peak_in_a_separate_step():
+    for method, options in (("lomo", {}), ("galore8bit", {"rank": 1024, "layerwise": True})):
+        result = estimate(ZOO["7b"], method, options, batch_size=1, seq_len=256, dtype="bf16")
+        assert result.category_peaks["gradients"] == ZOO["7b"].vocab_size * ZOO["7b"].hidden_size * 2
+        assert "optimizer" not in result.moments
+    lora = estimate(ZOO["7b"], "lora", {"rank": 64}, batch_size=1, seq_len=256, dtype="bf16")
+    frozen = ZOO["7b"].num_hidden_layers * sum(m * n for m, n in matrix_shapes(ZOO["7b"]).values())
+    assert lora.terms["gradients_all"] == (parameter_count(ZOO["7b"]) - frozen
+                                           + ZOO["7b"].num_hidden_layers * sum(64 * (m + n) for m, n in
+                                                                               matrix_shapes(ZOO["7b"]).values())) * 2
+
+
+def test_estimate_mode_through_the_worker(write_scenario):
+    from galore_bench.scenario import load_scenario
+    from galore_bench.worker import execute
+    from tests.conftest import TINY_HEADER
+
+    scenario = load_scenario(str(write_scenario(TINY_HEADER + '[[runs]]\nmethod = "galore"\nrank = 8\n')))
+    record = execute(scenario, scenario.runs[0], "estimate", None)
+    assert record["status"] == "ok" and record["mode"] == "estimate"
+    assert record["device"].startswith("estimated-")
+    assert record["memory"]["source"].startswith("estimate")
+    assert record["memory"]["peak_bytes"] == sum(record["memory"]["breakdown"].values())
