@@ -1,4 +1,4 @@
-"""Command line: `galore-bench list | run` (report, compare and check plug in beside them)."""
+"""Command line: `galore-bench list | run | report | compare | check`."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from galore_bench.compare import run_compare
+
+    return run_compare(args.a, args.b, fmt=args.format, out=args.out, fail_above=args.fail_above,
+                       console=Console(width=None if sys.stdout.isatty() else 160))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="galore-bench",
@@ -78,15 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report", help="tables and charts of records, beside the papers' numbers",
-        description="Render result records as markdown/CSV tables and a memory breakdown chart, per scenario, "
-                    "with the LOMO and GaLore papers' numbers beside ours where the setting matches "
-                    "(differences over 5% flagged, with their known cause).")
+        description="Render result records as markdown/CSV tables and charts (memory breakdown, throughput, "
+                    "memory vs perplexity), per scenario, with the LOMO and GaLore papers' numbers beside ours "
+                    "where the setting matches (differences over 5% flagged, with their known cause); html: one "
+                    "self-contained report.html with every table and chart.")
     report.add_argument("results", nargs="*", type=Path, help="record files or folders (default: results/)")
     report.add_argument("--format", default="md,csv,png",
-                        help="comma-separated: md, csv, png, svg (default: md,csv,png)")
+                        help="comma-separated: md, csv, png, svg, html (default: md,csv,png)")
     report.add_argument("--out", type=Path, default=Path("reports/latest"),
                         help="output folder (default: reports/latest)")
     report.set_defaults(func=cmd_report)
+
+    compare = commands.add_parser(
+        "compare", help="deltas between two records or results folders (memory, throughput, perplexity)",
+        description="Compare B against A (each a record file or a results folder; folders are matched by "
+                    "scenario and run label, newest ok record of each): peak and per-category memory, tokens/s, "
+                    "TGS and perplexity, as B - A and in % of A.")
+    compare.add_argument("a", type=Path, help="baseline: a record file or a results folder")
+    compare.add_argument("b", type=Path, help="new: a record file or a results folder")
+    compare.add_argument("--format", choices=("md", "csv", "json"), default=None,
+                         help="print this format to stdout instead of the console table (or write it to --out)")
+    compare.add_argument("--out", type=Path, default=None,
+                         help="write the comparison to this file (format from --format or the file's suffix)")
+    compare.add_argument("--fail-above", metavar="PCT", default=None,
+                         help="exit 1 when the peak or any memory category grew by more than PCT%% (e.g. 5 or 5%%)")
+    compare.set_defaults(func=cmd_compare)
 
     check = commands.add_parser(
         "check", help="check result records against a budgets file (memory, speed, quality); exit 1 on a violation",

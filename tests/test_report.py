@@ -1,8 +1,11 @@
-"""Reports: numbers read back from the markdown/CSV equal the records', paper columns equal the reference CSVs,
-the >5% flags are right, the chart is a real picture, and a record we cannot read is a clear error."""
+"""Reports: numbers read back from the markdown/CSV/HTML equal the records', paper columns equal the reference
+CSVs, the >5% flags are right, the charts are real pictures, and a record we cannot read is a clear error."""
 from __future__ import annotations
 
+import base64
 import json
+import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 from galore_bench.cli import main
 from galore_bench.record import SCHEMA_VERSION
 from galore_bench.report import REFERENCE_ENV, render_report
+from galore_bench.report_charts import pareto_front
 from galore_bench.scenario import UserError
 
 GIB = 2**30
@@ -31,6 +35,14 @@ method,size,weights_gb,optimizer_states_gb
 full_rank,60m,0.12,0.23
 galore,60m,0.12,0.13
 """,
+    "galore_table2.csv": """# GaLore Table 2 (perplexity, GB)
+method,size,perplexity,memory_gb,rank,d_model_printed,training_tokens
+full_rank,60m,34.06,0.36,,256,1.1B
+galore,60m,34.88,0.24,128,256,1.1B
+low_rank,60m,78.18,0.26,128,256,1.1B
+lora,60m,34.99,0.36,128,256,1.1B
+full_rank,130m,25.08,0.76,,768,2.2B
+""",
     "galore_memory_7b.csv": """# GaLore 7B memory
 item,value_gb,kind,source
 bf16_adam_baseline_total,58,printed,Fig.1
@@ -42,18 +54,22 @@ bf16_adam_baseline_total,58,printed,Fig.1
 
 def make_record(run: str, method: str, parts: dict[str, int] | None, *, scenario: str = "lomo_7b",
                 model: str = "7b", batch: int = 8, seq: int = 512, ac: bool = True, status: str = "ok",
-                budget: int | None = 24 * GIB, layerwise: bool = False, minute: int = 0) -> dict:
+                budget: int | None = 24 * GIB, layerwise: bool = False, minute: int = 0, tgs: float | None = None,
+                perplexity: float | None = None, mode: str = "simulate", device: str = "simulated-cpu",
+                dtype: str = "bf16") -> dict:
     """A record as the worker writes it, with only what a report reads, and known byte counts."""
     peak = sum(parts.values()) if parts else None
     return {"schema_version": SCHEMA_VERSION, "scenario": scenario, "run": run,
-            "method": {"name": method, "layerwise": layerwise}, "mode": "simulate", "device": "simulated-cpu",
+            "method": {"name": method, "layerwise": layerwise}, "mode": mode, "device": device,
             "status": status, "error": None if status == "ok" else "OutOfMemoryError: CUDA out of memory",
             "model": {"name": model, "parameters": 6_738_415_616 if model == "7b" else 58_073_600},
-            "train": {"batch_size": batch, "seq_len": seq, "dtype": "bf16", "activation_checkpointing": ac},
+            "train": {"batch_size": batch, "seq_len": seq, "dtype": dtype, "activation_checkpointing": ac,
+                      "steps": 6},
             "budget": {"bytes": budget, "text": "24 GiB" if budget else None,
                        "fits": None if budget is None else status == "ok" and peak <= budget},
-            "memory": {"peak_bytes": peak, "breakdown": parts}, "throughput": {"tgs": None},
-            "quality": {"perplexity": None},
+            "memory": {"peak_bytes": peak, "breakdown": parts},
+            "throughput": {"tokens_per_second": tgs, "tgs": tgs, "mfu": None},
+            "quality": {"perplexity": perplexity},
             "env": {"git_commit": "abc1234", "packages": {"galore-bench": "0.1.0", "torch": "2.13.0+cpu"}},
             "created": f"2026-01-01T00:{minute:02d}:00Z"}
 
@@ -83,6 +99,16 @@ FIT_RUNS = [
                 233_180_672), scenario="7b_4090", batch=1, seq=256, ac=False, layerwise=True, minute=8),
 ]
 
+TABLE2_RUNS = [  # real CPU runs of 60m/130m: adamw ppl +2% / memory exact, galore ppl and memory off by >5%
+    make_record(label, method, parts(w, w, opt, 50_000_000), scenario="galore_table2", model=model, batch=8,
+                seq=256, ac=False, budget=None, minute=10 + i, tgs=tgs, perplexity=ppl, mode="measure", device="cpu")
+    for i, (label, method, model, w, opt, tgs, ppl) in enumerate([
+        ("adamw-60m", "adamw", "60m", 120_000_000, 240_000_000, 1500.0, 34.06 * 1.02),  # peak 0.53 GB
+        ("galore-60m", "galore", "60m", 120_000_000, 144_000_000, 1200.0, 41.0),         # peak 0.434 GB
+        ("lowrank-60m", "lowrank", "60m", 80_000_000, 170_000_000, 1300.0, 90.0),        # peak 0.41 GB
+        ("lora-60m", "lora", "60m", 200_000_000, 170_000_000, 1100.0, 50.0),             # dominated by adamw
+        ("adamw-130m", "adamw", "130m", 250_000_000, 500_000_000, 600.0, 26.0)])]
+
 
 @pytest.fixture
 def reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -96,7 +122,8 @@ def reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def write_records(folder: Path, records: list[dict]) -> Path:
     for record in records:
-        path = folder / record["device"] / record["scenario"] / f"{record['run']}.{record['mode']}.json"
+        name = re.sub(r"[^\w.-]", "_", record["run"])
+        path = folder / record["device"] / record["scenario"] / f"{name}.{record['mode']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
     return folder
@@ -159,13 +186,23 @@ def test_lomo_paper_columns_and_flags(lomo_report, reference: Path):
     assert md["sgd", "activations"]["diff %"] == "6.00" and md["lomo", "activations"]["diff %"] == "4.00"
 
 
-def test_png_is_a_real_picture(lomo_report):
+def assert_real_picture(png: Path | bytes) -> None:
+    """More than 5 KB, more than a few colours, not one flat tone: a chart, not an empty canvas."""
+    from io import BytesIO
+
     from matplotlib.image import imread
 
-    png = lomo_report[0] / "lomo_7b_breakdown.png"
-    assert png.stat().st_size > 5_000
-    pixels = imread(png)[..., :3].reshape(-1, 3)
+    data = png if isinstance(png, bytes) else png.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 5_000
+    pixels = imread(BytesIO(data), format="png")[..., :3].reshape(-1, 3)
     assert pixels.std() > 0.05 and len(np.unique(pixels, axis=0)) > 20
+
+
+def test_png_is_a_real_picture(lomo_report):
+    out, written = lomo_report
+    assert_real_picture(out / "lomo_7b_breakdown.png")
+    # no run was timed and none has a perplexity: no throughput or Pareto chart
+    assert not any("throughput" in p.name or "pareto" in p.name for p in written)
 
 
 def test_galore_table2_memory_against_table6(tmp_path: Path, reference: Path):
@@ -178,7 +215,7 @@ def test_galore_table2_memory_against_table6(tmp_path: Path, reference: Path):
     assert table.loc["adamw-60m", "optimizer_states diff %"] == pytest.approx(10.0)
     assert table.loc["galore-60m", "weights diff %"] == pytest.approx(3.0)
     assert table.loc["adamw-60m", "flag"] == "optimizer_states" and table.loc["galore-60m", "flag"] == ""
-    md = {r["run"]: r for r in md_table((out / "galore_table2.md").read_text(), "Against GaLore Table 2")}
+    md = {r["run"]: r for r in md_table((out / "galore_table2.md").read_text(), "Against GaLore Table 2 memory")}
     assert md["galore-60m"]["paper optimizer_states GB"] == "0.13" and md["galore-60m"]["weights GB"] == "0.12"
     assert not (out / "galore_table2_budget.csv").exists()  # no budget in that scenario
 
@@ -238,3 +275,128 @@ def test_cli_report(tmp_path: Path, reference: Path, capsys: pytest.CaptureFixtu
     assert (tmp_path / "out" / "lomo_7b.md").exists() and not (tmp_path / "out" / "lomo_7b_breakdown.png").exists()
     assert "Against LOMO Table 1" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 1
+
+
+@pytest.fixture
+def table2_report(tmp_path: Path, reference: Path) -> tuple[Path, list[Path]]:
+    oom = make_record("relora-60m", "relora", None, scenario="galore_table2", model="60m", status="oom",
+                      budget=None, minute=30, mode="measure", device="cpu")
+    out = tmp_path / "out"
+    results = write_records(tmp_path / "results", [*TABLE2_RUNS, oom])
+    return out, render_report([results], out, {"md", "csv", "png", "svg"})
+
+
+def test_table2_perplexity_and_memory_beside_the_paper(table2_report, reference: Path):
+    out, _ = table2_report
+    table = pd.read_csv(out / "galore_table2_vs_galore_table2.csv", keep_default_na=False).set_index("run")
+    paper = pd.read_csv(reference / "galore_table2.csv", comment="#").set_index(["method", "size"])
+    assert len(table) == len(TABLE2_RUNS)  # the oom run has neither memory nor perplexity
+    for record in TABLE2_RUNS:
+        row, parts = table.loc[record["run"]], record["memory"]["breakdown"]
+        expected = paper.loc[(row["method"], row["size"])]
+        assert row["perplexity"] == pytest.approx(record["quality"]["perplexity"])
+        assert row["memory GB"] == pytest.approx((parts["weights"] + parts["optimizer_states"]) / 1e9)
+        assert row["peak GB"] == pytest.approx(record["memory"]["peak_bytes"] / 1e9)
+        assert row["paper perplexity"] == expected["perplexity"] and row["paper memory GB"] == expected["memory_gb"]
+    assert table.loc["adamw-60m", "perplexity diff %"] == pytest.approx(2.0)
+    assert table.loc["adamw-60m", "memory diff %"] == pytest.approx(0.0)
+    assert table.loc["galore-60m", "memory diff %"] == pytest.approx(10.0)  # 0.264 GB against 0.24
+    assert table.loc["adamw-60m", "flag"] == "" and table.loc["adamw-60m", "cause"] == ""
+    assert table.loc["galore-60m", "flag"] == "perplexity, memory"
+    assert table.loc["lowrank-60m", "flag"] == "perplexity"  # memory -3.8%: within 5%
+    cause = table.loc["galore-60m", "cause"]
+    assert "not comparable in absolute terms" in cause and "1.1B C4 tokens" in cause and "12,288 tokens" in cause
+    assert "BF16 weights + optimizer states" in cause
+    text = (out / "galore_table2.md").read_text()
+    grid = {(r["method"], r["source"]): r for r in md_table(text, "GaLore Table 2 layout")}
+    assert grid["galore", "ours"]["60m"] == "41.00 (0.26 GB)" and grid["galore", "paper"]["60m"] == "34.88 (0.24 GB)"
+    assert grid["full_rank", "ours"]["130m"] == "26.00 (0.75 GB)" and grid["galore", "ours"]["130m"] == "-"
+    assert "not comparable" in text.split("## GaLore Table 2 layout")[1]
+
+
+def test_table2_memory_cause_names_a_wider_dtype(tmp_path: Path, reference: Path):
+    record = make_record("adamw-60m", "adamw", parts(240_000_000, 0, 480_000_000), scenario="galore_table2",
+                         model="60m", budget=None, dtype="fp32")
+    render_report([write_records(tmp_path / "results", [record])], tmp_path / "out", {"csv"})
+    row = pd.read_csv(tmp_path / "out" / "galore_table2_vs_galore_table2.csv", keep_default_na=False).iloc[0]
+    assert row["memory diff %"] == pytest.approx(100.0) and row["flag"] == "memory"
+    assert "fp32 values (4 B each)" in row["cause"] and row["perplexity"] == ""  # a simulated run: no perplexity
+
+
+def test_speed_table_and_throughput_and_pareto_charts(table2_report):
+    out, written = table2_report
+    speed = pd.read_csv(out / "galore_table2_speed.csv").set_index("run")
+    assert "MFU" not in speed.columns  # null in every record: dropped
+    for record in TABLE2_RUNS:
+        assert speed.loc[record["run"], "TGS"] == record["throughput"]["tgs"]
+        assert speed.loc[record["run"], "perplexity"] == pytest.approx(record["quality"]["perplexity"])
+    for name in ("breakdown", "throughput", "pareto"):
+        assert out / f"galore_table2_{name}.png" in written and out / f"galore_table2_{name}.svg" in written
+        assert_real_picture(out / f"galore_table2_{name}.png")
+    throughput = (out / "galore_table2_throughput.svg").read_text()
+    assert "CPU throughput" in throughput and "LLaMA-130M" in throughput  # two sizes: a legend per size
+    pareto = (out / "galore_table2_pareto.svg").read_text()
+    assert "Pareto front" in pareto and "lora-60m" in pareto
+    breakdown = (out / "galore_table2_breakdown.svg").read_text()
+    assert "OOM" in breakdown and "oom / error" in breakdown  # the oom run is marked, even without a budget
+    md = (out / "galore_table2.md").read_text()
+    assert "(galore_table2_throughput.png)" in md and "(galore_table2_pareto.png)" in md
+
+
+def test_pareto_front():
+    # (memory, perplexity): lower is better on both
+    points = [(0.53, 34.7), (0.43, 41.0), (0.41, 90.0), (0.62, 50.0), (1.05, 26.0), (0.43, 45.0)]
+    assert pareto_front(points) == [2, 1, 0, 4]
+    assert pareto_front([(1.0, 10.0)]) == [0] and pareto_front([]) == []
+
+
+class _Page(HTMLParser):
+    """What a browser would load or run: tags, image sources, links, and the visible text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        attrs_ = dict(attrs)
+        self.images += [attrs_["src"] or ""] if tag == "img" else []
+        self.links += [attrs_[key] or "" for key in ("href", "src") if key in attrs_ and tag != "img"]
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def test_html_report_is_one_self_contained_escaped_page(tmp_path: Path, reference: Path):
+    evil = make_record("<script>alert(1)</script>", "sgd", parts(W7B, 0, 0, 1000), minute=40)
+    results = write_records(tmp_path / "results", [*TABLE2_RUNS, *LOMO_RUNS, evil])
+    out = tmp_path / "out"
+    written = render_report([results], out, {"html"})
+    assert written == [out / "report.html"]  # html alone: charts inlined, no image files beside it
+    source = (out / "report.html").read_text()
+    page = _Page()
+    page.feed(source)
+    text = "\n".join(page.text)
+    assert "script" not in page.tags and "<script>alert(1)</script>" not in source
+    assert "<script>alert(1)</script>" in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in source
+    assert all(link.startswith("#") for link in page.links)  # no network: only in-page anchors
+    assert len(page.images) == 4  # galore_table2: breakdown, throughput, pareto; lomo_7b: breakdown
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert_real_picture(base64.b64decode(src.split(",", 1)[1]))
+    # numbers from the records, and the provenance of each
+    assert f"{TABLE2_RUNS[0]['throughput']['tgs']:.2f}" in text and "34.06" in text and "75.31" in text
+    for needle in ("abc1234", "2.13.0+cpu", "measure", "simulated-cpu", "adamw-60m.measure.json",
+                   "lomo.simulate.json", "not comparable in absolute terms"):
+        assert needle in text, needle
+
+
+def test_cli_report_html_and_svg(tmp_path: Path, reference: Path):
+    results = write_records(tmp_path / "results", FIT_RUNS)
+    assert main(["report", str(results), "--out", str(tmp_path / "out"), "--format", "svg,html"]) == 0
+    assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "7b_4090_breakdown.svg").exists()
+    assert not (tmp_path / "out" / "7b_4090_breakdown.png").exists()
+    assert "<svg" in (tmp_path / "out" / "7b_4090_breakdown.svg").read_text()[:2000]

@@ -1,0 +1,230 @@
+"""`galore-bench compare A B`: what changed between two records or two results folders, and by how much.
+
+Folders are matched run by run on (scenario, run label), taking the newest ok record of each, so a rerun after
+a code change compares against the run it replaces. `--fail-above PCT` turns it into a regression gate: exit 1
+when the peak or any memory category grew by more than PCT%, naming what grew.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from galore_bench.record import find_records
+from galore_bench.report import read_record
+from galore_bench.report_tables import CATEGORIES, as_number, to_markdown
+from galore_bench.scenario import UserError
+from galore_bench.units import format_bytes
+
+COMPARE_FORMATS = ("md", "csv", "json")
+# quantity -> (record section, key, unit, whether a larger value is worse)
+SCALARS = {"tokens/s": ("throughput", "tokens_per_second", "tokens/s", False),
+           "TGS": ("throughput", "tgs", "tokens/s", False),
+           "perplexity": ("quality", "perplexity", "", True)}
+
+Side = dict[tuple[str, str], tuple[Path, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One quantity of one matched run: A is the baseline, B the new value; delta = B - A."""
+
+    scenario: str
+    run: str
+    quantity: str
+    unit: str
+    a: float | None
+    b: float | None
+    worse_if_larger: bool = True
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.a is None or self.b is None else self.b - self.a
+
+    @property
+    def percent(self) -> float | None:
+        """Change relative to A; from zero it is +inf (anything new) or 0 (still nothing)."""
+        a, delta = self.a, self.delta
+        if a is None or delta is None:
+            return None
+        if a == 0:
+            return 0.0 if delta == 0 else math.copysign(math.inf, delta)
+        return delta / abs(a) * 100
+
+    @property
+    def is_memory(self) -> bool:
+        return self.unit == "bytes"
+
+
+def _side(path: Path) -> tuple[Side, bool]:
+    """(scenario, run) -> (file, record) for one side, and whether the side was a single file."""
+    path = Path(path)
+    if path.is_file():
+        record = read_record(path)
+        return {(record["scenario"], record["run"]): (path, record)}, True
+    if not path.is_dir():
+        raise UserError(f"{path}: no such file or folder")
+    files = find_records([path])
+    if not files:
+        raise UserError(f"{path}: no result records in this folder")
+    chosen: Side = {}
+    loaded = sorted(((read_record(f), f) for f in files), key=lambda rf: (rf[0].get("created") or "", rf[1].name))
+    for record, file in loaded:
+        if record["status"] == "ok":
+            chosen[(record["scenario"], record["run"])] = (file, record)
+    if not chosen:
+        raise UserError(f"{path}: {len(files)} record(s), none with status ok: nothing to compare")
+    return chosen, False
+
+
+def match_runs(a: Path, b: Path) -> tuple[list[tuple[tuple[str, str], tuple[Path, dict], tuple[Path, dict]]],
+                                          list[str], list[str]]:
+    """Matched (key, A, B) pairs, and the runs found on only one side; two single files always pair up."""
+    side_a, file_a = _side(a)
+    side_b, file_b = _side(b)
+    if file_a and file_b:
+        (key_a, rec_a), (key_b, rec_b) = next(iter(side_a.items())), next(iter(side_b.items()))
+        key = key_a if key_a == key_b else (f"{key_a[0]} vs {key_b[0]}" if key_a[0] != key_b[0] else key_a[0],
+                                            f"{key_a[1]} vs {key_b[1]}" if key_a[1] != key_b[1] else key_a[1])
+        return [(key, rec_a, rec_b)], [], []
+    common = sorted(side_a.keys() & side_b.keys())
+    name = lambda keys: ", ".join(f"{s}/{r}" for s, r in sorted(keys)[:8]) + (" ..." if len(keys) > 8 else "")
+    if not common:
+        raise UserError(f"no common runs: {a} has {name(side_a)}; {b} has {name(side_b)} "
+                        "(runs are matched by scenario and run label)")
+    only_a, only_b = side_a.keys() - side_b.keys(), side_b.keys() - side_a.keys()
+    return ([(key, side_a[key], side_b[key]) for key in common],
+            [f"{s}/{r}" for s, r in sorted(only_a)], [f"{s}/{r}" for s, r in sorted(only_b)])
+
+
+def _memory_values(record: dict[str, Any]) -> dict[str, float | None]:
+    memory = record.get("memory") or {}
+    parts, maxima = memory.get("breakdown") or {}, memory.get("category_peaks") or {}
+    values = {"peak": as_number(memory.get("peak_bytes"))}
+    values |= {cat: as_number(parts.get(cat)) for cat in CATEGORIES}
+    values |= {f"max {cat}": as_number(maxima.get(cat)) for cat in CATEGORIES if cat in maxima}
+    return values
+
+
+def deltas(key: tuple[str, str], rec_a: dict[str, Any], rec_b: dict[str, Any]) -> list[Delta]:
+    """Peak, each category (and each category's own maximum where both records have it), throughput, perplexity."""
+    mem_a, mem_b = _memory_values(rec_a), _memory_values(rec_b)
+    rows = [Delta(*key, q, "bytes", mem_a[q], mem_b.get(q)) for q in mem_a if q in mem_b]
+    for quantity, (section, field, unit, worse_if_larger) in SCALARS.items():
+        values = [as_number((r.get(section) or {}).get(field)) for r in (rec_a, rec_b)]
+        if any(v is not None for v in values):
+            rows.append(Delta(*key, quantity, unit, values[0], values[1], worse_if_larger))
+    return rows
+
+
+def grown(rows: list[Delta], limit: float) -> list[str]:
+    """A message per peak/category that grew by more than `limit` percent."""
+    out = []
+    for d in rows:
+        if d.is_memory and d.percent is not None and d.percent > limit:
+            grew = f"from 0 B to {format_bytes(d.b)}" if d.a == 0 else f"{d.percent:+.1f}%"
+            out.append(f"{d.scenario}/{d.run}: {d.quantity} grew {grew} ({format_bytes(d.a)} -> {format_bytes(d.b)})"
+                       f" > {limit:g}%")
+    return out
+
+
+def parse_percent(text: str | float) -> float:
+    """'5', '5%' or 5.0 -> 5.0; anything else is a UserError naming what is allowed."""
+    try:
+        value = float(str(text).strip().removesuffix("%"))
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"--fail-above: got {text!r}, allowed: a percentage >= 0 such as 5 or 5%")
+    return value
+
+
+def _text(value: float | None, unit: str, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    sign = "+" if signed and value > 0 else ""
+    if unit == "bytes":
+        return sign + format_bytes(value)
+    return sign + (f"{value:,.1f}" if unit else f"{value:.2f}")
+
+
+def _percent_text(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return ("new" if value > 0 else "gone") if math.isinf(value) else f"{value:+.2f}%"
+
+
+def delta_frame(rows: list[Delta], readable: bool) -> pd.DataFrame:
+    """The long table: raw numbers (csv) or text with units (markdown, console)."""
+    if not readable:
+        return pd.DataFrame([{"scenario": d.scenario, "run": d.run, "quantity": d.quantity, "unit": d.unit,
+                              "A": d.a, "B": d.b, "delta": d.delta, "delta %": d.percent} for d in rows])
+    return pd.DataFrame([{"scenario": d.scenario, "run": d.run, "quantity": d.quantity, "A": _text(d.a, d.unit),
+                          "B": _text(d.b, d.unit), "delta": _text(d.delta, d.unit, signed=True),
+                          "delta %": _percent_text(d.percent)} for d in rows])
+
+
+def _console_table(rows: list[Delta], title: str) -> Table:
+    table = Table(title=Text(title), title_justify="left")
+    for column in ("scenario", "run", "quantity", "A", "B", "delta", "delta %"):
+        table.add_column(column, justify="left" if column in ("scenario", "run", "quantity") else "right")
+    for d, cells in zip(rows, delta_frame(rows, readable=True).itertuples(index=False)):
+        worse = d.delta is not None and d.delta != 0 and (d.delta > 0) == d.worse_if_larger
+        style = "red" if worse else "green" if d.delta else ""
+        table.add_row(*(Text(str(c)) for c in cells[:-1]), Text(cells[-1], style=style))  # labels are not markup
+    return table
+
+
+def render(rows: list[Delta], fmt: str, pairs: list, only_a: list[str], only_b: list[str], a: Path, b: Path) -> str:
+    """The comparison as markdown, CSV or JSON text (JSON keeps the raw numbers and the record files)."""
+    if fmt == "csv":
+        return delta_frame(rows, readable=False).to_csv(index=False)
+    files = [{"scenario": k[0], "run": k[1], "a": str(pa), "b": str(pb), "a_mode": ra["mode"], "b_mode": rb["mode"],
+              "a_device": ra["device"], "b_device": rb["device"]} for k, (pa, ra), (pb, rb) in pairs]
+    if fmt == "json":
+        finite = lambda v: v if v is None or math.isfinite(v) else None  # JSON has no infinity: a, b tell the story
+        out = {"a": str(a), "b": str(b), "runs": files, "only_a": only_a, "only_b": only_b,
+               "deltas": [{**asdict(d), "delta": d.delta, "percent": finite(d.percent)} for d in rows]}
+        return json.dumps(out, indent=1) + "\n"
+    lines = [f"# Compare: A = {a}, B = {b}", "", "delta = B - A; delta % is relative to A", "",
+             to_markdown(delta_frame(rows, readable=True)), "", "## Record files", ""]
+    lines += [f"- {f['scenario']}/{f['run']}: A {f['a']} ({f['a_mode']}, {f['a_device']}); "
+              f"B {f['b']} ({f['b_mode']}, {f['b_device']})" for f in files]
+    lines += [f"- only in A: {', '.join(only_a)}"] * bool(only_a) + [f"- only in B: {', '.join(only_b)}"] * bool(only_b)
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(a: Path, b: Path, *, fmt: str | None = None, out: Path | None = None,
+                fail_above: str | float | None = None, console: Console | None = None,
+                errors: Console | None = None) -> int:
+    """Print (or write) the deltas of B against A; 1 when --fail-above is given and something grew past it."""
+    limit = parse_percent(fail_above) if fail_above is not None else None
+    if fmt is None and out is not None:
+        fmt = Path(out).suffix.lstrip(".").lower()
+    if fmt is not None and fmt not in COMPARE_FORMATS:
+        raise UserError(f"--format: got {fmt!r}, allowed: {', '.join(COMPARE_FORMATS)}")
+    console, errors = console or Console(), errors or Console(stderr=True)
+    pairs, only_a, only_b = match_runs(Path(a), Path(b))
+    rows = [row for key, (_, ra), (_, rb) in pairs for row in deltas(key, ra, rb)]
+    if fmt is not None and out is None:  # formatted text goes to stdout alone, so it can be piped
+        console.out(render(rows, fmt, pairs, only_a, only_b, a, b), end="")
+    else:
+        console.print(_console_table(rows, f"B = {b} against A = {a} ({len(pairs)} run(s))"))
+        for side, names in (("A", only_a), ("B", only_b)):
+            if names:
+                console.print(Text(f"only in {side}: {', '.join(names)}"))
+        if fmt is not None and out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(render(rows, fmt, pairs, only_a, only_b, a, b))
+            console.print(Text(f"wrote {out}"))
+    failures = grown(rows, limit) if limit is not None else []
+    for message in failures:
+        errors.print(Text(message, style="red"), soft_wrap=True)
+    return 1 if failures else 0

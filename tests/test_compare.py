@@ -1,0 +1,166 @@
+"""`galore-bench compare`: deltas equal hand-computed ones, folders match runs by (scenario, run) on the newest ok
+record, --fail-above names what grew and sets the exit code, and bad input is a clear message with exit 1."""
+from __future__ import annotations
+
+import json
+from io import StringIO
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from galore_bench.cli import main
+from galore_bench.compare import deltas, parse_percent, run_compare
+from galore_bench.record import SCHEMA_VERSION
+from galore_bench.scenario import UserError
+
+MIB = 2**20
+
+
+def record(run: str = "galore", *, scenario: str = "smoke_cpu", parts: dict[str, int], tps: float | None = None,
+           perplexity: float | None = None, status: str = "ok", minute: int = 0,
+           category_peaks: dict[str, int] | None = None) -> dict:
+    """A record with only what compare reads; peak = sum of the parts."""
+    memory = {"peak_bytes": sum(parts.values()), "breakdown": parts}
+    if category_peaks is not None:
+        memory["category_peaks"] = category_peaks
+    return {"schema_version": SCHEMA_VERSION, "scenario": scenario, "run": run, "method": {"name": run},
+            "mode": "measure", "device": "cpu", "status": status, "model": {"name": "tiny"}, "train": {},
+            "budget": {"bytes": None}, "memory": memory,
+            "throughput": {"tokens_per_second": tps, "tgs": tps, "mfu": None},
+            "quality": {"perplexity": perplexity}, "created": f"2026-01-01T00:{minute:02d}:00Z"}
+
+
+def split(weights: int, gradients: int, optimizer_states: int, activations: int, other: int) -> dict[str, int]:
+    return {"weights": weights * MIB, "gradients": gradients * MIB, "optimizer_states": optimizer_states * MIB,
+            "activations": activations * MIB, "other": other * MIB}
+
+
+# B against A: optimizer states +1000 MiB (+25%), activations -100 MiB (-20%), peak +900 MiB (+900/7600 = 11.84%),
+# tokens/s and TGS 1000 -> 800 (-20%), perplexity 40 -> 42 (+5%); weights, gradients, other unchanged
+A = record(parts=split(1000, 2000, 4000, 500, 100), tps=1000.0, perplexity=40.0)
+B = record(parts=split(1000, 2000, 5000, 400, 100), tps=800.0, perplexity=42.0)
+
+
+def write(path: Path, rec: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+    return path
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    return write(tmp_path / "a.json", A), write(tmp_path / "b.json", B)
+
+
+def test_deltas_are_hand_computed():
+    rows = {d.quantity: d for d in deltas(("smoke_cpu", "galore"), A, B)}
+    assert list(rows) == ["peak", "weights", "gradients", "optimizer_states", "activations", "other", "tokens/s",
+                          "TGS", "perplexity"]
+    assert (rows["peak"].a, rows["peak"].b, rows["peak"].delta) == (7600 * MIB, 8500 * MIB, 900 * MIB)
+    assert rows["peak"].percent == pytest.approx(900 / 7600 * 100)
+    assert rows["optimizer_states"].delta == 1000 * MIB and rows["optimizer_states"].percent == pytest.approx(25.0)
+    assert rows["activations"].delta == -100 * MIB and rows["activations"].percent == pytest.approx(-20.0)
+    assert rows["weights"].delta == 0 and rows["weights"].percent == 0
+    assert rows["tokens/s"].delta == -200 and rows["TGS"].percent == pytest.approx(-20.0)
+    assert rows["perplexity"].delta == pytest.approx(2.0) and rows["perplexity"].percent == pytest.approx(5.0)
+
+
+def test_csv_and_json_carry_the_raw_numbers(pair: tuple[Path, Path], tmp_path: Path):
+    a, b = pair
+    assert run_compare(a, b, fmt="csv", out=tmp_path / "d.csv", console=Console(file=StringIO())) == 0
+    table = pd.read_csv(tmp_path / "d.csv").set_index("quantity")
+    assert table.loc["optimizer_states", "A"] == 4000 * MIB and table.loc["optimizer_states", "B"] == 5000 * MIB
+    assert table.loc["optimizer_states", "delta"] == 1000 * MIB and table.loc["peak", "unit"] == "bytes"
+    assert table.loc["peak", "delta %"] == pytest.approx(11.842105, abs=1e-5)
+    assert run_compare(a, b, out=tmp_path / "d.json", console=Console(file=StringIO())) == 0  # format from suffix
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert data["runs"][0]["a"] == str(a) and data["runs"][0]["b"] == str(b)
+    got = {d["quantity"]: d for d in data["deltas"]}
+    assert got["TGS"]["a"] == 1000.0 and got["TGS"]["delta"] == -200.0 and got["perplexity"]["percent"] == 5.0
+
+
+def test_console_table_and_markdown(pair: tuple[Path, Path], capsys: pytest.CaptureFixture):
+    a, b = pair
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer_states" in out and "+1000.00 MiB" in out and "+25.00%" in out and "-20.00%" in out
+    assert main(["compare", str(a), str(b), "--format", "md"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# Compare") and "| smoke_cpu | galore | peak | 7.42 GiB | 8.30 GiB | +900.00 MiB" in text
+    assert "| perplexity | 40.00 | 42.00 | +2.00 | +5.00% |" in text
+
+
+def test_fail_above_names_what_grew(pair: tuple[Path, Path], capsys: pytest.CaptureFixture):
+    a, b = pair
+    assert main(["compare", str(a), str(b), "--fail-above", "30"]) == 0
+    assert main(["compare", str(a), str(b), "--fail-above", "20%"]) == 1
+    err = capsys.readouterr().err
+    assert "smoke_cpu/galore: optimizer_states grew +25.0% (3.91 GiB -> 4.88 GiB) > 20%" in err
+    assert "peak grew" not in err and "perplexity" not in err  # only memory gates, and the peak grew 11.8%
+    assert main(["compare", str(a), str(b), "--fail-above", "10", "--format", "json"]) == 1
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout stays parseable: the verdict goes to stderr
+    assert "peak grew +11.8%" in captured.err and "optimizer_states grew" in captured.err
+    # reversed, activations grew 400 -> 500 MiB; the optimizer states' and the peak's drops never fail
+    assert main(["compare", str(b), str(a), "--fail-above", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "activations grew +25.0%" in err and "optimizer_states" not in err and "peak" not in err
+
+
+def test_growth_from_zero_and_category_peaks(tmp_path: Path, capsys: pytest.CaptureFixture):
+    a = write(tmp_path / "a.json", record(parts=split(10, 0, 0, 0, 0), category_peaks={"gradients": 0}))
+    b = write(tmp_path / "b.json", record(parts=split(10, 5, 0, 0, 0), category_peaks={"gradients": 8 * MIB}))
+    rows = {d.quantity: d for d in deltas(("s", "r"), json.loads(a.read_text()), json.loads(b.read_text()))}
+    assert rows["max gradients"].b == 8 * MIB and "tokens/s" not in rows  # throughput absent on both sides
+    assert main(["compare", str(a), str(b), "--fail-above", "1000"]) == 1
+    err = capsys.readouterr().err
+    assert "gradients grew from 0 B to 5.00 MiB" in err and "max gradients grew from 0 B to 8.00 MiB" in err
+
+
+def test_folders_match_runs_on_the_newest_ok_record(tmp_path: Path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    write(old / "cpu/smoke_cpu/galore.1.json", record(parts=split(1, 1, 1, 1, 1), minute=1))
+    write(old / "cpu/smoke_cpu/galore.2.json", A | {"created": "2026-01-01T00:02:00Z"})  # newest ok
+    write(old / "cpu/smoke_cpu/galore.3.json", record(parts=split(9, 9, 9, 9, 9), status="oom", minute=3))
+    write(old / "cpu/smoke_cpu/lomo.json", record("lomo", parts=split(1, 0, 0, 1, 0)))
+    write(new / "cpu/smoke_cpu/galore.json", B)
+    write(new / "cpu/other/adamw.json", record("adamw", scenario="other", parts=split(1, 1, 2, 1, 0)))
+    stdout = StringIO()
+    assert run_compare(old, new, fmt="json", console=Console(file=stdout)) == 0
+    data = json.loads(stdout.getvalue())
+    assert [(r["scenario"], r["run"]) for r in data["runs"]] == [("smoke_cpu", "galore")]
+    assert data["runs"][0]["a"].endswith("galore.2.json")
+    assert data["only_a"] == ["smoke_cpu/lomo"] and data["only_b"] == ["other/adamw"]
+    peak = next(d for d in data["deltas"] if d["quantity"] == "peak")
+    assert (peak["a"], peak["b"]) == (7600 * MIB, 8500 * MIB)
+
+
+def test_clear_errors(tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.CaptureFixture):
+    a, b = pair
+    assert main(["compare", str(a), str(tmp_path / "missing.json")]) == 1
+    assert "missing.json: no such file or folder" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"loss": [1.0, 0.5]}))
+    assert main(["compare", str(foreign), str(b)]) == 1
+    assert "foreign.json: not a galore-bench result record" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(UserError, match="broken.json: not a readable JSON file"):
+        run_compare(tmp_path / "broken.json", b)
+    write(tmp_path / "x" / "lomo.json", record("lomo", parts=split(1, 0, 0, 0, 0)))
+    write(tmp_path / "y" / "sgd.json", record("sgd", parts=split(1, 0, 0, 0, 0)))
+    with pytest.raises(UserError, match=r"no common runs: .*x has smoke_cpu/lomo; .*y has smoke_cpu/sgd"):
+        run_compare(tmp_path / "x", tmp_path / "y")
+    write(tmp_path / "z" / "oom.json", record(parts=split(1, 0, 0, 0, 0), status="oom"))
+    with pytest.raises(UserError, match="1 record.s., none with status ok"):
+        run_compare(tmp_path / "z", tmp_path / "y")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no result records"):
+        run_compare(tmp_path / "empty", tmp_path / "y")
+    with pytest.raises(UserError, match="allowed: md, csv, json"):
+        run_compare(a, b, out=tmp_path / "d.txt")
+    for bad in ("five", "-1", "nan"):
+        with pytest.raises(UserError, match="--fail-above: got"):
+            parse_percent(bad)
+    assert parse_percent("2.5%") == 2.5 and parse_percent(0) == 0.0
