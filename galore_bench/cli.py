@@ -28,8 +28,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     scenario = load_scenario(args.scenario)
     console = Console(width=None if sys.stdout.isatty() else 160)
-    paths = run_scenario(scenario, out=args.out, mode=args.mode, steps=args.steps,
-                         skip_existing=args.skip_existing)
+    if args.submitit:  # each run as a submitit job (local subprocesses or SLURM), records into the same folder
+        from galore_bench.cluster import parse_options, submit_scenario
+
+        paths = submit_scenario(scenario, out=args.out, executor=args.submitit, mode=args.mode, steps=args.steps,
+                                options=parse_options(args.cluster_option), skip_existing=args.skip_existing)
+    else:
+        paths = run_scenario(scenario, out=args.out, mode=args.mode, steps=args.steps,
+                             skip_existing=args.skip_existing)
     console.print(results_table(paths, title=f"{scenario.name}: {scenario.description}"))
     console.print(f"{len(paths)} record(s) under {args.out}")
     return 0
@@ -81,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=None, help="override the number of training steps (measure mode)")
     run.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
     run.add_argument("--skip-existing", action="store_true", help="resume: skip runs that already have an ok record")
+    run.add_argument("--submitit", choices=("local", "slurm"), default=None,
+                     help="dispatch each run as a submitit job (needs galore-bench[cluster]); see README 'Clusters'")
+    run.add_argument("--cluster-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="submitit parameter, repeatable: timeout_min=120, slurm_partition=gpu, nodes=2")
     run.set_defaults(func=cmd_run)
 
     report = commands.add_parser(

@@ -35,7 +35,7 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
-def _input_batches(scenario: Scenario, run: RunSpec, device: str, fake: bool) -> Iterator[torch.Tensor]:
+def input_batches(scenario: Scenario, run: RunSpec, device: str, fake: bool) -> Iterator[torch.Tensor]:
     """Token batches: shape-only under fake tensors, learnable data for real steps."""
     train, vocab = scenario.train, run.model.vocab_size
     if fake:
@@ -101,9 +101,13 @@ def _moves_in_place_are_noops(active: bool) -> Iterator[None]:
         torch.nn.Module.to = original  # type: ignore[method-assign]
 
 
-def build_trainer(scenario: Scenario, run: RunSpec, device: str, tracker: MemoryTracker,
-                  fake_mode: FakeTensorMode | None) -> Trainer:
-    """Model, then the method's model changes, then the tracker's hooks, then the method's optimizer."""
+def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, tracker: MemoryTracker,
+                  fake_mode: FakeTensorMode | None,
+                  wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Trainer:
+    """Model, then the method's model changes, then `wrap` (DDP, FSDP2), then the tracker's hooks and the optimizer.
+
+    The optimizer and the tracker see the wrapped module's own parameters; the trainer runs the wrapper.
+    """
     method = REGISTRY[run.method]
     mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
     with mode:
@@ -114,8 +118,18 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str, tracker: Memory
             with default_dtype(DTYPES[scenario.train.dtype]), _moves_in_place_are_noops(fake_mode is not None):
                 model = method.prepare(model, run.options, scenario.train)
         model.train()
-        tracker.watch_model(model)
-        return method.build(model, run.options, scenario.train)
+        wrapped = wrap(model) if wrap is not None else model
+        inner = getattr(wrapped, "module", wrapped)  # DDP keeps the model as .module; FSDP2 is the model itself
+        tracker.watch_model(inner)
+        trainer = method.build(inner, run.options, scenario.train)
+        trainer.model = wrapped
+    train = scenario.train
+    if train.lr_schedule == "cosine" and trainer.scheduler is None:  # validation allows it for plain optimizers only
+        from galore_bench.optim.relora import warmup_cosine_lr
+
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            trainer.optimizer, lambda step: warmup_cosine_lr(step, max(train.steps, 1), train.warmup_steps))
+    return trainer
 
 
 def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, steps: int,
@@ -132,7 +146,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, st
     tracker = MemoryTracker(round_to=round_to)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     trainer = build_trainer(scenario, run, device, tracker, fake_mode)
-    batches = _input_batches(scenario, run, device, fake)
+    batches = input_batches(scenario, run, device, fake)
     timer, losses, evals = _StepTimer(device), [], []
     cuda_peak: dict[str, int] = {}
     mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
@@ -143,7 +157,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, st
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
             with timer:
-                step_loss = _one_step(trainer, tracker, batches, scenario.train.grad_accum, step)
+                step_loss = one_step(trainer, tracker, batches, scenario.train.grad_accum, step)
             tracker.label(trainer.state_tensors(), "optimizer_states")
             if not fake:
                 losses.append(step_loss)
@@ -162,7 +176,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, st
             "trainer_info": trainer.info, "model": trainer.model, "evals": evals}
 
 
-def _one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.Tensor], grad_accum: int,
+def one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.Tensor], grad_accum: int,
               step: int) -> float | None:
     total: torch.Tensor | None = None
     for _ in range(grad_accum):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ def _context() -> Any:
     return _CONTEXT
 
 
-def _run_worker(request: dict[str, Any], on_step) -> tuple[Path | None, str]:
+def _run_worker(request: dict[str, Any], on_step, target=None) -> tuple[Path | None, str]:
     """Run one request in its own process, relay its step messages, return (record path, stderr tail)."""
     from galore_bench.worker import child_main
 
@@ -51,7 +53,7 @@ def _run_worker(request: dict[str, Any], on_step) -> tuple[Path | None, str]:
     with tempfile.NamedTemporaryFile("w+", suffix=".stderr", delete=False) as err:
         stderr_path = err.name
     try:
-        proc = context.Process(target=child_main, args=(request, sender, stderr_path), daemon=True)
+        proc = context.Process(target=target or child_main, args=(request, sender, stderr_path), daemon=True)
         proc.start()
         sender.close()
         record = None
@@ -72,6 +74,83 @@ def _run_worker(request: dict[str, Any], on_step) -> tuple[Path | None, str]:
     finally:
         receiver.close()
         os.unlink(stderr_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_ranks(request: dict[str, Any], world_size: int, on_step) -> tuple[Path | None, str]:
+    """One process per rank (torchrun's env contract); if a rank dies, the others are stopped, not left hanging."""
+    from galore_bench.distributed import rank_main
+
+    context = _context()
+    receiver, sender = context.Pipe(duplex=False)
+    errs = []
+    for _ in range(world_size):
+        with tempfile.NamedTemporaryFile("w+", suffix=".stderr", delete=False) as err:
+            errs.append(err.name)
+    port, record, procs = _free_port(), None, []
+    try:
+        for rank in range(world_size):
+            procs.append(context.Process(target=rank_main, daemon=True,
+                                         args=(request, rank, world_size, port, sender if rank == 0 else None, errs[rank])))
+            procs[-1].start()
+        sender.close()
+        closed, first_done = False, 0.0
+        while True:
+            while not closed and receiver.poll(0.2):
+                try:
+                    message = receiver.recv()
+                except EOFError:
+                    closed = True
+                    break
+                if "step" in message:
+                    on_step(message["step"], message["of"])
+                if message.get("record"):
+                    record = Path(message["record"])
+            if closed:
+                time.sleep(0.2)
+            codes = [p.exitcode for p in procs]
+            if any(code not in (None, 0) for code in codes) or all(code is not None for code in codes):
+                break
+            if any(code == 0 for code in codes):  # a rank finished: the others have a minute to follow
+                first_done = first_done or time.monotonic()
+                if time.monotonic() - first_done > 60:
+                    break
+        deadline = time.monotonic() + 5  # the others of a failed group: give them a moment, then stop them
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+        stderr = "\n".join(f"rank {r} exited with code {code}\n{Path(errs[r]).read_text(errors='replace')[-2000:]}"
+                           for r, code in failed)
+        if record is None and not failed:
+            stderr = Path(errs[0]).read_text(errors="replace")[-4000:]
+        return record, stderr
+    finally:
+        receiver.close()
+        for path in errs:
+            os.unlink(path)
+
+
+def _dispatch(scenario: Scenario, index: int, request: dict[str, Any], on_step) -> tuple[Path | None, str]:
+    """A single-device run in one worker; a distributed one as ranks, or as one simulating worker."""
+    spec = scenario.distributed
+    if spec is None:
+        return _run_worker(request, on_step)
+    from galore_bench import distributed, engine
+
+    mode = distributed.resolve_mode(request["mode"] or scenario.mode, scenario.runs[index], spec, engine.pick_device())
+    if mode == "simulate":
+        return _run_worker(request, on_step, target=distributed.simulate_main)
+    if len(spec.world_sizes) > 1:
+        return None, f"measure mode needs one world size, got {list(spec.world_sizes)} (a list is a simulate search)"
+    return _run_ranks(request, spec.world_size, on_step)
 
 
 def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, steps: int | None = None,
@@ -95,7 +174,7 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
 
             request = {"scenario": scenario.path, "run_index": index, "mode": mode, "steps": steps, "out": str(out),
                        "fault": os.environ.get(FAULT_ENV), "threads": torch.get_num_threads()}
-            path, stderr = _run_worker(request, on_step)
+            path, stderr = _dispatch(scenario, index, request, on_step)
             if path is None:  # the worker died (killed, segfault): record that, keep going
                 record = empty_record(scenario.to_dict(), {"label": run.label, "method": run.method,
                                                            "options": run.options}, mode or scenario.mode, "unknown")
@@ -122,7 +201,8 @@ def results_table(paths: list[Path], title: str = "results") -> Table:
         loss = record["quality"]["final_loss"]
         rate = record["throughput"].get("tokens_per_second")
         status = record["status"] if record["status"] == "ok" else f"{record['status']}: {(record['error'] or '')[:60]}"
-        table.add_row(record["run"], record["mode"], status, format_bytes(memory.get("peak_bytes")),
+        ranks = (record.get("distributed") or {}).get("world_size")
+        table.add_row(record["run"] + (f" x{ranks}" if ranks else ""), record["mode"], status, format_bytes(memory.get("peak_bytes")),
                       *(format_bytes(breakdown.get(c)) for c in CATEGORY_COLUMNS),
                       "-" if fits is None else ("yes" if fits else "NO"),
                       "-" if loss is None else f"{loss:.3f}", "-" if rate is None else f"{rate:,.0f}")

@@ -11,11 +11,13 @@ import tomllib
 from galore_bench.methods import REGISTRY, TrainSettings
 from galore_bench.methods.base import type_name
 from galore_bench.models import DTYPES, ZOO, ModelShape, matrix_shapes
+from galore_bench.parallel import DistributedSpec, parse_distributed
 from galore_bench.units import ALLOWED_UNITS, parse_bytes
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 MODES = ("auto", "estimate", "simulate", "measure")
 DATA_SOURCES = ("synthetic", "wiki")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class UserError(Exception):
@@ -48,6 +50,7 @@ class Scenario:
     eval_batches: int
     eval_every: int  # steps between validation perplexities during a run (0: only at the end)
     runs: tuple[RunSpec, ...] = field(default=())
+    distributed: DistributedSpec | None = None  # None: one device, no process group
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,9 +150,10 @@ def _parse_train(problems: _Problems, table: dict[str, Any]) -> TrainSettings:
         if f.name not in table:
             continue
         value, kind = table[f.name], type(getattr(defaults, f.name))
-        if f.name == "dtype":
-            if value not in DTYPES:
-                problems.add("train.dtype", value, "one of " + ", ".join(DTYPES))
+        if f.name in ("dtype", "lr_schedule"):
+            allowed = DTYPES if f.name == "dtype" else LR_SCHEDULES
+            if value not in allowed:
+                problems.add(f"train.{f.name}", value, "one of " + ", ".join(allowed))
                 continue
         elif not _check_typed(problems, f"train.{f.name}", value, kind,
                               None if kind is bool else 0 if f.name in ("seed", "warmup_steps") else 1):
@@ -209,7 +213,7 @@ def _parse_runs(problems: _Problems, runs: Any, model_name: str, model: ModelSha
 def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     """Validate a parsed TOML document; raise UserError listing every problem."""
     problems = _Problems(path)
-    problems.unknown_keys("", raw, ["description", "model", "train", "device", "eval", "runs"])
+    problems.unknown_keys("", raw, ["description", "model", "train", "device", "eval", "runs", "distributed"])
     model_name, model = _parse_model(problems, problems.table(raw, "model"))
     train = _parse_train(problems, problems.table(raw, "train"))
     device = problems.table(raw, "device")
@@ -236,9 +240,10 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     if not isinstance(description, str):
         problems.add("description", description, "a string")
     runs = _parse_runs(problems, raw.get("runs"), model_name, model, train)
+    distributed = parse_distributed(problems, problems.table(raw, "distributed"), runs, mode)
     if problems.lines:
         raise UserError(f"{len(problems.lines)} problem(s) in scenario {path}:\n" + "\n".join(problems.lines))
     if model is None:  # unreachable: a missing model always adds a problem above
         raise UserError(f"{path}: model: no model")
     return Scenario(path.stem, str(path), description, model_name, model, train, budget, budget_text,
-                    mode, data, eval_batches, eval_every, tuple(runs))
+                    mode, data, eval_batches, eval_every, tuple(runs), distributed)

@@ -62,12 +62,8 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> d
     """Run one method and return its record (status oom/error instead of raising)."""
     device = engine.pick_device()
     mode = resolve_mode(mode, run, device)
-    record = empty_record(scenario.to_dict(), {"label": run.label, "method": run.method, "options": run.options},
-                          mode, engine.device_name(device) if mode == "measure" else "cpu")
-    if mode in ("simulate", "estimate"):
-        record["device"] = f"{mode}d-{engine.device_name(device)}"
-    record["model"].update(name=run.model_name, shape=dataclasses.asdict(run.model),
-                           parameters=parameter_count(run.model))
+    name = engine.device_name(device)
+    record = new_record(scenario, run, mode, name if mode == "measure" else f"{mode}d-{name}")
     started = time.perf_counter()
     try:
         if mode == "estimate":
@@ -81,15 +77,26 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> d
     except Exception as exc:  # a failing method is a result of the sweep, not the end of it
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()
+    return close_record(record, scenario, started)
+
+
+def new_record(scenario: Scenario, run: RunSpec, mode: str, device: str) -> dict[str, Any]:
+    """The record skeleton of one run, with its model's size (single-device and distributed runs alike)."""
+    record = empty_record(scenario.to_dict(), {"label": run.label, "method": run.method, "options": run.options},
+                          mode, device)
+    record["model"].update(name=run.model_name, shape=dataclasses.asdict(run.model),
+                           parameters=parameter_count(run.model))
+    record["quality"]["data"] = scenario.data
+    return record
+
+
+def close_record(record: dict[str, Any], scenario: Scenario, started: float) -> dict[str, Any]:
+    """Wall time, this process's host memory (for simulate: the cost of tracing here), the budget verdict."""
     record["wall_seconds"] = time.perf_counter() - started
-    # host memory of this run's process (for simulate: the cost of tracing on this machine)
     record["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak, budget = record["memory"].get("peak_bytes"), scenario.budget_bytes
     if budget is not None:
-        if record["status"] == "oom":
-            record["budget"]["fits"] = False
-        elif peak is not None:
-            record["budget"]["fits"] = peak <= budget
+        record["budget"]["fits"] = False if record["status"] == "oom" else (None if peak is None else peak <= budget)
     return record
 
 

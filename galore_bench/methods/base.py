@@ -49,6 +49,7 @@ class TrainSettings:
     grad_accum: int = 1
     seed: int = 0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # or "cosine": warm-up, then cosine decay to 10% (the papers' schedule)
 
 
 class Trainer:
@@ -116,6 +117,9 @@ class MethodDef:
         """(field, got, allowed) for each combination this method cannot run."""
         problems = []
         layerwise = bool(opts.get("layerwise", False))
+        if train.lr_schedule != "constant" and (layerwise or not self.supports_grad_accum):
+            problems.append(("train.lr_schedule", train.lr_schedule,
+                             "'constant' with updates inside backward (no optimizer for a scheduler to drive)"))
         if train.grad_accum > 1 and (layerwise or not self.supports_grad_accum):
             why = "layer-wise updates" if layerwise else self.name
             problems.append(("train.grad_accum", str(train.grad_accum),

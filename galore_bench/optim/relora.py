@@ -199,6 +199,19 @@ class ReLoRA:
         return True
 
 
+def cosine_after_warmup(step: int, total_steps: int, warmup: int, min_ratio: float = 0.1) -> float:
+    """Cosine decay from 1 to ``min_ratio`` between the end of warm-up and ``total_steps``."""
+    progress = min(max((step - warmup) / max(1, total_steps - warmup), 0.0), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine_lr(step: int, total_steps: int, warmup: int, min_ratio: float = 0.1) -> float:
+    """LR multiplier of the papers' runs: linear warm-up, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return step / warmup
+    return cosine_after_warmup(step, total_steps, warmup, min_ratio)
+
+
 def jagged_cosine_lr(
     step: int,
     total_steps: int,
@@ -218,8 +231,7 @@ def jagged_cosine_lr(
         return step / warmup
 
     def cosine(s: int) -> float:
-        progress = min(max((s - warmup) / max(1, total_steps - warmup), 0.0), 1.0)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cosine_after_warmup(s, total_steps, warmup, min_ratio)
 
     since_restart = step % restart_every
     if step >= restart_every and since_restart < restart_warmup:

@@ -1,0 +1,375 @@
+"""Multi-rank runs: DDP or FSDP2 over a process group, one record holding every rank's memory.
+
+Env contract (torchrun's): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. The runner sets them
+itself for its own rank processes; torchrun, submitit or SLURM set them for
+`python -m galore_bench.distributed --scenario NAME`. Rank 0 gathers each rank's numbers and writes the
+record. `simulate` never starts ranks: it traces one device and applies the sharding arithmetic
+(galore_bench.sharding) for every world size asked for.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from galore_bench import engine, sharding
+from galore_bench.methods import Trainer
+from galore_bench.parallel import DistributedSpec
+from galore_bench.record import DEFAULT_RESULTS, write_record
+from galore_bench.scenario import RunSpec, Scenario, UserError, load_scenario
+from galore_bench.tracker import CUDA_BLOCK, PHASE_CATEGORY, MemoryTracker
+from galore_bench.units import format_bytes
+from galore_bench.worker import close_record, new_record
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+Emit = Callable[..., None]
+
+
+def resolve_mode(requested: str, run: RunSpec, spec: DistributedSpec, device: str) -> str:
+    """A list of world sizes is a simulate-mode search; otherwise the single-device rule (worker.resolve_mode)."""
+    from galore_bench.worker import resolve_mode as single_device_mode
+
+    if len(spec.world_sizes) > 1 and requested == "auto":
+        return "simulate"
+    return single_device_mode(requested, run, device)
+
+
+# -- records --------------------------------------------------------------------------------------
+def _section(spec: DistributedSpec, world_size: int, backend: str | None, simulated: bool, how: str,
+             ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    worst = max(ranks, key=lambda r: r.get("peak_bytes") or 0) if ranks else {}
+    return {"world_size": world_size, "strategy": spec.strategy, "cpu_offload": spec.cpu_offload,
+            "fsdp_unit": spec.fsdp_unit if spec.strategy == "fsdp2" else None, "backend": backend,
+            "simulated": simulated, "how": how, "ranks": ranks,
+            "max_rank_peak_bytes": worst.get("peak_bytes"), "max_rank": worst.get("rank")}
+
+
+def simulate_record(scenario: Scenario, run: RunSpec) -> dict[str, Any]:
+    """One trace, every world size asked for; the record stands at the smallest that fits the budget."""
+    spec = scenario.distributed
+    if spec is None:
+        raise UserError(f"{scenario.path}: no [distributed] table")
+    record, started = new_record(scenario, run, "simulate", "simulated-cpu"), time.perf_counter()
+    try:
+        plans = sharding.plans_for(spec.strategy, spec.world_sizes, spec.cpu_offload, spec.fsdp_unit)
+        tracker, trainer = sharding.trace(scenario, run, plans)
+        budget = scenario.budget_bytes
+        candidates = [{**c, "fits": None if budget is None else c["peak_bytes"] <= budget} for c in tracker.results()]
+        fitting = [c for c in candidates if c["fits"]]
+        chosen = fitting[0] if fitting else candidates[-1]
+        n = chosen["world_size"]
+        ranks = [{"rank": r, "peak_bytes": chosen["peak_bytes"], "breakdown": chosen["breakdown"],
+                  "host_bytes": chosen["host_bytes"]} for r in range(n)]
+        section = _section(spec, n, None, True, sharding.HOW, ranks)
+        section.update(candidates=candidates, transient_bytes=chosen["transient_bytes"],
+                       gpus_needed=n if fitting else None, single_device_peak_bytes=tracker.peak)
+        record["distributed"] = section
+        record["memory"] = {"peak_bytes": chosen["peak_bytes"], "breakdown": dict(chosen["breakdown"]),
+                            "source": "tracker + sharding arithmetic (max over ranks)", "steady_state_from_step": 2}
+        record["model"]["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        record["method"]["implementation"] = trainer.info
+        record["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - a failing method is a result of the sweep, not its end
+        record["error"], record["traceback"] = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+    return close_record(record, scenario, started)
+
+
+# -- real ranks -----------------------------------------------------------------------------------
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's own shard (its wrapper reports the global size, which this rank does not hold)."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
+class RankTracker(MemoryTracker):
+    """The tracker, counting DTensors (FSDP2 parameters, gradients, states) by their local shard.
+
+    DDP accumulates into its gradient buckets without firing post-accumulate-grad hooks, so with
+    `label_grads_before_step` every `.grad` is labelled as the optimizer phase begins.
+    """
+
+    def __init__(self, round_to: int = 1, label_grads_before_step: bool = False) -> None:
+        super().__init__(round_to=round_to)
+        self.label_grads_before_step = label_grads_before_step
+        self._params: list[torch.nn.Parameter] = []
+
+    def watch_model(self, model: torch.nn.Module) -> None:
+        super().watch_model(model)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name == "optimizer" and self.label_grads_before_step:
+            self.label([p.grad for p in self._params if p.grad is not None], "gradients")
+        with super().phase(name):
+            yield
+
+    def label(self, tensors: Any, category: str) -> None:
+        super().label([_local(t) for t in tensors], category)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        category = PHASE_CATEGORY.get(self._phase, "other")
+        for value in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self._add(_local(value).untyped_storage(), category)
+        return out
+
+
+def wrap(model: torch.nn.Module, spec: DistributedSpec, device: torch.device, world_size: int) -> torch.nn.Module:
+    """DDP (gradient buckets as .grad views: no second copy) or FSDP2 units; one rank keeps the plain model."""
+    if world_size == 1:
+        return model
+    if spec.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    options: dict[str, Any] = {"mesh": mesh}
+    if spec.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    for unit in sharding.fsdp2_units(model, spec.fsdp_unit):
+        fully_shard(unit, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def build_rank_trainer(scenario: Scenario, run: RunSpec, spec: DistributedSpec, device: torch.device,
+                       tracker: MemoryTracker, world_size: int) -> Trainer:
+    """The single-device build with the wrapper inserted; the same seed on every rank gives identical replicas."""
+    return engine.build_trainer(scenario, run, device, tracker, None,
+                                wrap=lambda model: wrap(model, spec, device, world_size))
+
+
+def _rank_batches(scenario: Scenario, run: RunSpec, device: torch.device, rank: int) -> Iterator[torch.Tensor]:
+    """Each rank its own data (a different seed), as a distributed sampler would give it."""
+    for batch in engine.training_batches(scenario, run.model.vocab_size, seed_offset=7919 * rank).forever():
+        yield batch.to(device)
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple[str, int]:
+    """sha256 of this rank's parameter bytes (replicas must match) and how many bytes it holds."""
+    digest, total = hashlib.sha256(), 0
+    for param in model.parameters():
+        local = _local(param.detach()).contiguous().cpu()
+        digest.update(local.view(torch.uint8).numpy().tobytes() if local.numel() else b"")
+        total += local.numel() * local.element_size()
+    return digest.hexdigest(), total
+
+
+def rank_steps(scenario: Scenario, run: RunSpec, spec: DistributedSpec, device: torch.device, rank: int,
+               world_size: int, steps: int, emit: Emit) -> dict[str, Any]:
+    """Real steps on this rank with the tracker on; its peak, breakdown, losses, times and weight fingerprint."""
+    tracker = RankTracker(round_to=CUDA_BLOCK if device.type == "cuda" else 1,
+                          label_grads_before_step=spec.strategy == "ddp")
+    trainer = build_rank_trainer(scenario, run, spec, device, tracker, world_size)
+    batches, losses, times = _rank_batches(scenario, run, device, rank), [], []
+    # DDP rebuilds its gradient buckets during the second forward: its steady state starts one step later
+    steady = 2 if spec.strategy == "ddp" and world_size > 1 and steps > 2 else 1
+    with tracker:
+        for step in range(steps):
+            if step == steady:
+                tracker.reset_peak()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            losses.append(engine.one_step(trainer, tracker, batches, scenario.train.grad_accum, step))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+            tracker.label(trainer.state_tensors(), "optimizer_states")
+            emit(step=step + 1, of=steps)
+    tracker.unwatch()
+    sha, held = _fingerprint(trainer.model)
+    result: dict[str, Any] = {"rank": rank, "status": "ok", "peak_bytes": tracker.peak, "breakdown": tracker.breakdown(),
+              "steady_state_from_step": steady + 1,
+              "losses": losses, "step_seconds": times, "weights_sha256": sha, "local_parameter_bytes": held,
+              "trainable_parameters": sum(_local(p).numel() for p in trainer.model.parameters() if p.requires_grad),
+              "implementation": trainer.info}
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        result["cuda"] = {"allocated_bytes": stats.get("allocated_bytes.all.peak", 0),
+                          "reserved_bytes": stats.get("reserved_bytes.all.peak", 0)}
+        result["tracker_peak_bytes"], result["peak_bytes"] = tracker.peak, result["cuda"]["allocated_bytes"]
+        result["breakdown"]["other"] += result["peak_bytes"] - tracker.peak
+    return result
+
+
+def rank_device(local_rank: int) -> torch.device:
+    """This rank's GPU (LOCAL_RANK, modulo what is visible: SLURM may show each task one GPU), else the CPU."""
+    if torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def process_group(spec: DistributedSpec, device: torch.device) -> Iterator[str]:
+    """init_process_group from the env contract; the backend in use is yielded for the record."""
+    missing = [key for key in ENV_KEYS if key not in os.environ]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}: start ranks with torchrun (or the runner, or submitit)")
+    backend = spec.resolved_backend(device.type == "cuda")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=spec.timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield backend
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranked(scenario: Scenario, run: RunSpec, backend: str, device: torch.device, steps: int | None,
+               out: Path, emit: Emit = lambda **message: None) -> Path | None:
+    """This process's share of one run inside an initialised group; rank 0 writes the record and returns it."""
+    spec = scenario.distributed
+    if spec is None:
+        raise UserError(f"{scenario.path}: no [distributed] table")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    started, n_steps = time.perf_counter(), max(2, steps or scenario.train.steps)
+    try:
+        result = rank_steps(scenario, run, spec, device, rank, world, n_steps, emit)
+    except torch.OutOfMemoryError as exc:
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        result = {"rank": rank, "status": "oom", "error": f"OOM at {format_bytes(peak)}: {str(exc).splitlines()[0]}"}
+    except Exception as exc:  # noqa: BLE001 - reported in the record; the other ranks still gather
+        result = {"rank": rank, "status": "error", "error": f"{type(exc).__name__}: {exc}",
+                  "traceback": traceback.format_exc()}
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(result, gathered, dst=0)
+    if gathered is None:
+        return None
+    record = new_record(scenario, run, "measure", engine.device_name(device.type))
+    _fill_measured(record, scenario, spec, gathered, backend, device)
+    return write_record(close_record(record, scenario, started), out)
+
+
+def _fill_measured(record: dict[str, Any], scenario: Scenario, spec: DistributedSpec, results: list[dict[str, Any]],
+                   backend: str, device: torch.device) -> None:
+    world = len(results)
+    failed = [r for r in results if r["status"] != "ok"]
+    how = (f"{world} processes, {backend} process group, torch {spec.strategy}; each rank's own tracker "
+           "(DTensors counted by their local shard)"
+           + ("; CPU offload on a CPU device: the offloaded shards stay in the memory counted" if spec.cpu_offload
+              and device.type == "cpu" else ""))
+    keep = ("rank", "peak_bytes", "breakdown", "local_parameter_bytes", "weights_sha256", "status", "error")
+    ranks = [{k: r[k] for k in keep if k in r} | {"final_loss": (r.get("losses") or [None])[-1]} for r in results]
+    record["distributed"] = _section(spec, world, backend, False, how, ranks)
+    if failed:
+        record["status"] = "oom" if any(r["status"] == "oom" for r in failed) else "error"
+        record["error"] = "; ".join(f"rank {r['rank']}: {r['error']}" for r in failed)
+        record["traceback"] = next((r["traceback"] for r in failed if "traceback" in r), None)
+        return
+    worst = max(results, key=lambda r: r["peak_bytes"])
+    record["memory"] = {"peak_bytes": worst["peak_bytes"], "breakdown": dict(worst["breakdown"]),
+                        "source": "torch.cuda.memory_stats, max over ranks" if "cuda" in worst
+                        else "tracker, max over ranks", "steady_state_from_step": worst["steady_state_from_step"]}
+    first = results[0]
+    train = scenario.train
+    rate = engine.throughput(first["step_seconds"], train.batch_size * train.seq_len * train.grad_accum, device.type)
+    if rate.get("tokens_per_second") is not None:
+        rate["tokens_per_second"] *= world  # every rank trains its own batch; tgs stays per rank
+    record["throughput"] = rate
+    record["quality"]["losses"] = first["losses"]
+    record["quality"]["final_loss"] = first["losses"][-1] if first["losses"] else None
+    sharded = spec.strategy == "fsdp2"
+    record["model"]["trainable_parameters"] = (sum(r["trainable_parameters"] for r in results) if sharded
+                                               else first["trainable_parameters"])
+    record["method"]["implementation"] = first["implementation"]
+    record["status"] = "ok"
+
+
+# -- entry points ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _child_io(stderr_path: str, threads: int | None) -> Iterator[None]:
+    with open(stderr_path, "w") as err:
+        os.dup2(err.fileno(), 2)
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
+    torch.set_num_threads(threads or torch.get_num_threads())
+    yield
+
+
+def simulate_main(request: dict[str, Any], conn: Any, stderr_path: str) -> None:
+    """Runner child for a simulated distributed run: no ranks, one trace, one record."""
+    with _child_io(stderr_path, request.get("threads")):
+        scenario = load_scenario(request["scenario"])
+        record = simulate_record(scenario, scenario.runs[request["run_index"]])
+        path = write_record(record, Path(request["out"]))
+        conn.send({"record": str(path), "status": record["status"]})
+        conn.close()
+
+
+def rank_main(request: dict[str, Any], rank: int, world_size: int, port: int, conn: Any, stderr_path: str) -> None:
+    """Runner child for one rank: sets the env contract torchrun would set, then runs its share."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    threads = max(1, (request.get("threads") or torch.get_num_threads()) // world_size)
+    with _child_io(stderr_path, threads):
+        scenario = load_scenario(request["scenario"])
+        run, device = scenario.runs[request["run_index"]], rank_device(rank)
+        assert scenario.distributed is not None
+        last = rank == world_size - 1 and request.get("fault") == f"kill:{run.label}"
+
+        def emit(**message: Any) -> None:
+            if conn is not None:
+                conn.send(message)
+            if last and message.get("step", 0) >= 1:  # test hook (worker.FAULT_ENV): the last rank dies mid-run
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        with process_group(scenario.distributed, device) as backend:
+            path = run_ranked(scenario, run, backend, device, request.get("steps"), Path(request["out"]), emit)
+        if conn is not None:
+            conn.send({"record": str(path) if path else None})
+            conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`torchrun --nproc-per-node N -m galore_bench.distributed --scenario NAME`: every run, in order."""
+    parser = argparse.ArgumentParser(prog="python -m galore_bench.distributed", description=main.__doc__)
+    parser.add_argument("--scenario", required=True)
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--label", action="append", help="only the run with this label (repeatable)")
+    parser.add_argument("--mode", choices=("measure", "simulate"), default="measure")
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        scenario = load_scenario(args.scenario)
+        if scenario.distributed is None:
+            raise UserError(f"{scenario.path}: no [distributed] table; use `galore-bench run`")
+        runs = [r for r in scenario.runs if not args.label or r.label in args.label]
+        if args.mode == "simulate":  # no process group: rank 0 (or a plain process) writes the records
+            if int(os.environ.get("RANK", "0")) == 0:
+                for run in runs:
+                    print(write_record(simulate_record(scenario, run), args.out))
+            return 0
+        device = rank_device(int(os.environ.get("LOCAL_RANK", "0")))
+        with process_group(scenario.distributed, device) as backend:
+            for run in runs:
+                path = run_ranked(scenario, run, backend, device, args.steps, args.out)
+                if path is not None:
+                    print(path, flush=True)
+    except UserError as exc:
+        print(f"galore-bench: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
