@@ -67,15 +67,33 @@ METHOD_RUNS = {
     "galore": 'method = "galore"\nrank = 8',
     "adamw-layerwise": 'method = "adamw"\nlayerwise = true',
     "lomo": 'method = "lomo"',
-    "lora": 'method = "lora"\nrank = 8',
-    "lowrank": 'method = "lowrank"\nrank = 8',
+    "lora": 'method = "lora"\nrank = 8\nimpl = "for-loop"',  # the CPU's default: compare like with like
+    "lowrank": 'method = "lowrank"\nrank = 8\nimpl = "for-loop"',
 }
 
 
-@pytest.mark.parametrize("label", list(METHOD_RUNS))
-def test_simulate_matches_measure_per_category(write_scenario, label):
+SMALL_60M = """
+[model]
+size = "60m"
+[train]
+batch_size = 1
+seq_len = 32
+dtype = "fp32"
+"""
+MORE_RUNS_60M = {
+    "adam8bit": 'method = "adam8bit"',
+    "galore8bit-layerwise": 'method = "galore8bit"\nrank = 64\nlayerwise = true',
+    "relora": 'method = "relora"\nrank = 64\nimpl = "for-loop"',
+}
+
+
+@pytest.mark.parametrize("size, label", [("tiny", label) for label in METHOD_RUNS]
+                         + [("60m", label) for label in [*METHOD_RUNS, *MORE_RUNS_60M]])
+def test_simulate_matches_measure_per_category(write_scenario, size, label):
     """Fake-tensor steps predict the real CPU steps' breakdown within 2% per category (exact bytes)."""
-    scenario = _scenario(write_scenario, "[[runs]]\n" + METHOD_RUNS[label] + "\n")
+    body = "[[runs]]\n" + {**METHOD_RUNS, **MORE_RUNS_60M}[label] + "\n"
+    scenario = (_scenario(write_scenario, body) if size == "tiny"
+                else load_scenario(str(write_scenario(SMALL_60M + body))))
     run = scenario.runs[0]
     real = train_steps(scenario, run, fake=False, device="cpu", steps=2, round_to=1)["tracker"].breakdown()
     fake = train_steps(scenario, run, fake=True, device="cpu", steps=2, round_to=1)["tracker"].breakdown()

@@ -50,6 +50,9 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
     return layerwise_or_plain(model, [{"params": params}], make, opts, info)
 
 
+IMPL_OPTION = Option(str, "auto", "torch AdamW implementation (auto: foreach on a GPU and in simulate, "
+                     "the for-loop on a CPU)", choices=("auto", "for-loop", "foreach", "fused"))
+
 ADAM_OPTIONS = {
     "beta1": Option(float, 0.9, "Adam beta1", minimum=0.0),
     "beta2": Option(float, 0.999, "Adam beta2", minimum=0.0),
@@ -62,6 +65,6 @@ METHOD = MethodDef(
     summary="AdamW, full rank (torch.optim)",
     build=build,
     options={**ADAM_OPTIONS,
-             "impl": Option(str, "auto", "torch AdamW implementation", choices=("auto", "for-loop", "foreach", "fused"))},
+             "impl": IMPL_OPTION},
     paper="baseline in arXiv 2403.03507 and 2306.09782",
 )

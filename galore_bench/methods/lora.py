@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from galore_bench.methods.adamw import impl_flags, trainable
+from galore_bench.methods.adamw import IMPL_OPTION, impl_flags, trainable
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.optim.lowrank import apply_low_rank
 from galore_bench.optim.relora import ReLoRA, jagged_cosine_lr, lora_config, wrap_lora
@@ -16,7 +16,8 @@ from galore_bench.optim.relora import ReLoRA, jagged_cosine_lr, lora_config, wra
 
 def _adamw(model: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimizer:
     params = trainable(model)
-    return torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"], **impl_flags("auto", params))
+    return torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"],
+                             **impl_flags(opts["impl"], params))
 
 
 def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
@@ -65,6 +66,7 @@ LORA_OPTIONS = {
     "rank": Option(int, 128, "adapter rank r", minimum=1),
     "alpha": Option(float, 32.0, "LoRA alpha (update scale alpha / r); 32 as in the ReLoRA code base", minimum=0.0),
     "dropout": Option(float, 0.0, "adapter dropout", minimum=0.0),
+    "impl": IMPL_OPTION,
 }
 
 LORA = MethodDef(name="lora", summary="LoRA adapters (peft) on attention and MLP, base weights frozen",
@@ -81,4 +83,5 @@ RELORA = MethodDef(
 
 LOW_RANK = MethodDef(name="lowrank", summary="low-rank baseline: every projected weight factorised W = B A, all trained",
                      build=build_low_rank, prepare=prepare_low_rank, uses_rank=True,
-                     options={"rank": Option(int, 128, "factor rank r", minimum=1)}, paper="arXiv 2403.03507, Table 2")
+                     options={"rank": Option(int, 128, "factor rank r", minimum=1), "impl": IMPL_OPTION},
+                     paper="arXiv 2403.03507, Table 2")
