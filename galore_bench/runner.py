@@ -209,4 +209,4 @@ def results_table(paths: list[Path], title: str = "results") -> Table:
     return table
 
 
-__all__ = ["record_path", "results_table", "run_scenario"]
+__all__ = ["results_table", "run_scenario"]

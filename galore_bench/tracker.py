@@ -64,8 +64,7 @@ class MemoryTracker(TorchDispatchMode):
         self._live[key] = (weakref.ref(storage, lambda _, key=key: self._free(key)), size, category)
         self.totals[category] += size
         self.current += size
-        if self.totals[category] > self.category_peaks[category]:
-            self.category_peaks[category] = self.totals[category]
+        self.category_peaks[category] = max(self.category_peaks[category], self.totals[category])
         if self.current > self.peak:
             self.peak = self.current
             self.peak_breakdown = dict(self.totals)
