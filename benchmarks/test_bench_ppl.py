@@ -1,0 +1,36 @@
+"""ppl_cpu: quality per method on real offline text. The full run (about 15 minutes on 2 cores) is marked slow;
+CI runs a short version (3 steps of the full-rank run) that checks the wiring: real text, held-out perplexity."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from galore_bench.record import load_record
+from galore_bench.runner import run_scenario
+from galore_bench.scenario import load_scenario
+from galore_bench.worker import execute
+
+
+def test_ppl_cpu_short(benchmark):
+    scenario = load_scenario("ppl_cpu")
+    scenario = dataclasses.replace(scenario, eval_batches=2, eval_every=0)
+    record = benchmark.pedantic(execute, args=(scenario, scenario.runs[0], "measure", 3), rounds=1, iterations=1)
+    assert record["status"] == "ok", record["error"]
+    quality = record["quality"]
+    assert quality["data"] == "wiki" and quality["eval"]["data"].startswith("wiki-offline validation")
+    assert quality["eval"]["tokens"] == 2 * 8 * 63
+    assert quality["perplexity"] == math.exp(quality["eval"]["nll"]) < 32000 * 1.5  # near uniform after 3 steps
+
+
+@pytest.mark.slow
+def test_ppl_cpu_ordering(tmp_path, benchmark):
+    """The orderings this machine showed (reports/cpu-measure): LoRA/ReLoRA behind full rank, low-rank last."""
+    paths = benchmark.pedantic(run_scenario, args=(load_scenario("ppl_cpu"),), kwargs={"out": tmp_path},
+                               rounds=1, iterations=1)
+    ppl = {load_record(p)["run"]: load_record(p)["quality"]["perplexity"] for p in paths}
+    benchmark.extra_info.update(ppl)
+    print("\n" + "\n".join(f"{run:<14} {value:8.1f}" for run, value in sorted(ppl.items(), key=lambda kv: kv[1])))
+    assert ppl["adamw"] < min(ppl["lora"], ppl["relora"]) < ppl["lowrank"]
+    assert ppl["galore"] < ppl["lowrank"]
