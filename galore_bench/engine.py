@@ -57,6 +57,21 @@ def training_batches(scenario: Scenario, vocab_size: int, split: str = "train", 
                                   seed=train.seed + seed_offset + (1000 if split != "train" else 0), n_batches=n_batches)
 
 
+def nvml_used_bytes() -> int | None:
+    """What the driver says the device has in use (every process, the CUDA context included); None without NVML."""
+    try:
+        import pynvml  # from nvidia-ml-py
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library, a virtualised device: the reading is simply absent
+        return None
+
+
 class _StepTimer:
     """Wall time per step, synchronised on CUDA so queued kernels are counted."""
 
@@ -170,7 +185,8 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, st
         stats = torch.cuda.memory_stats()
         cuda_peak = {"allocated_bytes": stats.get("allocated_bytes.all.peak", 0),
                      "reserved_bytes": stats.get("reserved_bytes.all.peak", 0),
-                     "num_ooms": stats.get("num_ooms", 0), "num_alloc_retries": stats.get("num_alloc_retries", 0)}
+                     "num_ooms": stats.get("num_ooms", 0), "num_alloc_retries": stats.get("num_alloc_retries", 0),
+                     "nvml_used_bytes_after": nvml_used_bytes()}
     tracker.unwatch()
     return {"tracker": tracker, "losses": losses, "step_times": timer.times, "cuda": cuda_peak,
             "trainer_info": trainer.info, "model": trainer.model, "evals": evals}

@@ -135,3 +135,11 @@ def test_category_invariants(write_scenario):
             expected = projected + 2 * other_params
             assert peak["optimizer_states"] == pytest.approx(expected, rel=0.01)
     assert weights["lowrank"] < weights["adamw"] < weights["lora"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_nvml_reading_is_absent_not_zero_without_a_gpu():
+    """Like torch.cuda.max_memory_allocated on a CPU build, a missing reading must never pass for 0 bytes."""
+    from galore_bench.engine import nvml_used_bytes
+
+    assert nvml_used_bytes() is None
