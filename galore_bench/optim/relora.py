@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-import peft
 import torch
-from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
+
+if TYPE_CHECKING:  # imported where used: peft imports bitsandbytes, which starts CUDA, and the runner's fork
+    import peft  # server must not (a process forked after CUDA started cannot use it)
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
 from galore_bench.optim.lowrank import DEFAULT_TARGETS
 
@@ -42,6 +45,8 @@ def lora_config(
     target_modules: Iterable[str] = DEFAULT_TARGETS,
 ) -> peft.LoraConfig:
     """LoraConfig for the GaLore comparison; ``alpha=None`` means the ReLoRA code base's fixed 32."""
+    import peft
+
     return peft.LoraConfig(
         r=rank,
         lora_alpha=DEFAULT_ALPHA if alpha is None else alpha,
@@ -55,6 +60,8 @@ def lora_config(
 
 def _lora_layers(model: nn.Module) -> list[LoraLinear]:
     """All peft LoRA Linear layers of the model (the only kind ReLoRA merges)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     return [m for m in model.modules() if isinstance(m, LoraLinear)]
 
 
@@ -64,6 +71,8 @@ def wrap_lora(model: nn.Module, config: peft.LoraConfig, train_non_lora: bool = 
     peft freezes all non-adapter params; ReLoRA/GaLore pre-training trains embeddings, norms and lm_head.
     """
     # Adapters in the model's dtype, as the papers train everything in BF16 (peft would upcast them to fp32).
+    import peft
+
     pm = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
     if train_non_lora:
         frozen = {id(p) for layer in _lora_layers(pm) for p in layer.get_base_layer().parameters()}
