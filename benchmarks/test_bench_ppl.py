@@ -3,7 +3,6 @@ CI runs a short version (3 steps of the full-rank run) that checks the wiring: r
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 
@@ -21,7 +20,7 @@ def test_ppl_cpu_short(benchmark):
     quality = record["quality"]
     assert quality["data"] == "wiki" and quality["eval"]["data"].startswith("wiki-offline validation")
     assert quality["eval"]["tokens"] == 2 * 8 * 63
-    assert quality["perplexity"] == math.exp(quality["eval"]["nll"]) < 32000 * 1.5  # near uniform after 3 steps
+    assert quality["perplexity"] > 1.0 and len(quality["losses"]) == 3
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,14 +75,15 @@ def _side(path: Path) -> tuple[Side, bool]:
     files = find_records([path])
     if not files:
         raise UserError(f"{path}: no result records in this folder")
-    chosen: Side = {}
+    newest: Side = {}  # per (scenario, run, mode): an engine is only compared with the same engine
     loaded = sorted(((read_record(f), f) for f in files), key=lambda rf: (rf[0].get("created") or "", rf[1].name))
     for record, file in loaded:
-        if record["status"] == "ok":
-            chosen[(record["scenario"], record["run"])] = (file, record)
-    if not chosen:
+        key = (record["scenario"], record["run"], record["mode"])
+        if record["status"] == "ok" or key not in newest or newest[key][1]["status"] != "ok":
+            newest[key] = (file, record)  # the newest ok record, else the newest failure (it gates a comparison)
+    if not any(record["status"] == "ok" for _, record in newest.values()):
         raise UserError(f"{path}: {len(files)} record(s), none with status ok: nothing to compare")
-    return chosen, False
+    return newest, False
 
 
 def match_runs(a: Path, b: Path) -> tuple[list[tuple[tuple[str, str], tuple[Path, dict], tuple[Path, dict]]],
@@ -94,14 +96,17 @@ def match_runs(a: Path, b: Path) -> tuple[list[tuple[tuple[str, str], tuple[Path
         key = key_a if key_a == key_b else (f"{key_a[0]} vs {key_b[0]}" if key_a[0] != key_b[0] else key_a[0],
                                             f"{key_a[1]} vs {key_b[1]}" if key_a[1] != key_b[1] else key_a[1])
         return [(key, rec_a, rec_b)], [], []
-    common = sorted(side_a.keys() & side_b.keys())
-    name = lambda keys: ", ".join(f"{s}/{r}" for s, r in sorted(keys)[:8]) + (" ..." if len(keys) > 8 else "")
+    ok_a = {k for k, (_, r) in side_a.items() if r["status"] == "ok"}
+    common = sorted(ok_a & side_b.keys())
+    modes = Counter((scenario, run) for scenario, run, _ in common)
+    label = lambda k: (k[0], k[1] if modes[(k[0], k[1])] < 2 else f"{k[1]} [{k[2]}]")
+    name = lambda keys: ", ".join(f"{k[0]}/{k[1]} ({k[2]})" for k in sorted(keys)[:8]) + (" ..." if len(keys) > 8 else "")
     if not common:
-        raise UserError(f"no common runs: {a} has {name(side_a)}; {b} has {name(side_b)} "
-                        "(runs are matched by scenario and run label)")
-    only_a, only_b = side_a.keys() - side_b.keys(), side_b.keys() - side_a.keys()
-    return ([(key, side_a[key], side_b[key]) for key in common],
-            [f"{s}/{r}" for s, r in sorted(only_a)], [f"{s}/{r}" for s, r in sorted(only_b)])
+        raise UserError(f"no common runs: {a} has {name(ok_a)}; {b} has {name(side_b)} "
+                        "(runs are matched by scenario, run label and mode)")
+    only_a, only_b = ok_a - side_b.keys(), {k for k, (_, r) in side_b.items() if r["status"] == "ok"} - side_a.keys()
+    return ([(label(key), side_a[key], side_b[key]) for key in common],
+            [f"{s}/{r} ({m})" for s, r, m in sorted(only_a)], [f"{s}/{r} ({m})" for s, r, m in sorted(only_b)])
 
 
 def _memory_values(record: dict[str, Any]) -> dict[str, float | None]:
@@ -224,7 +229,9 @@ def run_compare(a: Path, b: Path, *, fmt: str | None = None, out: Path | None = 
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(render(rows, fmt, pairs, only_a, only_b, a, b))
             console.print(Text(f"wrote {out}"))
-    failures = grown(rows, limit) if limit is not None else []
+    failures = [] if limit is None else grown(rows, limit) + [
+        f"{key[0]}/{key[1]}: B is {rb['status']}, not ok ({(rb.get('error') or '').splitlines()[0][:120] if rb.get('error') else '-'})"
+        for key, _, (_, rb) in pairs if rb["status"] != "ok"] + [f"{name}: no record in B" for name in only_a]
     for message in failures:
         errors.print(Text(message, style="red"), soft_wrap=True)
     return 1 if failures else 0

@@ -33,6 +33,7 @@ from galore_bench.tracker import CUDA_BLOCK, PHASE_CATEGORY, MemoryTracker
 from galore_bench.units import format_bytes
 from galore_bench.worker import close_record, new_record
 
+RECORD_MARKER = "galore-bench record: "  # a failing rank names the record it wrote on stderr
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 Emit = Callable[..., None]
 
@@ -61,14 +62,16 @@ def simulate_record(scenario: Scenario, run: RunSpec) -> dict[str, Any]:
     spec = scenario.distributed
     if spec is None:
         raise UserError(f"{scenario.path}: no [distributed] table")
-    record, started = new_record(scenario, run, "simulate", "simulated-cpu"), time.perf_counter()
+    device = engine.record_device("simulate", engine.pick_device())
+    record, started = new_record(scenario, run, "simulate", device), time.perf_counter()
     try:
         plans = sharding.plans_for(spec.strategy, spec.world_sizes, spec.cpu_offload, spec.fsdp_unit)
         tracker, trainer = sharding.trace(scenario, run, plans)
         budget = scenario.budget_bytes
         candidates = [{**c, "fits": None if budget is None else c["peak_bytes"] <= budget} for c in tracker.results()]
         fitting = [c for c in candidates if c["fits"]]
-        chosen = fitting[0] if fitting else candidates[-1]
+        # the smallest world size that fits; without a budget the smallest asked for; if none fits, the largest
+        chosen = fitting[0] if fitting else candidates[0 if budget is None else -1]
         n = chosen["world_size"]
         ranks = [{"rank": r, "peak_bytes": chosen["peak_bytes"], "breakdown": chosen["breakdown"],
                   "host_bytes": chosen["host_bytes"]} for r in range(n)]
@@ -236,6 +239,12 @@ def process_group(spec: DistributedSpec, device: torch.device) -> Iterator[str]:
         dist.destroy_process_group()
 
 
+def _peer_failed(exc: BaseException) -> bool:
+    """A collective that broke because another rank went away (gloo raises plain RuntimeErrors for it)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(s in text for s in ("gloo/transport", "NCCL", "Connection closed"))
+
+
 def run_ranked(scenario: Scenario, run: RunSpec, backend: str, device: torch.device, steps: int | None,
                out: Path, emit: Emit = lambda **message: None) -> Path | None:
     """This process's share of one run inside an initialised group; rank 0 writes the record and returns it."""
@@ -247,11 +256,21 @@ def run_ranked(scenario: Scenario, run: RunSpec, backend: str, device: torch.dev
     try:
         result = rank_steps(scenario, run, spec, device, rank, world, n_steps, emit)
     except torch.OutOfMemoryError as exc:
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-        result = {"rank": rank, "status": "oom", "error": f"OOM at {format_bytes(peak)}: {str(exc).splitlines()[0]}"}
-    except Exception as exc:  # noqa: BLE001 - reported in the record; the other ranks still gather
+        at = f" at {format_bytes(torch.cuda.max_memory_allocated(device))}" if device.type == "cuda" else ""
+        result = {"rank": rank, "status": "oom", "error": f"OOM{at}: {str(exc).splitlines()[0]}"}
+    except Exception as exc:  # noqa: BLE001 - this rank's own failure: it reports the run
+        if _peer_failed(exc):
+            raise  # a collective broke because another rank died or failed: that rank reports the run
         result = {"rank": rank, "status": "error", "error": f"{type(exc).__name__}: {exc}",
                   "traceback": traceback.format_exc()}
+    if result["status"] != "ok":
+        # The other ranks wait inside collectives this rank will never join: it reports the run from here and
+        # leaves; the launcher (the runner, torchrun) then stops the rest. The marker tells the runner the path.
+        record = new_record(scenario, run, "measure", engine.device_name(device.type))
+        _fill_measured(record, scenario, spec, [result], backend, device, world=world)
+        path = write_record(close_record(record, scenario, started), out)
+        print(f"{RECORD_MARKER}{path}", file=sys.stderr, flush=True)
+        os._exit(3)
     gathered: list[Any] | None = [None] * world if rank == 0 else None
     dist.gather_object(result, gathered, dst=0)
     if gathered is None:
@@ -262,8 +281,9 @@ def run_ranked(scenario: Scenario, run: RunSpec, backend: str, device: torch.dev
 
 
 def _fill_measured(record: dict[str, Any], scenario: Scenario, spec: DistributedSpec, results: list[dict[str, Any]],
-                   backend: str, device: torch.device) -> None:
-    world = len(results)
+                   backend: str, device: torch.device, world: int | None = None) -> None:
+    """The record from the ranks' results (all of them, or the one that failed and reports for the run)."""
+    world = world or len(results)
     failed = [r for r in results if r["status"] != "ok"]
     how = (f"{world} processes, {backend} process group, torch {spec.strategy}; each rank's own tracker "
            "(DTensors counted by their local shard)"
@@ -325,13 +345,17 @@ def rank_main(request: dict[str, Any], rank: int, world_size: int, port: int, co
         scenario = load_scenario(request["scenario"])
         run, device = scenario.runs[request["run_index"]], rank_device(rank)
         assert scenario.distributed is not None
-        last = rank == world_size - 1 and request.get("fault") == f"kill:{run.label}"
+        last = rank == world_size - 1
+        fault = request.get("fault") if last else None
 
         def emit(**message: Any) -> None:
             if conn is not None:
                 conn.send(message)
-            if last and message.get("step", 0) >= 1:  # test hook (worker.FAULT_ENV): the last rank dies mid-run
-                os.kill(os.getpid(), signal.SIGKILL)
+            if message.get("step", 0) >= 1:  # test hooks (worker.FAULT_ENV): the last rank dies or runs out mid-run
+                if fault == f"kill:{run.label}":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if fault == f"oom:{run.label}":
+                    raise torch.OutOfMemoryError("fault injected by the test hook")
 
         with process_group(scenario.distributed, device) as backend:
             path = run_ranked(scenario, run, backend, device, request.get("steps"), Path(request["out"]), emit)

@@ -35,6 +35,11 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
+def record_device(mode: str, device: str) -> str:
+    """The record's device: the real one when measured, else 'simulated-<host>' / 'estimated-<host>'."""
+    return device_name(device) if mode == "measure" else f"{mode}d-{device_name(device)}"
+
+
 def input_batches(scenario: Scenario, run: RunSpec, device: str, fake: bool) -> Iterator[torch.Tensor]:
     """Token batches: shape-only under fake tensors, learnable data for real steps."""
     train, vocab = scenario.train, run.model.vocab_size
@@ -62,9 +67,10 @@ def nvml_used_bytes() -> int | None:
     try:
         import pynvml  # from nvidia-ml-py
 
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
         pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        try:  # by UUID: NVML ignores CUDA_VISIBLE_DEVICES, so torch's index may name another GPU
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
             return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
         finally:
             pynvml.nvmlShutdown()
@@ -222,9 +228,10 @@ def throughput(step_times: list[float], tokens_per_step: int, device: str,
     """
     special = special_steps or {}
     excluded = set().union(*special.values()) if special else set()
-    timed = [t for i, t in enumerate(step_times) if i >= 1 and i not in excluded] or step_times[-1:]
-    if not timed:
-        return {"tokens_per_second": None, "tgs": None, "mfu": None}
+    timed = [t for i, t in enumerate(step_times) if i >= 1 and i not in excluded]
+    if not timed:  # every step after warm-up was special: no typical step to report
+        return {"tokens_per_second": None, "tgs": None, "mfu": None, "step_seconds": step_times,
+                **{f"{name}_steps": sorted(steps) for name, steps in special.items()}}
     median = statistics.median(timed)
     rate = tokens_per_step / median
     result: dict[str, Any] = {

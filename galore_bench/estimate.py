@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from galore_bench.models import ModelShape, matrix_shapes
-from galore_bench.tracker import CATEGORIES, CUDA_BLOCK
+from galore_bench.tracker import CATEGORIES, CUDA_BLOCK, allocator_bytes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller states in fp32
@@ -31,8 +31,7 @@ FUSED_IN_BACKWARD = ("lomo",)
 
 def blocks(nbytes: float) -> int:
     """Bytes the caching allocator hands out for one tensor of `nbytes`."""
-    n = int(nbytes)
-    return -(-n // CUDA_BLOCK) * CUDA_BLOCK if n else 0
+    return allocator_bytes(int(nbytes), CUDA_BLOCK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +76,27 @@ def _adam8bit_state(numel: int) -> int:
     return 2 * blocks(numel) + 2 * blocks(-(-numel // BNB_BLOCK) * 4)
 
 
-def optimizer_state_bytes(params: list[Tensor2D], method: str, rank: int | None, e: int) -> int:
+def projected_sizes(p: Tensor2D, rank: int | None, proj_type: str = "std") -> tuple[int, int]:
+    """(projector, one moment) elements of a GaLore matrix: std projects the shorter side, like the optimizer."""
+    rows, cols = p.shape
+    r = min(rank or 0, rows, cols)
+    tall = rows >= cols
+    side = proj_type if proj_type in ("left", "right") else (
+        ("right" if tall else "left") if proj_type == "std" else ("left" if tall else "right"))
+    return (r * cols, rows * r) if side == "right" else (rows * r, r * cols)
+
+
+def optimizer_state_bytes(params: list[Tensor2D], method: str, opts: dict[str, Any], e: int) -> int:
     """What the optimizer keeps between steps (GaLore: Table 1's m*r projector + 2*n*r moments, m <= n)."""
     total = 0
     for p in (p for p in params if p.trainable):
-        if method in ("sgd", "lomo"):
+        if method == "lomo" or (method == "sgd" and not opts.get("momentum")):
             continue
-        if p.projected:
-            r = min(rank or 0, *p.shape)
-            moments = r * max(p.shape)
-            total += blocks(r * min(p.shape) * e)  # the projector, in the gradient's dtype
+        if method == "sgd":
+            total += blocks(p.numel * e)  # the momentum buffer
+        elif p.projected:
+            projector, moments = projected_sizes(p, opts.get("rank"), opts.get("proj_type", "std"))
+            total += blocks(projector * e)  # the projector, in the gradient's dtype
             total += _adam8bit_state(moments) if method == "galore8bit" else 2 * blocks(moments * e)
         elif method in ("adam8bit", "galore8bit"):
             total += _adam8bit_state(p.numel)
@@ -99,25 +109,38 @@ def optimizer_state_bytes(params: list[Tensor2D], method: str, rank: int | None,
     return total
 
 
-def update_temporaries(p: Tensor2D, method: str, rank: int | None, e: int) -> int:
+def update_temporaries(p: Tensor2D, method: str, opts: dict[str, Any], e: int) -> int:
     """The largest transient one parameter's update allocates (for-loop implementations)."""
     if method in ("sgd", "adam8bit") or (method == "galore8bit" and not p.projected):
-        return 0  # plain SGD and bitsandbytes' kernels update in place
+        return 0  # SGD and bitsandbytes' kernels update in place
     if method == "lomo":
         return 2 * blocks(p.numel * 4) if e < 4 else 0  # fp32 copies of the gradient and the weight
     if not p.projected:
         return 2 * blocks(p.numel * e)  # sqrt(v), then (sqrt(v) + eps) or m / denom
-    moments = min(rank or 0, *p.shape) * max(p.shape)
+    moments = projected_sizes(p, opts.get("rank"), opts.get("proj_type", "std"))[1]
     low = (2 if method == "galore8bit" else 3) * blocks(moments * e)  # projected grad, denom/buffer, update
     return low + 2 * blocks(p.numel * e)  # projected back, then scaled: two full-size matrices
 
 
-def optimizer_temporaries(params: list[Tensor2D], method: str, rank: int | None, e: int, layerwise: bool) -> int:
+def adamw_impl(opts: dict[str, Any], target: str, layerwise: bool) -> str:
+    """torch AdamW's implementation as the run resolves it: 'auto' is foreach on a GPU, the for-loop on a CPU."""
+    impl = opts.get("impl", "auto")
+    if layerwise:
+        return "for-loop"
+    return ("foreach" if target == "gpu" else "for-loop") if impl == "auto" else impl
+
+
+def optimizer_temporaries(params: list[Tensor2D], method: str, opts: dict[str, Any], e: int, layerwise: bool,
+                          target: str = "gpu") -> int:
     """The largest transient of a whole update (foreach AdamW: a full copy of every second moment)."""
     trainable = [p for p in params if p.trainable]
-    if method in ("adamw", *LOWRANK_METHODS) and not layerwise:
-        return sum(blocks(p.numel * e) for p in trainable)  # foreach: sqrt(v) for all parameters at once
-    return max((update_temporaries(p, method, rank, e) for p in trainable), default=0)
+    if method in ("adamw", *LOWRANK_METHODS):
+        impl = adamw_impl(opts, target, layerwise)
+        if impl == "foreach":
+            return sum(blocks(p.numel * e) for p in trainable)  # sqrt(v) for all parameters at once
+        if impl == "fused":
+            return 0  # one kernel per tensor group, nothing materialised
+    return max((update_temporaries(p, method, opts, e) for p in trainable), default=0)
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq: int, e: int, method: str, rank: int | None,
@@ -160,8 +183,12 @@ def _moment(weights: int, gradients: int, states: int, activations: int, other: 
 
 
 def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_size: int, seq_len: int,
-             dtype: str, activation_checkpointing: bool = False, grad_accum: int = 1) -> Estimate:
-    """Closed-form peak memory of one steady-state training step (step 2+: optimizer states exist)."""
+             dtype: str, activation_checkpointing: bool = False, grad_accum: int = 1, target: str = "gpu") -> Estimate:
+    """Closed-form peak memory of one steady-state training step (step 2+: optimizer states exist).
+
+    `target`: the device the run is for ("gpu": what simulate predicts; "cpu": a real CPU run), which decides
+    what 'auto' implementations resolve to.
+    """
     e = DTYPE_BYTES[dtype]
     rank = options.get("rank")
     layerwise = bool(options.get("layerwise")) or method in FUSED_IN_BACKWARD
@@ -169,8 +196,8 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     weights = sum(blocks(p.numel * e) for p in params)
     grads = sum(blocks(p.numel * e) for p in params if p.trainable)
     head_grad = blocks(shape.vocab_size * shape.hidden_size * e)
-    states = optimizer_state_bytes(params, method, rank, e)
-    temps = optimizer_temporaries(params, method, rank, e, layerwise)
+    states = optimizer_state_bytes(params, method, options, e)
+    temps = optimizer_temporaries(params, method, options, e, layerwise, target)
     act = activation_bytes(shape, batch_size, seq_len, e, method, rank, activation_checkpointing)
     carried = grads if grad_accum > 1 and not layerwise else 0  # later micro-batches find the gradients there
     saved = act["saved_layers"] + act["head"]
@@ -182,7 +209,7 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     if layerwise:
         head = next(p for p in params if p.name == "lm_head")
         moments["head_update"] = _moment(weights, head_grad, states, saved,
-                                         update_temporaries(head, method, rank, e) + act["hidden"])
+                                         update_temporaries(head, method, options, e) + act["hidden"])
     else:
         moments["optimizer"] = _moment(weights, grads, states, 0, temps)
     if activation_checkpointing:
@@ -197,9 +224,9 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     return Estimate(sum(moments[moment].values()), moments[moment], category_peaks, moment, moments, terms)
 
 
-def estimate_run(scenario: Any, run: Any) -> Estimate:
+def estimate_run(scenario: Any, run: Any, target: str = "gpu") -> Estimate:
     """The estimate for one run of a scenario (its model, method, options and training settings)."""
     train = scenario.train
     return estimate(run.model, run.method, run.options, batch_size=train.batch_size, seq_len=train.seq_len,
                     dtype=train.dtype, activation_checkpointing=train.activation_checkpointing,
-                    grad_accum=train.grad_accum)
+                    grad_accum=train.grad_accum, target=target)

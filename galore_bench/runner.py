@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from galore_bench.record import empty_record, load_record, write_record
-from galore_bench.scenario import Scenario
+from galore_bench.scenario import Scenario, UserError
 from galore_bench.units import format_bytes
 from galore_bench.worker import FAULT_ENV
 
@@ -127,6 +127,8 @@ def _run_ranks(request: dict[str, Any], world_size: int, on_step) -> tuple[Path 
                 proc.kill()
                 proc.join()
         failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+        if record is None:  # a rank that failed on its own wrote the run's record and named it on stderr
+            record = _named_record([Path(errs[r]) for r, _ in failed])
         stderr = "\n".join(f"rank {r} exited with code {code}\n{Path(errs[r]).read_text(errors='replace')[-2000:]}"
                            for r, code in failed)
         if record is None and not failed:
@@ -136,6 +138,23 @@ def _run_ranks(request: dict[str, Any], world_size: int, on_step) -> tuple[Path 
         receiver.close()
         for path in errs:
             os.unlink(path)
+
+
+def check_mode(scenario: Scenario, mode: str | None) -> None:
+    """Modes a distributed scenario cannot run, refused before any process starts."""
+    if scenario.distributed is not None and (mode or scenario.mode) == "estimate":
+        raise UserError(f"{scenario.path}: mode: got 'estimate', allowed simulate or measure with [distributed] "
+                        "(the closed form does not model sharding; simulate applies it to the traced step)")
+
+
+def _named_record(stderr_files: list[Path]) -> Path | None:
+    from galore_bench.distributed import RECORD_MARKER
+
+    for path in stderr_files:
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith(RECORD_MARKER):
+                return Path(line[len(RECORD_MARKER):].strip())
+    return None
 
 
 def _dispatch(scenario: Scenario, index: int, request: dict[str, Any], on_step) -> tuple[Path | None, str]:
@@ -156,6 +175,7 @@ def _dispatch(scenario: Scenario, index: int, request: dict[str, Any], on_step) 
 def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, steps: int | None = None,
                  skip_existing: bool = False, console: Console | None = None) -> list[Path]:
     """Run every run of the scenario; a run that crashes still leaves an error record."""
+    check_mode(scenario, mode)
     console = console or Console(stderr=True)
     paths: list[Path] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -241,6 +241,10 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
         problems.add("description", description, "a string")
     runs = _parse_runs(problems, raw.get("runs"), model_name, model, train)
     distributed = parse_distributed(problems, problems.table(raw, "distributed"), runs, mode)
+    if isinstance(eval_every, int) and eval_every and not eval_batches:
+        problems.add("eval.every", eval_every, "0 unless eval.batches > 0 (there is nothing to evaluate on)")
+    if isinstance(eval_batches, int) and eval_batches and distributed is not None:
+        problems.add("eval.batches", eval_batches, "0 with [distributed] (perplexity is measured on single-device runs)")
     if problems.lines:
         raise UserError(f"{len(problems.lines)} problem(s) in scenario {path}:\n" + "\n".join(problems.lines))
     if model is None:  # unreachable: a missing model always adds a problem above

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from galore_bench.tracker import CATEGORIES, PHASE_CATEGORY, MemoryTracker
+from galore_bench.tracker import CATEGORIES, PHASE_CATEGORY, MemoryTracker, allocator_bytes
 
 SHARDED = ("weights", "gradients", "optimizer_states")
 PREFETCH_UNITS = 2  # FSDP2 holds the unit it computes and the next, prefetched one
@@ -63,7 +63,7 @@ def shard_bytes(tensor: torch.Tensor, full_bytes: int, world_size: int, round_to
     local = math.ceil(rows / world_size) * (raw // rows)
     if raw != full_bytes:  # a view of a bigger (or rounded) storage: scale the storage instead
         local = math.ceil(full_bytes * math.ceil(rows / world_size) / rows)
-    return -(-local // round_to) * round_to if round_to > 1 else local
+    return allocator_bytes(local, round_to)
 
 
 def fsdp2_units(model: torch.nn.Module, unit: str = "layer") -> list[torch.nn.Module]:
@@ -90,7 +90,7 @@ def fsdp2_transients(model: torch.nn.Module, world_size: int, round_to: int = 1,
     + Ug/N (reduce-scatter output); see torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py.
     """
     def size(params: list[torch.nn.Parameter]) -> int:
-        return sum(-(-p.numel() * p.element_size() // round_to) * round_to for p in params)
+        return sum(allocator_bytes(p.numel() * p.element_size(), round_to) for p in params)
 
     units = [list(u.parameters()) for u in fsdp2_units(model, unit)] or [list(model.parameters())]
     big = max(units, key=size)

@@ -26,6 +26,11 @@ CUDA_BLOCK = 512  # the caching allocator rounds every block up to a multiple of
 _ACTIVE: list[MemoryTracker] = []
 
 
+def allocator_bytes(nbytes: int, round_to: int = CUDA_BLOCK) -> int:
+    """What an allocator that hands out multiples of `round_to` bytes takes for `nbytes` (1: exact)."""
+    return -(-nbytes // round_to) * round_to if round_to > 1 else nbytes
+
+
 @contextlib.contextmanager
 def optimizer_phase() -> Iterator[None]:
     """Label what an optimizer allocates inside backward (layer-wise, LOMO) as optimizer temporaries."""
@@ -53,8 +58,7 @@ class MemoryTracker(TorchDispatchMode):
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _size(self, storage: torch.UntypedStorage) -> int:
-        n = storage.nbytes()
-        return -(-n // self.round_to) * self.round_to if self.round_to > 1 else n
+        return allocator_bytes(storage.nbytes(), self.round_to)
 
     def _add(self, storage: torch.UntypedStorage, category: str) -> None:
         key = id(storage)

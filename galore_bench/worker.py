@@ -62,8 +62,7 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> d
     """Run one method and return its record (status oom/error instead of raising)."""
     device = engine.pick_device()
     mode = resolve_mode(mode, run, device)
-    name = engine.device_name(device)
-    record = new_record(scenario, run, mode, name if mode == "measure" else f"{mode}d-{name}")
+    record = new_record(scenario, run, mode, engine.record_device(mode, device))
     started = time.perf_counter()
     try:
         if mode == "estimate":
@@ -73,7 +72,8 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> d
         record["status"] = "ok"
     except torch.OutOfMemoryError as exc:
         record["status"] = "oom"
-        record["error"] = f"OOM at {format_bytes(torch.cuda.max_memory_allocated())}: {str(exc).splitlines()[0]}"
+        at = f" at {format_bytes(torch.cuda.max_memory_allocated())}" if device == "cuda" else ""
+        record["error"] = f"OOM{at}: {str(exc).splitlines()[0]}"
     except Exception as exc:  # a failing method is a result of the sweep, not the end of it
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()
@@ -96,24 +96,40 @@ def close_record(record: dict[str, Any], scenario: Scenario, started: float) -> 
     record["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak, budget = record["memory"].get("peak_bytes"), scenario.budget_bytes
     if budget is not None:
-        record["budget"]["fits"] = False if record["status"] == "oom" else (None if peak is None else peak <= budget)
+        ok = record["status"] == "ok" and peak is not None
+        record["budget"]["fits"] = False if record["status"] == "oom" else (peak <= budget if ok else None)
     return record
 
 
-def _estimate(record: dict[str, Any], scenario: Scenario, run: RunSpec) -> None:
-    """Closed-form byte counts (labelled an estimate; tests hold it to the simulate engine)."""
+def _estimate_fields(scenario: Scenario, run: RunSpec, target: str = "gpu") -> dict[str, Any]:
+    """The closed-form estimate as a record stores it (labelled an estimate; tests hold it to simulate)."""
     from galore_bench.estimate import estimate_run
 
-    result = estimate_run(scenario, run)
-    record["memory"] = {"peak_bytes": result.peak_bytes, "breakdown": result.breakdown,
-                        "category_peaks": result.category_peaks, "source": "estimate (closed-form formulas)",
-                        "estimate": {"peak_moment": result.moment, "moments": result.moments, "terms": result.terms}}
+    result = estimate_run(scenario, run, target)
+    return {"peak_bytes": result.peak_bytes, "breakdown": result.breakdown, "category_peaks": result.category_peaks,
+            "peak_moment": result.moment, "moments": result.moments, "terms": result.terms, "target": target}
+
+
+def _estimate(record: dict[str, Any], scenario: Scenario, run: RunSpec) -> None:
+    fields = _estimate_fields(scenario, run)
+    record["memory"] = {"peak_bytes": fields["peak_bytes"], "breakdown": fields["breakdown"],
+                        "category_peaks": fields["category_peaks"], "source": "estimate (closed-form formulas)",
+                        "estimate": fields}
+
+
+def _cross_check(record: dict[str, Any], key: str, compute: Callable[[], Any]) -> Any:
+    """A figure computed beside the measurement: its failure is noted, never turns a finished run into an error."""
+    try:
+        return compute()
+    except Exception as exc:  # noqa: BLE001 - any failure of a cross-check is recorded, not raised
+        record.setdefault("cross_check_errors", {})[key] = f"{type(exc).__name__}: {exc}"
+        return None
 
 
 def _special_steps(run: RunSpec, steps: int) -> dict[str, set[int]]:
     """Steps with a periodic extra cost, timed apart: GaLore's SVD refresh of every projector."""
-    if run.method.startswith("galore"):
-        return {"svd_refresh": {i for i in range(steps) if i % run.options["update_proj_gap"] == 0}}
+    if run.method.startswith("galore"):  # step 0 (the first SVD, state creation) is warm-up either way
+        return {"svd_refresh": {i for i in range(1, steps) if i % run.options["update_proj_gap"] == 0}}
     return {}
 
 
@@ -135,6 +151,8 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
            steps: int | None) -> None:
     fake = mode == "simulate"
     n_steps = engine.SIMULATE_STEPS if fake else max(2, steps or scenario.train.steps)
+    if not fake and n_steps != scenario.train.steps:  # the LR schedule and the data length follow --steps
+        scenario = dataclasses.replace(scenario, train=dataclasses.replace(scenario.train, steps=n_steps))
     if device == "cuda" and scenario.budget_bytes and not fake:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, scenario.budget_bytes / total))
@@ -159,11 +177,8 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         import psutil
 
         memory["process_rss_bytes"] = psutil.Process().memory_info().rss
-    from galore_bench.estimate import estimate_run
-
-    guess = estimate_run(scenario, run)  # the closed form beside every traced/measured peak, as a cross-check
-    memory["estimate"] = {"peak_bytes": guess.peak_bytes, "breakdown": guess.breakdown,
-                          "category_peaks": guess.category_peaks, "peak_moment": guess.moment}
+    target = "gpu" if fake or device == "cuda" else "cpu"  # what 'auto' implementations resolved to
+    memory["estimate"] = _cross_check(record, "estimate", lambda: _estimate_fields(scenario, run, target))
     record["memory"] = memory
     record["model"]["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     record["method"]["implementation"] = result["trainer_info"]
@@ -171,12 +186,12 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         train = scenario.train
         tokens = train.batch_size * train.seq_len * train.grad_accum
         speed = engine.throughput(result["step_times"], tokens, device, _special_steps(run, n_steps))
-        speed.update(_flops(scenario, run, speed, record["device"]))
+        speed.update(_cross_check(record, "flops", lambda: _flops(scenario, run, speed, record["device"])) or {})
         record["throughput"] = speed
         record["quality"]["losses"] = result["losses"]
         record["quality"]["final_loss"] = result["losses"][-1] if result["losses"] else None
-        if evaluate is not None:
-            final = {"step": n_steps, **evaluate(model)}
+        final = _cross_check(record, "perplexity", lambda: {"step": n_steps, **evaluate(model)}) if evaluate else None
+        if final is not None:
             record["quality"].update(perplexity=final["perplexity"], eval=final, evals=[*result["evals"], final])
 
 
@@ -188,6 +203,8 @@ def _flops(scenario: Scenario, run: RunSpec, speed: dict[str, Any], device_name:
     counted = flops.count_step_flops(scenario, run)
     model = flops.hand_count(run.model, train.batch_size, train.seq_len, train.activation_checkpointing)
     model_flops_per_step = model["model_flops_per_token"] * train.batch_size * train.seq_len * train.grad_accum
+    if speed.get("step_seconds_median") is None:
+        return {}
     utilisation = flops.mfu(model_flops_per_step, speed["step_seconds_median"], device_name, train.dtype)
     return {"mfu": utilisation["mfu"], "flops": {
         "counted_per_step": counted["flops_per_step"], "counted_per_token": counted["flops_per_token"],

@@ -132,9 +132,41 @@ def test_folders_match_runs_on_the_newest_ok_record(tmp_path: Path):
     data = json.loads(stdout.getvalue())
     assert [(r["scenario"], r["run"]) for r in data["runs"]] == [("smoke_cpu", "galore")]
     assert data["runs"][0]["a"].endswith("galore.2.json")
-    assert data["only_a"] == ["smoke_cpu/lomo"] and data["only_b"] == ["other/adamw"]
+    assert data["only_a"] == ["smoke_cpu/lomo (measure)"] and data["only_b"] == ["other/adamw (measure)"]
     peak = next(d for d in data["deltas"] if d["quantity"] == "peak")
     assert (peak["a"], peak["b"]) == (7600 * MIB, 8500 * MIB)
+
+
+def test_engines_are_compared_only_with_the_same_engine(tmp_path: Path):
+    """A newer simulate record in A must not be paired with B's measure record."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "cpu/smoke_cpu/galore.m.json", A)
+    write(a / "cpu/smoke_cpu/galore.s.json", A | {"mode": "simulate", "created": "2026-01-01T00:09:00Z",
+                                                  "memory": {"peak_bytes": 1, "breakdown": split(0, 0, 0, 0, 0)}})
+    write(b / "cpu/smoke_cpu/galore.m.json", A)
+    stdout = StringIO()
+    assert run_compare(a, b, fmt="json", console=Console(file=stdout)) == 0
+    data = json.loads(stdout.getvalue())
+    assert [(r["a_mode"], r["b_mode"]) for r in data["runs"]] == [("measure", "measure")]
+    assert data["only_a"] == ["smoke_cpu/galore (simulate)"]
+    errors = StringIO()  # with a gate, the engine B lacks is a failure, not a silent pass
+    assert run_compare(a, b, fail_above=5, console=Console(file=StringIO()), errors=Console(file=errors)) == 1
+    assert "smoke_cpu/galore (simulate): no record in B" in errors.getvalue()
+
+
+def test_the_gate_fails_when_b_ran_out_of_memory_or_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture):
+    oom = record(parts=split(0, 0, 0, 0, 0), status="oom", minute=5) | {"error": "OOM at 23.9 GiB: CUDA out of memory"}
+    a_file, b_file = write(tmp_path / "a.json", A), write(tmp_path / "b.json", oom)
+    assert run_compare(a_file, b_file, fail_above=5) == 1
+    assert "smoke_cpu/galore: B is oom, not ok (OOM at 23.9 GiB" in capsys.readouterr().err
+    a, b = tmp_path / "fa", tmp_path / "fb"
+    write(a / "cpu/smoke_cpu/galore.json", A)
+    write(a / "cpu/smoke_cpu/lomo.json", record("lomo", parts=split(1, 0, 0, 1, 0)))
+    write(b / "cpu/smoke_cpu/galore.1.json", A)
+    write(b / "cpu/smoke_cpu/galore.2.json", oom)  # only an older ok record: the newest ok one is used
+    assert run_compare(a, b, fail_above=5) == 1
+    assert "smoke_cpu/lomo (measure): no record in B" in capsys.readouterr().err
+    assert run_compare(a, b) == 0  # without --fail-above nothing gates
 
 
 def test_clear_errors(tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.CaptureFixture):
@@ -150,7 +182,7 @@ def test_clear_errors(tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.Ca
         run_compare(tmp_path / "broken.json", b)
     write(tmp_path / "x" / "lomo.json", record("lomo", parts=split(1, 0, 0, 0, 0)))
     write(tmp_path / "y" / "sgd.json", record("sgd", parts=split(1, 0, 0, 0, 0)))
-    with pytest.raises(UserError, match=r"no common runs: .*x has smoke_cpu/lomo; .*y has smoke_cpu/sgd"):
+    with pytest.raises(UserError, match=r"no common runs: .*x has smoke_cpu/lomo \(measure\); .*y has smoke_cpu/sgd \(measure\)"):
         run_compare(tmp_path / "x", tmp_path / "y")
     write(tmp_path / "z" / "oom.json", record(parts=split(1, 0, 0, 0, 0), status="oom"))
     with pytest.raises(UserError, match="1 record.s., none with status ok"):

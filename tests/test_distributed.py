@@ -199,6 +199,19 @@ def test_a_dead_rank_gives_an_error_record_not_a_hang(write_scenario, tmp_path, 
     assert time.perf_counter() - started < 30
 
 
+def test_an_oom_on_one_rank_is_an_oom_record_at_once_and_the_only_record(write_scenario, tmp_path, monkeypatch):
+    """The failing rank reports the run itself: the others, stuck in collectives, are stopped by the runner."""
+    scenario = load_scenario(str(write_scenario(distributed("ddp") + '[[runs]]\nmethod = "sgd"\n', "oom")))
+    monkeypatch.setenv(FAULT_ENV, "oom:sgd")  # the last rank raises torch.OutOfMemoryError after its first step
+    started = time.perf_counter()
+    paths = run_scenario(scenario, out=tmp_path / "r")
+    record = load_record(paths[0])
+    assert record["status"] == "oom" and record["error"].startswith("rank 1: OOM: fault injected")
+    assert record["distributed"]["world_size"] == 2 and record["budget"]["fits"] is False
+    assert len(list((tmp_path / "r").rglob("*.json"))) == 1
+    assert time.perf_counter() - started < 30
+
+
 def test_submitit_local_executor_runs_ranks_into_the_same_store(write_scenario, tmp_path):
     pytest.importorskip("submitit")
     from galore_bench.cluster import parse_options, submit_scenario
@@ -212,3 +225,10 @@ def test_submitit_local_executor_runs_ranks_into_the_same_store(write_scenario, 
     assert paths[0].is_relative_to(tmp_path / "results")
     with pytest.raises(UserError, match="KEY=VALUE"):
         parse_options(["partition"])
+
+
+def test_estimate_mode_is_refused_for_distributed_scenarios(write_scenario, tmp_path):
+    scenario = load_scenario(str(write_scenario(distributed("ddp") + '[[runs]]\nmethod = "sgd"\n', "est")))
+    with pytest.raises(UserError, match="got 'estimate', allowed simulate or measure with \\[distributed\\]"):
+        run_scenario(scenario, out=tmp_path / "r", mode="estimate")
+    assert not (tmp_path / "r").exists()

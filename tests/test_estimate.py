@@ -15,6 +15,13 @@ EVERY_METHOD = [
     {"method": "galore8bit", "rank": 16}, {"method": "galore8bit", "rank": 16, "layerwise": True},
     {"method": "adamw", "layerwise": True}, {"method": "lomo"}, {"method": "lora", "rank": 16},
     {"method": "relora", "rank": 16}, {"method": "lowrank", "rank": 16},
+    # options that change the bytes: implementations, momentum, the projected side
+    {"method": "adamw", "impl": "for-loop", "label": "adamw-for-loop"},
+    {"method": "adamw", "impl": "fused", "label": "adamw-fused"},
+    {"method": "sgd", "momentum": 0.9, "label": "sgd-momentum"},
+    {"method": "galore", "rank": 16, "proj_type": "reverse_std", "label": "galore-reverse"},
+    {"method": "galore", "rank": 16, "proj_type": "left", "label": "galore-left"},
+    {"method": "lora", "rank": 16, "impl": "for-loop", "label": "lora-for-loop"},
 ]
 SETTINGS = {  # model, train: small enough for the suite, different enough to move the peak around
     "tiny-fp32": ("tiny", {"batch_size": 4, "seq_len": 64, "dtype": "fp32"}),

@@ -81,3 +81,15 @@ def test_shipped_scenarios_load_and_list(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in shipped)
     assert len([line for line in out.splitlines() if line.strip()]) >= len(shipped)
+
+
+def test_evaluation_settings_that_would_be_ignored_are_refused(write_scenario):
+    from conftest import TINY_HEADER
+
+    body = TINY_HEADER + '[eval]\nevery = 2\n[[runs]]\nmethod = "sgd"\n'
+    with pytest.raises(UserError, match=r"eval.every: got 2, allowed 0 unless eval.batches > 0"):
+        load_scenario(str(write_scenario(body)))
+    body = TINY_HEADER + ('[eval]\nbatches = 2\n[distributed]\nstrategy = "ddp"\nworld_size = 2\n'
+                          '[[runs]]\nmethod = "sgd"\n')
+    with pytest.raises(UserError, match=r"eval.batches: got 2, allowed 0 with \[distributed\]"):
+        load_scenario(str(write_scenario(body, "dist")))
