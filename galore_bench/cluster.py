@@ -65,7 +65,7 @@ def _task_rank() -> int:
         from submitit import JobEnvironment
 
         return JobEnvironment().global_rank
-    except Exception:  # noqa: BLE001 - not inside a submitit job
+    except Exception:
         return 0
 
 
@@ -88,8 +88,8 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
         import submitit
     except ImportError:
         raise UserError("submitit is not installed: pip install 'galore-bench[cluster]'") from None
-    from galore_bench.record import empty_record, write_record
     from galore_bench.runner import existing_record
+    from galore_bench.worker import died_record
 
     if executor not in EXECUTORS:
         raise UserError(f"--submitit {executor!r}: allowed one of {', '.join(EXECUTORS)}")
@@ -124,13 +124,10 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
             results = job.results()  # one value per task; rank 0's is the record path
             found = next((Path(r) for r in results if r), None)
             error = None if found else "job finished without a record"
-        except Exception as exc:  # noqa: BLE001 - a failed job is a result of the sweep
+        except Exception as exc:
             found, error = None, f"{executor} job {job.job_id} failed: {exc}"
         if found is None:
-            record = empty_record(scenario.to_dict(), {"label": run.label, "method": run.method, "options": run.options},
-                                  mode or scenario.mode, "unknown")
-            record["error"] = error
-            found = write_record(record, out)
+            found = died_record(scenario, run, mode or scenario.mode, error or "job failed", out)
         paths.append(found)
     return paths
 

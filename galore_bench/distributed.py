@@ -25,13 +25,12 @@ import torch
 import torch.distributed as dist
 
 from galore_bench import engine, sharding
-from galore_bench.methods import Trainer
 from galore_bench.parallel import DistributedSpec
 from galore_bench.record import DEFAULT_RESULTS, write_record
 from galore_bench.scenario import RunSpec, Scenario, UserError, load_scenario
 from galore_bench.tracker import CUDA_BLOCK, PHASE_CATEGORY, MemoryTracker
 from galore_bench.units import format_bytes
-from galore_bench.worker import close_record, new_record
+from galore_bench.worker import child_io, close_record, new_record
 
 RECORD_MARKER = "galore-bench record: "  # a failing rank names the record it wrote on stderr
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -84,7 +83,7 @@ def simulate_record(scenario: Scenario, run: RunSpec) -> dict[str, Any]:
         record["model"]["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         record["method"]["implementation"] = trainer.info
         record["status"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - a failing method is a result of the sweep, not its end
+    except Exception as exc:
         record["error"], record["traceback"] = f"{type(exc).__name__}: {exc}", traceback.format_exc()
     return close_record(record, scenario, started)
 
@@ -152,13 +151,6 @@ def wrap(model: torch.nn.Module, spec: DistributedSpec, device: torch.device, wo
     return model
 
 
-def build_rank_trainer(scenario: Scenario, run: RunSpec, spec: DistributedSpec, device: torch.device,
-                       tracker: MemoryTracker, world_size: int) -> Trainer:
-    """The single-device build with the wrapper inserted; the same seed on every rank gives identical replicas."""
-    return engine.build_trainer(scenario, run, device, tracker, None,
-                                wrap=lambda model: wrap(model, spec, device, world_size))
-
-
 def _rank_batches(scenario: Scenario, run: RunSpec, device: torch.device, rank: int) -> Iterator[torch.Tensor]:
     """Each rank its own data (a different seed), as a distributed sampler would give it."""
     for batch in engine.training_batches(scenario, run.model.vocab_size, seed_offset=7919 * rank).forever():
@@ -180,37 +172,22 @@ def rank_steps(scenario: Scenario, run: RunSpec, spec: DistributedSpec, device: 
     """Real steps on this rank with the tracker on; its peak, breakdown, losses, times and weight fingerprint."""
     tracker = RankTracker(round_to=CUDA_BLOCK if device.type == "cuda" else 1,
                           label_grads_before_step=spec.strategy == "ddp")
-    trainer = build_rank_trainer(scenario, run, spec, device, tracker, world_size)
-    batches, losses, times = _rank_batches(scenario, run, device, rank), [], []
     # DDP rebuilds its gradient buckets during the second forward: its steady state starts one step later
     steady = 2 if spec.strategy == "ddp" and world_size > 1 and steps > 2 else 1
-    with tracker:
-        for step in range(steps):
-            if step == steady:
-                tracker.reset_peak()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            losses.append(engine.one_step(trainer, tracker, batches, scenario.train.grad_accum, step))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-            tracker.label(trainer.state_tensors(), "optimizer_states")
-            emit(step=step + 1, of=steps)
-    tracker.unwatch()
-    sha, held = _fingerprint(trainer.model)
+    done = engine.train_steps(scenario, run, fake=False, device=device, steps=steps, tracker=tracker,
+                              wrap=lambda model: wrap(model, spec, device, world_size),
+                              batches=_rank_batches(scenario, run, device, rank), steady_from=steady,
+                              progress=lambda step, total: emit(step=step, of=total))
+    model = done["model"]
+    sha, held = _fingerprint(model)
     result: dict[str, Any] = {"rank": rank, "status": "ok", "peak_bytes": tracker.peak, "breakdown": tracker.breakdown(),
-              "steady_state_from_step": steady + 1,
-              "losses": losses, "step_seconds": times, "weights_sha256": sha, "local_parameter_bytes": held,
-              "trainable_parameters": sum(_local(p).numel() for p in trainer.model.parameters() if p.requires_grad),
-              "implementation": trainer.info}
-    if device.type == "cuda":
-        stats = torch.cuda.memory_stats(device)
-        result["cuda"] = {"allocated_bytes": stats.get("allocated_bytes.all.peak", 0),
-                          "reserved_bytes": stats.get("reserved_bytes.all.peak", 0)}
-        result["tracker_peak_bytes"], result["peak_bytes"] = tracker.peak, result["cuda"]["allocated_bytes"]
+              "steady_state_from_step": steady + 1, "losses": done["losses"], "step_seconds": done["step_times"],
+              "weights_sha256": sha, "local_parameter_bytes": held,
+              "trainable_parameters": sum(_local(p).numel() for p in model.parameters() if p.requires_grad),
+              "implementation": done["trainer_info"]}
+    if done["cuda"]:
+        result["cuda"] = done["cuda"]
+        result["tracker_peak_bytes"], result["peak_bytes"] = tracker.peak, done["cuda"]["allocated_bytes"]
         result["breakdown"]["other"] += result["peak_bytes"] - tracker.peak
     return result
 
@@ -258,7 +235,7 @@ def run_ranked(scenario: Scenario, run: RunSpec, backend: str, device: torch.dev
     except torch.OutOfMemoryError as exc:
         at = f" at {format_bytes(torch.cuda.max_memory_allocated(device))}" if device.type == "cuda" else ""
         result = {"rank": rank, "status": "oom", "error": f"OOM{at}: {str(exc).splitlines()[0]}"}
-    except Exception as exc:  # noqa: BLE001 - this rank's own failure: it reports the run
+    except Exception as exc:
         if _peer_failed(exc):
             raise  # a collective broke because another rank died or failed: that rank reports the run
         result = {"rank": rank, "status": "error", "error": f"{type(exc).__name__}: {exc}",
@@ -317,23 +294,14 @@ def _fill_measured(record: dict[str, Any], scenario: Scenario, spec: Distributed
 
 
 # -- entry points ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _child_io(stderr_path: str, threads: int | None) -> Iterator[None]:
-    with open(stderr_path, "w") as err:
-        os.dup2(err.fileno(), 2)
-    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
-    torch.set_num_threads(threads or torch.get_num_threads())
-    yield
-
-
 def simulate_main(request: dict[str, Any], conn: Any, stderr_path: str) -> None:
     """Runner child for a simulated distributed run: no ranks, one trace, one record."""
-    with _child_io(stderr_path, request.get("threads")):
-        scenario = load_scenario(request["scenario"])
-        record = simulate_record(scenario, scenario.runs[request["run_index"]])
-        path = write_record(record, Path(request["out"]))
-        conn.send({"record": str(path), "status": record["status"]})
-        conn.close()
+    child_io(stderr_path, request.get("threads"))
+    scenario = load_scenario(request["scenario"])
+    record = simulate_record(scenario, scenario.runs[request["run_index"]])
+    path = write_record(record, Path(request["out"]))
+    conn.send({"record": str(path), "status": record["status"]})
+    conn.close()
 
 
 def rank_main(request: dict[str, Any], rank: int, world_size: int, port: int, conn: Any, stderr_path: str) -> None:
@@ -341,27 +309,27 @@ def rank_main(request: dict[str, Any], rank: int, world_size: int, port: int, co
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     threads = max(1, (request.get("threads") or torch.get_num_threads()) // world_size)
-    with _child_io(stderr_path, threads):
-        scenario = load_scenario(request["scenario"])
-        run, device = scenario.runs[request["run_index"]], rank_device(rank)
-        assert scenario.distributed is not None
-        last = rank == world_size - 1
-        fault = request.get("fault") if last else None
+    child_io(stderr_path, threads)
+    scenario = load_scenario(request["scenario"])
+    run, device = scenario.runs[request["run_index"]], rank_device(rank)
+    assert scenario.distributed is not None
+    last = rank == world_size - 1
+    fault = request.get("fault") if last else None
 
-        def emit(**message: Any) -> None:
-            if conn is not None:
-                conn.send(message)
-            if message.get("step", 0) >= 1:  # test hooks (worker.FAULT_ENV): the last rank dies or runs out mid-run
-                if fault == f"kill:{run.label}":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if fault == f"oom:{run.label}":
-                    raise torch.OutOfMemoryError("fault injected by the test hook")
-
-        with process_group(scenario.distributed, device) as backend:
-            path = run_ranked(scenario, run, backend, device, request.get("steps"), Path(request["out"]), emit)
+    def emit(**message: Any) -> None:
         if conn is not None:
-            conn.send({"record": str(path) if path else None})
-            conn.close()
+            conn.send(message)
+        if message.get("step", 0) >= 1:  # test hooks (worker.FAULT_ENV): the last rank dies or runs out mid-run
+            if fault == f"kill:{run.label}":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault == f"oom:{run.label}":
+                raise torch.OutOfMemoryError("fault injected by the test hook")
+
+    with process_group(scenario.distributed, device) as backend:
+        path = run_ranked(scenario, run, backend, device, request.get("steps"), Path(request["out"]), emit)
+    if conn is not None:
+        conn.send({"record": str(path) if path else None})
+        conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,7 @@ def nvml_used_bytes() -> int | None:
             return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # no driver, no library, a virtualised device: the reading is simply absent
+    except Exception:  # noqa: BLE001 - no driver, no library, a virtualised device: the reading is absent
         return None
 
 
@@ -153,30 +153,37 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, 
     return trainer
 
 
-def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, steps: int,
+def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | torch.device, steps: int,
                 progress: ProgressFn | None = None, round_to: int | None = None,
-                evaluate: EvaluateFn | None = None, evaluate_every: int = 0) -> dict[str, Any]:
+                evaluate: EvaluateFn | None = None, evaluate_every: int = 0,
+                tracker: MemoryTracker | None = None, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                batches: Iterator[torch.Tensor] | None = None, steady_from: int = 1,
+                on_built: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
     """Run `steps` real training steps and return what was measured (memory, losses, step times).
 
     Storage sizes are rounded like the CUDA caching allocator when simulating (the GPU is what a
     simulation predicts) or measuring on CUDA; `round_to` overrides that (1 = exact bytes).
     `evaluate(model)` runs every `evaluate_every` steps with the tracker paused (not part of the step).
+    Distributed runs pass their own `tracker`, the `wrap`per (DDP, FSDP2), each rank's `batches` and the step
+    their steady state starts at; `on_built(trainer)` sees the trainer before the first step.
     """
-    if round_to is None:
-        round_to = CUDA_BLOCK if (fake or device == "cuda") else 1
-    tracker = MemoryTracker(round_to=round_to)
+    on_cuda = torch.device(device).type == "cuda"
+    if tracker is None:
+        tracker = MemoryTracker(round_to=round_to or (CUDA_BLOCK if (fake or on_cuda) else 1))
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else None
-    trainer = build_trainer(scenario, run, device, tracker, fake_mode)
-    batches = input_batches(scenario, run, device, fake)
-    timer, losses, evals = _StepTimer(device), [], []
-    cuda_peak: dict[str, int] = {}
+    trainer = build_trainer(scenario, run, device, tracker, fake_mode, wrap=wrap)
+    if on_built is not None:
+        on_built(trainer)
+    batches = batches if batches is not None else input_batches(scenario, run, str(device), fake)
+    timer, losses, evals = _StepTimer(torch.device(device).type), [], []
+    cuda_peak: dict[str, Any] = {}
     mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
     with mode, tracker:
         for step in range(steps):
-            if step == min(1, steps - 1):
+            if step == min(steady_from, steps - 1):
                 tracker.reset_peak()
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
             with timer:
                 step_loss = one_step(trainer, tracker, batches, scenario.train.grad_accum, step)
             tracker.label(trainer.state_tensors(), "optimizer_states")
@@ -187,15 +194,15 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str, st
                     evals.append({"step": step + 1, **evaluate(trainer.model)})
             if progress is not None:
                 progress(step + 1, steps)
-    if device == "cuda":
-        stats = torch.cuda.memory_stats()
+    if on_cuda:
+        stats = torch.cuda.memory_stats(device)
         cuda_peak = {"allocated_bytes": stats.get("allocated_bytes.all.peak", 0),
                      "reserved_bytes": stats.get("reserved_bytes.all.peak", 0),
                      "num_ooms": stats.get("num_ooms", 0), "num_alloc_retries": stats.get("num_alloc_retries", 0),
                      "nvml_used_bytes_after": nvml_used_bytes()}
     tracker.unwatch()
     return {"tracker": tracker, "losses": losses, "step_times": timer.times, "cuda": cuda_peak,
-            "trainer_info": trainer.info, "model": trainer.model, "evals": evals}
+            "trainer_info": trainer.info, "model": trainer.model, "evals": evals, "trainer": trainer}
 
 
 def one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.Tensor], grad_accum: int,

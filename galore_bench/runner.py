@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from galore_bench.record import empty_record, load_record, write_record
+from galore_bench.record import load_record
 from galore_bench.scenario import Scenario, UserError
 from galore_bench.units import format_bytes
-from galore_bench.worker import FAULT_ENV
+from galore_bench.worker import FAULT_ENV, died_record
 
 CATEGORY_COLUMNS = ("weights", "gradients", "optimizer_states", "activations", "other")
 
@@ -196,10 +196,8 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
                        "fault": os.environ.get(FAULT_ENV), "threads": torch.get_num_threads()}
             path, stderr = _dispatch(scenario, index, request, on_step)
             if path is None:  # the worker died (killed, segfault): record that, keep going
-                record = empty_record(scenario.to_dict(), {"label": run.label, "method": run.method,
-                                                           "options": run.options}, mode or scenario.mode, "unknown")
-                record["error"] = stderr.strip() or "worker died without a message"
-                path = write_record(record, out)
+                path = died_record(scenario, run, mode or scenario.mode,
+                                   stderr.strip() or "worker died without a message", out)
             paths.append(path)
             progress.update(task, visible=False)
             progress.advance(sweep)

@@ -246,21 +246,10 @@ class ShardingTracker(MemoryTracker):
 
 def trace(scenario: Any, run: Any, plans: list[Plan]) -> tuple[ShardingTracker, Any]:
     """Two fake-tensor steps of the real method code on one device, every plan's rank followed throughout."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from galore_bench import engine
     from galore_bench.tracker import CUDA_BLOCK
 
     tracker = ShardingTracker(plans, round_to=CUDA_BLOCK)
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
-    trainer = engine.build_trainer(scenario, run, "cpu", tracker, fake_mode)
-    tracker.configure(trainer.model)
-    batches = engine.input_batches(scenario, run, "cpu", True)
-    with fake_mode, tracker:
-        for step in range(engine.SIMULATE_STEPS):
-            if step == 1:
-                tracker.reset_peak()  # steady state, as single-device simulate reports it
-            engine.one_step(trainer, tracker, batches, scenario.train.grad_accum, step)
-            tracker.label(trainer.state_tensors(), "optimizer_states")
-    tracker.unwatch()
-    return tracker, trainer
+    done = engine.train_steps(scenario, run, fake=True, device="cpu", steps=engine.SIMULATE_STEPS, tracker=tracker,
+                              on_built=lambda trainer: tracker.configure(trainer.model))
+    return tracker, done["trainer"]

@@ -74,7 +74,7 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> d
         record["status"] = "oom"
         at = f" at {format_bytes(torch.cuda.max_memory_allocated())}" if device == "cuda" else ""
         record["error"] = f"OOM{at}: {str(exc).splitlines()[0]}"
-    except Exception as exc:  # a failing method is a result of the sweep, not the end of it
+    except Exception as exc:  # noqa: BLE001 - a failing method is a result of the sweep, not the end of it
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()
     return close_record(record, scenario, started)
@@ -88,6 +88,21 @@ def new_record(scenario: Scenario, run: RunSpec, mode: str, device: str) -> dict
                            parameters=parameter_count(run.model))
     record["quality"]["data"] = scenario.data
     return record
+
+
+def died_record(scenario: Scenario, run: RunSpec, mode: str, error: str, out: Path) -> Path:
+    """The record of a run whose process died (killed, segfault, a failed job): the sweep records it and goes on."""
+    record = new_record(scenario, run, mode, "unknown")
+    record["error"] = error
+    return write_record(record, out)
+
+
+def child_io(stderr_path: str, threads: int | None) -> None:
+    """A run's own process: stderr into the file the parent reads back, the thread count it was given."""
+    with open(stderr_path, "w") as err:
+        os.dup2(err.fileno(), 2)
+    sys.stderr = open(2, "w", closefd=False)
+    torch.set_num_threads(threads or torch.get_num_threads())
 
 
 def close_record(record: dict[str, Any], scenario: Scenario, started: float) -> dict[str, Any]:
@@ -121,7 +136,7 @@ def _cross_check(record: dict[str, Any], key: str, compute: Callable[[], Any]) -
     """A figure computed beside the measurement: its failure is noted, never turns a finished run into an error."""
     try:
         return compute()
-    except Exception as exc:  # noqa: BLE001 - any failure of a cross-check is recorded, not raised
+    except Exception as exc:
         record.setdefault("cross_check_errors", {})[key] = f"{type(exc).__name__}: {exc}"
         return None
 
@@ -217,11 +232,8 @@ def _flops(scenario: Scenario, run: RunSpec, speed: dict[str, Any], device_name:
 def child_main(request: dict[str, Any], conn: Any, stderr_path: str) -> None:
     """Entry point of the run's own process (started from the runner's fork server)."""
     global _emit, _FAULT
-    with open(stderr_path, "w") as err:
-        os.dup2(err.fileno(), 2)
-    sys.stderr = open(2, "w", closefd=False)
+    child_io(stderr_path, request.get("threads"))
     _emit, _FAULT = _Reporter(conn), request.get("fault")
-    torch.set_num_threads(request.get("threads") or torch.get_num_threads())
     scenario = load_scenario(request["scenario"])
     run = scenario.runs[request["run_index"]]
     record = execute(scenario, run, request["mode"] or scenario.mode, request.get("steps"))
