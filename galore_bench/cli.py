@@ -35,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 options=parse_options(args.cluster_option), skip_existing=args.skip_existing)
     else:
         paths = run_scenario(scenario, out=args.out, mode=args.mode, steps=args.steps,
-                             skip_existing=args.skip_existing)
+                             skip_existing=args.skip_existing, memory_snapshot=args.memory_snapshot)
     console.print(results_table(paths, title=f"{scenario.name}: {scenario.description}"))
     console.print(f"{len(paths)} record(s) under {args.out}")
     return 0
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=MODES, default=None, help="override the scenario's mode (default: its own)")
     run.add_argument("--steps", type=int, default=None, help="override the number of training steps (measure mode)")
     run.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
+    run.add_argument("--memory-snapshot", action="store_true",
+                     help="measure on a GPU: also write the CUDA allocator's memory snapshot beside each record "
+                          "(<record>.snapshot.pickle, for https://pytorch.org/memory_viz)")
     run.add_argument("--skip-existing", action="store_true", help="resume: skip runs that already have an ok record")
     run.add_argument("--submitit", choices=("local", "slurm"), default=None,
                      help="dispatch each run as a submitit job (needs galore-bench[cluster]); see README 'Clusters'")

@@ -173,7 +173,8 @@ def _dispatch(scenario: Scenario, index: int, request: dict[str, Any], on_step) 
 
 
 def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, steps: int | None = None,
-                 skip_existing: bool = False, console: Console | None = None) -> list[Path]:
+                 skip_existing: bool = False, console: Console | None = None,
+                 memory_snapshot: bool = False) -> list[Path]:
     """Run every run of the scenario; a run that crashes still leaves an error record."""
     check_mode(scenario, mode)
     console = console or Console(stderr=True)
@@ -193,7 +194,8 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
                 progress.update(task, completed=step, total=total)
 
             request = {"scenario": scenario.path, "run_index": index, "mode": mode, "steps": steps, "out": str(out),
-                       "fault": os.environ.get(FAULT_ENV), "threads": torch.get_num_threads()}
+                       "fault": os.environ.get(FAULT_ENV), "threads": torch.get_num_threads(),
+                       "memory_snapshot": memory_snapshot}
             path, stderr = _dispatch(scenario, index, request, on_step)
             if path is None:  # the worker died (killed, segfault): record that, keep going
                 path = died_record(scenario, run, mode or scenario.mode,

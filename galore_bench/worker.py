@@ -20,7 +20,7 @@ import torch
 
 from galore_bench import engine
 from galore_bench.models import parameter_count
-from galore_bench.record import empty_record, write_record
+from galore_bench.record import empty_record, record_path, write_record
 from galore_bench.scenario import RunSpec, Scenario, load_scenario
 from galore_bench.units import format_bytes
 
@@ -58,8 +58,13 @@ def _maybe_fault(run: RunSpec, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> dict[str, Any]:
-    """Run one method and return its record (status oom/error instead of raising)."""
+def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None,
+            snapshot_dir: Path | None = None) -> dict[str, Any]:
+    """Run one method and return its record (status oom/error instead of raising).
+
+    `snapshot_dir`: also write the CUDA caching allocator's memory snapshot (measure on CUDA only) beside the
+    record there, for PyTorch's memory_viz.
+    """
     device = engine.pick_device()
     mode = resolve_mode(mode, run, device)
     record = new_record(scenario, run, mode, engine.record_device(mode, device))
@@ -68,7 +73,8 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None) -> d
         if mode == "estimate":
             _estimate(record, scenario, run)
         else:
-            _train(record, scenario, run, mode, device, steps)
+            snapshot = record_path(snapshot_dir, record).with_suffix(".snapshot.pickle") if snapshot_dir else None
+            _train(record, scenario, run, mode, device, steps, snapshot)
         record["status"] = "ok"
     except torch.OutOfMemoryError as exc:
         record["status"] = "oom"
@@ -163,7 +169,7 @@ def _evaluator(scenario: Scenario, run: RunSpec, device: str) -> Callable[[torch
 
 
 def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, device: str,
-           steps: int | None) -> None:
+           steps: int | None, snapshot: Path | None = None) -> None:
     fake = mode == "simulate"
     n_steps = engine.SIMULATE_STEPS if fake else max(2, steps or scenario.train.steps)
     if not fake and n_steps != scenario.train.steps:  # the LR schedule and the data length follow --steps
@@ -177,8 +183,15 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         _maybe_fault(run, done)
 
     evaluate = _evaluator(scenario, run, device) if scenario.eval_batches and not fake else None
+    recording = snapshot is not None and device == "cuda" and not fake
+    if recording:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
     result = engine.train_steps(scenario, run, fake=fake, device=device if not fake else "cpu", steps=n_steps,
                                 progress=progress, evaluate=evaluate, evaluate_every=scenario.eval_every)
+    if recording:
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(snapshot))
+        torch.cuda.memory._record_memory_history(enabled=None)
     tracker, model = result["tracker"], result["model"]
     breakdown = tracker.breakdown()
     memory: dict[str, Any] = {"peak_bytes": tracker.peak, "breakdown": breakdown, "source": "tracker",
@@ -194,6 +207,10 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         memory["process_rss_bytes"] = psutil.Process().memory_info().rss
     target = "gpu" if fake or device == "cuda" else "cpu"  # what 'auto' implementations resolved to
     memory["estimate"] = _cross_check(record, "estimate", lambda: _estimate_fields(scenario, run, target))
+    if snapshot is not None:
+        memory["snapshot"] = snapshot.name if recording else None
+        memory["snapshot_note"] = ("open it at https://pytorch.org/memory_viz" if recording else
+                                   "not written: memory snapshots come from the CUDA allocator (measure mode on a GPU)")
     record["memory"] = memory
     record["model"]["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     record["method"]["implementation"] = result["trainer_info"]
@@ -236,7 +253,8 @@ def child_main(request: dict[str, Any], conn: Any, stderr_path: str) -> None:
     _emit, _FAULT = _Reporter(conn), request.get("fault")
     scenario = load_scenario(request["scenario"])
     run = scenario.runs[request["run_index"]]
-    record = execute(scenario, run, request["mode"] or scenario.mode, request.get("steps"))
+    record = execute(scenario, run, request["mode"] or scenario.mode, request.get("steps"),
+                     Path(request["out"]) if request.get("memory_snapshot") else None)
     path = write_record(record, Path(request["out"]))
     _emit(record=str(path), status=record["status"])
     conn.close()

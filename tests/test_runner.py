@@ -1,6 +1,8 @@
 """The runner end to end: real CPU training through worker processes, records, crash isolation, resume."""
 from __future__ import annotations
 
+import pytest
+
 from galore_bench.record import load_record
 from galore_bench.runner import run_scenario
 from galore_bench.scenario import load_scenario
@@ -48,3 +50,18 @@ def test_killed_run_leaves_finished_records_and_sweep_continues(write_scenario, 
     assert resumed[0] == paths[0] and resumed[2] == paths[2]  # finished records reused, untouched
     assert paths[0].read_bytes() == first_before
     assert load_record(resumed[1])["status"] == "ok"
+
+
+def test_memory_snapshot_is_refused_with_a_note_without_cuda(write_scenario, tmp_path):
+    """The allocator snapshot exists only for CUDA measure runs; elsewhere the record says why it is missing."""
+    import torch
+
+    from galore_bench.worker import execute
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU answer")
+    scenario = load_scenario(str(write_scenario(TINY_HEADER + '[[runs]]\nmethod = "sgd"\n')))
+    record = execute(scenario, scenario.runs[0], "measure", 2, snapshot_dir=tmp_path)
+    assert record["status"] == "ok"
+    assert record["memory"]["snapshot"] is None and "CUDA allocator" in record["memory"]["snapshot_note"]
+    assert not list(tmp_path.rglob("*.pickle"))
