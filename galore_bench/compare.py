@@ -30,7 +30,7 @@ SCALARS = {"tokens/s": ("throughput", "tokens_per_second", "tokens/s", False),
            "TGS": ("throughput", "tgs", "tokens/s", False),
            "perplexity": ("quality", "perplexity", "", True)}
 
-Side = dict[tuple[str, str], tuple[Path, dict[str, Any]]]
+Side = dict[tuple[str, str, str], tuple[Path, dict[str, Any]]]  # (scenario, run, mode) -> (file, record)
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,11 @@ class Delta:
 
 
 def _side(path: Path) -> tuple[Side, bool]:
-    """(scenario, run) -> (file, record) for one side, and whether the side was a single file."""
+    """(scenario, run, mode) -> (file, record) for one side, and whether the side was a single file."""
     path = Path(path)
     if path.is_file():
         record = read_record(path)
-        return {(record["scenario"], record["run"]): (path, record)}, True
+        return {(record["scenario"], record["run"], record["mode"]): (path, record)}, True
     if not path.is_dir():
         raise UserError(f"{path}: no such file or folder")
     files = find_records([path])
@@ -93,8 +93,8 @@ def match_runs(a: Path, b: Path) -> tuple[list[tuple[tuple[str, str], tuple[Path
     side_b, file_b = _side(b)
     if file_a and file_b:
         (key_a, rec_a), (key_b, rec_b) = next(iter(side_a.items())), next(iter(side_b.items()))
-        key = key_a if key_a == key_b else (f"{key_a[0]} vs {key_b[0]}" if key_a[0] != key_b[0] else key_a[0],
-                                            f"{key_a[1]} vs {key_b[1]}" if key_a[1] != key_b[1] else key_a[1])
+        key = (key_a[0] if key_a[0] == key_b[0] else f"{key_a[0]} vs {key_b[0]}",
+               key_a[1] if key_a[1] == key_b[1] else f"{key_a[1]} vs {key_b[1]}")
         return [(key, rec_a, rec_b)], [], []
     ok_a = {k for k, (_, r) in side_a.items() if r["status"] == "ok"}
     common = sorted(ok_a & side_b.keys())

@@ -82,7 +82,7 @@ class _StepTimer:
     """Wall time per step, synchronised on CUDA so queued kernels are counted."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.times, self._start = device, [], 0.0
+        self.device, self.times, self._start = device, list[float](), 0.0
 
     def __enter__(self) -> None:
         if self.device == "cuda":
@@ -115,7 +115,7 @@ def _moves_in_place_are_noops(active: bool) -> Iterator[None]:
             return module
         return original(module, *args, **kwargs)
 
-    torch.nn.Module.to = to  # type: ignore[method-assign]
+    torch.nn.Module.to = to  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
@@ -132,9 +132,10 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, 
     method = REGISTRY[run.method]
     mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
     with mode:
-        model = build_model(run.model, scenario.train.dtype, device, seed=scenario.train.seed)
+        llama = build_model(run.model, scenario.train.dtype, device, seed=scenario.train.seed)
         if scenario.train.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model: torch.nn.Module = llama
         if method.prepare is not None:  # new modules (adapters, factors) are created in the training dtype
             with default_dtype(DTYPES[scenario.train.dtype]), _moves_in_place_are_noops(fake_mode is not None):
                 model = method.prepare(model, run.options, scenario.train)

@@ -53,6 +53,7 @@ class Tensor2D:
 
 def parameters(shape: ModelShape, method: str, rank: int | None) -> list[Tensor2D]:
     """The parameters after the method's model changes: LoRA adapters (base frozen), low-rank factors."""
+    r = rank or 0
     h, v = shape.hidden_size, shape.vocab_size
     tensors = [Tensor2D("embed_tokens", (v, h)), Tensor2D("lm_head", (v, h)), Tensor2D("norm", (h,))]
     for layer in range(shape.num_hidden_layers):
@@ -60,10 +61,10 @@ def parameters(shape: ModelShape, method: str, rank: int | None) -> list[Tensor2
         for name, (rows, cols) in matrix_shapes(shape).items():
             full = f"{layer}.{name}"
             if method in ("lora", "relora"):
-                tensors += [Tensor2D(full, (rows, cols), trainable=False), Tensor2D(full + ".lora_A", (rank, cols)),
-                            Tensor2D(full + ".lora_B", (rows, rank))]
+                tensors += [Tensor2D(full, (rows, cols), trainable=False), Tensor2D(full + ".lora_A", (r, cols)),
+                            Tensor2D(full + ".lora_B", (rows, r))]
             elif method == "lowrank":
-                tensors += [Tensor2D(full + ".A", (rank, cols)), Tensor2D(full + ".B", (rows, rank))]
+                tensors += [Tensor2D(full + ".A", (r, cols)), Tensor2D(full + ".B", (rows, r))]
             else:
                 tensors.append(Tensor2D(full, (rows, cols), projected=method.startswith("galore")))
     return tensors

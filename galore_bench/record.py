@@ -21,7 +21,7 @@ STATUSES = ("ok", "oom", "error")
 
 def environment() -> dict[str, Any]:
     """Versions and commit: enough to tell two records' provenance apart."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in TRACKED_PACKAGES:
         try:
             versions[name] = metadata.version(name)

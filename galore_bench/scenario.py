@@ -90,7 +90,7 @@ class _Problems:
     """Collects `file: field: got X, allowed Y` lines so the user sees them all at once."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.lines = path, []
+        self.path, self.lines = path, list[str]()
 
     def add(self, where: str, got: Any, allowed: str) -> None:
         self.lines.append(f"{self.path}: {where}: got {got!r}, allowed {allowed}")

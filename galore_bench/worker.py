@@ -188,7 +188,7 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     result = engine.train_steps(scenario, run, fake=fake, device=device if not fake else "cpu", steps=n_steps,
                                 progress=progress, evaluate=evaluate, evaluate_every=scenario.eval_every)
-    if recording:
+    if recording and snapshot is not None:
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         torch.cuda.memory._dump_snapshot(str(snapshot))
         torch.cuda.memory._record_memory_history(enabled=None)

@@ -196,3 +196,14 @@ def test_clear_errors(tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.Ca
         with pytest.raises(UserError, match="--fail-above: got"):
             parse_percent(bad)
     assert parse_percent("2.5%") == 2.5 and parse_percent(0) == 0.0
+
+
+def test_a_file_against_a_folder(tmp_path: Path):
+    """One side a record file, the other a results folder: matched by scenario, run label and mode."""
+    a_file = write(tmp_path / "a.json", A)
+    folder = tmp_path / "b"
+    write(folder / "cpu/smoke_cpu/galore.json", B)
+    stdout = StringIO()
+    assert run_compare(a_file, folder, fmt="json", console=Console(file=stdout)) == 0
+    peak = next(d for d in json.loads(stdout.getvalue())["deltas"] if d["quantity"] == "peak")
+    assert (peak["a"], peak["b"]) == (7600 * MIB, 8500 * MIB)

@@ -17,7 +17,8 @@ from galore_bench.optim.lowrank import DEFAULT_TARGETS
 
 def projected_groups(model: torch.nn.Module, opts: dict[str, Any]) -> list[dict[str, Any]]:
     """The paper's split: every 2-D weight of q,k,v,o,gate,up,down projected; embeddings, norms, head not."""
-    projected, regular = [], []
+    projected: list[torch.nn.Parameter] = []
+    regular: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

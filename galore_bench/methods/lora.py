@@ -16,8 +16,9 @@ from galore_bench.optim.relora import ReLoRA, jagged_cosine_lr, lora_config, wra
 
 def _adamw(model: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimizer:
     params = trainable(model)
-    return torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"],
-                             **impl_flags(opts["impl"], params))
+    flags = impl_flags(opts["impl"], params)
+    return torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"], foreach=flags.get("foreach"),
+                             fused=flags.get("fused"))
 
 
 def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
