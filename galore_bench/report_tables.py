@@ -152,8 +152,26 @@ def galore_table(records: list[dict[str, Any]], labels: list[str], paper: pd.Dat
             diff, flagged = _compare(ours, theirs)
             row.update({f"{cat} GB": ours, f"paper {cat} GB": theirs, f"{cat} diff %": diff})
             flags += [cat] if flagged else []
-        rows.append({**row, "flag": ", ".join(flags)})
+        rows.append({**row, "flag": ", ".join(flags),
+                     "cause": "; ".join(_table6_cause(record, cat, ref["method"]) for cat in flags)})
     return pd.DataFrame(rows) if rows else None
+
+
+def _table6_cause(record: dict[str, Any], category: str, method: str) -> str:
+    """What is known about a Table 6 difference, from the model's exact size and the method's accounting."""
+    params = (record.get("model") or {}).get("parameters") or 0
+    nominal = f"the paper's figures follow the nominal size; this model has {params / 1e6:,.1f}M parameters"
+    if method in ("full_rank", "galore") and category == "weights":
+        return f"weights: {nominal} (x 2 B)"
+    if method == "full_rank":
+        return f"optimizer_states: {nominal} (x 2 moments x 2 B)"
+    if method == "galore":
+        return ("optimizer_states: ours are Table 1's m*r projector + 2*n*r moments per projected matrix plus full "
+                "AdamW moments for embeddings, head and norms, in BF16 (the estimate engine counts the same bytes); "
+                "the paper does not state how its lower figure was counted")
+    held = "the rank-r factors W = B A" if method == "low_rank" else "the frozen base weights plus rank-r adapters"
+    return (f"{category}: ours are {held}, with embeddings, head and norms, in BF16; the paper's figure is not "
+            "derivable from the model's shapes (its accounting is not stated)")
 
 
 def _table2_causes(record: dict[str, Any], ref: pd.Series, memory_off: bool, perplexity_off: bool) -> str:

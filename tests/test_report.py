@@ -215,6 +215,8 @@ def test_galore_table2_memory_against_table6(tmp_path: Path, reference: Path):
     assert table.loc["adamw-60m", "optimizer_states diff %"] == pytest.approx(10.0)
     assert table.loc["galore-60m", "weights diff %"] == pytest.approx(3.0)
     assert table.loc["adamw-60m", "flag"] == "optimizer_states" and table.loc["galore-60m", "flag"] == ""
+    assert table.loc["adamw-60m", "cause"].startswith("optimizer_states: the paper's figures follow the nominal size")
+    assert table.loc["galore-60m", "cause"] == ""  # nothing flagged, nothing to explain
     md = {r["run"]: r for r in md_table((out / "galore_table2.md").read_text(), "Against GaLore Table 2 memory")}
     assert md["galore-60m"]["paper optimizer_states GB"] == "0.13" and md["galore-60m"]["weights GB"] == "0.12"
     assert not (out / "galore_table2_budget.csv").exists()  # no budget in that scenario
