@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from galore_bench.scenario import UserError
 from galore_bench.units import gib
 
@@ -83,6 +85,26 @@ def fit_rows(records: list[dict[str, Any]], papers: dict[tuple[str, str], dict[s
     return rows
 
 
+def gpus_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per model size: GPUs needed, per-GPU peak at that count and at every count tried, the paper's."""
+    sizes = sorted({n for r in rows for n in r["by_world_size"]})
+    return pd.DataFrame([{
+        "model": r["model"], "params (B)": f"{r['parameters_b']:.2f}", "method": r["method"],
+        "GPUs needed": r["gpus_needed"] or f">{sizes[-1]}", "per-GPU peak GiB": _gb(r["peak_bytes"]),
+        "paper GPUs": r["paper_gpus"] or "-",
+        "paper per-GPU (printed GB)": "-" if r["paper_memory_gb"] is None else f"{r['paper_memory_gb']:.2f}",
+        **{f"peak GiB @{n}": _gb(r["by_world_size"].get(n)) for n in sizes}, "explanation": r["explanation"]}
+        for r in rows])
+
+
+def gpus_table(records: list[dict[str, Any]]) -> pd.DataFrame | None:
+    """The GPUs-needed table for `galore-bench report`, when the records hold world-size searches."""
+    from galore_bench.report import reference_dir
+
+    rows = fit_rows(records, paper_rows(reference_dir()))
+    return gpus_frame(rows) if rows else None
+
+
 def render(paths: list[Path], out: Path) -> list[Path]:
     """<scenario>_gpus.md and .csv per scenario that has world-size searches."""
     from galore_bench.report import load_records, provenance, reference_dir
@@ -98,19 +120,11 @@ def render(paths: list[Path], out: Path) -> list[Path]:
     for scenario in sorted({r["scenario"] for r in rows}):
         mine = [r for r in rows if r["scenario"] == scenario]
         used = [(rec, f) for rec, f in zip(records, files) if rec["scenario"] == scenario]
-        sizes = sorted({n for r in mine for n in r["by_world_size"]})
         budget = next(rec["budget"]["text"] for rec, _ in used)
-        head = ["model", "params (B)", "method", "GPUs needed", "per-GPU peak GiB", "paper GPUs",
-                "paper per-GPU (printed GB)", *[f"peak GiB @{n}" for n in sizes], "explanation"]
-        table = [[r["model"], f"{r['parameters_b']:.2f}", r["method"], r["gpus_needed"] or f">{sizes[-1]}",
-                  _gb(r["peak_bytes"]), r["paper_gpus"] or "-",
-                  "-" if r["paper_memory_gb"] is None else f"{r['paper_memory_gb']:.2f}",
-                  *[_gb(r["by_world_size"].get(n)) for n in sizes], r["explanation"]] for r in mine]
+        frame = gpus_frame(mine)
+        head, table = list(frame.columns), frame.values.tolist()
         csv_path = out / f"{scenario}_gpus.csv"
-        with csv_path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(head)
-            writer.writerows(table)
+        frame.to_csv(csv_path, index=False)
         info = provenance([rec for rec, _ in used], [f for _, f in used], skipped.get(scenario, 0), ref,
                           {"lomo_table2": True} if papers else {})
         first = mine[0]

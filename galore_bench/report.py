@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
+from galore_bench.gpu_fit import gpus_table
 from galore_bench.record import find_records, load_record
 from galore_bench.report_html import HtmlSection, HtmlTable, render_html
 from galore_bench.report_tables import (
@@ -129,6 +130,9 @@ SECTIONS = {
     "galore_table2_grid": ("GaLore Table 2 layout: perplexity (memory GB) per method x model size", TABLE2_NOTES),
     "vs_galore_table6": ("Against GaLore Table 2 memory (Table 6 split, GB = 1e9 bytes)", [GALORE_NOTE]),
     "budget": ("Peak against the budget (GB = 1e9 bytes; paper: GaLore Sec. 5.5 / Fig. 1 where it matches)", []),
+    "gpus": ("GPUs needed per model size (sharding applied to the traced step; LOMO Table 2's counts beside)",
+             ["The paper prints GiB as 'GB'; it trains with DeepSpeed ZeRO-3 in fp16 mixed precision, ours is "
+              "PyTorch FSDP2 in pure BF16."]),
 }
 
 
@@ -139,7 +143,7 @@ def build_tables(records: list[dict[str, Any]], labels: list[str], refs: dict) -
               "vs_lomo_table1": lomo_table(records, labels, refs["lomo"]) if "lomo" in refs else None,
               "vs_galore_table2": table2, "galore_table2_grid": table2_grid(table2) if table2 is not None else None,
               "vs_galore_table6": galore_table(records, labels, refs["galore"]) if "galore" in refs else None,
-              "budget": fit_table(records, labels, refs.get("fit"))}
+              "budget": fit_table(records, labels, refs.get("fit")), "gpus": gpus_table(records)}
     return {name: df for name, df in tables.items() if df is not None}
 
 
