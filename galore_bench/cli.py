@@ -1,4 +1,4 @@
-"""Command line: `galore-bench list | run | report | compare | check`."""
+"""Command line: `galore-bench list | run | fit | report | compare | check`."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +57,39 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from galore_bench.fit import fit_rows
+    from galore_bench.units import format_bytes, parse_bytes
+
+    scenario = load_scenario(args.scenario)
+    text = args.budget or scenario.budget_text
+    if text is None:
+        raise UserError(f"{scenario.path}: device.budget: not set; give --budget such as '24 GiB'")
+    try:
+        budget = parse_bytes(text)
+    except ValueError:
+        raise UserError(f"--budget: got {text!r}, allowed a size such as '24 GiB'") from None
+    train = scenario.train
+    table = Table(title=f"{scenario.name}: fit in {text} (estimate; seq {train.seq_len}, {train.dtype})",
+                  caption="estimate = closed-form bytes; simulate = the real step traced on fake tensors")
+    columns = ["run", "model", f"peak @ batch {train.batch_size}", "fits", "largest batch", "estimate @ largest"]
+    columns += ["simulate @ largest", "simulate @ largest+1", "confirmed"] if args.confirm else []
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("run", "model", "fits", "confirmed") else "right")
+    for row in fit_rows(scenario, budget, confirm=args.confirm):
+        cells = [row["run"], row["model"], format_bytes(row["estimate_bytes"]), "yes" if row["fits"] else "NO",
+                 str(row["largest_batch"]) if row["largest_batch"] else "none", format_bytes(row["estimate_at_largest_bytes"])]
+        if args.confirm:
+            at, above = row["simulate_at_largest_bytes"], row["simulate_above_largest_bytes"]
+            ok = (at is None or at <= budget) and above is not None and above > budget
+            cells += [format_bytes(at), format_bytes(above), "yes" if ok else "no (estimate off at the boundary)"]
+        table.add_row(*cells)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from galore_bench.compare import run_compare
 
@@ -108,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=Path("reports/latest"),
                         help="output folder (default: reports/latest)")
     report.set_defaults(func=cmd_report)
+
+    fit = commands.add_parser(
+        "fit", help="will each run fit a memory budget, and what is the largest batch that does? (instant estimate)",
+        description="For every run of a scenario: the estimated peak at its batch size, whether it fits the budget, "
+                    "and the largest per-device batch that fits (bisection on the closed-form estimate). --confirm "
+                    "re-checks with the simulate engine at that batch and one above.")
+    fit.add_argument("--scenario", required=True, help="a shipped scenario name (see `list`) or a .toml path")
+    fit.add_argument("--budget", default=None, help="memory per device, e.g. '24 GiB' (default: the scenario's)")
+    fit.add_argument("--confirm", action="store_true", help="confirm with simulate (seconds per run for 7B)")
+    fit.set_defaults(func=cmd_fit)
 
     compare = commands.add_parser(
         "compare", help="deltas between two records or results folders (memory, throughput, perplexity)",

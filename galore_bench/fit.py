@@ -1,0 +1,59 @@
+"""Before renting a GPU: does each run of a scenario fit a memory budget, and what is the largest batch that does?
+
+The search runs on the estimate engine (closed form, instant, labelled an estimate); `confirm` re-checks the
+answer with the simulate engine (the real step traced on fake tensors) at the batch found and one above it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from galore_bench.estimate import estimate_run
+from galore_bench.scenario import RunSpec, Scenario
+
+MAX_BATCH = 1 << 16
+
+
+def with_batch(scenario: Scenario, batch_size: int) -> Scenario:
+    return dataclasses.replace(scenario, train=dataclasses.replace(scenario.train, batch_size=batch_size))
+
+
+def largest_batch(scenario: Scenario, run: RunSpec, budget: int) -> int:
+    """The largest per-device batch whose estimated peak is within `budget` (0: not even batch 1 fits).
+
+    Bisection is valid because every term of the estimate grows with the batch (activations, logits) or
+    does not depend on it (weights, gradients, states).
+    """
+    peak = lambda batch: estimate_run(with_batch(scenario, batch), run).peak_bytes  # noqa: E731
+    if peak(1) > budget:
+        return 0
+    low, high = 1, 2
+    while high < MAX_BATCH and peak(high) <= budget:
+        low, high = high, high * 2
+    if high >= MAX_BATCH and peak(MAX_BATCH) <= budget:
+        return MAX_BATCH
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if peak(middle) <= budget else (low, middle)
+    return low
+
+
+def fit_rows(scenario: Scenario, budget: int, confirm: bool = False) -> list[dict[str, Any]]:
+    """Per run: the estimated peak at the scenario's batch, the largest batch within budget, and (confirm) the
+    simulated peaks at that batch and one above."""
+    from galore_bench import engine
+
+    rows = []
+    for run in scenario.runs:
+        at_scenario = estimate_run(scenario, run)
+        best = largest_batch(scenario, run, budget)
+        row: dict[str, Any] = {"run": run.label, "model": run.model_name, "estimate_bytes": at_scenario.peak_bytes,
+                               "fits": at_scenario.peak_bytes <= budget, "largest_batch": best,
+                               "estimate_at_largest_bytes": estimate_run(with_batch(scenario, best), run).peak_bytes
+                               if best else None}
+        if confirm:
+            for key, batch in (("simulate_at_largest_bytes", best), ("simulate_above_largest_bytes", best + 1)):
+                row[key] = (engine.train_steps(with_batch(scenario, batch), run, fake=True, device="cpu",
+                                               steps=engine.SIMULATE_STEPS)["tracker"].peak if batch else None)
+        rows.append(row)
+    return rows

@@ -1,0 +1,44 @@
+"""`galore-bench fit`: the largest batch within a budget, by bisection on the estimate, confirmed by simulate."""
+from __future__ import annotations
+
+import pytest
+
+from galore_bench.cli import main
+from galore_bench.estimate import estimate_run
+from galore_bench.fit import fit_rows, largest_batch, with_batch
+from galore_bench.scenario import load_scenario
+from galore_bench.units import parse_bytes
+
+from conftest import TINY_HEADER
+
+RUNS = '[[runs]]\nmethod = "adamw"\n[[runs]]\nmethod = "lomo"\n'
+
+
+def test_largest_batch_is_the_boundary_of_the_estimate(write_scenario):
+    scenario = load_scenario(str(write_scenario(TINY_HEADER + RUNS)))
+    budget = parse_bytes("20 MiB")
+    for run in scenario.runs:
+        best = largest_batch(scenario, run, budget)
+        assert best >= 1
+        assert estimate_run(with_batch(scenario, best), run).peak_bytes <= budget
+        assert estimate_run(with_batch(scenario, best + 1), run).peak_bytes > budget
+    adamw, lomo = (largest_batch(scenario, run, budget) for run in scenario.runs)
+    assert lomo > adamw  # no optimizer states and one live gradient leave room for more activations
+    assert largest_batch(scenario, scenario.runs[0], 1024) == 0  # not even the weights fit
+
+
+def test_confirmed_by_simulate(write_scenario):
+    scenario = load_scenario(str(write_scenario(TINY_HEADER + RUNS)))
+    budget = parse_bytes("20 MiB")
+    for row in fit_rows(scenario, budget, confirm=True):
+        assert row["simulate_at_largest_bytes"] == pytest.approx(row["estimate_at_largest_bytes"], rel=0.10)
+        assert row["simulate_at_largest_bytes"] <= budget * 1.10  # the estimate's tolerance at the boundary
+        assert row["simulate_above_largest_bytes"] > row["simulate_at_largest_bytes"]
+
+
+def test_cli_fit_needs_a_budget(write_scenario, capsys):
+    path = write_scenario(TINY_HEADER.replace('budget = "1 GiB"\n', "") + RUNS)
+    assert main(["fit", "--scenario", str(path)]) == 1
+    assert "device.budget: not set; give --budget" in capsys.readouterr().err
+    assert main(["fit", "--scenario", str(path), "--budget", "20 MiB"]) == 0
+    assert "largest batch" in capsys.readouterr().out
