@@ -24,7 +24,9 @@ def largest_batch(scenario: Scenario, run: RunSpec, budget: int) -> int:
     Bisection is valid because every term of the estimate grows with the batch (activations, logits) or
     does not depend on it (weights, gradients, states).
     """
-    peak = lambda batch: estimate_run(with_batch(scenario, batch), run).peak_bytes  # noqa: E731
+    def peak(batch: int) -> int:
+        return estimate_run(with_batch(scenario, batch), run).peak_bytes
+
     if peak(1) > budget:
         return 0
     low, high = 1, 2
