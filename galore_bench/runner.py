@@ -211,21 +211,22 @@ def results_table(paths: list[Path], title: str = "results") -> Table:
     records = [load_record(path) for path in paths]
     budgets = {record["budget"]["text"] for record in records} - {None}
     table = Table(title=title, caption=f"fits: peak <= budget ({', '.join(sorted(budgets))})" if budgets else None)
-    headers = ("run", "mode", "status", "peak", "weights", "grads", "opt states", "activ.", "other", "fits", "loss",
+    headers = ("run", "mode", "status", "peak", "weights", "grads", "opt states", "activ.", "other", "fits", "loss", "ppl",
                "tokens/s")
     for name in headers:
         table.add_column(name, justify="left" if name in ("run", "mode", "status") else "right")
     for record in records:
         memory, breakdown = record["memory"], record["memory"].get("breakdown") or {}
         fits = record["budget"]["fits"]
-        loss = record["quality"]["final_loss"]
+        loss, ppl = record["quality"]["final_loss"], record["quality"].get("perplexity")
         rate = record["throughput"].get("tokens_per_second")
         status = record["status"] if record["status"] == "ok" else f"{record['status']}: {(record['error'] or '')[:60]}"
         ranks = (record.get("distributed") or {}).get("world_size")
         table.add_row(record["run"] + (f" x{ranks}" if ranks else ""), record["mode"], status, format_bytes(memory.get("peak_bytes")),
                       *(format_bytes(breakdown.get(c)) for c in CATEGORY_COLUMNS),
                       "-" if fits is None else ("yes" if fits else "NO"),
-                      "-" if loss is None else f"{loss:.3f}", "-" if rate is None else f"{rate:,.0f}")
+                      "-" if loss is None else f"{loss:.3f}", "-" if ppl is None else f"{ppl:,.1f}",
+                      "-" if rate is None else f"{rate:,.0f}")
     return table
 
 
