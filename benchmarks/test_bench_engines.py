@@ -23,12 +23,17 @@ def _timed(fn):
     return value, time.perf_counter() - start
 
 
+def _simulate(scenario, run):
+    planned, steps = engine.simulation_plan(run)  # GaLore: a third step refreshes the projectors
+    return engine.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)
+
+
 def _three_way(scenario_name: str, measure: bool) -> list[dict]:
     scenario = load_scenario(scenario_name)
     rows = []
     for run in scenario.runs:
         guess, t_est = _timed(lambda run=run: estimate_run(scenario, run))
-        traced, t_sim = _timed(lambda run=run: engine.train_steps(scenario, run, fake=True, device="cpu", steps=2))
+        traced, t_sim = _timed(lambda run=run: _simulate(scenario, run))
         row = {"run": run.label, "estimate": guess.peak_bytes, "simulate": traced["tracker"].peak,
                "estimate_s": t_est, "simulate_s": t_sim}
         if measure:  # real tensors, rounded like the allocator so the three count the same way

@@ -6,6 +6,7 @@ real device. Both report the peak of the steady state (steps 2+), once optimizer
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,14 @@ from galore_bench.tracker import CUDA_BLOCK, MemoryTracker
 ProgressFn = Callable[[int, int], None]
 EvaluateFn = Callable[[torch.nn.Module], dict[str, Any]]
 SIMULATE_STEPS = 2  # step 1 creates optimizer states; step 2 is the steady state we report
+
+
+def simulation_plan(run: RunSpec) -> tuple[RunSpec, int]:
+    """The run and step count a simulation traces: two steps, and for GaLore a third that refreshes every
+    projector (its SVD temporaries come back every update_proj_gap steps, so they belong in the peak)."""
+    if run.method.startswith("galore"):
+        return dataclasses.replace(run, options={**run.options, "update_proj_gap": 2}), SIMULATE_STEPS + 1
+    return run, SIMULATE_STEPS
 
 
 def pick_device() -> str:
@@ -176,7 +185,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
     if on_built is not None:
         on_built(trainer)
     batches = batches if batches is not None else input_batches(scenario, run, str(device), fake)
-    timer, losses, evals = _StepTimer(torch.device(device).type), [], []
+    timer, losses, evals, step_peaks = _StepTimer(torch.device(device).type), [], [], list[int]()
     cuda_peak: dict[str, Any] = {}
     mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
     with mode, tracker:
@@ -188,6 +197,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
             with timer:
                 step_loss = one_step(trainer, tracker, batches, scenario.train.grad_accum, step)
             tracker.label(trainer.state_tensors(), "optimizer_states")
+            step_peaks.append(tracker.peak)
             if not fake:
                 losses.append(step_loss)
             if evaluate is not None and evaluate_every and (step + 1) % evaluate_every == 0 and step + 1 < steps:
@@ -203,7 +213,8 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
                      "nvml_used_bytes_after": nvml_used_bytes()}
     tracker.unwatch()
     return {"tracker": tracker, "losses": losses, "step_times": timer.times, "cuda": cuda_peak,
-            "trainer_info": trainer.info, "model": trainer.model, "evals": evals, "trainer": trainer}
+            "trainer_info": trainer.info, "model": trainer.model, "evals": evals, "trainer": trainer,
+            "step_peaks": step_peaks}
 
 
 def one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.Tensor], grad_accum: int,

@@ -123,6 +123,15 @@ def update_temporaries(p: Tensor2D, method: str, opts: dict[str, Any], e: int) -
     return low + 2 * blocks(p.numel * e)  # projected back, then scaled: two full-size matrices
 
 
+def svd_refresh_bytes(p: Tensor2D, opts: dict[str, Any], e: int) -> int:
+    """A projector refresh: the gradient in fp32, the SVD's U, S and Vh, the new basis and the projected gradient."""
+    rows, cols = p.shape
+    k = min(rows, cols)
+    projector, moment = projected_sizes(p, opts.get("rank"), opts.get("proj_type", "std"))
+    return ((blocks(rows * cols * 4) if e < 4 else 0) + blocks(rows * k * 4) + blocks(k * 4) + blocks(k * cols * 4)
+            + blocks(projector * e) + blocks(moment * e))
+
+
 def adamw_impl(opts: dict[str, Any], target: str, layerwise: bool) -> str:
     """torch AdamW's implementation as the run resolves it: 'auto' is foreach on a GPU, the for-loop on a CPU."""
     impl = opts.get("impl", "auto")
@@ -213,6 +222,16 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
                                          update_temporaries(head, method, options, e) + act["hidden"])
     else:
         moments["optimizer"] = _moment(weights, grads, states, 0, temps)
+    if method.startswith("galore"):  # every update_proj_gap steps: the SVDs that refresh the projectors
+        projected = [p for p in params if p.projected]
+        if layerwise:  # inside backward, at the first projected weight reached: the last layer's down_proj
+            first = next(p for p in projected if p.name == f"{shape.num_hidden_layers - 1}.down_proj")
+            moments["svd_refresh"] = _moment(weights, blocks(first.numel * e), states, saved,
+                                             svd_refresh_bytes(first, options, e))
+        else:  # the largest matrix's SVD, while the previous (LM head) update is still referenced
+            largest = max(projected, key=lambda p: p.numel)
+            moments["svd_refresh"] = _moment(weights, grads, states, 0,
+                                             svd_refresh_bytes(largest, options, e) + head_grad)
     if activation_checkpointing:
         so_far = head_grad if not layerwise else 0
         moments["recompute"] = _moment(weights, max(carried, so_far), states, saved,

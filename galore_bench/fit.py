@@ -55,7 +55,8 @@ def fit_rows(scenario: Scenario, budget: int, confirm: bool = False) -> list[dic
                                if best else None}
         if confirm:
             for key, batch in (("simulate_at_largest_bytes", best), ("simulate_above_largest_bytes", best + 1)):
-                row[key] = (engine.train_steps(with_batch(scenario, batch), run, fake=True, device="cpu",
-                                               steps=engine.SIMULATE_STEPS)["tracker"].peak if batch else None)
+                planned, steps = engine.simulation_plan(run)
+                row[key] = (engine.train_steps(with_batch(scenario, batch), planned, fake=True, device="cpu",
+                                               steps=steps)["tracker"].peak if batch else None)
         rows.append(row)
     return rows

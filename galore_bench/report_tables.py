@@ -39,8 +39,8 @@ ACTIVATIONS_FREED = ("our breakdown is a snapshot at the peak, which falls after
                      "backward / optimizer step); the paper lists each category's own size")
 FIT_CAUSES = {
     "bf16_adam_baseline_total": "Figure 1 is an estimate adding 14 GB weights + 42 GB states and gradients + 2 GB "
-    "activations as if all live at once; our peak is in the optimizer step, after the activations are freed "
-    "(and 13.48 GB of weights is printed as 14)",
+    "activations; our peak is the optimizer step (activations freed), where foreach AdamW, PyTorch's default on a "
+    "GPU, holds a full-size temporary of the second moments (13.5 GB) that the estimate leaves out",
     "8bit_adam_total_implied": "derived, not printed (22.0 GB + the 24.5 GB saving of Sec. 5.5); no breakdown given",
     "8bit_galore_layerwise_total": "Sec. 5.5 is a measurement at a per-GPU token batch up to 500",
 }

@@ -171,7 +171,7 @@ def _evaluator(scenario: Scenario, run: RunSpec, device: str) -> Callable[[torch
 def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, device: str,
            steps: int | None, snapshot: Path | None = None) -> None:
     fake = mode == "simulate"
-    n_steps = engine.SIMULATE_STEPS if fake else max(2, steps or scenario.train.steps)
+    traced, n_steps = engine.simulation_plan(run) if fake else (run, max(2, steps or scenario.train.steps))
     if not fake and n_steps != scenario.train.steps:  # the LR schedule and the data length follow --steps
         scenario = dataclasses.replace(scenario, train=dataclasses.replace(scenario.train, steps=n_steps))
     if device == "cuda" and scenario.budget_bytes and not fake:
@@ -186,7 +186,7 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
     recording = snapshot is not None and device == "cuda" and not fake
     if recording:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
-    result = engine.train_steps(scenario, run, fake=fake, device=device if not fake else "cpu", steps=n_steps,
+    result = engine.train_steps(scenario, traced, fake=fake, device=device if not fake else "cpu", steps=n_steps,
                                 progress=progress, evaluate=evaluate, evaluate_every=scenario.eval_every)
     if recording and snapshot is not None:
         snapshot.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +196,8 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
     breakdown = tracker.breakdown()
     memory: dict[str, Any] = {"peak_bytes": tracker.peak, "breakdown": breakdown, "source": "tracker",
                               "category_peaks": dict(tracker.category_peaks), "steady_state_from_step": 2}
+    if fake and traced is not run:  # GaLore: step 3 refreshed every projector; step 2 alone is the plain step
+        memory.update(includes_svd_refresh=True, peak_without_svd_refresh_bytes=result["step_peaks"][1])
     if result["cuda"]:
         allocated = result["cuda"]["allocated_bytes"]
         breakdown["other"] += allocated - tracker.peak  # allocator blocks the tracker did not attribute
