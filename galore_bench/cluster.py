@@ -65,7 +65,7 @@ def _task_rank() -> int:
         from submitit import JobEnvironment
 
         return JobEnvironment().global_rank
-    except Exception:
+    except Exception:  # noqa: BLE001 - not inside a submitit job
         return 0
 
 
@@ -124,7 +124,7 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
             results = job.results()  # one value per task; rank 0's is the record path
             found = next((Path(r) for r in results if r), None)
             error = None if found else "job finished without a record"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed job is a result of the sweep
             found, error = None, f"{executor} job {job.job_id} failed: {exc}"
         if found is None:
             found = died_record(scenario, run, mode or scenario.mode, error or "job failed", out)

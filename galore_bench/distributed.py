@@ -83,7 +83,7 @@ def simulate_record(scenario: Scenario, run: RunSpec) -> dict[str, Any]:
         record["model"]["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         record["method"]["implementation"] = trainer.info
         record["status"] = "ok"
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a failing run is a result of the sweep
         record["error"], record["traceback"] = f"{type(exc).__name__}: {exc}", traceback.format_exc()
     return close_record(record, scenario, started)
 

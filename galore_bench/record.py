@@ -29,7 +29,7 @@ def environment() -> dict[str, Any]:
             versions[name] = None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+                                cwd=Path(__file__).parent, timeout=5, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,

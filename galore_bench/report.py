@@ -131,8 +131,8 @@ SECTIONS = {
     "vs_galore_table6": ("Against GaLore Table 2 memory (Table 6 split, GB = 1e9 bytes)", [GALORE_NOTE]),
     "budget": ("Peak against the budget (GB = 1e9 bytes; paper: GaLore Sec. 5.5 / Fig. 1 where it matches)", []),
     "gpus": ("GPUs needed per model size (sharding applied to the traced step; LOMO Table 2's counts beside)",
-             ["The paper prints GiB as 'GB'; it trains with DeepSpeed ZeRO-3 in fp16 mixed precision, ours is "
-              "PyTorch FSDP2 in pure BF16."]),
+             [("The paper prints GiB as 'GB'; it trains with DeepSpeed ZeRO-3 in fp16 mixed precision, ours is "
+               "PyTorch FSDP2 in pure BF16.")]),
 }
 
 

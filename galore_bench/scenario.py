@@ -202,7 +202,7 @@ def _parse_runs(problems: _Problems, runs: Any, model_name: str, model: ModelSha
             problems.add(f"{where} ({method.name}) {field_name}", got, allowed)
         if run_model is None:
             continue
-        label = run_label(method.name, resolved, run["model"] if "model" in run else None)
+        label = run_label(method.name, resolved, run.get("model"))
         specs.append(RunSpec(method.name, resolved, label, run_model_name, run_model))
     labels = [s.label for s in specs]
     for label in sorted({x for x in labels if labels.count(x) > 1}):

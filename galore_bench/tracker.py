@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -140,9 +140,10 @@ class MemoryTracker(TorchDispatchMode):
                 self._add(value.untyped_storage(), category)
         return out
 
-    def __enter__(self) -> MemoryTracker:
+    def __enter__(self) -> Self:
         _ACTIVE.append(self)
-        return super().__enter__()
+        super().__enter__()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         _ACTIVE.remove(self)

@@ -17,7 +17,7 @@ def parse_bytes(text: str) -> int:
     match = _PATTERN.match(str(text))
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot parse {text!r} as a size; write a number and a unit ({ALLOWED_UNITS})")
-    return int(round(float(match.group(1)) * _UNITS[match.group(2).lower()]))
+    return round(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def gib(n_bytes: float) -> float:

@@ -107,7 +107,7 @@ def child_io(stderr_path: str, threads: int | None) -> None:
     """A run's own process: stderr into the file the parent reads back, the thread count it was given."""
     with open(stderr_path, "w") as err:
         os.dup2(err.fileno(), 2)
-    sys.stderr = open(2, "w", closefd=False)
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
     torch.set_num_threads(threads or torch.get_num_threads())
 
 
@@ -142,7 +142,7 @@ def _cross_check(record: dict[str, Any], key: str, compute: Callable[[], Any]) -
     """A figure computed beside the measurement: its failure is noted, never turns a finished run into an error."""
     try:
         return compute()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a cross-check's failure is recorded, never raised
         record.setdefault("cross_check_errors", {})[key] = f"{type(exc).__name__}: {exc}"
         return None
 

@@ -13,7 +13,8 @@ from galore_bench.methods.base import MethodDef, Trainer, TrainSettings
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
     import bitsandbytes as bnb
 
-    hyper = dict(lr=opts["lr"], weight_decay=opts["weight_decay"], betas=(opts["beta1"], opts["beta2"]), eps=opts["eps"])
+    hyper = {"lr": opts["lr"], "weight_decay": opts["weight_decay"], "betas": (opts["beta1"], opts["beta2"]),
+             "eps": opts["eps"]}
 
     def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         with unset_fake_temporarily():  # bitsandbytes computes its quantization maps on real tensors

@@ -31,7 +31,8 @@ def projected_groups(model: torch.nn.Module, opts: dict[str, Any]) -> list[dict[
 
 def _build(model: torch.nn.Module, opts: dict[str, Any], eight_bit: bool) -> Trainer:
     groups = projected_groups(model, opts)
-    hyper = dict(lr=opts["lr"], weight_decay=opts["weight_decay"], betas=(opts["beta1"], opts["beta2"]), eps=opts["eps"])
+    hyper = {"lr": opts["lr"], "weight_decay": opts["weight_decay"], "betas": (opts["beta1"], opts["beta2"]),
+             "eps": opts["eps"]}
     kind = GaLoreAdamW8bit if eight_bit else GaLoreAdamW
 
     def make(param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
