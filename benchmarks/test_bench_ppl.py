@@ -19,6 +19,8 @@ def test_ppl_cpu_short(benchmark):
     assert record["status"] == "ok", record["error"]
     quality = record["quality"]
     assert quality["data"] == "wiki" and quality["eval"]["data"].startswith("wiki-offline validation")
+    provenance = quality["data_provenance"]
+    assert provenance["text"]["version"] == "0.0.7" and len(provenance["tokenizer"]["sha256"]) == 64
     assert quality["eval"]["tokens"] == 2 * 8 * 63
     assert quality["perplexity"] > 1.0 and len(quality["losses"]) == 3
 

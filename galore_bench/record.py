@@ -16,7 +16,6 @@ from galore_bench.scenario import UserError
 SCHEMA_VERSION = 1
 DEFAULT_RESULTS = Path("results")
 TRACKED_PACKAGES = ("galore-bench", "torch", "transformers", "bitsandbytes", "peft", "galore-torch", "lomo-optim")
-STATUSES = ("ok", "oom", "error")
 
 
 def environment() -> dict[str, Any]:

@@ -224,6 +224,10 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         record["throughput"] = speed
         record["quality"]["losses"] = result["losses"]
         record["quality"]["final_loss"] = result["losses"][-1] if result["losses"] else None
+        if scenario.data == "wiki":  # what the text and tokenizer were: packages, versions, hashes, split, counts
+            from galore_bench.data import data_info
+
+            record["quality"]["data_provenance"] = _cross_check(record, "data_provenance", data_info)
         final = _cross_check(record, "perplexity", lambda: {"step": n_steps, **evaluate(model)}) if evaluate else None
         if final is not None:
             record["quality"].update(perplexity=final["perplexity"], eval=final, evals=[*result["evals"], final])

@@ -146,8 +146,3 @@ def _low_rank_like(lin: nn.Linear, rank: int, init: InitKind, init_std: float | 
         if lin.bias is not None:  # keep the original bias
             new.bias.copy_(lin.bias)
     return new
-
-
-def count_low_rank_params(in_out: Iterable[tuple[int, int]], rank: int) -> int:
-    """Analytic parameter count of the factorised layers: sum of rank * (in + out)."""
-    return sum(rank * (i + o) for i, o in in_out)

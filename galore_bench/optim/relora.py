@@ -23,7 +23,7 @@ Typical loop (one step counter for restarts and schedule)::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,23 +82,6 @@ def wrap_lora(model: nn.Module, config: peft.LoraConfig, train_non_lora: bool = 
     return pm
 
 
-def warm_start(
-    model: nn.Module,
-    warm_start_steps: int,
-    train_step: Callable[[int], None],
-    config: peft.LoraConfig,
-    train_non_lora: bool = True,
-) -> peft.PeftModel:
-    """ReLoRA's full-rank warm start: run ``train_step(step)`` (caller's full-rank optimizer) for the
-    first ``warm_start_steps`` steps, then wrap with LoRA. The caller builds a new optimizer over the
-    trainable params afterwards and keeps counting steps from ``warm_start_steps`` (pick a multiple of
-    ``reset_every`` so restarts stay aligned with the schedule's re-warm-ups)."""
-    for step in range(warm_start_steps):
-        train_step(step)
-    return wrap_lora(model, config, train_non_lora=train_non_lora)
-
-
-@torch.no_grad()
 def magnitude_keep_mask(t: torch.Tensor, prune_ratio: float) -> torch.Tensor:
     """Boolean mask of the largest-|t| (1 - prune_ratio) fraction of entries (all False at 1.0)."""
     mag = t.abs().float()
