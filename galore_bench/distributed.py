@@ -101,8 +101,8 @@ class RankTracker(MemoryTracker):
     `label_grads_before_step` every `.grad` is labelled as the optimizer phase begins.
     """
 
-    def __init__(self, round_to: int = 1, label_grads_before_step: bool = False) -> None:
-        super().__init__(round_to=round_to)
+    def __init__(self, round_to: int = 1, device_type: str | None = None, label_grads_before_step: bool = False) -> None:
+        super().__init__(round_to=round_to, device_type=device_type)
         self.label_grads_before_step = label_grads_before_step
         self._params: list[torch.nn.Parameter] = []
 
@@ -152,9 +152,9 @@ def wrap(model: torch.nn.Module, spec: DistributedSpec, device: torch.device, wo
 
 
 def _rank_batches(scenario: Scenario, run: RunSpec, device: torch.device, rank: int) -> Iterator[torch.Tensor]:
-    """Each rank its own data (a different seed), as a distributed sampler would give it."""
-    for batch in engine.training_batches(scenario, run.model.vocab_size, seed_offset=7919 * rank).forever():
-        yield batch.to(device)
+    """Each rank its own data (a different seed), as a distributed sampler would give it (built before the tracker)."""
+    data = engine.training_batches(scenario, run.model.vocab_size, seed_offset=7919 * rank)
+    return (batch.to(device) for batch in data.forever())
 
 
 def _fingerprint(model: torch.nn.Module) -> tuple[str, int]:
@@ -171,6 +171,7 @@ def rank_steps(scenario: Scenario, run: RunSpec, spec: DistributedSpec, device: 
                world_size: int, steps: int, emit: Emit) -> dict[str, Any]:
     """Real steps on this rank with the tracker on; its peak, breakdown, losses, times and weight fingerprint."""
     tracker = RankTracker(round_to=CUDA_BLOCK if device.type == "cuda" else 1,
+                          device_type="cuda" if device.type == "cuda" else None,
                           label_grads_before_step=spec.strategy == "ddp")
     # DDP rebuilds its gradient buckets during the second forward: its steady state starts one step later
     steady = 2 if spec.strategy == "ddp" and world_size > 1 and steps > 2 else 1

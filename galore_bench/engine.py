@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 from galore_bench.methods import REGISTRY, Trainer
-from galore_bench.models import DTYPES, build_model, default_dtype
+from galore_bench.models import DTYPES, build_model, causal_mask_skipped_under_fake_tensors, default_dtype
 from galore_bench.scenario import RunSpec, Scenario
 from galore_bench.tracker import CUDA_BLOCK, MemoryTracker
 
@@ -50,13 +51,15 @@ def record_device(mode: str, device: str) -> str:
 
 
 def input_batches(scenario: Scenario, run: RunSpec, device: str, fake: bool) -> Iterator[torch.Tensor]:
-    """Token batches: shape-only under fake tensors, learnable data for real steps."""
+    """Token batches: shape-only under fake tensors, learnable data for real steps.
+
+    The data set is built here, before the tracker starts: host-side data is not the step's memory
+    (only each batch is, as it is drawn).
+    """
     train, vocab = scenario.train, run.model.vocab_size
     if fake:
-        while True:
-            yield torch.randint(0, vocab, (train.batch_size, train.seq_len), device=device)
-    for batch in training_batches(scenario, vocab).forever():
-        yield batch.to(device)
+        return (torch.randint(0, vocab, (train.batch_size, train.seq_len), device=device) for _ in itertools.count())
+    return (batch.to(device) for batch in training_batches(scenario, vocab).forever())
 
 
 def training_batches(scenario: Scenario, vocab_size: int, split: str = "train", seed_offset: int = 0):
@@ -179,7 +182,8 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
     """
     on_cuda = torch.device(device).type == "cuda"
     if tracker is None:
-        tracker = MemoryTracker(round_to=round_to or (CUDA_BLOCK if (fake or on_cuda) else 1))
+        tracker = MemoryTracker(round_to=round_to or (CUDA_BLOCK if (fake or on_cuda) else 1),
+                                device_type="cuda" if on_cuda else None)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     trainer = build_trainer(scenario, run, device, tracker, fake_mode, wrap=wrap)
     if on_built is not None:
@@ -188,7 +192,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
     timer, losses, evals, step_peaks = _StepTimer(torch.device(device).type), [], [], list[int]()
     cuda_peak: dict[str, Any] = {}
     mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
-    with mode, tracker:
+    with mode, tracker, causal_mask_skipped_under_fake_tensors():
         for step in range(steps):
             if step == min(steady_from, steps - 1):
                 tracker.reset_peak()

@@ -20,7 +20,12 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from galore_bench.engine import build_trainer
-from galore_bench.models import ModelShape, matrix_shapes, parameter_count
+from galore_bench.models import (
+    ModelShape,
+    causal_mask_skipped_under_fake_tensors,
+    matrix_shapes,
+    parameter_count,
+)
 from galore_bench.scenario import RunSpec, Scenario
 from galore_bench.tracker import MemoryTracker
 
@@ -106,7 +111,7 @@ def count_step_flops(scenario: Scenario, run: RunSpec) -> dict[str, Any]:
     train = scenario.train
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     trainer = build_trainer(scenario, run, "cpu", MemoryTracker(), fake_mode)
-    with fake_mode:
+    with fake_mode, causal_mask_skipped_under_fake_tensors():
         batch = torch.randint(0, run.model.vocab_size, (train.batch_size, train.seq_len))
         with flop_counter_mode() as counter:
             for _ in range(train.grad_accum):

@@ -5,7 +5,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from torch._subclasses.fake_tensor import FakeTensor
+from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
 
 GALORE_CONFIGS = "GaLore repository configs/llama_*.json (arXiv 2403.03507, Table 5; ../shared/reference/llama_configs.csv)"
 
@@ -87,3 +88,24 @@ def build_model(shape: ModelShape, dtype: str, device: str | torch.device = "cpu
         model = LlamaForCausalLM(config)
     model.config.use_cache = False
     return model
+
+
+@contextlib.contextmanager
+def causal_mask_skipped_under_fake_tensors():
+    """Let transformers skip the b x 1 x s x s causal mask under fake tensors, as a real step does.
+
+    A real step reads its position ids, finds one unpacked sequence per row, and calls SDPA with
+    is_causal and no mask. Fake tensors have no values to read, so transformers plays safe and builds
+    the full mask: memory and time that the run being predicted never spends. Our batches never pack
+    sequences (the model numbers positions itself), so None is what the probe answers on real data.
+    """
+    probe = masking_utils.find_packed_sequence_indices
+
+    def packed_sequences(position_ids: torch.Tensor) -> torch.Tensor | None:
+        return None if isinstance(position_ids, FakeTensor) else probe(position_ids)
+
+    masking_utils.find_packed_sequence_indices = packed_sequences
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = probe

@@ -44,9 +44,10 @@ def optimizer_phase() -> Iterator[None]:
 class MemoryTracker(TorchDispatchMode):
     """Live bytes per category and the composition at the peak."""
 
-    def __init__(self, round_to: int = 1) -> None:
+    def __init__(self, round_to: int = 1, device_type: str | None = None) -> None:
         super().__init__()
         self.round_to = round_to
+        self.device_type = device_type  # count only this device's storages (a GPU run's host tensors are not GPU memory)
         self._live: dict[int, tuple[weakref.ref, int, str]] = {}
         self.totals = dict.fromkeys(CATEGORIES, 0)
         self.current = 0
@@ -62,7 +63,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def _add(self, storage: torch.UntypedStorage, category: str) -> None:
         key = id(storage)
-        if key in self._live:
+        if key in self._live or (self.device_type is not None and storage.device.type != self.device_type):
             return
         size = self._size(storage)
         self._live[key] = (weakref.ref(storage, lambda _, key=key: self._free(key)), size, category)

@@ -1,6 +1,8 @@
 """The memory tracker against hand-computed byte counts, and simulate (fake tensors) against measure (real)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -90,7 +92,11 @@ MORE_RUNS_60M = {
 @pytest.mark.parametrize("size, label", [("tiny", label) for label in METHOD_RUNS]
                          + [("60m", label) for label in [*METHOD_RUNS, *MORE_RUNS_60M]])
 def test_simulate_matches_measure_per_category(write_scenario, size, label):
-    """Fake-tensor steps predict the real CPU steps' breakdown within 2% per category (exact bytes)."""
+    """Fake-tensor steps predict the real CPU steps' breakdown to the byte, per category.
+
+    The one known gap: a real 8-bit run keeps bnb's two 1 KiB quantization maps from step 1 on, a
+    traced one builds them at each update (2 KiB, "other"). 4 KiB is 0.001% of the 60M peaks.
+    """
     body = "[[runs]]\n" + {**METHOD_RUNS, **MORE_RUNS_60M}[label] + "\n"
     scenario = (_scenario(write_scenario, body) if size == "tiny"
                 else load_scenario(str(write_scenario(SMALL_60M + body))))
@@ -98,7 +104,7 @@ def test_simulate_matches_measure_per_category(write_scenario, size, label):
     real = train_steps(scenario, run, fake=False, device="cpu", steps=2, round_to=1)["tracker"].breakdown()
     fake = train_steps(scenario, run, fake=True, device="cpu", steps=2, round_to=1)["tracker"].breakdown()
     for category in real:
-        assert fake[category] == pytest.approx(real[category], rel=0.02, abs=256), (category, real, fake)
+        assert abs(fake[category] - real[category]) <= 4096, (category, real, fake)
 
 
 def test_category_invariants(write_scenario):
@@ -157,3 +163,45 @@ def test_nvml_reading_is_absent_not_zero_without_a_gpu():
     from galore_bench.engine import nvml_used_bytes
 
     assert nvml_used_bytes() is None
+
+
+def test_tracker_counts_only_its_device():
+    """A GPU run's host tensors (the data set, a batch before .to) are not GPU memory: only `device_type` counts."""
+    tracker = MemoryTracker(device_type="meta")
+    with tracker:
+        host = torch.ones(1000)  # 4000 bytes on the CPU: not counted
+        on_device = torch.ones(256, device="meta")  # 1024 bytes
+        tracker.label([host], "weights")
+    assert tracker.peak == 1024 and tracker.breakdown()["other"] == 1024 and tracker.breakdown()["weights"] == 0
+    del host, on_device
+
+
+def test_fake_forward_skips_the_causal_mask_as_a_real_one_does():
+    """A real step passes is_causal to SDPA and builds no b x 1 x s x s mask; the traced step must do the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from galore_bench.models import build_model, causal_mask_skipped_under_fake_tensors
+
+    seq = 48
+
+    class SquareMasks(TorchDispatchMode):
+        found = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dim() == 4 and tuple(out.shape[-2:]) == (seq, seq):
+                SquareMasks.found += 1
+            return out
+
+    def masks_built(fake: bool, skip: bool) -> int:
+        SquareMasks.found = 0
+        with FakeTensorMode() if fake else contextlib.nullcontext():
+            model = build_model(ZOO["tiny"], "fp32")
+            batch = torch.randint(0, 512, (2, seq))
+            with causal_mask_skipped_under_fake_tensors() if skip else contextlib.nullcontext(), SquareMasks():
+                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        return SquareMasks.found
+
+    assert masks_built(fake=False, skip=False) == 0
+    assert masks_built(fake=True, skip=False) > 0  # transformers plays safe on tensors without values
+    assert masks_built(fake=True, skip=True) == 0

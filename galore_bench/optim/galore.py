@@ -28,6 +28,9 @@ __all__ = ["BNB_BLOCKSIZE", "MIN_8BIT_SIZE", "GaLoreAdamW", "GaLoreAdamW8bit", "
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep 32-bit optimizer state
 BNB_BLOCKSIZE = 256  # bitsandbytes' blockwise optimizer kernels quantize in blocks of 256 values
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
+# bnb's signed/unsigned dynamic quantization maps per device: constants, so one copy serves every
+# optimizer (layer-wise builds one optimizer per parameter; a copy each would be 2 KiB x parameters)
+_QMAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class GaLoreProjector:
@@ -185,18 +188,18 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
         _check_hyper(lr, betas, eps, weight_decay)
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.min_8bit_size = min_8bit_size
-        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _qmaps_for(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _qmaps_for(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bnb's signed/unsigned dynamic maps on `like`'s device (built lazily: needs real tensors)."""
         if is_fake(like):
             return like.new_empty((256,), dtype=torch.float32), like.new_empty((256,), dtype=torch.float32)
-        if like.device not in self._qmaps:
+        if like.device not in _QMAPS:
             import bitsandbytes.functional as bnbf
 
-            self._qmaps[like.device] = (bnbf.create_dynamic_map(signed=True).to(like.device),
-                                        bnbf.create_dynamic_map(signed=False).to(like.device))
-        return self._qmaps[like.device]
+            _QMAPS[like.device] = (bnbf.create_dynamic_map(signed=True).to(like.device),
+                                   bnbf.create_dynamic_map(signed=False).to(like.device))
+        return _QMAPS[like.device]
 
     def _init_state(self, state: dict[str, Any], like: torch.Tensor) -> None:
         """Moments shaped like the (low-rank) gradient: uint8 + per-block absmax, or fp32 when small."""
