@@ -66,7 +66,11 @@ class MemoryTracker(TorchDispatchMode):
         if key in self._live or (self.device_type is not None and storage.device.type != self.device_type):
             return
         size = self._size(storage)
-        self._live[key] = (weakref.ref(storage, lambda _, key=key: self._free(key)), size, category)
+
+        def collected(_: object, key: int = key) -> None:
+            self._free(key)
+
+        self._live[key] = (weakref.ref(storage, collected), size, category)
         self.totals[category] += size
         self.current += size
         self.category_peaks[category] = max(self.category_peaks[category], self.totals[category])

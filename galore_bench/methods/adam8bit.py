@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from galore_bench.methods.adamw import ADAM_OPTIONS, layerwise_or_plain, trainable
 from galore_bench.methods.base import MethodDef, Trainer, TrainSettings
@@ -21,7 +21,7 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
             optimizer = bnb.optim.AdamW8bit(groups, **hyper)
             optimizer.fill_qmap()
         first = groups[0]["params"][0]
-        if is_fake(first):  # its kernels' fake implementations then need the maps as fake tensors too
+        if isinstance(first, FakeTensor):  # its kernels' fake implementations then need the maps as fake tensors too
             optimizer.name2qmap = {k: first.fake_mode.from_tensor(v) for k, v in optimizer.name2qmap.items()}
         return optimizer
 

@@ -32,7 +32,7 @@ class Option:
             return type_name(self.kind)
         if self.choices is not None and value not in self.choices:
             return "one of " + ", ".join(map(str, self.choices))
-        if self.minimum is not None and value < self.minimum:
+        if self.minimum is not None and isinstance(value, (int, float)) and value < self.minimum:
             return f"{type_name(self.kind)} >= {self.minimum:g}"
         return None
 

@@ -79,9 +79,13 @@ class GaLoreProjector:
         return torch.matmul(self.ortho_matrix.t(), grad)
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
-        """Lift a low-rank update to the full weight shape, multiplied by `scale` (alpha in the paper)."""
+        """Lift a low-rank update to the full weight shape, multiplied by `scale` (alpha in the paper).
+
+        The update is cast to the basis' dtype first (8-bit states update an fp32 low-rank buffer).
+        """
         if self.ortho_matrix is None:
             raise RuntimeError("project_back() called before project()")
+        low_rank = low_rank.to(self.ortho_matrix.dtype)
         if self.side == "right":
             full = torch.matmul(low_rank, self.ortho_matrix)
         else:
@@ -253,8 +257,7 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
                 state["step"] = step + 1
                 self._bnb_adam(group, state, grad, target, wd_in_kernel)
                 if projector is not None:
-                    ortho = projector.ortho_matrix
-                    p.add_(projector.project_back(target.to(ortho.dtype)).to(p.dtype))
+                    p.add_(projector.project_back(target).to(p.dtype))
                     if group["weight_decay"] > 0.0:
                         p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss

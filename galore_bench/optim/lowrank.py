@@ -143,6 +143,6 @@ def _low_rank_like(lin: nn.Linear, rank: int, init: InitKind, init_std: float | 
     with torch.no_grad():
         if init == "svd":
             new.init_from_svd(lin.weight.detach())
-        if lin.bias is not None:  # keep the original bias
+        if lin.bias is not None and new.bias is not None:  # keep the original bias
             new.bias.copy_(lin.bias)
     return new

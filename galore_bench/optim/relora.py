@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -49,7 +49,8 @@ def lora_config(
 
     return peft.LoraConfig(
         r=rank,
-        lora_alpha=DEFAULT_ALPHA if alpha is None else alpha,
+        # peft annotates an int but only ever divides it by r: a float alpha is what scaling needs
+        lora_alpha=DEFAULT_ALPHA if alpha is None else alpha,  # type: ignore[arg-type]
         lora_dropout=dropout,
         target_modules=list(target_modules),
         bias="none",
@@ -130,20 +131,25 @@ class ReLoRA:
             raise ValueError(f"{len(missing)} adapter parameters are not in the optimizer")
         self.num_restarts = 0
 
-    def adapter_parameters(self) -> list[nn.Parameter]:
+    def adapter_parameters(self) -> list[torch.Tensor]:
         """The LoRA A and B weights whose optimizer state is reset at each restart."""
-        out: list[nn.Parameter] = []
+        out: list[torch.Tensor] = []
         for layer in self.layers:
-            out += [layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight]
+            A, B, _ = self._weights(layer)
+            out += [A, B]
         return out
+
+    def _weights(self, layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This adapter's A and B and the frozen base weight (typed: peft reaches them through nn.Module)."""
+        base = cast(nn.Linear, layer.get_base_layer())
+        return (cast(nn.Linear, layer.lora_A[self.adapter]).weight, cast(nn.Linear, layer.lora_B[self.adapter]).weight,
+                base.weight)
 
     @torch.no_grad()
     def merge_and_reinit(self) -> None:
         """W += scaling * B A (fp32 product), then A kaiming-uniform(a=sqrt 5) and B = 0: output unchanged."""
         for layer in self.layers:
-            A = layer.lora_A[self.adapter].weight
-            B = layer.lora_B[self.adapter].weight
-            base_w = layer.get_base_layer().weight
+            A, B, base_w = self._weights(layer)
             delta = (B.float() @ A.float()) * layer.scaling[self.adapter]
             if layer.fan_in_fan_out:
                 delta = delta.T
