@@ -2,7 +2,7 @@
 
 An ESTIMATE, not a measurement: every figure is a formula of the model shape, dtype, method, batch and
 sequence length, written from what each piece of code allocates (listed term by term below). Tests check
-it against the simulate engine (the traced real step) within 10% per method; disagreements are what the
+it against the simulate engine (the traced real step) within 3% per method; disagreements are what the
 formulas miss. Each tensor is rounded up to the CUDA allocator's 512-byte blocks, as simulate does.
 
 The step's memory is modelled at the moments where it peaks, and the largest one is the peak:
