@@ -104,3 +104,29 @@ def test_real_mode_without_cuda_refuses_with_a_clear_message(tmp_path):
     assert done.returncode != 0
     assert "no CUDA device" in done.stderr and "--plumbing" in done.stderr
     assert not (tmp_path / "out").exists()  # nothing written that could be mistaken for a result
+
+
+PROBES = SCRIPT.with_name("gpu_probes.py")
+
+
+def test_probes_without_cuda_refuse_and_write_nothing(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the probes would run")
+    done = subprocess.run([sys.executable, str(PROBES), "--out", str(tmp_path / "out")],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA device" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="reads the CUDA allocator")
+def test_probes_on_a_gpu_see_the_tensors_the_tracker_sees(tmp_path):
+    """The allocator sees at least what the tracker sees; a bf16 4096^2 matmul's output is 32 MiB exactly."""
+    done = subprocess.run([sys.executable, str(PROBES), "--out", str(tmp_path)], check=False, timeout=300)
+    assert done.returncode == 0
+    rows = {row["probe"]: row for row in json.loads((tmp_path / "probes.json").read_text())["probes"]}
+    matmul = rows["cublas matmul 4096^2 bf16"]["second"]
+    assert matmul["tracker_peak"] == 4096 * 4096 * 2
+    for row in rows.values():
+        for call in ("first", "second"):
+            if call in row:
+                assert row[call]["unseen_peak"] >= 0, row

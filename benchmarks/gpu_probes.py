@@ -1,0 +1,178 @@
+"""Issue 9: what CUDA libraries allocate beside the tensors a simulation can see, one operation at a time.
+
+    python benchmarks/gpu_probes.py --out DIR        (needs CUDA: refuses to run without it)
+
+Each probe runs one operation of a training step (a cuBLAS matmul, a Linear's backward, causal SDPA forward
+and backward, the fp32 SVD of a GaLore refresh, the loss, an 8-bit optimizer update) on fresh CUDA tensors,
+twice. Around it the CUDA allocator's peak and the galore-bench tracker (the storages the dispatcher
+returns, which is all that simulate counts) are read together: the difference is memory that only a real
+GPU shows (library workspaces, kernels' scratch buffers). The first call also shows what a library keeps
+after its first use (cuBLAS's per-handle workspace). Writes probes.json and probes.md to DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from galore_bench.tracker import CUDA_BLOCK, MemoryTracker
+from galore_bench.units import format_bytes
+
+BF16 = torch.bfloat16
+
+
+def measure(fn: Callable[[], Any]) -> dict[str, int]:
+    """Allocator vs tracker around one call of `fn`; what the call leaves is freed before returning."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    tracker = MemoryTracker(round_to=CUDA_BLOCK, device_type="cuda")
+    with tracker:
+        result = fn()
+    torch.cuda.synchronize()
+    reading = {"allocator_peak": torch.cuda.max_memory_allocated() - base, "tracker_peak": tracker.peak,
+               "allocator_kept": torch.cuda.memory_allocated() - base, "tracker_kept": tracker.current}
+    del result
+    reading["unseen_peak"] = reading["allocator_peak"] - reading["tracker_peak"]
+    reading["unseen_kept"] = reading["allocator_kept"] - reading["tracker_kept"]
+    return reading
+
+
+def _randn(*shape: int, dtype: torch.dtype = BF16, grad: bool = False) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=grad)
+
+
+def probes() -> dict[str, Callable[[], Callable[[], Any]]]:
+    """name -> a setup that makes the inputs (outside the measurement) and returns the call to measure."""
+    def matmul() -> Callable[[], Any]:
+        a, b = _randn(4096, 4096), _randn(4096, 4096)
+        return lambda: a @ b
+
+    def linear_backward() -> Callable[[], Any]:  # 7B's gate_proj on 2048 tokens: two GEMMs in backward
+        x, w = _randn(2048, 4096, grad=True), _randn(11008, 4096, grad=True)
+        grad_out = _randn(2048, 11008)
+
+        def step() -> Any:
+            torch.nn.functional.linear(x, w).backward(grad_out)
+            grads = (x.grad, w.grad)
+            x.grad = w.grad = None
+            return grads
+        return step
+
+    def sdpa(batch: int, heads: int, head_dim: int) -> Callable[[], Callable[[], Any]]:
+        def setup() -> Callable[[], Any]:
+            q, k, v = (_randn(batch, heads, 256, head_dim, grad=True) for _ in range(3))
+            grad_out = _randn(batch, heads, 256, head_dim)
+
+            def step() -> Any:
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad_out)
+                grads = (q.grad, k.grad, v.grad)
+                q.grad = k.grad = v.grad = None
+                return grads
+            return step
+        return setup
+
+    def svd(rows: int, cols: int) -> Callable[[], Callable[[], Any]]:
+        def setup() -> Callable[[], Any]:  # GaLore's refresh: the BF16 gradient in fp32, full_matrices=False
+            grad = _randn(rows, cols)
+            return lambda: torch.linalg.svd(grad.float(), full_matrices=False)
+        return setup
+
+    def loss() -> Callable[[], Any]:  # the LM head's logits for 2048 tokens, 32k vocabulary
+        logits, labels = _randn(2048, 32000, grad=True), torch.randint(0, 32000, (2048,), device="cuda")
+
+        def step() -> Any:
+            torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+            grad = logits.grad
+            logits.grad = None
+            return grad
+        return step
+
+    def adamw_foreach() -> Callable[[], Any]:
+        params = [torch.nn.Parameter(_randn(4096, 4096)) for _ in range(4)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer = torch.optim.AdamW(params, foreach=True)
+        optimizer.step()  # states exist: the probe is a steady step
+        return optimizer.step
+
+    def adam8bit() -> Callable[[], Any]:
+        import bitsandbytes as bnb
+
+        param = torch.nn.Parameter(_randn(4096, 4096))
+        param.grad = torch.randn_like(param)
+        optimizer = bnb.optim.AdamW8bit([param])
+        optimizer.step()
+        return optimizer.step
+
+    return {"cublas matmul 4096^2 bf16": matmul, "linear fwd+bwd 2048x4096 -> 11008 bf16": linear_backward,
+            "sdpa causal fwd+bwd 7B head (b1 h32 s256 d128)": sdpa(1, 32, 128),
+            "sdpa causal fwd+bwd 60M head (b16 h8 s256 d64)": sdpa(16, 8, 64),
+            "svd fp32 4096x11008 (7B MLP)": svd(4096, 11008), "svd fp32 4096x4096 (7B attention)": svd(4096, 4096),
+            "svd fp32 512x1376 (60M MLP)": svd(512, 1376), "cross-entropy 2048x32000 (fp32 upcast)": loss,
+            "adamw foreach step 4 x 4096^2 bf16": adamw_foreach, "bnb AdamW8bit step 4096^2": adam8bit}
+
+
+def run_probes() -> list[dict[str, Any]]:
+    rows = []
+    for name, setup in probes().items():
+        row: dict[str, Any] = {"probe": name}
+        try:
+            call = setup()
+            for attempt in ("first", "second"):
+                start = time.perf_counter()
+                row[attempt] = measure(call)
+                row[attempt]["seconds"] = time.perf_counter() - start
+            del call
+        except Exception as exc:  # noqa: BLE001 - one probe failing (no bnb there) must not hide the others
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], device: str) -> str:
+    lines = [f"# What only a GPU shows: library memory beside the tensors ({device})", "",
+             ("unseen = allocator bytes minus the bytes of the storages the dispatcher returned (what simulate "
+              "counts); peak: during the call; kept: still allocated after it (a workspace cached for later "
+              "calls). First and second call of the same operation."), "",
+             "| probe | tensors peak | unseen peak, 1st | unseen kept, 1st | unseen peak, 2nd | unseen kept, 2nd |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['probe']} | error: {row['error']} | | | | |")
+            continue
+        first, second = row["first"], row["second"]
+        lines.append(f"| {row['probe']} | {format_bytes(second['tracker_peak'])} | {format_bytes(first['unseen_peak'])}"
+                     f" | {format_bytes(first['unseen_kept'])} | {format_bytes(second['unseen_peak'])}"
+                     f" | {format_bytes(second['unseen_kept'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="probes.json and probes.md go here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_probes: no CUDA device. These probes read the CUDA allocator; there is nothing to measure "
+              "on a CPU.", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name()
+    rows = run_probes()
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "probes": rows}
+    (args.out / "probes.json").write_text(json.dumps(info, indent=1))
+    (args.out / "probes.md").write_text(markdown(rows, device))
+    print((args.out / "probes.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
