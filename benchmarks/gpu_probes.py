@@ -114,7 +114,8 @@ def probes() -> dict[str, Callable[[], Callable[[], Any]]]:
     return {"cublas matmul 4096^2 bf16": matmul, "linear fwd+bwd 2048x4096 -> 11008 bf16": linear_backward,
             "sdpa causal fwd+bwd 7B head (b1 h32 s256 d128)": sdpa(1, 32, 128),
             "sdpa causal fwd+bwd 60M head (b16 h8 s256 d64)": sdpa(16, 8, 64),
-            "svd fp32 4096x11008 (7B MLP)": svd(4096, 11008), "svd fp32 4096x4096 (7B attention)": svd(4096, 4096),
+            "svd fp32 4096x11008 (7B MLP)": svd(4096, 11008),
+            "svd fp32 4096x4096 (7B attention)": svd(4096, 4096),
             "svd fp32 512x1376 (60M MLP)": svd(512, 1376), "cross-entropy 2048x32000 (fp32 upcast)": loss,
             "adamw foreach step 4 x 4096^2 bf16": adamw_foreach, "bnb AdamW8bit step 4096^2": adam8bit}
 
@@ -139,19 +140,21 @@ def run_probes() -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]], device: str) -> str:
     lines = [f"# What only a GPU shows: library memory beside the tensors ({device})", "",
-             ("unseen = allocator bytes minus the bytes of the storages the dispatcher returned (what simulate "
-              "counts); peak: during the call; kept: still allocated after it (a workspace cached for later "
-              "calls). First and second call of the same operation."), "",
-             "| probe | tensors peak | unseen peak, 1st | unseen kept, 1st | unseen peak, 2nd | unseen kept, 2nd |",
+             ("unseen = allocator bytes minus the bytes of the storages the dispatcher returned (what "
+              "simulate counts); peak: during the call; kept: still allocated after it (a workspace cached "
+              "for later calls). First and second call of the same operation."), "",
+             ("| probe | tensors peak | unseen peak, 1st | unseen kept, 1st | unseen peak, 2nd "
+              "| unseen kept, 2nd |"),
              "|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['probe']} | error: {row['error']} | | | | |")
             continue
         first, second = row["first"], row["second"]
-        lines.append(f"| {row['probe']} | {format_bytes(second['tracker_peak'])} | {format_bytes(first['unseen_peak'])}"
-                     f" | {format_bytes(first['unseen_kept'])} | {format_bytes(second['unseen_peak'])}"
-                     f" | {format_bytes(second['unseen_kept'])} |")
+        cells = [row["probe"], format_bytes(second["tracker_peak"]), format_bytes(first["unseen_peak"]),
+                 format_bytes(first["unseen_kept"]), format_bytes(second["unseen_peak"]),
+                 format_bytes(second["unseen_kept"])]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
