@@ -7,7 +7,9 @@ and backward, the fp32 SVD of a GaLore refresh, the loss, an 8-bit optimizer upd
 twice. Around it the CUDA allocator's peak and the galore-bench tracker (the storages the dispatcher
 returns, which is all that simulate counts) are read together: the difference is memory that only a real
 GPU shows (library workspaces, kernels' scratch buffers). The first call also shows what a library keeps
-after its first use (cuBLAS's per-handle workspace). Writes probes.json and probes.md to DIR.
+after its first use (cuBLAS's per-handle workspace). Before them, one seeded sequence of allocations and
+frees runs on the real caching allocator and through galore_bench.allocator's model of it: their reserved
+peaks must agree. Writes probes.json and probes.md to DIR.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from galore_bench.allocator import replay, seeded_sequence
 from galore_bench.tracker import CUDA_BLOCK, MemoryTracker
 from galore_bench.units import format_bytes
 
@@ -120,6 +123,33 @@ def probes() -> dict[str, Callable[[], Callable[[], Any]]]:
             "adamw foreach step 4 x 4096^2 bf16": adamw_foreach, "bnb AdamW8bit step 4096^2": adam8bit}
 
 
+def run_on_cuda(events: list[tuple[int, int]]) -> dict[str, int]:
+    """The sequence on the real caching allocator (nothing cached first): its reserved and allocated peaks."""
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    live = {}
+    for key, nbytes in events:
+        if nbytes:
+            live[key] = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        else:
+            del live[key]
+    peaks = {"reserved_peak": torch.cuda.max_memory_reserved() - start[0],
+             "allocated_peak": torch.cuda.max_memory_allocated() - start[1], "reserved_at_start": start[0]}
+    live.clear()
+    torch.cuda.empty_cache()
+    return peaks
+
+
+def allocator_check(n: int = 600, seed: int = 0) -> dict[str, Any]:
+    """The model against the real allocator on one seeded sequence of small, mid and large requests."""
+    events = seeded_sequence(n, seed)
+    measured, model = run_on_cuda(events), replay(events)
+    modelled = {"reserved_peak": model["peak_reserved_bytes"], "allocated_peak": model["peak_allocated_bytes"]}
+    return {"requests": n, "seed": seed, "measured": measured, "model": modelled,
+            "agree": modelled["reserved_peak"] == measured["reserved_peak"]}
+
+
 def run_probes() -> list[dict[str, Any]]:
     rows = []
     for name, setup in probes().items():
@@ -138,8 +168,14 @@ def run_probes() -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], device: str) -> str:
+def markdown(rows: list[dict[str, Any]], device: str, check: dict[str, Any]) -> str:
+    real, model = check["measured"], check["model"]
+    verdict = "agree" if check["agree"] else "DISAGREE"
     lines = [f"# What only a GPU shows: library memory beside the tensors ({device})", "",
+             (f"Caching-allocator model vs the real allocator, {check['requests']} seeded requests: reserved "
+              f"peak {format_bytes(model['reserved_peak'])} modelled, {format_bytes(real['reserved_peak'])} "
+              f"measured ({verdict}); allocated peak {format_bytes(model['allocated_peak'])} modelled, "
+              f"{format_bytes(real['allocated_peak'])} measured."), "",
              ("unseen = allocator bytes minus the bytes of the storages the dispatcher returned (what "
               "simulate counts); peak: during the call; kept: still allocated after it (a workspace cached "
               "for later calls). First and second call of the same operation."), "",
@@ -167,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
               "on a CPU.", file=sys.stderr)
         return 2
     device = torch.cuda.get_device_name()
+    check = allocator_check()  # first: it wants an allocator with nothing cached
     rows = run_probes()
     args.out.mkdir(parents=True, exist_ok=True)
     info = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "probes": rows}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "allocator_check": check,
+            "probes": rows}
     (args.out / "probes.json").write_text(json.dumps(info, indent=1))
-    (args.out / "probes.md").write_text(markdown(rows, device))
+    (args.out / "probes.md").write_text(markdown(rows, device, check))
     print((args.out / "probes.md").read_text())
     return 0
 

@@ -73,9 +73,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise UserError(f"--budget: got {text!r}, allowed a size such as '24 GiB'") from None
     train = scenario.train
     table = Table(title=f"{scenario.name}: fit in {text} (estimate; seq {train.seq_len}, {train.dtype})",
-                  caption="estimate = closed-form bytes; simulate = the real step traced on fake tensors")
+                  caption="estimate = closed-form bytes; simulate = the real step traced on fake tensors; reserved = "
+                          "that trace through a model of the CUDA caching allocator, capped at the budget")
     columns = ["run", "model", f"peak @ batch {train.batch_size}", "fits", "largest batch", "estimate @ largest"]
-    columns += ["simulate @ largest", "simulate @ largest+1", "confirmed"] if args.confirm else []
+    columns += ["simulate @ largest", "simulate @ largest+1", "reserved @ largest (model)", "confirmed"] \
+        if args.confirm else []
     for name in columns:
         table.add_column(name, justify="left" if name in ("run", "model", "fits", "confirmed") else "right")
     for row in fit_rows(scenario, budget, confirm=args.confirm):
@@ -83,8 +85,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
                  str(row["largest_batch"]) if row["largest_batch"] else "none", format_bytes(row["estimate_at_largest_bytes"])]
         if args.confirm:
             at, above = row["simulate_at_largest_bytes"], row["simulate_above_largest_bytes"]
+            model = row.get("allocator_model_at_largest")
             ok = (at is None or at <= budget) and above is not None and above > budget
-            cells += [format_bytes(at), format_bytes(above), "yes" if ok else "no (estimate off at the boundary)"]
+            reserved = "-" if model is None else "OOM" if model["out_of_memory"] else format_bytes(
+                model["peak_reserved_bytes"])
+            verdict = ("no (estimate off at the boundary)" if not ok else
+                       "no (allocator model: out of memory at the cap)" if model and model["out_of_memory"] else "yes")
+            cells += [format_bytes(at), format_bytes(above), reserved, verdict]
         table.add_row(*cells)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     return 0

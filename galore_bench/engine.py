@@ -175,7 +175,8 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
     """Run `steps` real training steps and return what was measured (memory, losses, step times).
 
     Storage sizes are rounded like the CUDA caching allocator when simulating (the GPU is what a
-    simulation predicts) or measuring on CUDA; `round_to` overrides that (1 = exact bytes).
+    simulation predicts) or measuring on CUDA; `round_to` overrides that (1 = exact bytes). A simulation's
+    tracker also keeps the allocation/free sequence, for the caching-allocator model (allocator.replay).
     `evaluate(model)` runs every `evaluate_every` steps with the tracker paused (not part of the step).
     Distributed runs pass their own `tracker`, the `wrap`per (DDP, FSDP2), each rank's `batches` and the step
     their steady state starts at; `on_built(trainer)` sees the trainer before the first step.
@@ -183,7 +184,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
     on_cuda = torch.device(device).type == "cuda"
     if tracker is None:
         tracker = MemoryTracker(round_to=round_to or (CUDA_BLOCK if (fake or on_cuda) else 1),
-                                device_type="cuda" if on_cuda else None)
+                                device_type="cuda" if on_cuda else None, record_events=fake)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     trainer = build_trainer(scenario, run, device, tracker, fake_mode, wrap=wrap)
     if on_built is not None:

@@ -1,13 +1,15 @@
 """Before renting a GPU: does each run of a scenario fit a memory budget, and what is the largest batch that does?
 
 The search runs on the estimate engine (closed form, instant, labelled an estimate); `confirm` re-checks the
-answer with the simulate engine (the real step traced on fake tensors) at the batch found and one above it.
+answer with the simulate engine (the real step traced on fake tensors) at the batch found and one above it,
+and replays that trace through the caching-allocator model: a GPU fails on reserved bytes, not allocated ones.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from galore_bench.allocator import replay
 from galore_bench.estimate import estimate_run
 from galore_bench.scenario import RunSpec, Scenario
 
@@ -42,7 +44,7 @@ def largest_batch(scenario: Scenario, run: RunSpec, budget: int) -> int:
 
 def fit_rows(scenario: Scenario, budget: int, confirm: bool = False) -> list[dict[str, Any]]:
     """Per run: the estimated peak at the scenario's batch, the largest batch within budget, and (confirm) the
-    simulated peaks at that batch and one above."""
+    simulated peaks at that batch and one above, with the caching-allocator model's reserved bytes at it."""
     from galore_bench import engine
 
     rows = []
@@ -55,8 +57,13 @@ def fit_rows(scenario: Scenario, budget: int, confirm: bool = False) -> list[dic
                                if best else None}
         if confirm:
             for key, batch in (("simulate_at_largest_bytes", best), ("simulate_above_largest_bytes", best + 1)):
-                planned, steps = engine.simulation_plan(run)
-                row[key] = (engine.train_steps(with_batch(scenario, batch), planned, fake=True, device="cpu",
-                                               steps=steps)["tracker"].peak if batch else None)
+                row[key] = None
+                if batch:
+                    planned, steps = engine.simulation_plan(run)
+                    tracker = engine.train_steps(with_batch(scenario, batch), planned, fake=True, device="cpu",
+                                                 steps=steps)["tracker"]
+                    row[key] = tracker.peak
+                    if batch == best:  # reserved, and whether fragmentation breaks the cap (a model)
+                        row["allocator_model_at_largest"] = replay(tracker.events or [], budget)
         rows.append(row)
     return rows

@@ -44,10 +44,12 @@ def optimizer_phase() -> Iterator[None]:
 class MemoryTracker(TorchDispatchMode):
     """Live bytes per category and the composition at the peak."""
 
-    def __init__(self, round_to: int = 1, device_type: str | None = None) -> None:
+    def __init__(self, round_to: int = 1, device_type: str | None = None, record_events: bool = False) -> None:
         super().__init__()
         self.round_to = round_to
         self.device_type = device_type  # count only this device's storages (a GPU run's host tensors are not GPU memory)
+        # (storage id, bytes) per allocation and (storage id, 0) per free, in order: for allocator.replay
+        self.events: list[tuple[int, int]] | None = [] if record_events else None
         self._live: dict[int, tuple[weakref.ref, int, str]] = {}
         self.totals = dict.fromkeys(CATEGORIES, 0)
         self.current = 0
@@ -71,6 +73,8 @@ class MemoryTracker(TorchDispatchMode):
             self._free(key)
 
         self._live[key] = (weakref.ref(storage, collected), size, category)
+        if self.events is not None:
+            self.events.append((key, storage.nbytes()))
         self.totals[category] += size
         self.current += size
         self.category_peaks[category] = max(self.category_peaks[category], self.totals[category])
@@ -81,6 +85,8 @@ class MemoryTracker(TorchDispatchMode):
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)
         if entry is not None:
+            if self.events is not None:
+                self.events.append((key, 0))
             self.totals[entry[2]] -= entry[1]
             self.current -= entry[1]
 

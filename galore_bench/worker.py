@@ -198,6 +198,11 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
                               "category_peaks": dict(tracker.category_peaks), "steady_state_from_step": 2}
     if fake and traced is not run:  # GaLore: step 3 refreshed every projector; step 2 alone is the plain step
         memory.update(includes_svd_refresh=True, peak_without_svd_refresh_bytes=result["step_peaks"][1])
+    if fake:  # what a GPU would reserve (and whether the cap holds), from the same trace: a model, labelled
+        from galore_bench.allocator import replay
+
+        memory["allocator_model"] = _cross_check(record, "allocator_model",
+                                                 lambda: replay(tracker.events or [], scenario.budget_bytes))
     if result["cuda"]:
         allocated = result["cuda"]["allocated_bytes"]
         breakdown["other"] += allocated - tracker.peak  # allocator blocks the tracker did not attribute

@@ -34,6 +34,12 @@ def test_confirmed_by_simulate(write_scenario):
         assert row["simulate_at_largest_bytes"] == pytest.approx(row["estimate_at_largest_bytes"], rel=0.10)
         assert row["simulate_at_largest_bytes"] <= budget * 1.10  # the estimate's tolerance at the boundary
         assert row["simulate_above_largest_bytes"] > row["simulate_at_largest_bytes"]
+        # The same trace through the caching-allocator model, capped at 20 MiB: the logits (batch x 32 x 512
+        # x 4 bytes, over 1 MiB) need a 20 MiB segment of their own beside the ones already held. A real GPU
+        # capped this low fails the same way, so the allocated peak alone would have said "fits" wrongly.
+        model = row["allocator_model_at_largest"]
+        assert model["capacity_bytes"] == budget and row["largest_batch"] * 32 * 512 * 4 > 1 << 20
+        assert model["out_of_memory"] and model["alloc_retries"] == 1
 
 
 def test_cli_fit_needs_a_budget(write_scenario, capsys):
@@ -42,3 +48,6 @@ def test_cli_fit_needs_a_budget(write_scenario, capsys):
     assert "device.budget: not set; give --budget" in capsys.readouterr().err
     assert main(["fit", "--scenario", str(path), "--budget", "20 MiB"]) == 0
     assert "largest batch" in capsys.readouterr().out
+    assert main(["fit", "--scenario", str(path), "--budget", "20 MiB", "--confirm"]) == 0
+    out = capsys.readouterr().out
+    assert "reserved @" in out and " OOM │" in out  # the allocator model's answer at the largest batch
