@@ -241,6 +241,17 @@ def speed_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFram
     return pd.DataFrame(rows).dropna(axis=1, how="all") if rows else None
 
 
+def _reserved(record: dict[str, Any]) -> dict[str, Any]:
+    """What the GPU reserves: the CUDA allocator's reading when measured, the allocator model's when simulated."""
+    memory = record.get("memory") or {}
+    if (cuda := memory.get("cuda")) and cuda.get("reserved_bytes"):
+        return {"reserved GiB": _per(cuda["reserved_bytes"], GIB), "reserved from": "measured"}
+    if model := memory.get("allocator_model"):
+        return {"reserved GiB": _per(model["peak_reserved_bytes"], GIB),
+                "reserved from": "allocator model: OOM at the budget" if model["out_of_memory"] else "allocator model"}
+    return {}
+
+
 def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame | None) -> pd.DataFrame | None:
     """Peak against the budget, and the GaLore paper's 7B totals (22.0 GB for 8-bit layer-wise GaLore)."""
     rows = []
@@ -250,7 +261,8 @@ def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFr
             continue
         row: dict[str, Any] = {"run": label, "status": record["status"], "peak GiB": _per(peak, GIB),
                                "peak GB": _per(peak, GB), "budget": budget.get("text"), "fits": budget.get("fits"),
-                               "headroom GiB": _per(budget["bytes"] - peak, GIB) if peak is not None else None}
+                               "headroom GiB": _per(budget["bytes"] - peak, GIB) if peak is not None else None,
+                               **_reserved(record)}
         paper_setting = (record["model"]["name"] == "7b" and not train.get("activation_checkpointing")
                          and train.get("batch_size", 0) * train.get("seq_len", 0) == 256)
         key = (record["method"]["name"], bool(record["method"].get("layerwise")))
@@ -262,7 +274,7 @@ def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFr
             row.update({"paper GB": theirs, "paper kind": match.iloc[0]["kind"], "diff %": diff,
                         "flag": ">5%" if flagged else "", "cause": FIT_CAUSES[item] if flagged else ""})
         rows.append(row)
-    return pd.DataFrame(rows) if rows else None
+    return pd.DataFrame(rows).dropna(axis=1, how="all") if rows else None
 
 
 def cell_text(value: Any) -> str:

@@ -239,6 +239,26 @@ def test_7b_budget_table_and_oom_run(tmp_path: Path, reference: Path):
     assert "adam8bit: oom: OutOfMemoryError" in text
 
 
+def test_budget_table_shows_reserved_from_the_allocator_model_or_the_gpu(tmp_path: Path, reference: Path):
+    adamw, oom, layerwise = (json.loads(json.dumps(r)) for r in FIT_RUNS)  # deep copies
+    adamw["memory"]["allocator_model"] = {"peak_reserved_bytes": 24 * GIB - 2**20, "out_of_memory": "12 bytes ..."}
+    layerwise["memory"]["allocator_model"] = {"peak_reserved_bytes": 21 * GIB, "out_of_memory": None}
+    measured = make_record("galore8bit-layerwise", "galore8bit", parts(W7B, 0, 5 * GIB), scenario="7b_4090",
+                           batch=1, seq=256, ac=False, layerwise=True, minute=9, mode="measure", device="cuda")
+    measured["memory"]["cuda"] = {"reserved_bytes": 20 * GIB, "allocated_bytes": W7B + 5 * GIB}
+    out = tmp_path / "out"
+    render_report([write_records(tmp_path / "results", [adamw, oom, layerwise, measured])], out, {"csv"})
+    table = pd.read_csv(out / "7b_4090_budget.csv").set_index("run")  # labels name mode and device: both kept
+    adamw_row, simulated = table.loc["adamw [simulate, simulated-cpu]"], table.loc[
+        "galore8bit-layerwise [simulate, simulated-cpu]"]
+    assert adamw_row["reserved GiB"] == pytest.approx(24 - 1 / 1024)
+    assert adamw_row["reserved from"] == "allocator model: OOM at the budget"
+    assert (simulated["reserved GiB"], simulated["reserved from"]) == (21, "allocator model")
+    on_gpu = table.loc["galore8bit-layerwise [measure, cuda]"]
+    assert (on_gpu["reserved GiB"], on_gpu["reserved from"]) == (20, "measured")
+    assert np.isnan(table.loc["adam8bit [simulate, simulated-cpu]", "reserved GiB"])  # died: nothing to show
+
+
 def test_without_reference_the_report_still_renders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv(REFERENCE_ENV, str(tmp_path / "nowhere"))
     out = tmp_path / "out"
