@@ -4,6 +4,7 @@
     scenario = "7b_4090"
     run = "galore8bit-layerwise"      # or "*" for every run of the scenario
     peak = "22 GiB"                   # also any memory category: optimizer_states = "2 GiB", ...
+    reserved = "24 GiB"               # what the GPU reserves: measured on CUDA, else the allocator model's
     tgs_min = 100.0
     perplexity_max = 40.0
     baseline = "results/baseline"     # a folder of records or one record file
@@ -24,7 +25,8 @@ from galore_bench.scenario import SCENARIO_DIR, UserError, load_scenario
 from galore_bench.units import ALLOWED_UNITS, format_bytes, parse_bytes
 
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
-MEMORY_FIELDS = ("peak", *CATEGORIES)
+GROW_FIELDS = ("peak", *CATEGORIES)  # what grow_max holds to the baseline
+MEMORY_FIELDS = (*GROW_FIELDS, "reserved")
 # budget key -> (record section, record key, "max"/"min")
 SCALAR_FIELDS = {
     "tgs_min": ("throughput", "tgs", "min"),
@@ -65,6 +67,9 @@ class Verdict:
 
 def _memory(record: dict[str, Any], field: str) -> float | None:
     mem = record.get("memory") or {}
+    if field == "reserved":  # the CUDA allocator's reading, else the caching-allocator model of a simulation
+        return (mem.get("cuda") or {}).get("reserved_bytes") or (mem.get("allocator_model") or {}).get(
+            "peak_reserved_bytes")
     return mem.get("peak_bytes") if field == "peak" else (mem.get("breakdown") or {}).get(field)
 
 
@@ -143,7 +148,7 @@ def load_budgets(path: Path | str) -> list[Rule]:
             for fld, limit in limits.items():
                 rules.append(Rule(scenario, label, fld, limit, None, baseline, src))
             if grow is not None:  # beside any absolute limit: both are checked
-                for fld in MEMORY_FIELDS:
+                for fld in GROW_FIELDS:
                     rules.append(Rule(scenario, label, fld, None, grow, baseline, src))
     if problems:
         raise UserError(f"{len(problems)} problem(s) in budgets file:\n  " + "\n  ".join(problems))
@@ -212,6 +217,11 @@ def evaluate(rules: list[Rule], records: list[tuple[Path, dict[str, Any]]] | lis
             continue
         path, rec = chosen[(rule.scenario, rule.run)]
         limit, note = rule.limit, ""
+        model = (rec.get("memory") or {}).get("allocator_model") or {}
+        if rule.field == "reserved" and model.get("out_of_memory"):  # its reserved peak stopped at the cap
+            verdicts.append(Verdict(rule, None, limit, False, f"{who}: reserved: the caching-allocator model runs "
+                                                              f"out of memory ({model['out_of_memory']})", path))
+            continue
         if rule.field in SCALAR_FIELDS:
             section, key, kind = SCALAR_FIELDS[rule.field]
             value, field_name = (rec.get(section) or {}).get(key), key

@@ -147,3 +147,23 @@ def test_assert_memory_budget():
         assert_memory_budget(grown, peak="19.6 GiB", baseline=BREAKDOWN)
     with pytest.raises(TypeError, match="unknown field"):
         assert_memory_budget(record, gradient="1 GiB")
+
+
+def test_reserved_budget_reads_the_gpu_then_the_allocator_model(tmp_path):
+    """A 24 GiB card fails on reserved bytes: the budget reads the CUDA allocator's figure when measured and the
+    caching-allocator model's when simulated, and an allocator-model OOM fails the rule outright."""
+    rules = load_budgets(budgets_file(tmp_path, f'[[budget]]\nscenario = "7b_4090"\nrun = "{LABEL}"\n'
+                                                'reserved = "21 GiB"\n'))
+    simulated = make_record(BREAKDOWN)
+    simulated["memory"]["allocator_model"] = {"peak_reserved_bytes": int(20.44 * GiB), "out_of_memory": None}
+    (verdict,) = evaluate(rules, [simulated])
+    assert verdict.ok and verdict.value == int(20.44 * GiB)
+    simulated["memory"]["allocator_model"]["peak_reserved_bytes"] = 22 * GiB
+    (verdict,) = evaluate(rules, [simulated])
+    assert not verdict.ok and "reserved 22.00 GiB > budget 21.00 GiB" in verdict.message
+    measured = make_record(BREAKDOWN, created="2026-01-02T00:00:00Z")
+    measured["memory"]["cuda"] = {"reserved_bytes": 20 * GiB}
+    assert evaluate(rules, [simulated, measured])[0].value == 20 * GiB  # the newest record: the GPU's reading
+    simulated["memory"]["allocator_model"] = {"peak_reserved_bytes": 23 * GiB, "out_of_memory": "1 bytes ..."}
+    (verdict,) = evaluate(rules, [simulated])
+    assert not verdict.ok and "runs out of memory" in verdict.message
