@@ -20,7 +20,7 @@ from typing import Any
 
 import tomllib
 
-from galore_bench.record import find_records, load_record
+from galore_bench.record import find_records, load_record, reserved_of
 from galore_bench.scenario import SCENARIO_DIR, UserError, load_scenario
 from galore_bench.units import ALLOWED_UNITS, format_bytes, parse_bytes
 
@@ -68,8 +68,7 @@ class Verdict:
 def _memory(record: dict[str, Any], field: str) -> float | None:
     mem = record.get("memory") or {}
     if field == "reserved":  # the CUDA allocator's reading, else the caching-allocator model of a simulation
-        return (mem.get("cuda") or {}).get("reserved_bytes") or (mem.get("allocator_model") or {}).get(
-            "peak_reserved_bytes")
+        return reserved_of(record)[0]
     return mem.get("peak_bytes") if field == "peak" else (mem.get("breakdown") or {}).get(field)
 
 

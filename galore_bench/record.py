@@ -98,6 +98,18 @@ def load_record(path: Path) -> dict[str, Any]:
     return record
 
 
+def reserved_of(record: dict[str, Any]) -> tuple[int | None, str | None]:
+    """What the GPU reserves for this run, and where that comes from: the CUDA allocator's reading when
+    measured, the caching-allocator model's when simulated ("... OOM at the budget" when it ran out)."""
+    memory = record.get("memory") or {}
+    if (cuda := memory.get("cuda")) and cuda.get("reserved_bytes"):
+        return cuda["reserved_bytes"], "measured"
+    if model := memory.get("allocator_model"):
+        oom = model.get("out_of_memory")
+        return model["peak_reserved_bytes"], "allocator model: OOM at the budget" if oom else "allocator model"
+    return None, None
+
+
 def find_records(paths: list[Path]) -> list[Path]:
     """Record files under the given files/folders, in a stable order."""
     found: list[Path] = []

@@ -12,6 +12,8 @@ import pandas as pd
 from rich.table import Table
 from rich.text import Text
 
+from galore_bench.record import reserved_of
+
 GIB, GB = 2**30, 10**9
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
 FLAG_PERCENT = 5.0
@@ -242,14 +244,8 @@ def speed_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFram
 
 
 def _reserved(record: dict[str, Any]) -> dict[str, Any]:
-    """What the GPU reserves: the CUDA allocator's reading when measured, the allocator model's when simulated."""
-    memory = record.get("memory") or {}
-    if (cuda := memory.get("cuda")) and cuda.get("reserved_bytes"):
-        return {"reserved GiB": _per(cuda["reserved_bytes"], GIB), "reserved from": "measured"}
-    if model := memory.get("allocator_model"):
-        return {"reserved GiB": _per(model["peak_reserved_bytes"], GIB),
-                "reserved from": "allocator model: OOM at the budget" if model["out_of_memory"] else "allocator model"}
-    return {}
+    reserved, source = reserved_of(record)
+    return {"reserved GiB": _per(reserved, GIB), "reserved from": source} if source else {}
 
 
 def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame | None) -> pd.DataFrame | None:

@@ -65,3 +65,25 @@ def test_memory_snapshot_is_refused_with_a_note_without_cuda(write_scenario, tmp
     assert record["status"] == "ok"
     assert record["memory"]["snapshot"] is None and "CUDA allocator" in record["memory"]["snapshot_note"]
     assert not list(tmp_path.rglob("*.pickle"))
+
+
+def test_results_table_shows_reserved_from_the_gpu_or_the_allocator_model(tmp_path):
+    from rich.console import Console
+
+    from galore_bench.runner import results_table
+    from test_budgets import BREAKDOWN, GiB, make_record, write
+
+    simulated = make_record(BREAKDOWN)
+    simulated["memory"]["allocator_model"] = {"peak_reserved_bytes": int(20.44 * GiB), "out_of_memory": None}
+    capped = make_record(BREAKDOWN, run="adamw")
+    capped["memory"]["allocator_model"] = {"peak_reserved_bytes": 23 * GiB, "out_of_memory": "..."}
+    measured = make_record(BREAKDOWN, created="2026-01-02T00:00:00Z")
+    measured["memory"]["cuda"] = {"reserved_bytes": 20 * GiB}
+    paths = [write(tmp_path, r, f"{i}.json") for i, r in enumerate((simulated, capped, measured))]
+    console = Console(width=250, record=True)
+    console.print(results_table(paths))
+    lines = console.export_text().splitlines()
+    header = next([c.strip() for c in line.split("┃")] for line in lines if line.startswith("┃"))
+    assert header[11] == "reserved"  # after run, mode, status, peak, the five categories and fits
+    cells = [[c.strip() for c in line.split("│")] for line in lines if line.startswith("│")]
+    assert [row[11] for row in cells] == ["20.44 GiB", "OOM", "20.00 GiB"]
