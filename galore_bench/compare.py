@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from galore_bench.record import find_records
+from galore_bench.record import find_records, reserved_of
 from galore_bench.report import read_record
 from galore_bench.report_tables import CATEGORIES, as_number, to_markdown
 from galore_bench.scenario import UserError
@@ -115,6 +115,8 @@ def _memory_values(record: dict[str, Any]) -> dict[str, float | None]:
     values = {"peak": as_number(memory.get("peak_bytes"))}
     values |= {cat: as_number(parts.get(cat)) for cat in CATEGORIES}
     values |= {f"max {cat}": as_number(maxima.get(cat)) for cat in CATEGORIES if cat in maxima}
+    if (reserved := reserved_of(record)[0]) is not None:  # the GPU's reading, or the allocator model's
+        values["reserved"] = as_number(reserved)
     return values
 
 

@@ -119,6 +119,22 @@ def test_growth_from_zero_and_category_peaks(tmp_path: Path, capsys: pytest.Capt
     assert "gradients grew from 0 B to 5.00 MiB" in err and "max gradients grew from 0 B to 8.00 MiB" in err
 
 
+def test_reserved_is_compared_where_both_sides_have_it(capsys: pytest.CaptureFixture, tmp_path: Path):
+    """What the GPU reserves (its reading, or the allocator model's for simulate) is a memory row like the others."""
+    a, b = json.loads(json.dumps(A)), json.loads(json.dumps(B))
+    a["memory"]["allocator_model"] = {"peak_reserved_bytes": 8000 * MIB, "out_of_memory": None}
+    b["memory"]["allocator_model"] = {"peak_reserved_bytes": 8800 * MIB, "out_of_memory": None}
+    rows = {d.quantity: d for d in deltas(("smoke_cpu", "galore"), a, b)}
+    assert rows["reserved"].delta == 800 * MIB and rows["reserved"].percent == pytest.approx(10.0)
+    assert "reserved" not in {d.quantity for d in deltas(("smoke_cpu", "galore"), A, b)}  # one side only
+    paths = write(tmp_path / "a.json", a), write(tmp_path / "b.json", b)
+    assert main(["compare", *map(str, paths), "--fail-above", "12%"]) == 1  # optimizer states +25%
+    err = capsys.readouterr().err
+    assert "reserved" not in err  # +10% is under the gate
+    assert main(["compare", *map(str, paths), "--fail-above", "5%"]) == 1
+    assert "reserved grew +10.0%" in capsys.readouterr().err
+
+
 def test_folders_match_runs_on_the_newest_ok_record(tmp_path: Path):
     old, new = tmp_path / "old", tmp_path / "new"
     write(old / "cpu/smoke_cpu/galore.1.json", record(parts=split(1, 1, 1, 1, 1), minute=1))
