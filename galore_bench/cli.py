@@ -89,8 +89,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
             ok = (at is None or at <= budget) and above is not None and above > budget
             reserved = "-" if model is None else "OOM" if model["out_of_memory"] else format_bytes(
                 model["peak_reserved_bytes"])
+            held = row.get("largest_batch_reserved")
             verdict = ("no (estimate off at the boundary)" if not ok else
-                       "no (allocator model: out of memory at the cap)" if model and model["out_of_memory"] else "yes")
+                       f"no (allocator model: out of memory at the cap; it holds batch {held or 'none'})"
+                       if model and model["out_of_memory"] else "yes")
             cells += [format_bytes(at), format_bytes(above), reserved, verdict]
         table.add_row(*cells)
     Console(width=None if sys.stdout.isatty() else 160).print(table)

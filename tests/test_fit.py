@@ -40,6 +40,9 @@ def test_confirmed_by_simulate(write_scenario):
         model = row["allocator_model_at_largest"]
         assert model["capacity_bytes"] == budget and row["largest_batch"] * 32 * 512 * 4 > 1 << 20
         assert model["out_of_memory"] and model["alloc_retries"] == 1
+        # The largest batch the model holds: 16, whose fp32 logits are exactly 1 MiB, the small pool's limit
+        # (2 MiB segments); at 17 they take a 20 MiB segment of their own.
+        assert row["largest_batch_reserved"] == 16 == (1 << 20) // (32 * 512 * 4)
 
 
 def test_cli_fit_needs_a_budget(write_scenario, capsys):
