@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_probes()
     args.out.mkdir(parents=True, exist_ok=True)
     info = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
+            # the allocator model follows the defaults: a setting here (expandable_segments, ...) changes the rules
+            "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "allocator_check": check,
             "probes": rows}
     (args.out / "probes.json").write_text(json.dumps(info, indent=1))
