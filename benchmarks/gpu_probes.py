@@ -14,6 +14,7 @@ peaks must agree. Writes probes.json and probes.md to DIR.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -32,16 +33,23 @@ BF16 = torch.bfloat16
 
 
 def measure(fn: Callable[[], Any]) -> dict[str, int]:
-    """Allocator vs tracker around one call of `fn`; what the call leaves is freed before returning."""
+    """Allocator vs tracker around one call of `fn`; what the call leaves is freed before returning.
+
+    Every tensor that exists before the call is given to the tracker first: an op that returns a view or an
+    in-place result of one (w.t(), an optimizer's add_) must not count as memory the call allocated.
+    """
+    tracker = MemoryTracker(round_to=CUDA_BLOCK, device_type="cuda")
+    tracker.label([o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.is_cuda], "weights")
+    before = tracker.current
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    tracker = MemoryTracker(round_to=CUDA_BLOCK, device_type="cuda")
+    tracker.reset_peak()
     with tracker:
         result = fn()
     torch.cuda.synchronize()
-    reading = {"allocator_peak": torch.cuda.max_memory_allocated() - base, "tracker_peak": tracker.peak,
-               "allocator_kept": torch.cuda.memory_allocated() - base, "tracker_kept": tracker.current}
+    reading = {"allocator_peak": torch.cuda.max_memory_allocated() - base, "tracker_peak": tracker.peak - before,
+               "allocator_kept": torch.cuda.memory_allocated() - base, "tracker_kept": tracker.current - before}
     del result
     reading["unseen_peak"] = reading["allocator_peak"] - reading["tracker_peak"]
     reading["unseen_kept"] = reading["allocator_kept"] - reading["tracker_kept"]
@@ -179,7 +187,9 @@ def markdown(rows: list[dict[str, Any]], device: str, check: dict[str, Any]) -> 
               f"{format_bytes(real['allocated_peak'])} measured."), "",
              ("unseen = allocator bytes minus the bytes of the storages the dispatcher returned (what "
               "simulate counts); peak: during the call; kept: still allocated after it (a workspace cached "
-              "for later calls). First and second call of the same operation."), "",
+              "for later calls). First and second call of the same operation. Up to 1 MiB per block over "
+              "1 MiB can be the allocator's own rounding (a remainder it does not split off), not a "
+              "library's memory."), "",
              ("| probe | tensors peak | unseen peak, 1st | unseen kept, 1st | unseen peak, 2nd "
               "| unseen kept, 2nd |"),
              "|---|---|---|---|---|---|"]

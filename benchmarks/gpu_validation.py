@@ -203,7 +203,8 @@ class Sweep:
                         row.update(simulated_peak_bytes=simulated, error_pct=error,
                                    over_3pct=abs(error) > FLAG_PCT)
                     reserved, modelled = cuda.get("reserved_bytes"), model.get("peak_reserved_bytes")
-                    if mode == "measure" and reserved and modelled:  # the caching-allocator model's figure
+                    # the caching-allocator model's figure; where it ran out at the cap, both sides stop there
+                    if mode == "measure" and reserved and modelled and not model.get("out_of_memory"):
                         row.update(simulated_reserved_bytes=modelled,
                                    reserved_error_pct=100.0 * (modelled - reserved) / reserved)
                 rows.append(row)

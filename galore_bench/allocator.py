@@ -116,6 +116,8 @@ class CachingAllocator:
 
     # -- requests ---------------------------------------------------------------------------------
     def malloc(self, key: int, nbytes: int) -> None:
+        if key in self.live:
+            raise ValueError(f"allocation {key} is live already: a sequence frees a key before reusing it")
         size = round_size(nbytes)
         small = size <= SMALL_SIZE
         block = self._best_fit(size, small) or self._new_segment(size, small)

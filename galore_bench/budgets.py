@@ -273,7 +273,12 @@ def assert_memory_budget(record_or_breakdown: Any, peak: str | float | None = No
         if fld not in MEMORY_FIELDS:
             raise TypeError(f"assert_memory_budget: unknown field {fld!r}; allowed {', '.join(MEMORY_FIELDS)}")
         bytes_limit = float(parse_bytes(limit) if isinstance(limit, str) else limit)
-        value = value_peak if fld == "peak" else breakdown.get(fld)
+        value: float | None
+        if fld == "reserved":  # only a record says what the GPU reserves (its reading or the allocator model's)
+            rec = record_or_breakdown if isinstance(record_or_breakdown, dict) and "memory" in record_or_breakdown else {}
+            value = reserved_of(rec)[0]
+        else:
+            value = value_peak if fld == "peak" else breakdown.get(fld)
         msg = check_value(name, fld, value, bytes_limit, "max", breakdown, base)
         if msg:
             failures.append(msg)

@@ -184,7 +184,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
     on_cuda = torch.device(device).type == "cuda"
     if tracker is None:
         tracker = MemoryTracker(round_to=round_to or (CUDA_BLOCK if (fake or on_cuda) else 1),
-                                device_type="cuda" if on_cuda else None, record_events=fake)
+                                device_type="cuda" if on_cuda and not fake else None, record_events=fake)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     trainer = build_trainer(scenario, run, device, tracker, fake_mode, wrap=wrap)
     if on_built is not None:

@@ -270,7 +270,7 @@ def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFr
             row.update({"paper GB": theirs, "paper kind": match.iloc[0]["kind"], "diff %": diff,
                         "flag": ">5%" if flagged else "", "cause": FIT_CAUSES[item] if flagged else ""})
         rows.append(row)
-    return pd.DataFrame(rows).dropna(axis=1, how="all") if rows else None
+    return pd.DataFrame(rows) if rows else None
 
 
 def cell_text(value: Any) -> str:

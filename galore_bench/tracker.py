@@ -47,7 +47,9 @@ class MemoryTracker(TorchDispatchMode):
     def __init__(self, round_to: int = 1, device_type: str | None = None, record_events: bool = False) -> None:
         super().__init__()
         self.round_to = round_to
-        self.device_type = device_type  # count only this device's storages (a GPU run's host tensors are not GPU memory)
+        # count only this device's storages (a GPU run's host tensors are not GPU memory); real tensors only:
+        # a fake tensor's storage reports "meta", whatever device the tensor stands for
+        self.device_type = device_type
         # (storage id, bytes) per allocation and (storage id, 0) per free, in order: for allocator.replay
         self.events: list[tuple[int, int]] | None = [] if record_events else None
         self._live: dict[int, tuple[weakref.ref, int, str]] = {}

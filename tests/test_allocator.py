@@ -62,6 +62,49 @@ def test_a_cap_releases_cached_segments_then_runs_out():
         allocator.malloc(3, 12 * MiB)  # 20 + 12 > 30 and nothing cached to release
 
 
+def _assert_consistent(allocator: CachingAllocator) -> None:
+    """Each segment is a chain of adjacent blocks, free neighbours are merged, and the counters add up."""
+    blocks = [*allocator.by_ptr.values(), *allocator.live.values()]
+    heads, seen, reserved = [b for b in blocks if b.prev is None], 0, 0
+    for block in heads:
+        previous = None
+        while block is not None:
+            assert block.prev is previous and (previous is None or previous.ptr + previous.size == block.ptr)
+            assert not (previous is not None and previous.free and block.free), "free neighbours left unmerged"
+            seen, reserved, previous, block = seen + 1, reserved + block.size, block, block.next
+    assert seen == len(blocks) and reserved == allocator.reserved and len(heads) == allocator.segments
+    assert allocator.allocated == sum(b.size for b in allocator.live.values())
+    for small in (True, False):
+        free = allocator.free_blocks[small]
+        assert free == sorted((b.size, b.ptr) for b in allocator.by_ptr.values() if b.small == small and b.free)
+
+
+@pytest.mark.parametrize("capacity", [None, 200 * MiB])
+def test_random_sequences_keep_the_block_structure_consistent(capacity):
+    import random
+
+    for seed in range(20):
+        rng, allocator, live = random.Random(seed), CachingAllocator(capacity), []
+        for key in range(400):
+            if live and rng.random() < 0.45:
+                allocator.free(live.pop(rng.randrange(len(live))))
+            else:
+                low, high = rng.choice([(1, 900 * KiB), (1 * MiB - 1000, 1 * MiB + 1000), (1 * MiB, 12 * MiB),
+                                        (10 * MiB, 80 * MiB)])
+                try:
+                    allocator.malloc(key, rng.randint(low, high))
+                    live.append(key)
+                except OutOfMemory:
+                    assert capacity is not None and allocator.reserved <= capacity
+            _assert_consistent(allocator)
+        assert allocator.peak_reserved >= allocator.peak_allocated > 0
+
+
+def test_a_live_key_cannot_be_allocated_twice():
+    with pytest.raises(ValueError, match="live already"):
+        _run(("a", 1, 100), ("a", 1, 100))
+
+
 def test_replay_skips_empty_storages_and_reused_ids():
     events = [(7, 0), (1, 3 * MiB), (7, 0), (1, 0), (1, 2 * MiB)]  # id 1 comes back after its free
     result = replay(events)

@@ -167,3 +167,13 @@ def test_reserved_budget_reads_the_gpu_then_the_allocator_model(tmp_path):
     simulated["memory"]["allocator_model"] = {"peak_reserved_bytes": 23 * GiB, "out_of_memory": "1 bytes ..."}
     (verdict,) = evaluate(rules, [simulated])
     assert not verdict.ok and "runs out of memory" in verdict.message
+
+
+def test_assert_memory_budget_reads_reserved_from_the_record():
+    record = make_record(BREAKDOWN)
+    record["memory"]["allocator_model"] = {"peak_reserved_bytes": 30 * GiB, "out_of_memory": None}
+    assert_memory_budget(record, reserved="31 GiB")
+    with pytest.raises(AssertionError, match="reserved 30.00 GiB > budget 1.00 GiB"):
+        assert_memory_budget(record, reserved="1 GiB")
+    with pytest.raises(AssertionError, match="reserved not measured"):
+        assert_memory_budget(BREAKDOWN, reserved="1 GiB")  # a bare breakdown has no reserved figure
