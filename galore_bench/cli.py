@@ -80,7 +80,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if args.confirm else []
     for name in columns:
         table.add_column(name, justify="left" if name in ("run", "model", "fits", "confirmed") else "right")
-    for row in fit_rows(scenario, budget, confirm=args.confirm):
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    with console.status("estimating", spinner="dots") as status:
+        rows = fit_rows(scenario, budget, confirm=args.confirm,
+                        tracing=lambda label, batch: status.update(f"simulate: tracing {label} at batch {batch}"))
+    for row in rows:
         cells = [row["run"], row["model"], format_bytes(row["estimate_bytes"]), "yes" if row["fits"] else "NO",
                  str(row["largest_batch"]) if row["largest_batch"] else "none", format_bytes(row["estimate_at_largest_bytes"])]
         if args.confirm:
@@ -95,7 +99,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                        if model and model["out_of_memory"] else "yes")
             cells += [format_bytes(at), format_bytes(above), reserved, verdict]
         table.add_row(*cells)
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    console.print(table)
     return 0
 
 

@@ -7,6 +7,7 @@ and replays that trace through the caching-allocator model: a GPU fails on reser
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from galore_bench.allocator import replay
@@ -42,27 +43,35 @@ def largest_batch(scenario: Scenario, run: RunSpec, budget: int) -> int:
     return low
 
 
-def _traced(scenario: Scenario, run: RunSpec, batch: int, budget: int) -> tuple[int, dict[str, Any]]:
+TraceProgress = Callable[[str, int], None]
+
+
+def _traced(scenario: Scenario, run: RunSpec, batch: int, budget: int,
+            tracing: TraceProgress | None = None) -> tuple[int, dict[str, Any]]:
     """Simulated peak at `batch`, and that trace through the caching-allocator model capped at `budget`."""
     from galore_bench import engine
 
+    if tracing is not None:  # seconds per trace at 7B: say what is being traced
+        tracing(run.label, batch)
     planned, steps = engine.simulation_plan(run)
     tracker = engine.train_steps(with_batch(scenario, batch), planned, fake=True, device="cpu", steps=steps)["tracker"]
     return tracker.peak, replay(tracker.events or [], budget)
 
 
-def largest_batch_reserved(scenario: Scenario, run: RunSpec, budget: int, upper: int) -> int:
+def largest_batch_reserved(scenario: Scenario, run: RunSpec, budget: int, upper: int,
+                           tracing: TraceProgress | None = None) -> int:
     """The largest batch below `upper` (where the allocator model ran out) that the model holds under the cap:
     bisection over traced steps (0: none). Fragmentation can make this smaller than the allocated answer."""
     low, high = 0, upper
     while high - low > 1:
         middle = (low + high) // 2
-        held = _traced(scenario, run, middle, budget)[1]["out_of_memory"] is None
+        held = _traced(scenario, run, middle, budget, tracing)[1]["out_of_memory"] is None
         low, high = (middle, high) if held else (low, middle)
     return low
 
 
-def fit_rows(scenario: Scenario, budget: int, confirm: bool = False) -> list[dict[str, Any]]:
+def fit_rows(scenario: Scenario, budget: int, confirm: bool = False,
+             tracing: TraceProgress | None = None) -> list[dict[str, Any]]:
     """Per run: the estimated peak at the scenario's batch, the largest batch within budget, and (confirm) the
     simulated peaks at that batch and one above, with the caching-allocator model's reserved bytes at it (and,
     when the model runs out there, the largest batch it holds)."""
@@ -75,12 +84,12 @@ def fit_rows(scenario: Scenario, budget: int, confirm: bool = False) -> list[dic
                                "estimate_at_largest_bytes": estimate_run(with_batch(scenario, best), run).peak_bytes
                                if best else None}
         if confirm:
-            row["simulate_above_largest_bytes"] = _traced(scenario, run, best + 1, budget)[0]
+            row["simulate_above_largest_bytes"] = _traced(scenario, run, best + 1, budget, tracing)[0]
             row["simulate_at_largest_bytes"] = None
             if best:
-                row["simulate_at_largest_bytes"], model = _traced(scenario, run, best, budget)
+                row["simulate_at_largest_bytes"], model = _traced(scenario, run, best, budget, tracing)
                 row["allocator_model_at_largest"] = model  # reserved, and whether the cap holds (a model)
                 if model["out_of_memory"]:
-                    row["largest_batch_reserved"] = largest_batch_reserved(scenario, run, budget, best)
+                    row["largest_batch_reserved"] = largest_batch_reserved(scenario, run, budget, best, tracing)
         rows.append(row)
     return rows
