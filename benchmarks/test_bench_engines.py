@@ -1,7 +1,7 @@
 """The three memory engines side by side: estimate (closed form), simulate (fake-tensor trace) and measure
 (real CPU tensors), every method of smoke_cpu, one table with each engine's peak and its cost in seconds.
 
-The peaks are held to each other (estimate within 3% of simulate, simulate within 0.5% of measure); the
+The peaks are held to each other (estimate within 2% of simulate, simulate within 0.5% of measure); the
 printed table is the cross-check issue 4 asks for. A slow variant does the same for 7b_4090 without measure.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _three_way(scenario_name: str, measure: bool) -> list[dict]:
 def _check(rows: list[dict], benchmark) -> None:
     for r in rows:
         benchmark.extra_info[r["run"]] = r
-        assert abs(r["estimate"] / r["simulate"] - 1) <= 0.03, r
+        assert abs(r["estimate"] / r["simulate"] - 1) <= 0.02, r
         if "measure" in r:
             assert abs(r["simulate"] / r["measure"] - 1) <= 0.005, r
 

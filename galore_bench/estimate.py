@@ -2,7 +2,7 @@
 
 An ESTIMATE, not a measurement: every figure is a formula of the model shape, dtype, method, batch and
 sequence length, written from what each piece of code allocates (listed term by term below). Tests check
-it against the simulate engine (the traced real step) within 3% per method; disagreements are what the
+it against the simulate engine (the traced real step) within 2% per method; disagreements are what the
 formulas miss. Each tensor is rounded up to the CUDA allocator's 512-byte blocks, as simulate does.
 
 The step's memory is modelled at the moments where it peaks, and the largest one is the peak:
@@ -228,10 +228,10 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
             first = next(p for p in projected if p.name == f"{shape.num_hidden_layers - 1}.down_proj")
             moments["svd_refresh"] = _moment(weights, blocks(first.numel * e), states, saved,
                                              svd_refresh_bytes(first, options, e))
-        else:  # the largest matrix's SVD, while the previous (LM head) update is still referenced
-            largest = max(projected, key=lambda p: p.numel)
-            moments["svd_refresh"] = _moment(weights, grads, states, 0,
-                                             svd_refresh_bytes(largest, options, e) + head_grad)
+        else:  # the largest matrix's SVD, while the previous (LM head) update is still referenced; the 8-bit
+            largest = max(projected, key=lambda p: p.numel)  # kernel updates the head in place: nothing is left
+            left = head_grad if method == "galore" else 0
+            moments["svd_refresh"] = _moment(weights, grads, states, 0, svd_refresh_bytes(largest, options, e) + left)
     if activation_checkpointing:
         so_far = head_grad if not layerwise else 0
         moments["recompute"] = _moment(weights, max(carried, so_far), states, saved,

@@ -84,6 +84,7 @@ dtype = "fp32"
 """
 MORE_RUNS_60M = {
     "adam8bit": 'method = "adam8bit"',
+    "galore8bit": 'method = "galore8bit"\nrank = 64',
     "galore8bit-layerwise": 'method = "galore8bit"\nrank = 64\nlayerwise = true',
     "relora": 'method = "relora"\nrank = 64\nimpl = "for-loop"',
 }
