@@ -11,7 +11,8 @@ The step's memory is modelled at the moments where it peaks, and the largest one
   loss_backward the same with the log-softmax output saved and two fp32 logits-sized gradients;
   head_update   layer-wise / LOMO only: the LM head's gradient and its update temporaries inside backward,
                 with every layer's activations still saved;
-  recompute     activation checkpointing only: one layer's activations recomputed during backward;
+  recompute     activation checkpointing only: one layer's activations recomputed during backward, first
+                (every checkpoint saved) and last (layer 0: every later gradient held, non-layer-wise);
   optimizer     weights + states + all gradients + the optimizer's temporaries (non-layer-wise).
 """
 from __future__ import annotations
@@ -236,6 +237,11 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
         so_far = head_grad if not layerwise else 0
         moments["recompute"] = _moment(weights, max(carried, so_far), states, saved,
                                        act["layer"] + 2 * act["hidden"])
+        if not layerwise:  # the last recompute (layer 0): every later gradient is held, later checkpoints are gone
+            not_yet = sum(blocks(p.numel * e) for p in params
+                          if p.trainable and (p.name.startswith("0.") or p.name == "embed_tokens"))
+            moments["last_recompute"] = _moment(weights, max(carried, grads - not_yet), states, act["hidden"],
+                                                act["layer"] + 2 * act["hidden"])
     moment = max(moments, key=lambda name: sum(moments[name].values()))
     category_peaks = {c: max(m[c] for m in moments.values()) for c in CATEGORIES}
     category_peaks["gradients"] = head_grad if layerwise else grads
