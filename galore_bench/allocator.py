@@ -171,15 +171,12 @@ def replay(events: Iterable[tuple[int, int]], capacity: int | None = None) -> di
     storages take no block (as on CUDA).
     """
     allocator = CachingAllocator(capacity)
-    sized: set[int] = set()
     oom = None
     for key, nbytes in events:
         try:
             if nbytes > 0:
                 allocator.malloc(key, nbytes)
-                sized.add(key)
-            elif key in sized:
-                sized.discard(key)
+            elif key in allocator.live:  # a zero-byte storage's own events name no block
                 allocator.free(key)
         except OutOfMemory as exc:
             oom = str(exc)

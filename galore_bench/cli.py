@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fit", help="will each run fit a memory budget, and what is the largest batch that does? (instant estimate)",
         description="For every run of a scenario: the estimated peak at its batch size, whether it fits the budget, "
                     "and the largest per-device batch that fits (bisection on the closed-form estimate). --confirm "
-                    "re-checks with the simulate engine at that batch and one above.")
+                    "re-checks with the simulate engine at that batch and one above, and replays that trace through "
+                    "the caching-allocator model: reserved bytes under the budget, and the largest batch it holds.")
     fit.add_argument("--scenario", required=True, help="a shipped scenario name (see `list`) or a .toml path")
     fit.add_argument("--budget", default=None, help="memory per device, e.g. '24 GiB' (default: the scenario's)")
     fit.add_argument("--confirm", action="store_true", help="confirm with simulate (seconds per run for 7B)")
