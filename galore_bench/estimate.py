@@ -78,6 +78,13 @@ def _adam8bit_state(numel: int) -> int:
     return 2 * blocks(numel) + 2 * blocks(-(-numel // BNB_BLOCK) * 4)
 
 
+def _adafactor_state(p: Tensor2D, opts: dict[str, Any]) -> int:
+    """fp32 row and column second-moment vectors of a matrix (a full fp32 one for a vector), an fp32 first moment
+    when beta1 > 0, and the fp32 RMS scalar transformers' Adafactor keeps per parameter."""
+    second = blocks(p.shape[0] * 4) + blocks(p.shape[1] * 4) if len(p.shape) == 2 else blocks(p.numel * 4)
+    return second + (blocks(p.numel * 4) if opts.get("beta1") else 0) + blocks(4)
+
+
 def projected_sizes(p: Tensor2D, rank: int | None, proj_type: str = "std") -> tuple[int, int]:
     """(projector, one moment) elements of a GaLore matrix: std projects the shorter side, like the optimizer."""
     rows, cols = p.shape
@@ -102,6 +109,8 @@ def optimizer_state_bytes(params: list[Tensor2D], method: str, opts: dict[str, A
             total += _adam8bit_state(moments) if method == "galore8bit" else 2 * blocks(moments * e)
         elif method in ("adam8bit", "galore8bit"):
             total += _adam8bit_state(p.numel)
+        elif method == "adafactor":
+            total += _adafactor_state(p, opts)
         else:
             total += 2 * blocks(p.numel * e)
             if method in ("adamw", *LOWRANK_METHODS):
@@ -117,6 +126,8 @@ def update_temporaries(p: Tensor2D, method: str, opts: dict[str, Any], e: int) -
         return 0  # SGD and bitsandbytes' kernels update in place
     if method == "lomo":
         return 2 * blocks(p.numel * 4) if e < 4 else 0  # fp32 copies of the gradient and the weight
+    if method == "adafactor":  # grad**2 and (grad**2 + eps), later the update and its negation, all fp32; below
+        return (4 if e < 4 else 2) * blocks(p.numel * 4)  # fp32 training also fp32 copies of grad and weight
     if not p.projected:
         return 2 * blocks(p.numel * e)  # sqrt(v), then (sqrt(v) + eps) or m / denom
     moments = projected_sizes(p, opts.get("rank"), opts.get("proj_type", "std"))[1]

@@ -13,12 +13,14 @@ from galore_bench.scenario import parse_scenario
 EVERY_METHOD = [
     {"method": "adamw"}, {"method": "sgd"}, {"method": "adam8bit"}, {"method": "galore", "rank": 16},
     {"method": "galore8bit", "rank": 16}, {"method": "galore8bit", "rank": 16, "layerwise": True},
-    {"method": "adamw", "layerwise": True}, {"method": "lomo"}, {"method": "lora", "rank": 16},
+    {"method": "adamw", "layerwise": True}, {"method": "adafactor"}, {"method": "adafactor", "layerwise": True},
+    {"method": "lomo"}, {"method": "lora", "rank": 16},
     {"method": "relora", "rank": 16}, {"method": "lowrank", "rank": 16},
     # options that change the bytes: implementations, momentum, the projected side
     {"method": "adamw", "impl": "for-loop", "label": "adamw-for-loop"},
     {"method": "adamw", "impl": "fused", "label": "adamw-fused"},
     {"method": "sgd", "momentum": 0.9, "label": "sgd-momentum"},
+    {"method": "adafactor", "beta1": 0.9, "label": "adafactor-first-moment"},
     {"method": "galore", "rank": 16, "proj_type": "reverse_std", "label": "galore-reverse"},
     {"method": "galore", "rank": 16, "proj_type": "left", "label": "galore-left"},
     {"method": "lora", "rank": 16, "impl": "for-loop", "label": "lora-for-loop"},
@@ -69,6 +71,21 @@ def test_galore_states_follow_table_1_by_hand():
     by_hand = 2 * (shape.num_hidden_layers * projected + 2 * regular)  # BF16: 2 bytes per element
     result = estimate(shape, "galore", {"rank": rank}, batch_size=1, seq_len=256, dtype="bf16")
     assert result.terms["optimizer_states"] == by_hand
+
+
+def test_adafactor_states_are_factored_row_and_column_vectors_by_hand():
+    """fp32 row + column vectors per matrix, a full fp32 vector per norm, one fp32 RMS scalar (a 512 B block) each;
+    beta1 > 0 adds a full fp32 first moment. 7B's shapes are all multiples of 128, so no rounding."""
+    shape = ZOO["7b"]
+    h, layers = shape.hidden_size, shape.num_hidden_layers
+    matrices = layers * sum(rows + cols for rows, cols in matrix_shapes(shape).values()) + 2 * (shape.vocab_size + h)
+    vectors = (2 * layers + 1) * h
+    tensors = layers * (len(matrix_shapes(shape)) + 2) + 3
+    by_hand = (matrices + vectors) * 4 + tensors * 512
+    plain = estimate(shape, "adafactor", {}, batch_size=1, seq_len=256, dtype="bf16")
+    assert plain.terms["optimizer_states"] == by_hand < 0.002 * 6_738_415_616
+    with_m = estimate(shape, "adafactor", {"beta1": 0.9}, batch_size=1, seq_len=256, dtype="bf16")
+    assert with_m.terms["optimizer_states"] == by_hand + 6_738_415_616 * 4
 
 
 def test_eight_bit_states_are_two_bytes_per_element_plus_block_scales():

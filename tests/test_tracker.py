@@ -87,6 +87,8 @@ MORE_RUNS_60M = {
     "galore8bit": 'method = "galore8bit"\nrank = 64',
     "galore8bit-layerwise": 'method = "galore8bit"\nrank = 64\nlayerwise = true',
     "relora": 'method = "relora"\nrank = 64\nimpl = "for-loop"',
+    "adafactor": 'method = "adafactor"',
+    "adafactor-layerwise": 'method = "adafactor"\nlayerwise = true',
 }
 
 

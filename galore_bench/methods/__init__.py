@@ -1,13 +1,14 @@
 """The method registry: an explicit tuple, in the fixed order reports use."""
 from __future__ import annotations
 
-from galore_bench.methods import adam8bit, adamw, galore, lomo, lora, sgd
+from galore_bench.methods import adafactor, adam8bit, adamw, galore, lomo, lora, sgd
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 
 METHODS: tuple[MethodDef, ...] = (
     adamw.METHOD,
     sgd.METHOD,
     adam8bit.METHOD,
+    adafactor.METHOD,
     galore.METHOD,
     galore.METHOD_8BIT,
     lomo.METHOD,
