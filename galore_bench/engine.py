@@ -146,7 +146,7 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, 
     with mode:
         llama = build_model(run.model, scenario.train.dtype, device, seed=scenario.train.seed)
         if scenario.train.activation_checkpointing:
-            llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(llama)
         model: torch.nn.Module = llama
         if method.prepare is not None:  # new modules (adapters, factors) are created in the training dtype
             with default_dtype(DTYPES[scenario.train.dtype]), _moves_in_place_are_noops(fake_mode is not None):
@@ -164,6 +164,14 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, 
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
             trainer.optimizer, lambda step: warmup_cosine_lr(step, max(train.steps, 1), train.warmup_steps))
     return trainer
+
+
+def enable_checkpointing(llama: Any) -> None:
+    """Non-reentrant activation checkpointing per decoder layer (transformers 5 renamed the switch)."""
+    if hasattr(llama, "activation_checkpointing_enable"):
+        llama.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | torch.device, steps: int,
