@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_validation.py --out DIR [--plumbing] [--sizes 60m,350m,1b] [--budget-seconds N]
 
-Every method at 60M/350M/1B in measure and simulate mode, 7b_4090 capped at 24 GiB, lomo_7b: each run in its
+Every method at 60M/350M/1B in measure and simulate mode, 7b_4090 capped at 24 GiB, lomo_7b (and, when asked,
+galore_table11: GaLore Table 11's 1B runs with and without per-layer updates): each run in its
 own process through the runner (fresh CUDA peak counters). Measure runs go one at a time on the GPU in
 priority order; simulate runs (fake tensors, CPU only) go alongside in a second thread. After every record,
 DIR gets a fresh summary.md / summary.csv / records.json / records.tar.gz, so a run cut off by a time limit
@@ -28,13 +29,16 @@ PLUMBING_LABEL = "PLUMBING CHECK ON CPU — NOT A GPU MEASUREMENT"
 FLAG_PCT = 3.0  # |simulated - measured allocated| beyond this: the report names the run (issue 9)
 GIB = 2**30
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("sizes", "7b_4090", "lomo_7b", "7b_4090_layerwise")
+PARTS = ("sizes", "7b_4090", "lomo_7b", "7b_4090_layerwise", "galore_table11")
+DEFAULT_PARTS = PARTS[:4]  # galore_table11 (GaLore Table 11 on 1B, ~4 min) only when asked: --parts galore_table11
+SEVEN_B_PARTS = ("7b_4090", "lomo_7b", "7b_4090_layerwise")
 RANKS = {"tiny": 16, "60m": 128, "130m": 256, "350m": 256, "1b": 512}  # GaLore paper, Table 2
 BATCH = {"tiny": 2, "60m": 16, "130m": 16, "350m": 16, "1b": 8}  # x 256 tokens, 6 steps: seconds on an H100
 RANKED = ("galore", "galore8bit", "lora", "relora", "lowrank")
-METHODS = ("adamw", "sgd", "adam8bit", "lomo", "lora", "relora", "lowrank", "galore", "galore8bit")  # slow last
+METHODS = ("adamw", "sgd", "adam8bit", "adafactor", "lomo", "lora", "relora", "lowrank", "galore",
+           "galore8bit")  # slow last
 PLUMBING_METHODS = ("adamw", "galore")
-PLUMBING_7B_RUNS = {"7b_4090": (0, 4), "lomo_7b": (0, 2)}  # adamw + galore8bit-layerwise; adamw + lomo
+PLUMBING_RUNS = {"7b_4090": (0, 4), "lomo_7b": (0, 2), "galore_table11": (2, 9)}  # two runs of each, tiny
 COLUMNS = ["label", "part", "size", "method", "mode", "status", "device", "date", "peak_bytes",
            "allocated_bytes", "reserved_bytes", "simulated_peak_bytes", "error_pct", "over_3pct",
            "simulated_reserved_bytes", "reserved_error_pct", "fits_24gib", "tgs", "mfu", "wall_s", "record", "error"]
@@ -54,6 +58,8 @@ def expected_seconds(part: str, size: str, method: str) -> float:
     (GaLore repository issue #16) and several minutes for 7B's 224 wider ones: that run gets a call of its own."""
     if part == "7b_4090_layerwise":
         return 480
+    if part == "galore_table11":
+        return 80 if method.startswith("galore") else 15
     if part != "sizes":
         return 30 if part == "lomo_7b" else 15  # the other 7b_4090 runs hit the 24 GiB cap at once
     return {"1b": 80, "350m": 25}.get(size, 10) if method.startswith("galore") else 8
@@ -86,7 +92,8 @@ def _job(part: str, name: str, raw: dict[str, Any], folder: Path) -> Job:
 
 
 def plan(sizes: list[str], parts: list[str], plumbing: bool, folder: Path) -> list[Job]:
-    """Priority order: 60M (all methods, fast), 7b_4090's OOMs, 350M, lomo_7b, 1B, 7B layer-wise GaLore."""
+    """Priority order: 60M (all methods, fast), 7b_4090's OOMs, 350M, lomo_7b, 1B, galore_table11, 7B layer-wise
+    GaLore."""
     groups: list[list[Job]] = []
     for size in sizes:
         train = {"batch_size": BATCH[size], "seq_len": 32 if plumbing else 256, "dtype": "bf16",
@@ -97,18 +104,19 @@ def plan(sizes: list[str], parts: list[str], plumbing: bool, folder: Path) -> li
                                                     "model": {"size": size}, "train": train, "runs": [run]},
                             folder) for run in runs])
     shipped = {}
-    for name in ("7b_4090", "lomo_7b"):
+    for name in ("7b_4090", "lomo_7b", "galore_table11"):
         raw = tomllib.loads((REPO / "scenarios" / f"{name}.toml").read_text())
         runs = raw.pop("runs")
         if name == "lomo_7b":  # uncapped, so AdamW (~63 GiB) and SGD (~26 GiB) reach their real peak too
             raw["device"].pop("budget", None)
         if plumbing:
-            runs = [runs[i] for i in PLUMBING_7B_RUNS[name]]
+            runs = [runs[i] for i in PLUMBING_RUNS[name]]
             runs = [{**r, "rank": RANKS["tiny"]} if "rank" in r else r for r in runs]
             raw["model"], raw["train"] = {"size": "tiny"}, {**raw["train"], "batch_size": 2, "seq_len": 64}
         shipped[name] = [_job(f"{name}_layerwise" if r.get("layerwise") and name == "7b_4090" else name, name,
                               {**raw, "runs": [r]}, folder) for r in runs]
-    ordered = [*groups[:1], shipped["7b_4090"], *groups[1:2], shipped["lomo_7b"], *groups[2:]]
+    ordered = [*groups[:1], shipped["7b_4090"], *groups[1:2], shipped["lomo_7b"], *groups[2:],
+               shipped["galore_table11"]]
     jobs = [job for group in ordered for job in group if job.part in parts]
     return sorted(jobs, key=lambda job: job.part == "7b_4090_layerwise")  # stable; its 224 SVDs go last
 
@@ -195,7 +203,7 @@ class Sweep:
                                mfu=speed.get("mfu"), wall_s=record.get("wall_seconds"),
                                record=str(paths[mode].relative_to(self.records)),
                                error=(record["error"] or "")[:160])
-                    if job.part != "sizes":  # 7B: would it fit a 24 GiB card (7b_4090 runs capped there)?
+                    if job.part in SEVEN_B_PARTS:  # 7B: would it fit a 24 GiB card (7b_4090 runs capped there)?
                         fits = None if peak is None else peak <= 24 * GIB
                         row["fits_24gib"] = False if record["status"] == "oom" else fits
                     if mode == "measure" and peak and simulated:
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--records", type=Path, default=None, help="record folder (default: OUT/records)")
     add("--plumbing", action="store_true", help="CPU, tiny model, 2 methods: checks the code only")
     add("--sizes", default="60m,350m,1b", help="model sizes of the 'sizes' part")
-    add("--parts", default=",".join(PARTS), help=f"any of {','.join(PARTS)}")
+    add("--parts", default=",".join(DEFAULT_PARTS), help=f"any of {','.join(PARTS)} (default: all but the last)")
     add("--budget-seconds", type=float, default=None, help="start no run that would end after this")
     add("--summary-only", action="store_true", help="no runs: summarise the records in --records")
     args = parser.parse_args(argv)

@@ -36,7 +36,7 @@ def plumbing(tmp_path_factory):
     gv = _script()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored afterwards: main sets it for its workers
-        assert gv.main(["--out", str(out), "--plumbing"]) == 0
+        assert gv.main(["--out", str(out), "--plumbing", "--parts", ",".join(gv.PARTS)]) == 0
     return gv, out
 
 
@@ -44,7 +44,7 @@ def test_plumbing_summary_has_one_row_per_run_and_mode_equal_to_the_records(plum
     gv, out = plumbing
     frame = pd.read_csv(out / "summary.csv")
     keys = list(zip(frame["part"], frame["size"], frame["method"], frame["mode"]))
-    assert len(keys) == len(set(keys)) == 12  # 6 runs (2 per part, tiny model) x measure, simulate
+    assert len(keys) == len(set(keys)) == 16  # 8 runs (2 per part, tiny model) x measure, simulate
     assert set(frame["part"]) == set(gv.PARTS) and set(frame["size"]) == {"tiny"}
     assert set(frame["mode"]) == {"measure", "simulate"} and (frame["status"] == "ok").all()
     listed = json.loads((out / "records.json").read_text())
