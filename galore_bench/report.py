@@ -1,4 +1,4 @@
-"""Reports: our records beside the papers' numbers (LOMO Table 1, GaLore Tables 2/6/11, 7B on a 24 GB card).
+"""Reports: our records beside the papers' numbers (LOMO Table 1, GaLore Tables 2/3/6/11, 7B on a 24 GB card).
 
 Per scenario: markdown (provenance first, so every number traces back to its runs), a CSV per table, charts
 (report_charts), rich tables, and one static HTML page for everything (report_html). Paper columns appear only
@@ -18,21 +18,25 @@ from rich.console import Console
 
 from galore_bench.gpu_fit import gpus_table
 from galore_bench.record import find_records, load_record
-from galore_bench.report_html import HtmlSection, HtmlTable, render_html
-from galore_bench.report_tables import (
+from galore_bench.report_galore import (
     GALORE_NOTE,
     TABLE2_NOTES,
+    TABLE3_NOTE,
     TABLE11_NOTES,
+    galore_table,
+    table2_grid,
+    table2_table,
+    table3_table,
+    table11_table,
+)
+from galore_bench.report_html import HtmlSection, HtmlTable, render_html
+from galore_bench.report_tables import (
     breakdown_table,
     cell_text,
     fit_table,
-    galore_table,
     lomo_table,
     rich_table,
     speed_table,
-    table2_grid,
-    table2_table,
-    table11_table,
     to_markdown,
 )
 from galore_bench.scenario import UserError
@@ -51,7 +55,7 @@ def reference_dir() -> Path:
 def load_references(folder: Path) -> dict[str, pd.DataFrame]:
     """The reference tables that exist (a missing one just drops its paper columns)."""
     names = {"lomo": "lomo_table1.csv", "galore": "galore_table6_split.csv", "table2": "galore_table2.csv",
-             "fit": "galore_memory_7b.csv", "table11": "galore_table11_1b.csv"}
+             "fit": "galore_memory_7b.csv", "table11": "galore_table11_1b.csv", "table3": "galore_table3_7b.csv"}
     return {key: pd.read_csv(folder / name, comment="#", dtype={"ac": str})
             for key, name in names.items() if (folder / name).is_file()}
 
@@ -133,6 +137,7 @@ SECTIONS = {
     "vs_galore_table6": ("Against GaLore Table 2 memory (Table 6 split, GB = 1e9 bytes)", [GALORE_NOTE]),
     "vs_galore_table11": ("Against GaLore Table 11 (LLaMA-1B, token batch 256, one A100, measured; GB = 1e9 bytes)",
                           TABLE11_NOTES),
+    "vs_galore_table3": ("Against GaLore Table 3 memory (LLaMA-7B, 8-bit, rank 1024; GB = 1e9 bytes)", [TABLE3_NOTE]),
     "budget": ("Peak against the budget (GB = 1e9 bytes; paper: GaLore Sec. 5.5 / Fig. 1 where it matches)", []),
     "gpus": ("GPUs needed per model size (sharding applied to the traced step; LOMO Table 2's counts beside)",
              [("The paper prints GiB as 'GB'; it trains with DeepSpeed ZeRO-3 in fp16 mixed precision, ours is "
@@ -148,6 +153,7 @@ def build_tables(records: list[dict[str, Any]], labels: list[str], refs: dict) -
               "vs_galore_table2": table2, "galore_table2_grid": table2_grid(table2) if table2 is not None else None,
               "vs_galore_table6": galore_table(records, labels, refs["galore"]) if "galore" in refs else None,
               "vs_galore_table11": table11_table(records, labels, refs["table11"]) if "table11" in refs else None,
+              "vs_galore_table3": table3_table(records, labels, refs["table3"]) if "table3" in refs else None,
               "budget": fit_table(records, labels, refs.get("fit")), "gpus": gpus_table(records)}
     return {name: df for name, df in tables.items() if df is not None}
 

@@ -1,7 +1,9 @@
 """Report tables: our records laid out like the papers' tables, the paper's numbers beside ours where the
 setting matches, and a value more than 5% off flagged with its known cause (usually a different convention).
 
-Every builder returns a pandas DataFrame (None when no run fits it); report.py decides where tables go.
+Here: the breakdown, LOMO Table 1, speed, the budget table and the shared helpers; the GaLore paper's tables
+are in report_galore. Every builder returns a pandas DataFrame (None when no run fits it); report.py decides
+where tables go.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from galore_bench.record import reserved_of
 GIB, GB = 2**30, 10**9
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
 FLAG_PERCENT = 5.0
-GALORE_NAMES = {"adamw": "full_rank", "galore": "galore", "lowrank": "low_rank", "lora": "lora", "relora": "relora"}
+
 # (method, layerwise) -> row of galore_memory_7b.csv (LLaMA-7B, token batch 256, no checkpointing)
 FIT_ITEMS = {("adamw", False): "bf16_adam_baseline_total", ("adam8bit", False): "8bit_adam_total_implied",
              ("galore8bit", True): "8bit_galore_layerwise_total"}
@@ -46,16 +48,6 @@ FIT_CAUSES = {
     "8bit_adam_total_implied": "derived, not printed (22.0 GB + the 24.5 GB saving of Sec. 5.5); no breakdown given",
     "8bit_galore_layerwise_total": "Sec. 5.5 is a measurement at a per-GPU token batch up to 500",
 }
-BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "bf16": 2}
-TABLE2_NOTES = [
-    ("Perplexity: the paper pre-trains on C4 for 1.1B-13.1B tokens; our runs are a few steps on other data, so "
-     "absolute perplexities are not comparable: compare methods with each other at one size, not with the paper."),
-    ("Memory: the paper's column is an estimate of BF16 weights + optimizer states only; ours is the same two "
-     "categories at our peak (GB = 1e9 bytes); our whole peak is in 'peak GB'.")]
-GALORE_NOTE = ("The paper's Table 2/6 memory is an estimate of BF16 weights + optimizer states; ours is what the "
-               "run's storages hold at the peak (512-byte allocator rounding, adapters, projection matrices).")
-
-
 def as_number(value: Any) -> float | None:
     """A finite float, or None for null/absent/NaN (older records lack the newer fields)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -63,7 +55,7 @@ def as_number(value: Any) -> float | None:
     return float(value)
 
 
-def _compare(ours: float | None, paper: float | None) -> tuple[float | None, bool]:
+def paper_diff(ours: float | None, paper: float | None) -> tuple[float | None, bool]:
     """(ours - paper) / paper in %, and whether that is off by more than 5%; a paper zero matches only a zero."""
     if ours is None or paper is None or (isinstance(paper, float) and math.isnan(paper)):
         return None, False
@@ -77,7 +69,7 @@ def memory_of(record: dict[str, Any]) -> tuple[int | None, dict[str, int]]:
     return memory.get("peak_bytes"), memory.get("breakdown") or {}
 
 
-def _per(value: float | None, unit: float | None) -> float | None:
+def per_unit(value: float | None, unit: float | None) -> float | None:
     return value / unit if value is not None and unit else None
 
 
@@ -87,9 +79,9 @@ def breakdown_table(records: list[dict[str, Any]], labels: list[str]) -> pd.Data
     for record, label in zip(records, labels):
         peak, parts = memory_of(record)
         row = {"run": label, "method": record["method"]["name"], "model": record["model"]["name"],
-               "status": record["status"], "peak GiB": _per(peak, GIB)}
+               "status": record["status"], "peak GiB": per_unit(peak, GIB)}
         for cat in CATEGORIES:
-            row.update({f"{cat} GiB": _per(parts.get(cat), GIB), f"{cat} %": _per(parts.get(cat), _per(peak, 100))})
+            row.update({f"{cat} GiB": per_unit(parts.get(cat), GIB), f"{cat} %": per_unit(parts.get(cat), per_unit(peak, 100))})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -121,7 +113,7 @@ def lomo_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataF
             ours = (own.get(quantity, at_peak * GIB) / GIB) if own and quantity != "peak" else at_peak
             column = {"weights": "params", "peak": "total_printed"}.get(quantity, quantity)
             theirs = float(ref[column]) if column in ref.index else None
-            diff, flagged = _compare(ours, theirs)
+            diff, flagged = paper_diff(ours, theirs)
             freed = quantity == "activations" and theirs and ours < 0.1 * theirs
             cause = ACTIVATIONS_FREED if freed else (LOMO_CAUSES.get((record["method"]["name"], quantity))
                                                      or LOMO_CAUSES.get(("*", quantity), ""))
@@ -129,103 +121,6 @@ def lomo_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataF
                          "at peak GiB": at_peak, "% of peak": at_peak * GIB / peak * 100, "paper GiB": theirs,
                          "diff %": diff, "flag": ">5%" if flagged else "", "cause": cause if flagged else ""})
     return pd.DataFrame(rows) if rows else None
-
-
-def _galore_row(record: dict[str, Any], paper: pd.DataFrame) -> pd.Series | None:
-    """The GaLore paper's row for this run's method and model size (Tables 2 and 6 share these keys)."""
-    name = GALORE_NAMES.get(record["method"]["name"])
-    if name is None:
-        return None
-    match = paper[(paper["method"] == name) & (paper["size"] == record["model"]["name"])]
-    return match.iloc[0] if len(match) else None
-
-
-def galore_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame) -> pd.DataFrame | None:
-    """Weights and optimizer states (GB, 1e9) beside GaLore Table 6, the split of Table 2's memory column."""
-    rows = []
-    for record, label in zip(records, labels):
-        ref, parts = _galore_row(record, paper), memory_of(record)[1]
-        if ref is None or not parts:
-            continue
-        row: dict[str, Any] = {"run": label, "method": ref["method"], "size": ref["size"]}
-        flags: list[str] = []
-        for cat in ("weights", "optimizer_states"):
-            ours, theirs = parts.get(cat, 0) / GB, float(ref[f"{cat}_gb"])
-            diff, flagged = _compare(ours, theirs)
-            row.update({f"{cat} GB": ours, f"paper {cat} GB": theirs, f"{cat} diff %": diff})
-            flags += [cat] if flagged else []
-        rows.append({**row, "flag": ", ".join(flags),
-                     "cause": "; ".join(_table6_cause(record, cat, ref["method"]) for cat in flags)})
-    return pd.DataFrame(rows) if rows else None
-
-
-def _table6_cause(record: dict[str, Any], category: str, method: str) -> str:
-    """What is known about a Table 6 difference, from the model's exact size and the method's accounting."""
-    params = (record.get("model") or {}).get("parameters") or 0
-    nominal = f"the paper's figures follow the nominal size; this model has {params / 1e6:,.1f}M parameters"
-    if method in ("full_rank", "galore") and category == "weights":
-        return f"weights: {nominal} (x 2 B)"
-    if method == "full_rank":
-        return f"optimizer_states: {nominal} (x 2 moments x 2 B)"
-    if method == "galore":
-        return ("optimizer_states: ours are Table 1's m*r projector + 2*n*r moments per projected matrix plus full "
-                "AdamW moments for embeddings, head and norms, in BF16 (the estimate engine counts the same bytes); "
-                "the paper does not state how its lower figure was counted")
-    held = "the rank-r factors W = B A" if method == "low_rank" else "the frozen base weights plus rank-r adapters"
-    return (f"{category}: ours are {held}, with embeddings, head and norms, in BF16; the paper's figure is not "
-            "derivable from the model's shapes (its accounting is not stated)")
-
-
-def _table2_causes(record: dict[str, Any], ref: pd.Series, memory_off: bool, perplexity_off: bool) -> str:
-    """Why our Table 2 numbers differ from the paper's, from what the record says about the run."""
-    causes = []
-    if memory_off:
-        dtype = record["train"].get("dtype")
-        causes.append(f"memory: our run keeps {dtype} values ({BYTES_PER_VALUE[dtype]} B each), the paper counts "
-                      f"BF16 (2 B)" if BYTES_PER_VALUE.get(dtype, 2) != 2 else
-                      "memory: the paper's is an estimate of BF16 weights + optimizer states; ours is what those "
-                      "storages hold at our peak (adapters, projection matrices, allocator rounding)")
-    if perplexity_off:
-        train, quality = record["train"], record.get("quality") or {}
-        steps = len(quality.get("losses") or []) or train.get("steps") or 0
-        tokens = steps * train.get("batch_size", 0) * train.get("seq_len", 0) * train.get("grad_accum", 1)
-        causes.append(f"perplexity: not comparable in absolute terms: ours is {steps} steps ({tokens:,} tokens) on "
-                      f"{record['device']} on other data; the paper pre-trains on {ref['training_tokens']} C4 tokens")
-    return "; ".join(causes)
-
-
-def table2_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame) -> pd.DataFrame | None:
-    """GaLore Table 2: perplexity and memory (weights + optimizer states, GB) per run, beside the paper's."""
-    rows = []
-    for record, label in zip(records, labels):
-        ref, (peak, parts) = _galore_row(record, paper), memory_of(record)
-        perplexity = as_number((record.get("quality") or {}).get("perplexity"))
-        if ref is None or (not parts and perplexity is None):
-            continue
-        memory = (parts.get("weights", 0) + parts.get("optimizer_states", 0)) / GB if parts else None
-        ppl_diff, ppl_off = _compare(perplexity, float(ref["perplexity"]))
-        mem_diff, mem_off = _compare(memory, float(ref["memory_gb"]))
-        rows.append({"run": label, "method": ref["method"], "size": ref["size"], "perplexity": perplexity,
-                     "paper perplexity": float(ref["perplexity"]), "perplexity diff %": ppl_diff,
-                     "memory GB": memory, "paper memory GB": float(ref["memory_gb"]), "memory diff %": mem_diff,
-                     "peak GB": _per(peak, GB), "flag": ", ".join(["perplexity"] * ppl_off + ["memory"] * mem_off),
-                     "cause": _table2_causes(record, ref, mem_off, ppl_off)})
-    return pd.DataFrame(rows) if rows else None
-
-
-def table2_grid(table: pd.DataFrame) -> pd.DataFrame:
-    """Table 2's own layout: per method a row of ours and a row of the paper's, 'perplexity (memory GB)' per size."""
-    sizes, rows = list(dict.fromkeys(table["size"])), []
-    for method in (m for m in dict.fromkeys(GALORE_NAMES.values()) if m in set(table["method"])):
-        group = table[table["method"] == method]
-        for source, ppl, mem in (("ours", "perplexity", "memory GB"), ("paper", "paper perplexity", "paper memory GB")):
-            row = {"method": method, "source": source}
-            for size in sizes:
-                cells = [f"{cell_text(r[ppl])} ({cell_text(r[mem])} GB)" for r in group[group["size"] == size]
-                         .to_dict("records")]
-                row[size] = "; ".join(dict.fromkeys(cells)) or "-"
-            rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def speed_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame | None:
@@ -245,7 +140,7 @@ def speed_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFram
 
 def _reserved(record: dict[str, Any]) -> dict[str, Any]:
     reserved, source = reserved_of(record)
-    return {"reserved GiB": _per(reserved, GIB), "reserved from": source} if source else {}
+    return {"reserved GiB": per_unit(reserved, GIB), "reserved from": source} if source else {}
 
 
 def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -255,9 +150,9 @@ def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFr
         budget, peak, train = record["budget"], memory_of(record)[0], record["train"]
         if not budget.get("bytes"):
             continue
-        row: dict[str, Any] = {"run": label, "status": record["status"], "peak GiB": _per(peak, GIB),
-                               "peak GB": _per(peak, GB), "budget": budget.get("text"), "fits": budget.get("fits"),
-                               "headroom GiB": _per(budget["bytes"] - peak, GIB) if peak is not None else None,
+        row: dict[str, Any] = {"run": label, "status": record["status"], "peak GiB": per_unit(peak, GIB),
+                               "peak GB": per_unit(peak, GB), "budget": budget.get("text"), "fits": budget.get("fits"),
+                               "headroom GiB": per_unit(budget["bytes"] - peak, GIB) if peak is not None else None,
                                **_reserved(record)}
         paper_setting = (record["model"]["name"] == "7b" and not train.get("activation_checkpointing")
                          and train.get("batch_size", 0) * train.get("seq_len", 0) == 256)
@@ -266,56 +161,10 @@ def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFr
         match = paper[paper["item"] == item] if paper is not None and item is not None else pd.DataFrame()
         if item is not None and len(match):
             theirs = float(match.iloc[0]["value_gb"])
-            diff, flagged = _compare(row["peak GB"], theirs)
+            diff, flagged = paper_diff(row["peak GB"], theirs)
             row.update({"paper GB": theirs, "paper kind": match.iloc[0]["kind"], "diff %": diff,
                         "flag": ">5%" if flagged else "", "cause": FIT_CAUSES[item] if flagged else ""})
         rows.append(row)
-    return pd.DataFrame(rows) if rows else None
-
-
-TABLE11_NAMES = {"adamw": "adamw", "adafactor": "adafactor", "adam8bit": "adam8bit", "galore8bit": "galore_8bit"}
-TABLE11_NOTES = [
-    ("The paper measured LLaMA-1B on one A100 and does not say which reading it printed (PyTorch's allocated or "
-     "reserved bytes, or nvidia-smi's, which adds the CUDA context); ours are the allocated peak and the reserved "
-     "bytes (the caching-allocator model's in simulate, the GPU's when measured), both in GB = 1e9 bytes."),
-    "A row is flagged when neither of our readings is within 5% of the paper's.",
-    "tokens/s: ours only from a measured run (a simulation has no speed); the paper's A100 rate is not our GPU's."]
-READING_CAUSE = ("the paper does not say which reading it printed, nor its PyTorch and bitsandbytes versions; "
-                 "a GPU run of this scenario (--mode measure) gives the real reading to set beside it")
-
-
-def _table11_cause(record: dict[str, Any], ours_gb: float, paper_gb: float) -> str:
-    """Why a Table 11 row is off: Adafactor's first moment when ours is far lower, else the unknown reading."""
-    method = record["method"]
-    if method["name"] == "adafactor" and not method.get("beta1") and ours_gb < 0.75 * paper_gb:
-        return ("our Adafactor keeps no first moment (the GaLore scripts' beta1 0); the paper's figure sits near "
-                "the runs with an fp32 first moment (beta1 > 0, 4 B per parameter): it does not print its setting")
-    return READING_CAUSE
-
-
-def table11_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame) -> pd.DataFrame | None:
-    """GaLore Table 11 (LLaMA-1B, token batch 256): peak memory with and without per-layer updates, and speed."""
-    rows = []
-    for record, label in zip(records, labels):
-        train, peak = record["train"], memory_of(record)[0]
-        name = TABLE11_NAMES.get(record["method"]["name"])
-        if (record["model"]["name"] != "1b" or train.get("activation_checkpointing") or name is None or not peak
-                or train.get("batch_size", 0) * train.get("seq_len", 0) != 256):
-            continue
-        per_layer = "yes" if record["method"].get("layerwise") else "no"
-        match = paper[(paper["optimizer"] == name) & (paper["per_layer_update"] == per_layer)]
-        if not len(match):
-            continue
-        theirs, reserved = float(match.iloc[0]["memory_gb"]), reserved_of(record)[0]
-        peak_diff, peak_off = _compare(peak / GB, theirs)
-        reserved_diff, reserved_off = _compare(_per(reserved, GB), theirs)
-        flagged = peak_off and (reserved_off or reserved is None)
-        rows.append({"run": label, "optimizer": name, "per-layer update": per_layer, "peak GB": peak / GB,
-                     "reserved GB": _per(reserved, GB), "paper GB": theirs, "peak diff %": peak_diff,
-                     "reserved diff %": reserved_diff,
-                     "tokens/s": as_number((record.get("throughput") or {}).get("tokens_per_second")),
-                     "paper tokens/s": float(match.iloc[0]["tokens_per_s"]), "flag": ">5%" if flagged else "",
-                     "cause": _table11_cause(record, peak / GB, theirs) if flagged else ""})
     return pd.DataFrame(rows) if rows else None
 
 

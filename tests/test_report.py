@@ -55,6 +55,11 @@ adamw,no,13.60,1256.98
 adafactor,no,13.15,581.02
 galore_8bit,yes,5.63,1019.63
 """,
+    "galore_table3_7b.csv": """# GaLore Table 3 (7B, 8-bit, rank 1024)
+method,mem_gb,ppl_40k,ppl_80k,ppl_120k,ppl_150k
+galore_8bit,18,17.94,15.39,14.95,14.65
+adam_8bit,26,18.09,15.47,14.83,14.61
+""",
 }
 
 
@@ -296,6 +301,30 @@ def test_table11_sets_both_readings_beside_the_paper_and_explains_adafactor(tmp_
     assert (row["paper GB"], row["peak GB"], row["reserved GB"]) == (5.63, 4.0, 4.5)
     assert (row["tokens/s"], row["paper tokens/s"]) == (900.0, 1019.63)
     assert row["flag"] == ">5%" and "does not say which reading" in row["cause"]
+
+
+def test_table3_sets_7b_weights_plus_states_beside_the_paper(tmp_path: Path, reference: Path):
+    """Only 7B, non-layer-wise, and GaLore at the paper's rank 1024; the cause reads the figure in GiB too."""
+    seven_b = dict(scenario="galore_fig4", batch=1, seq=256, ac=False)
+    adam = make_record("adam8bit-7b", "adam8bit", parts(W7B, W7B, 13_687_467_008), minute=1, **seven_b)
+    galore = make_record("galore8bit-7b", "galore8bit", parts(W7B, W7B, 5_658_780_672), minute=2, **seven_b)
+    galore["method"]["rank"] = 1024
+    other_rank = make_record("galore8bit-r512", "galore8bit", parts(W7B, W7B, 3 * GIB), minute=3, **seven_b)
+    other_rank["method"]["rank"] = 512
+    layerwise = make_record("galore8bit-lw", "galore8bit", parts(W7B, 0, 5_700_723_712), minute=4, layerwise=True,
+                            **seven_b)
+    layerwise["method"]["rank"] = 1024
+    out = tmp_path / "out"
+    render_report([write_records(tmp_path / "results", [adam, galore, other_rank, layerwise])], out, {"csv"})
+    table = pd.read_csv(out / "galore_fig4_vs_galore_table3.csv").set_index("run").fillna({"flag": "", "cause": ""})
+    assert list(table.index) == ["adam8bit-7b", "galore8bit-7b"]
+    held = (W7B + 13_687_467_008) / 1e9  # 27.16 GB
+    assert table.loc["adam8bit-7b", "weights + states GB"] == pytest.approx(held)
+    assert table.loc["adam8bit-7b", "diff %"] == pytest.approx((held - 26) / 26 * 100) and not table.loc[
+        "adam8bit-7b", "flag"]
+    row = table.loc["galore8bit-7b"]
+    assert row["diff %"] == pytest.approx(((W7B + 5_658_780_672) / 1e9 - 18) / 18 * 100) and row["flag"] == ">5%"
+    assert "read as GiB, ours is 17.82 (-1.0%)" in row["cause"]
 
 
 def test_without_reference_the_report_still_renders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
