@@ -32,10 +32,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from galore_bench.cluster import parse_options, submit_scenario
 
         paths = submit_scenario(scenario, out=args.out, executor=args.submitit, mode=args.mode, steps=args.steps,
-                                options=parse_options(args.cluster_option), skip_existing=args.skip_existing)
+                                options=parse_options(args.cluster_option), skip_existing=args.skip_existing,
+                                only=args.runs)
     else:
         paths = run_scenario(scenario, out=args.out, mode=args.mode, steps=args.steps,
-                             skip_existing=args.skip_existing, memory_snapshot=args.memory_snapshot)
+                             skip_existing=args.skip_existing, memory_snapshot=args.memory_snapshot, only=args.runs)
     console.print(results_table(paths, title=f"{scenario.name}: {scenario.description}"))
     console.print(f"{len(paths)} record(s) under {args.out}")
     return 0
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="measure on a GPU: also write the CUDA allocator's memory snapshot beside each record "
                           "(<record>.snapshot.pickle, for https://pytorch.org/memory_viz)")
     run.add_argument("--skip-existing", action="store_true", help="resume: skip runs that already have an ok record")
+    run.add_argument("--runs", metavar="LABELS", default=None,
+                     help="only these runs, comma-separated labels as `list` shows them (default: every run)")
     run.add_argument("--submitit", choices=("local", "slurm"), default=None,
                      help="dispatch each run as a submitit job (needs galore-bench[cluster]); see README 'Clusters'")
     run.add_argument("--cluster-option", action="append", default=[], metavar="KEY=VALUE",

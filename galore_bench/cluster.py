@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from galore_bench.scenario import Scenario, UserError, load_scenario
+from galore_bench.scenario import Scenario, UserError, load_scenario, selected_runs
 
 EXECUTORS = ("local", "slurm")
 
@@ -79,7 +79,8 @@ def _tasks(scenario: Scenario, mode: str | None) -> int:
 
 def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", mode: str | None = None,
                     steps: int | None = None, options: dict[str, Any] | None = None,
-                    skip_existing: bool = False, threads: int | None = None, log=print) -> list[Path]:
+                    skip_existing: bool = False, threads: int | None = None, log=print,
+                    only: str | None = None) -> list[Path]:
     """Submit every run, wait for them, return the record paths (a failed job leaves an error record)."""
     from galore_bench.runner import check_mode
 
@@ -106,7 +107,7 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
     runner.update_parameters(name=f"galore-bench-{scenario.name}", **parameters)
     jobs: list[tuple[Any, Any]] = []  # (run, submitted job or the existing record's path)
     paths: list[Path] = []
-    for index, run in enumerate(scenario.runs):
+    for index, run in selected_runs(scenario, only):
         done = existing_record(out, scenario, run.label) if skip_existing else None
         if done is not None:
             jobs.append((run, done))

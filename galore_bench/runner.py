@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from galore_bench.record import load_record, reserved_of
-from galore_bench.scenario import Scenario, UserError
+from galore_bench.scenario import Scenario, UserError, selected_runs
 from galore_bench.units import format_bytes
 from galore_bench.worker import FAULT_ENV, died_record
 
@@ -174,15 +174,16 @@ def _dispatch(scenario: Scenario, index: int, request: dict[str, Any], on_step) 
 
 def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, steps: int | None = None,
                  skip_existing: bool = False, console: Console | None = None,
-                 memory_snapshot: bool = False) -> list[Path]:
-    """Run every run of the scenario; a run that crashes still leaves an error record."""
+                 memory_snapshot: bool = False, only: str | None = None) -> list[Path]:
+    """Run every run of the scenario (or those `only` names); a run that crashes still leaves an error record."""
     check_mode(scenario, mode)
+    chosen = selected_runs(scenario, only)
     console = console or Console(stderr=True)
     paths: list[Path] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        sweep = progress.add_task(f"{scenario.name}", total=len(scenario.runs))
-        for index, run in enumerate(scenario.runs):
+        sweep = progress.add_task(f"{scenario.name}", total=len(chosen))
+        for index, run in chosen:
             done = existing_record(out, scenario, run.label) if skip_existing else None
             if done is not None:
                 paths.append(done)

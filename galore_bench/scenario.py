@@ -56,6 +56,21 @@ class Scenario:
         return dataclasses.asdict(self)
 
 
+def selected_runs(scenario: Scenario, only: str | None = None) -> list[tuple[int, RunSpec]]:
+    """(index in the file, run) for the runs named in `only` (comma-separated labels), or every run.
+
+    The index travels to the worker, which reads the same file: selecting never renumbers a run.
+    """
+    pairs = list(enumerate(scenario.runs))
+    if not only:
+        return pairs
+    wanted = [label.strip() for label in only.split(",") if label.strip()]
+    labels = [run.label for run in scenario.runs]
+    if unknown := [label for label in wanted if label not in labels]:
+        raise UserError(f"--runs: got {', '.join(unknown)}; allowed (runs of {scenario.name}): {', '.join(labels)}")
+    return [(i, run) for i, run in pairs if run.label in wanted]
+
+
 def run_label(method: str, opts: dict[str, Any], model_name: str | None = None) -> str:
     """Stable run name used in file names and reports: method, its distinguishing switch, its own model."""
     if opts.get("label"):

@@ -5,7 +5,7 @@ import pytest
 
 from galore_bench.record import load_record
 from galore_bench.runner import run_scenario
-from galore_bench.scenario import load_scenario
+from galore_bench.scenario import UserError, load_scenario
 from galore_bench.worker import FAULT_ENV
 
 from conftest import TINY_HEADER
@@ -50,6 +50,19 @@ def test_killed_run_leaves_finished_records_and_sweep_continues(write_scenario, 
     assert resumed[0] == paths[0] and resumed[2] == paths[2]  # finished records reused, untouched
     assert paths[0].read_bytes() == first_before
     assert load_record(resumed[1])["status"] == "ok"
+
+
+def test_runs_option_selects_by_label_and_keeps_each_run_its_own_settings(write_scenario, tmp_path):
+    """--runs sgd runs the second run of the file (lr 0.3, its own method), not the first one renumbered."""
+    from galore_bench.cli import main
+
+    path = write_scenario(TWO_RUNS, "pick")
+    out = tmp_path / "results"
+    assert main(["run", "--scenario", str(path), "--runs", "sgd", "--mode", "estimate", "--out", str(out)]) == 0
+    (only,) = [load_record(p) for p in out.rglob("*.json")]
+    assert only["run"] == "sgd" and only["method"]["name"] == "sgd" and only["method"]["lr"] == 0.3
+    with pytest.raises(UserError, match=r"--runs: got adam, lomo; allowed \(runs of pick\): adamw, sgd"):
+        run_scenario(load_scenario(str(path)), out=out, only="adamw, adam,lomo")
 
 
 def test_memory_snapshot_is_refused_with_a_note_without_cuda(write_scenario, tmp_path):
