@@ -19,7 +19,6 @@ from galore_bench.record import reserved_of
 GIB, GB = 2**30, 10**9
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
 FLAG_PERCENT = 5.0
-
 # (method, layerwise) -> row of galore_memory_7b.csv (LLaMA-7B, token batch 256, no checkpointing)
 FIT_ITEMS = {("adamw", False): "bf16_adam_baseline_total", ("adam8bit", False): "8bit_adam_total_implied",
              ("galore8bit", True): "8bit_galore_layerwise_total"}
@@ -48,6 +47,8 @@ FIT_CAUSES = {
     "8bit_adam_total_implied": "derived, not printed (22.0 GB + the 24.5 GB saving of Sec. 5.5); no breakdown given",
     "8bit_galore_layerwise_total": "Sec. 5.5 is a measurement at a per-GPU token batch up to 500",
 }
+
+
 def as_number(value: Any) -> float | None:
     """A finite float, or None for null/absent/NaN (older records lack the newer fields)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
