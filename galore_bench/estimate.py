@@ -127,7 +127,7 @@ def update_temporaries(p: Tensor2D, method: str, opts: dict[str, Any], e: int) -
     if method == "lomo":
         return 2 * blocks(p.numel * 4) if e < 4 else 0  # fp32 copies of the gradient and the weight
     if method == "adafactor":  # grad**2 and (grad**2 + eps), later the update and its negation, all fp32; below
-        return (4 if e < 4 else 2) * blocks(p.numel * 4)  # fp32 training also fp32 copies of grad and weight
+        return (4 if e < 4 else 2) * blocks(p.numel * 4)  # fp32 training, also fp32 copies of grad and weight
     if not p.projected:
         return 2 * blocks(p.numel * e)  # sqrt(v), then (sqrt(v) + eps) or m / denom
     moments = projected_sizes(p, opts.get("rank"), opts.get("proj_type", "std"))[1]

@@ -92,8 +92,12 @@ MORE_RUNS_60M = {
 }
 
 
+BF16_RUNS = ("adafactor", "adafactor-layerwise")  # its fp32 copies of the gradient and the weight exist only here
+
+
 @pytest.mark.parametrize("size, label", [("tiny", label) for label in METHOD_RUNS]
-                         + [("60m", label) for label in [*METHOD_RUNS, *MORE_RUNS_60M]])
+                         + [("60m", label) for label in [*METHOD_RUNS, *MORE_RUNS_60M]]
+                         + [("tiny-bf16", label) for label in BF16_RUNS])
 def test_simulate_matches_measure_per_category(write_scenario, size, label):
     """Fake-tensor steps predict the real CPU steps' breakdown to the byte, per category.
 
@@ -101,8 +105,9 @@ def test_simulate_matches_measure_per_category(write_scenario, size, label):
     traced one builds them at each update (2 KiB, "other"). 4 KiB is 0.001% of the 60M peaks.
     """
     body = "[[runs]]\n" + {**METHOD_RUNS, **MORE_RUNS_60M}[label] + "\n"
-    scenario = (_scenario(write_scenario, body) if size == "tiny"
-                else load_scenario(str(write_scenario(SMALL_60M + body))))
+    header = {"tiny": TINY_HEADER, "tiny-bf16": TINY_HEADER.replace('dtype = "fp32"', 'dtype = "bf16"'),
+              "60m": SMALL_60M}[size]
+    scenario = load_scenario(str(write_scenario(header + body)))
     run = scenario.runs[0]
     real = train_steps(scenario, run, fake=False, device="cpu", steps=2, round_to=1)["tracker"].breakdown()
     fake = train_steps(scenario, run, fake=True, device="cpu", steps=2, round_to=1)["tracker"].breakdown()

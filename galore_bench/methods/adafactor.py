@@ -2,8 +2,9 @@
 
 Configured as the GaLore repository's pre-training script does: an external learning rate (no relative step, no
 parameter scaling), eps (1e-30, 1e-3), clip threshold 1, decay rate -0.8, and beta1 0 meaning *no* first moment.
-Its memory is then a factored second moment (one fp32 row and one fp32 column vector per matrix) plus fp32
-working copies of the gradient and the weight during each parameter's update.
+Its state is then a factored second moment (one fp32 row and one fp32 column vector per matrix). Each parameter's
+update allocates fp32 temporaries: the squared gradient and the update (two full-size tensors at a time), plus fp32
+copies of the gradient and the weight when training in BF16/FP16.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
     from transformers.optimization import Adafactor
 
     beta1 = opts["beta1"] or None  # the GaLore script's convention: 0 keeps no first moment
-    hyper = {"lr": opts["lr"], "eps": (1e-30, 1e-3), "clip_threshold": opts["clip_threshold"],
-             "decay_rate": opts["decay_rate"], "beta1": beta1, "weight_decay": opts["weight_decay"],
-             "relative_step": False, "scale_parameter": False, "warmup_init": False}
+    hyper = {"lr": opts["lr"], "eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": beta1,
+             "weight_decay": opts["weight_decay"], "relative_step": False, "scale_parameter": False,
+             "warmup_init": False}
 
     def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         return Adafactor(groups, **hyper)
@@ -37,8 +38,6 @@ METHOD = MethodDef(
     options={
         "beta1": Option(float, 0.0, "first-moment decay; 0 keeps no first moment (the GaLore scripts' default), "
                         "> 0 adds an fp32 first moment per parameter", minimum=0.0),
-        "decay_rate": Option(float, -0.8, "exponent of the second moment's decay schedule"),
-        "clip_threshold": Option(float, 1.0, "RMS clipping threshold of the update", minimum=0.0),
         "layerwise": Option(bool, False, "update each weight inside backward and free its gradient at once"),
     },
     paper="arXiv 1804.04235; baseline in arXiv 2403.03507 (Fig. 4, Table 11)",
