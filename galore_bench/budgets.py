@@ -295,8 +295,9 @@ def run_check(budgets: Path, results: list[Path], run: bool = False, console: An
     rules = load_budgets(budgets)
     if run:
         from galore_bench.runner import run_scenario
-        for name in dict.fromkeys(r.scenario for r in rules):
-            run_scenario(load_scenario(name), out=results[0], mode="simulate")
+        for name in dict.fromkeys(r.scenario for r in rules):  # only the runs a rule names
+            labels = ",".join(dict.fromkeys(r.run for r in rules if r.scenario == name))
+            run_scenario(load_scenario(name), out=results[0], mode="simulate", only=labels)
     verdicts = evaluate(rules, read_records([p for p in results if p.exists() or not run]))
     table = Table(title=f"budgets: {budgets}")
     for col in ("rule", "value", "limit", "verdict"):

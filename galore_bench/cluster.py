@@ -81,7 +81,8 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
                     steps: int | None = None, options: dict[str, Any] | None = None,
                     skip_existing: bool = False, threads: int | None = None, log=print,
                     only: str | None = None) -> list[Path]:
-    """Submit every run, wait for them, return the record paths (a failed job leaves an error record)."""
+    """Submit every run (or those `only` names), wait for them, return the record paths (a failed job leaves an
+    error record)."""
     from galore_bench.runner import check_mode
 
     check_mode(scenario, mode)

@@ -66,8 +66,9 @@ def selected_runs(scenario: Scenario, only: str | None = None) -> list[tuple[int
         return pairs
     wanted = [label.strip() for label in only.split(",") if label.strip()]
     labels = [run.label for run in scenario.runs]
-    if unknown := [label for label in wanted if label not in labels]:
-        raise UserError(f"--runs: got {', '.join(unknown)}; allowed (runs of {scenario.name}): {', '.join(labels)}")
+    if (unknown := [label for label in wanted if label not in labels]) or not wanted:
+        raise UserError(f"--runs: {scenario.name} has no run labelled {', '.join(unknown) or repr(only)}; "
+                        f"its runs: {', '.join(labels)}")
     return [(i, run) for i, run in pairs if run.label in wanted]
 
 

@@ -61,8 +61,10 @@ def test_runs_option_selects_by_label_and_keeps_each_run_its_own_settings(write_
     assert main(["run", "--scenario", str(path), "--runs", "sgd", "--mode", "estimate", "--out", str(out)]) == 0
     (only,) = [load_record(p) for p in out.rglob("*.json")]
     assert only["run"] == "sgd" and only["method"]["name"] == "sgd" and only["method"]["lr"] == 0.3
-    with pytest.raises(UserError, match=r"--runs: got adam, lomo; allowed \(runs of pick\): adamw, sgd"):
+    with pytest.raises(UserError, match=r"--runs: pick has no run labelled adam, lomo; its runs: adamw, sgd"):
         run_scenario(load_scenario(str(path)), out=out, only="adamw, adam,lomo")
+    with pytest.raises(UserError, match=r"--runs: pick has no run labelled ' , '; its runs: adamw, sgd"):
+        run_scenario(load_scenario(str(path)), out=out, only=" , ")
 
 
 def test_memory_snapshot_is_refused_with_a_note_without_cuda(write_scenario, tmp_path):
