@@ -26,13 +26,21 @@ def environment() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5, check=False).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = _git("rev-parse", "--short", "HEAD")
+    # the code that ran differs from that commit when the package or the scenarios have uncommitted changes
+    dirty = None if commit is None else _git("status", "--porcelain", "--", ":/galore_bench", ":/scenarios") != ""
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-            "git_commit": commit}
+            "git_commit": commit, "git_dirty": dirty}
+
+
+def _git(*args: str) -> str | None:
+    """A git command's output in this package's checkout; None outside one (an installed wheel) or on failure."""
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def empty_record(scenario: dict[str, Any], run: dict[str, Any], mode: str, device: str) -> dict[str, Any]:

@@ -98,6 +98,13 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _commit(record: dict[str, Any]) -> str | None:
+    """The record's commit, marked when the code that ran had uncommitted changes (older records cannot say)."""
+    env = record.get("env") or {}
+    commit = env.get("git_commit")
+    return f"{commit} + uncommitted changes" if commit and env.get("git_dirty") else commit
+
+
 def provenance(records: list[dict[str, Any]], files: list[Path], skipped: int, ref: Path, refs: dict) -> list[str]:
     """Where the numbers come from: enough to rerun them or to tell two reports apart."""
     def values(get) -> str:
@@ -106,7 +113,7 @@ def provenance(records: list[dict[str, Any]], files: list[Path], skipped: int, r
     found = ", ".join(sorted(refs)) if refs else "not found: paper columns omitted (set GALORE_BENCH_REFERENCE)"
     return [f"records used: {len(records)}" + (f" ({skipped} older duplicate(s) skipped)" if skipped else ""),
             f"mode(s): {values(lambda r: r['mode'])}; device(s): {values(lambda r: r['device'])}",
-            f"git commit(s): {values(lambda r: (r.get('env') or {}).get('git_commit'))}",
+            f"git commit(s): {values(_commit)}",
             f"galore-bench: {values(packages('galore-bench'))}; torch: {values(packages('torch'))}",
             f"record files: {', '.join(_shown(f) for f in files)}",
             f"paper references ({ref}): {found}",
@@ -119,7 +126,7 @@ def runs_table(records: list[dict[str, Any]], labels: list[str], files: list[Pat
     packages = lambda r: (r.get("env") or {}).get("packages") or {}
     return pd.DataFrame([{"run": label, "method": r["method"]["name"], "model": r["model"]["name"],
                           "mode": r["mode"], "device": r["device"], "status": r["status"], "created": r.get("created"),
-                          "git commit": (r.get("env") or {}).get("git_commit"),
+                          "git commit": _commit(r),
                           "galore-bench": packages(r).get("galore-bench"), "torch": packages(r).get("torch"),
                           "record file": _shown(f)} for r, label, f in zip(records, labels, files)])
 
