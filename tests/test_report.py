@@ -372,6 +372,19 @@ def test_cli_report(tmp_path: Path, reference: Path, capsys: pytest.CaptureFixtu
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 1
 
 
+def test_provenance_marks_records_made_from_uncommitted_code(tmp_path: Path, reference: Path):
+    from galore_bench.record import environment
+
+    env = environment()  # this checkout: a commit, and whether the package or scenarios differ from it
+    assert env["git_commit"] and isinstance(env["git_dirty"], bool)
+    clean, dirty = (json.loads(json.dumps(r)) for r in LOMO_RUNS[:2])
+    dirty["env"]["git_dirty"] = True
+    dirty["env"]["git_commit"] = "def5678"
+    render_report([write_records(tmp_path / "results", [clean, dirty])], tmp_path / "out", {"md"})
+    text = (tmp_path / "out" / "lomo_7b.md").read_text()
+    assert "- git commit(s): abc1234, def5678 + uncommitted changes" in text
+
+
 @pytest.fixture
 def table2_report(tmp_path: Path, reference: Path) -> tuple[Path, list[Path]]:
     oom = make_record("relora-60m", "relora", None, scenario="galore_table2", model="60m", status="oom",
