@@ -1,4 +1,4 @@
-"""ppl_cpu: quality per method on real offline text. The full run (about 20 minutes on 2 cores) is marked slow;
+"""ppl_cpu: quality per method on real offline text. The full run (about 10 minutes on 2 idle cores) is marked slow;
 CI runs a short version (3 steps of the full-rank run) that checks the wiring: real text, held-out perplexity."""
 from __future__ import annotations
 
