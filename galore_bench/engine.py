@@ -236,7 +236,7 @@ def one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.T
     for _ in range(grad_accum):
         with tracker.phase("data"):
             batch = next(batches)
-        with tracker.phase("forward"):
+        with tracker.phase("forward"), torch.set_grad_enabled(trainer.grad_enabled):
             loss = trainer.model(input_ids=batch, labels=batch, use_cache=False).loss
             scaled = loss / grad_accum if grad_accum > 1 else loss
         with tracker.phase("backward"):

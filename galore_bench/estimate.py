@@ -14,6 +14,7 @@ The step's memory is modelled at the moments where it peaks, and the largest one
   recompute     activation checkpointing only: one layer's activations recomputed during backward, first
                 (every checkpoint saved) and last (layer 0: every later gradient held, non-layer-wise);
   optimizer     weights + states + all gradients + the optimizer's temporaries (non-layer-wise).
+The inference reference (autograd off) has one: weights + the loss's tensors.
 """
 from __future__ import annotations
 
@@ -224,6 +225,8 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     carried = grads if grad_accum > 1 and not layerwise else 0  # later micro-batches find the gradients there
     saved = act["saved_layers"] + act["head"]
     logits_forward = (act["logits"] if e < 4 else 0) + 2 * act["logits_fp32"]
+    if method == "inference":  # autograd off: nothing saved, no gradient, no state; the loss's tensors dominate
+        return _forward_only(weights, act["hidden"] + logits_forward, act)
     moments = {
         "forward_end": _moment(weights, carried, states, saved + logits_forward, 0),
         "loss_backward": _moment(weights, carried, states, saved + act["logits_fp32"], 2 * act["logits_fp32"]),
@@ -259,6 +262,14 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     terms = {"weights": weights, "gradients_all": grads, "optimizer_states": states, "optimizer_temporaries": temps,
              **{f"activations_{k}": v for k, v in act.items()}}
     return Estimate(sum(moments[moment].values()), moments[moment], category_peaks, moment, moments, terms)
+
+
+def _forward_only(weights: int, at_loss: int, act: dict[str, int]) -> Estimate:
+    """Inference: the peak is the loss (the last hidden state, the logits, their fp32 copy and log-softmax);
+    a decoder layer's own transients are smaller for every model in the zoo."""
+    peak = _moment(weights, 0, 0, at_loss, 0)
+    terms = {"weights": weights, **{f"activations_{k}": v for k, v in act.items()}}
+    return Estimate(sum(peak.values()), peak, dict(peak), "loss_forward", {"loss_forward": peak}, terms)
 
 
 def estimate_run(scenario: Any, run: Any, target: str = "gpu") -> Estimate:

@@ -37,6 +37,8 @@ NOT_COUNTED = ("element-wise ops (norms, activations, optimizer updates) and lin
 MODEL_FLOPS_FORMULA = ("PaLM (arXiv 2204.02311, App. B): 6*N + 12*L*H*Q*T per token, N = all parameters "
                        "minus the input embedding table (LM head and norm weights included, as torchtitan "
                        "counts it), L layers, H*Q = hidden size, T = sequence length; causal masking ignored")
+FORWARD_MODEL_FLOPS_FORMULA = ("PaLM (arXiv 2204.02311, App. B), forward only (a third of training's): 2*N + "
+                               "4*L*H*Q*T per token, N, L, H*Q, T as for training; for the inference reference")
 
 
 # -- the closed-form count ------------------------------------------------------------------------
@@ -115,7 +117,8 @@ def count_step_flops(scenario: Scenario, run: RunSpec) -> dict[str, Any]:
         batch = torch.randint(0, run.model.vocab_size, (train.batch_size, train.seq_len))
         with flop_counter_mode() as counter:
             for _ in range(train.grad_accum):
-                loss = trainer.model(input_ids=batch, labels=batch, use_cache=False).loss
+                with torch.set_grad_enabled(trainer.grad_enabled):
+                    loss = trainer.model(input_ids=batch, labels=batch, use_cache=False).loss
                 trainer.backward(loss / train.grad_accum if train.grad_accum > 1 else loss)
                 del loss
             trainer.update(0)

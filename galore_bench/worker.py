@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from galore_bench import engine
+from galore_bench.methods import REGISTRY
 from galore_bench.models import parameter_count
 from galore_bench.record import empty_record, record_path, write_record
 from galore_bench.scenario import RunSpec, Scenario, load_scenario
@@ -245,14 +246,17 @@ def _flops(scenario: Scenario, run: RunSpec, speed: dict[str, Any], device_name:
     train = scenario.train
     counted = flops.count_step_flops(scenario, run)
     model = flops.hand_count(run.model, train.batch_size, train.seq_len, train.activation_checkpointing)
-    model_flops_per_step = model["model_flops_per_token"] * train.batch_size * train.seq_len * train.grad_accum
+    per_token, formula = model["model_flops_per_token"], model["model_flops_formula"]
+    if not REGISTRY[run.method].trains:  # forward only: PaLM's forward third
+        per_token, formula = per_token // 3, flops.FORWARD_MODEL_FLOPS_FORMULA
+    model_flops_per_step = per_token * train.batch_size * train.seq_len * train.grad_accum
     if speed.get("step_seconds_median") is None:
         return {}
     utilisation = flops.mfu(model_flops_per_step, speed["step_seconds_median"], device_name, train.dtype)
     return {"mfu": utilisation["mfu"], "flops": {
         "counted_per_step": counted["flops_per_step"], "counted_per_token": counted["flops_per_token"],
         "counted_with": counted["counted_with"], "not_counted": counted["not_counted"],
-        "model_flops_per_token": model["model_flops_per_token"], "model_flops_formula": model["model_flops_formula"],
+        "model_flops_per_token": per_token, "model_flops_formula": formula,
         "peak_flops": utilisation["peak_flops"], "peak_source": utilisation["peak_source"],
         "achieved_model_flops_per_second": utilisation["achieved_flops_per_second"]}}
 

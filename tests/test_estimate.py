@@ -14,7 +14,7 @@ EVERY_METHOD = [
     {"method": "adamw"}, {"method": "sgd"}, {"method": "adam8bit"}, {"method": "galore", "rank": 16},
     {"method": "galore8bit", "rank": 16}, {"method": "galore8bit", "rank": 16, "layerwise": True},
     {"method": "adamw", "layerwise": True}, {"method": "adafactor"}, {"method": "adafactor", "layerwise": True},
-    {"method": "lomo"}, {"method": "lora", "rank": 16},
+    {"method": "lomo"}, {"method": "inference"}, {"method": "lora", "rank": 16},
     {"method": "relora", "rank": 16}, {"method": "lowrank", "rank": 16},
     # options that change the bytes: implementations, momentum, the projected side
     {"method": "adamw", "impl": "for-loop", "label": "adamw-for-loop"},

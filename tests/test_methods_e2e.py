@@ -17,12 +17,22 @@ def test_smoke_cpu_every_method_learns(tmp_path):
     scenario = load_scenario("smoke_cpu")
     assert {run.method for run in scenario.runs} == set(REGISTRY)
     paths = run_scenario(scenario, out=tmp_path)
-    assert len(paths) == len(scenario.runs) == 13
+    assert len(paths) == len(scenario.runs) == 14
+    peaks = {}
     for path in paths:
         record = load_record(path)
         assert record["status"] == "ok", (record["run"], record["error"], record.get("traceback"))
         losses = record["quality"]["losses"]
         assert len(losses) == scenario.train.steps
+        peaks[record["run"]] = record["memory"]["peak_bytes"]
+        if record["method"]["name"] == "inference":  # the forward alone: nothing to learn, nothing stored for it
+            by_hand = hand_count(scenario.model, scenario.train.batch_size, scenario.train.seq_len)
+            flops = record["throughput"]["flops"]
+            assert flops["counted_per_step"] == by_hand["forward"]
+            assert flops["model_flops_per_token"] * 3 == by_hand["model_flops_per_token"]
+            assert record["memory"]["category_peaks"]["gradients"] == 0
+            assert record["memory"]["category_peaks"]["optimizer_states"] == 0
+            continue
         assert losses[-1] < losses[0], (record["run"], losses)
         memory = record["memory"]
         assert sum(memory["breakdown"].values()) == memory["peak_bytes"] > 0
@@ -39,6 +49,7 @@ def test_smoke_cpu_every_method_learns(tmp_path):
         if record["method"]["name"].startswith("galore"):  # update_proj_gap = 3: step 3 refreshes the projectors
             assert speed["svd_refresh_steps"] == [3] and speed["svd_refresh_step_seconds_median"] > 0
             assert speed["timed_steps"] == scenario.train.steps - 2  # neither warm-up step 0 nor the refresh
+    assert peaks["inference"] < min(peak for run, peak in peaks.items() if run != "inference")
 
 
 @pytest.mark.parametrize("data", ["synthetic", "wiki"])

@@ -1,7 +1,7 @@
 """The method registry: an explicit tuple, in the fixed order reports use."""
 from __future__ import annotations
 
-from galore_bench.methods import adafactor, adam8bit, adamw, galore, lomo, lora, sgd
+from galore_bench.methods import adafactor, adam8bit, adamw, galore, inference, lomo, lora, sgd
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 
 METHODS: tuple[MethodDef, ...] = (
@@ -15,6 +15,7 @@ METHODS: tuple[MethodDef, ...] = (
     lora.LORA,
     lora.RELORA,
     lora.LOW_RANK,
+    inference.METHOD,
 )
 REGISTRY: dict[str, MethodDef] = {m.name: m for m in METHODS}
 

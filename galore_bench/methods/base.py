@@ -55,6 +55,9 @@ class TrainSettings:
 class Trainer:
     """Backward plus one optimizer update, the unit every method is measured on."""
 
+    grad_enabled = True
+    """Whether the engines run the forward with autograd on (off only for the inference reference)."""
+
     def __init__(self, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
                  info: dict[str, Any] | None = None) -> None:
         self.model = model
@@ -104,6 +107,8 @@ class MethodDef:
     paper: str = ""
     prepare: Callable[[torch.nn.Module, dict[str, Any], TrainSettings], torch.nn.Module] | None = None
     """Changes the model before training (LoRA adapters, low-rank factors); runs in the engine's tensor mode."""
+    trains: bool = True
+    """False for the forward-only inference reference: no gradients, no update, forward-only model FLOPs."""
 
     def all_options(self) -> dict[str, Option]:
         common = {
@@ -116,6 +121,8 @@ class MethodDef:
     def limits(self, opts: dict[str, Any], train: TrainSettings) -> list[tuple[str, str, str]]:
         """(field, got, allowed) for each combination this method cannot run."""
         problems = []
+        if not self.trains and train.grad_accum > 1:
+            problems.append(("train.grad_accum", str(train.grad_accum), f"1 with {self.name} (no gradients)"))
         layerwise = bool(opts.get("layerwise", False))
         if train.lr_schedule != "constant" and (layerwise or not self.supports_grad_accum):
             problems.append(("train.lr_schedule", train.lr_schedule,
