@@ -74,8 +74,17 @@ def per_unit(value: float | None, unit: float | None) -> float | None:
     return value / unit if value is not None and unit else None
 
 
+def _setting(record: dict[str, Any]) -> tuple:
+    """What an inference run must share with a training run to be its floor: model, tokens, dtype, mode, device."""
+    train = record["train"]
+    return (record["model"]["name"], train.get("batch_size"), train.get("seq_len"), train.get("dtype"),
+            record["mode"], record["device"])
+
+
 def breakdown_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame:
-    """LOMO Table 1 layout for our runs: each category in GiB and as a share of the peak."""
+    """LOMO Table 1 layout for our runs: each category in GiB and as a share of the peak; with an inference run
+    of the same setting, each peak as a multiple of it (LOMO's claim: memory close to inference)."""
+    floors = {_setting(r): memory_of(r)[0] for r in records if r["method"]["name"] == "inference" and memory_of(r)[0]}
     rows = []
     for record, label in zip(records, labels):
         peak, parts = memory_of(record)
@@ -83,6 +92,8 @@ def breakdown_table(records: list[dict[str, Any]], labels: list[str]) -> pd.Data
                "status": record["status"], "peak GiB": per_unit(peak, GIB)}
         for cat in CATEGORIES:
             row.update({f"{cat} GiB": per_unit(parts.get(cat), GIB), f"{cat} %": per_unit(parts.get(cat), per_unit(peak, 100))})
+        if floors:
+            row["x inference"] = per_unit(peak, floors.get(_setting(record)))
         rows.append(row)
     return pd.DataFrame(rows)
 
