@@ -35,7 +35,7 @@ SEVEN_B_PARTS = ("7b_4090", "lomo_7b", "7b_4090_layerwise")
 RANKS = {"tiny": 16, "60m": 128, "130m": 256, "350m": 256, "1b": 512}  # GaLore paper, Table 2
 BATCH = {"tiny": 2, "60m": 16, "130m": 16, "350m": 16, "1b": 8}  # x 256 tokens, 6 steps: seconds on an H100
 RANKED = ("galore", "galore8bit", "lora", "relora", "lowrank")
-METHODS = ("adamw", "sgd", "adam8bit", "adafactor", "lomo", "lora", "relora", "lowrank", "galore",
+METHODS = ("inference", "adamw", "sgd", "adam8bit", "adafactor", "lomo", "lora", "relora", "lowrank", "galore",
            "galore8bit")  # slow last
 PLUMBING_METHODS = ("adamw", "galore")
 PLUMBING_RUNS = {"7b_4090": (0, 4), "lomo_7b": (0, 2), "galore_table11": (2, 9)}  # two runs of each, tiny

@@ -130,3 +130,12 @@ def test_probes_on_a_gpu_see_the_tensors_the_tracker_sees(tmp_path):
         for call in ("first", "second"):
             if call in row:
                 assert row[call]["unseen_peak"] >= 0, row
+
+
+def test_every_registered_method_is_validated():
+    """Issue 9 asks for every method: a newly registered one must join the GPU sweep too."""
+    from galore_bench.methods import REGISTRY
+
+    gv = _script()
+    assert set(gv.METHODS) == set(REGISTRY) and len(gv.METHODS) == len(REGISTRY)
+    assert set(gv.RANKED) == {name for name, method in REGISTRY.items() if method.uses_rank}  # they get a rank
