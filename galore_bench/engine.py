@@ -158,7 +158,8 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, 
         trainer = method.build(inner, run.options, scenario.train)
         trainer.model = wrapped
     train = scenario.train
-    if train.lr_schedule == "cosine" and trainer.scheduler is None:  # validation allows it for plain optimizers only
+    # validation allows cosine for plain optimizers only; a forward-only run has none to schedule
+    if train.lr_schedule == "cosine" and trainer.scheduler is None and trainer.optimizer is not None:
         from galore_bench.optim.relora import warmup_cosine_lr
 
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -62,6 +62,8 @@ INCOMPATIBLE: dict[str, dict[str, str]] = {
     "galore": {"fsdp2": _GALORE_WITH_FSDP2},
     "galore8bit": {"fsdp2": _GALORE_WITH_FSDP2},
     "relora": {"fsdp2": _RELORA_WITH_FSDP2},
+    "inference": {"ddp": "DDP needs parameters that require gradients, and inference has none; use strategy fsdp2 "
+                         "(parameters sharded, gathered per unit) or no [distributed] table"},
 }
 
 

@@ -112,6 +112,23 @@ def test_simulated_fsdp2_shards_weights_and_states_by_world_size(write_scenario)
     assert dist["gpus_needed"] == 1 and record["memory"]["peak_bytes"] == _candidate(record, 1)["peak_bytes"]
 
 
+def test_simulated_fsdp2_inference_shards_weights_and_gathers_no_gradients(write_scenario):
+    """Inference freezes every parameter: no trainable count, no gradient in FSDP2's backward transient (there is
+    no backward), and a cosine schedule (for the scenario's training runs) is simply not applied to it."""
+    body = TINY_HEADER.replace("[device]", '[device]\nmode = "simulate"').replace("[train]", '[train]\nlr_schedule = "cosine"')
+    body += '[distributed]\nstrategy = "fsdp2"\nworld_size = [1, 2, 4]\n[[runs]]\nmethod = "inference"\n'
+    scenario = load_scenario(str(write_scenario(body, "inf")))
+    record = simulate_record(scenario, scenario.runs[0])
+    assert record["status"] == "ok", record["error"]
+    assert record["model"]["trainable_parameters"] == 0
+    for n, weights in WEIGHTS.items():
+        candidate = _candidate(record, n)
+        assert candidate["breakdown"]["weights"] == weights
+        assert candidate["breakdown"]["gradients"] == candidate["breakdown"]["optimizer_states"] == 0
+        assert candidate["transient_bytes"]["backward"] == candidate["transient_bytes"]["forward"]
+    assert _candidate(record, 2)["transient_bytes"]["forward"] > 0
+
+
 def test_simulated_offload_moves_shards_to_host_and_ddp_replicates(write_scenario):
     body = TINY_HEADER.replace("[device]", '[device]\nmode = "simulate"')
     offload = load_scenario(str(write_scenario(
@@ -160,6 +177,7 @@ def test_lomo_65b_3090_reproduces_paper_gpu_counts():
     ("fsdp2", 'method = "galore"\nrank = 8', "GaLore takes the SVD of each whole gradient matrix"),
     ("fsdp2", 'method = "adam8bit"', "bitsandbytes"),
     ("fsdp2", 'method = "lomo"\nclip_grad_norm = 1.0', "a global norm needs an all-reduce"),
+    ("ddp", 'method = "inference"', "DDP needs parameters that require gradients"),
 ])
 def test_methods_that_do_not_compose_are_rejected_with_the_reason(write_scenario, strategy, run, reason):
     path = write_scenario(distributed(strategy) + f"[[runs]]\n{run}\n", "bad")

@@ -25,6 +25,11 @@ class ForwardOnly(Trainer):
         """Nothing: the weights never change."""
 
 
+def freeze(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
+    """No parameter trains: records count 0 trainable, and sharding plans see no gradient to bucket or scatter."""
+    return model.requires_grad_(False)
+
+
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
     return ForwardOnly(model, optimizer=None, info={"optimizer": None, "autograd": "off (torch.no_grad)"})
 
@@ -33,6 +38,7 @@ METHOD = MethodDef(
     name="inference",
     summary="forward only, autograd off: the memory floor (LOMO's 'close to inference')",
     build=build,
+    prepare=freeze,
     trains=False,
     paper="the reference point of arXiv 2306.09782 (memory close to inference)",
 )
