@@ -75,16 +75,19 @@ def per_unit(value: float | None, unit: float | None) -> float | None:
 
 
 def _setting(record: dict[str, Any]) -> tuple:
-    """What an inference run must share with a training run to be its floor: model, tokens, dtype, mode, device."""
-    train = record["train"]
+    """What an inference run must share with a training run to be its floor: model, tokens, dtype, mode, device,
+    and (distributed) world size, strategy, offload and sharding unit: a per-rank peak only compares per rank."""
+    train, spread = record["train"], record.get("distributed") or {}
     return (record["model"]["name"], train.get("batch_size"), train.get("seq_len"), train.get("dtype"),
-            record["mode"], record["device"])
+            record["mode"], record["device"],
+            *(spread.get(key) for key in ("world_size", "strategy", "cpu_offload", "fsdp_unit")))
 
 
 def breakdown_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame:
     """LOMO Table 1 layout for our runs: each category in GiB and as a share of the peak; with an inference run
     of the same setting, each peak as a multiple of it (LOMO's claim: memory close to inference)."""
-    floors = {_setting(r): memory_of(r)[0] for r in records if r["method"]["name"] == "inference" and memory_of(r)[0]}
+    floors = {_setting(r): memory_of(r)[0] for r in records
+              if r["method"]["name"] == "inference" and r["status"] == "ok" and memory_of(r)[0]}
     rows = []
     for record, label in zip(records, labels):
         peak, parts = memory_of(record)

@@ -177,11 +177,16 @@ def test_breakdown_numbers_equal_the_records(lomo_report):
 def test_breakdown_gives_each_peak_as_a_multiple_of_inference_at_the_same_setting(tmp_path: Path, reference: Path):
     floor = make_record("inference", "inference", parts(W7B, 0, 0, 1_300_000_000), minute=4)
     other_batch = make_record("lomo-b1", "lomo", parts(W7B, 0, 0, 10**9), minute=5, batch=1)
-    render_report([write_records(tmp_path / "results", [*LOMO_RUNS, floor, other_batch])], tmp_path / "out", {"csv"})
+    sharded = make_record("lomo-fsdp", "lomo", parts(W7B // 8, 0, 0, 10**9), minute=6)
+    sharded["distributed"] = {"world_size": 8, "strategy": "fsdp2", "cpu_offload": False, "fsdp_unit": "linear"}
+    died = make_record("inference-b1", "inference", parts(W7B, 0, 0, 10**8), minute=7, batch=1, status="oom")
+    records = [*LOMO_RUNS, floor, other_batch, sharded, died]
+    render_report([write_records(tmp_path / "results", records)], tmp_path / "out", {"csv"})
     csv = pd.read_csv(tmp_path / "out" / "lomo_7b_breakdown.csv").set_index("run")
     for record in [*LOMO_RUNS, floor]:
         assert csv.loc[record["run"], "x inference"] == pytest.approx(record["memory"]["peak_bytes"] / (W7B + 1.3e9))
-    assert np.isnan(csv.loc["lomo-b1", "x inference"])  # batch 1: no inference run at its setting
+    assert np.isnan(csv.loc["lomo-b1", "x inference"])  # batch 1: its inference run did not finish
+    assert np.isnan(csv.loc["lomo-fsdp", "x inference"])  # a per-rank peak: no inference run on 8 ranks
     assert "x inference" not in pd.read_csv(tmp_path / "out" / "lomo_7b_vs_lomo_table1.csv").columns
 
 
