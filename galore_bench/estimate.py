@@ -226,7 +226,8 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     saved = act["saved_layers"] + act["head"]
     logits_forward = (act["logits"] if e < 4 else 0) + 2 * act["logits_fp32"]
     if method == "inference":  # autograd off: nothing saved, no gradient, no state; the loss's tensors dominate
-        return _forward_only(weights, act["hidden"] + logits_forward, act)
+        return _forward_only(weights, {"loss_forward": act["hidden"] + logits_forward,
+                                       **_layer_forward_bytes(shape, batch_size, seq_len, e)}, act)
     moments = {
         "forward_end": _moment(weights, carried, states, saved + logits_forward, 0),
         "loss_backward": _moment(weights, carried, states, saved + act["logits_fp32"], 2 * act["logits_fp32"]),
@@ -264,12 +265,30 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     return Estimate(sum(moments[moment].values()), moments[moment], category_peaks, moment, moments, terms)
 
 
-def _forward_only(weights: int, at_loss: int, act: dict[str, int]) -> Estimate:
-    """Inference: the peak is the loss (the last hidden state, the logits, their fp32 copy and log-softmax);
-    a decoder layer's own transients are smaller for every model in the zoo."""
-    peak = _moment(weights, 0, 0, at_loss, 0)
+def _layer_forward_bytes(shape: ModelShape, batch: int, seq: int, e: int) -> dict[str, int]:
+    """Live activations at the last layer's two busiest moments, autograd off.
+
+    Both hold the embedding output (the model keeps it), the layer's input (layer 0's input is that output),
+    its normed copy, the rotary cos/sin (batch 1) and the int64 position ids. The MLP moment adds the residual
+    sum, SiLU(gate), up and their product; the attention moment adds q, k, v, rotated q and the three tensors
+    of k's rotation (k*cos, rotate_half(k), its product with sin). LLaMA's MLP (i ~ 2.7h) makes the MLP larger.
+    """
+    t, h, i = batch * seq, shape.hidden_size, shape.intermediate_size
+    held = (3 if shape.num_hidden_layers > 1 else 2) * blocks(t * h * e)
+    rotary = 2 * blocks(seq * (h // shape.num_attention_heads) * e) + blocks(seq * 8)
+    return {"mlp_forward": held + rotary + blocks(t * h * e) + 3 * blocks(t * i * e),
+            "attention_forward": held + rotary + 7 * blocks(t * h * e)}
+
+
+def _forward_only(weights: int, activations: dict[str, int], act: dict[str, int]) -> Estimate:
+    """Inference: the peak is the largest of the loss (the last hidden state, the logits, their fp32 copy and
+    log-softmax: the largest for the zoo's 32000-token vocabulary) and a layer's busiest moments (the largest
+    when the vocabulary is small against the layer's width)."""
+    moments = {name: _moment(weights, 0, 0, live, 0) for name, live in activations.items()}
+    moment = max(moments, key=lambda name: moments[name]["activations"])
+    peak = moments[moment]
     terms = {"weights": weights, **{f"activations_{k}": v for k, v in act.items()}}
-    return Estimate(sum(peak.values()), peak, dict(peak), "loss_forward", {"loss_forward": peak}, terms)
+    return Estimate(sum(peak.values()), peak, dict(peak), moment, moments, terms)
 
 
 def estimate_run(scenario: Any, run: Any, target: str = "gpu") -> Estimate:

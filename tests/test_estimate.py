@@ -56,6 +56,23 @@ def test_estimate_within_two_percent_of_simulate_for_every_method(setting):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize(("dims", "moment"), [
+    ({"hidden_size": 64, "intermediate_size": 4096, "vocab_size": 128}, "mlp_forward"),  # a wide MLP
+    ({"hidden_size": 256, "intermediate_size": 256, "vocab_size": 64}, "attention_forward"),  # a narrow one
+    ({"hidden_size": 256, "intermediate_size": 688, "vocab_size": 32000}, "loss_forward"),  # LLaMA's proportions
+])
+def test_inference_estimate_finds_the_busiest_forward_moment_of_any_shape(dims, moment):
+    """Autograd off, the peak is the loss or a layer's transients, depending on the vocabulary and MLP widths."""
+    model = {"num_hidden_layers": 2, "num_attention_heads": 4, **dims}
+    scenario = parse_scenario({"model": model, "train": {"batch_size": 2, "seq_len": 512, "dtype": "bf16"},
+                               "runs": [{"method": "inference"}]}, Path("estimate-test.toml"))
+    traced = engine.train_steps(scenario, scenario.runs[0], fake=True, device="cpu", steps=2)["tracker"]
+    guess = estimate_run(scenario, scenario.runs[0])
+    assert guess.moment == moment
+    assert guess.peak_bytes == pytest.approx(traced.peak, rel=0.005)
+    assert guess.breakdown["activations"] == pytest.approx(traced.peak_breakdown["activations"], rel=0.005)
+
+
 def test_estimate_weights_of_7b_are_exact():
     result = estimate(ZOO["7b"], "adamw", {}, batch_size=1, seq_len=256, dtype="bf16")
     assert result.breakdown["weights"] == 6_738_415_616 * 2
