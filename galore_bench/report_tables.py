@@ -74,20 +74,38 @@ def per_unit(value: float | None, unit: float | None) -> float | None:
     return value / unit if value is not None and unit else None
 
 
-def _setting(record: dict[str, Any]) -> tuple:
+def _setting(record: dict[str, Any], strategy: str | None = None, world: int | None = None) -> tuple:
     """What an inference run must share with a training run to be its floor: model, tokens, dtype, mode, device,
-    and (distributed) world size, strategy, offload and sharding unit: a per-rank peak only compares per rank."""
+    and, per rank, the world size and FSDP2's offload and unit. A DDP rank holds a whole replica: its floor is
+    the single-device one (inference itself cannot run under DDP: nothing requires a gradient)."""
     train, spread = record["train"], record.get("distributed") or {}
-    return (record["model"]["name"], train.get("batch_size"), train.get("seq_len"), train.get("dtype"),
-            record["mode"], record["device"],
-            *(spread.get(key) for key in ("world_size", "strategy", "cpu_offload", "fsdp_unit")))
+    strategy = strategy if strategy is not None else spread.get("strategy")
+    world = world if world is not None else spread.get("world_size") or 1
+    base = (record["model"]["name"], train.get("batch_size"), train.get("seq_len"), train.get("dtype"),
+            record["mode"], record["device"])
+    if strategy in (None, "single", "ddp") or world == 1:
+        return (*base, 1, None, None)
+    return (*base, world, spread.get("cpu_offload"), spread.get("fsdp_unit"))
+
+
+def _inference_floors(records: list[dict[str, Any]]) -> dict[tuple, int]:
+    """Peak of each finished inference run per setting; a simulated sweep over world sizes gives one per size."""
+    floors: dict[tuple, int] = {}
+    for record in records:
+        peak = memory_of(record)[0]
+        if record["method"]["name"] != "inference" or record["status"] != "ok" or not peak:
+            continue
+        floors.setdefault(_setting(record), peak)
+        for candidate in (record.get("distributed") or {}).get("candidates", []):
+            key = _setting(record, candidate["strategy"], candidate["world_size"])
+            floors.setdefault(key, candidate["peak_bytes"])
+    return floors
 
 
 def breakdown_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame:
     """LOMO Table 1 layout for our runs: each category in GiB and as a share of the peak; with an inference run
     of the same setting, each peak as a multiple of it (LOMO's claim: memory close to inference)."""
-    floors = {_setting(r): memory_of(r)[0] for r in records
-              if r["method"]["name"] == "inference" and r["status"] == "ok" and memory_of(r)[0]}
+    floors = _inference_floors(records)
     rows = []
     for record, label in zip(records, labels):
         peak, parts = memory_of(record)

@@ -190,6 +190,25 @@ def test_breakdown_gives_each_peak_as_a_multiple_of_inference_at_the_same_settin
     assert "x inference" not in pd.read_csv(tmp_path / "out" / "lomo_7b_vs_lomo_table1.csv").columns
 
 
+def test_x_inference_per_rank_from_a_simulated_sweep_and_for_ddp_from_one_device(tmp_path: Path, reference: Path):
+    """A sweep's inference record stands at its own smallest fitting world size, but holds every size's peak:
+    an FSDP2 training run on 8 ranks is divided by the 8-rank one. A DDP rank holds a whole replica: 1 device."""
+    sweep = {"strategy": "fsdp2", "cpu_offload": False, "fsdp_unit": "linear"}
+    floor = make_record("inference", "inference", parts(W7B, 0, 0, 10**9), minute=4)
+    floor["distributed"] = {**sweep, "world_size": 1, "max_rank_peak_bytes": W7B + 10**9, "gpus_needed": 1,
+                            "candidates": [
+        {"strategy": "single", "world_size": 1, "peak_bytes": W7B + 10**9},
+        {"strategy": "fsdp2", "world_size": 8, "peak_bytes": W7B // 8 + 10**9}]}
+    sharded = make_record("lomo-fsdp", "lomo", parts(W7B // 8, 0, 0, 3 * 10**9), minute=5)
+    sharded["distributed"] = {**sweep, "world_size": 8}
+    replicated = make_record("sgd-ddp", "sgd", parts(W7B, W7B, 0, 10**9), minute=6)
+    replicated["distributed"] = {"strategy": "ddp", "world_size": 4, "cpu_offload": False, "fsdp_unit": None}
+    render_report([write_records(tmp_path / "results", [floor, sharded, replicated])], tmp_path / "out", {"csv"})
+    csv = pd.read_csv(tmp_path / "out" / "lomo_7b_breakdown.csv").set_index("run")
+    assert csv.loc["lomo-fsdp", "x inference"] == pytest.approx((W7B // 8 + 3e9) / (W7B // 8 + 1e9))
+    assert csv.loc["sgd-ddp", "x inference"] == pytest.approx((2 * W7B + 1e9) / (W7B + 1e9))
+
+
 def test_lomo_paper_columns_and_flags(lomo_report, reference: Path):
     out, _ = lomo_report
     table = pd.read_csv(out / "lomo_7b_vs_lomo_table1.csv", keep_default_na=False)
