@@ -18,6 +18,7 @@ from galore_bench.report_tables import CATEGORIES, GIB, as_number, memory_of
 
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8C8C8C")  # one per memory category
 FAILED = "crimson"
+OFF_SCALE = 2.5  # a budget this many times the tallest bar is named, not drawn
 SIZE_COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
 
 
@@ -34,6 +35,12 @@ def breakdown_figure(records: list[dict[str, Any]], labels: list[str], title: st
     for ax, size, group in zip(axes, sizes, groups):
         budget = records[group[0]]["budget"].get("bytes")
         measured = [(memory_of(records[i])[0] or 0) / GIB for i in group]
+        budget_text = f"budget {records[group[0]]['budget'].get('text') or ''}"
+        if budget and all(records[i]["status"] == "ok" for i in group) and budget / GIB > OFF_SCALE * max(measured):
+            # an 80 GB budget over 5 GiB bars would flatten them: name it in a corner instead of drawing it
+            ax.text(0.99, 0.98, f"{budget_text} ({budget / GIB:.3g} GiB): above the scale", color=FAILED,
+                    ha="right", va="top", fontsize=8, transform=ax.transAxes)
+            budget = None
         # a run that died before measuring gets a hatched bar up to the budget, else up to the tallest measured one
         stand_in = budget / GIB if budget else max(measured + [0.0]) or 1.0
         tops = [stand_in]
@@ -55,8 +62,8 @@ def breakdown_figure(records: list[dict[str, Any]], labels: list[str], title: st
             tops.append(max(bottom, peak))
         if budget:
             ax.axhline(budget / GIB, ls="--", color=FAILED, lw=1.2)
-            ax.text(0.99, budget / GIB, f"budget {records[group[0]]['budget'].get('text') or ''}", color=FAILED,
-                    ha="right", va="bottom", fontsize=8, transform=ax.get_yaxis_transform())
+            ax.text(0.99, budget / GIB, budget_text, color=FAILED, ha="right", va="bottom", fontsize=8,
+                    transform=ax.get_yaxis_transform())
         ax.set_xticks(range(len(group)), [_short(labels[i], size) for i in group], rotation=30, ha="right",
                       fontsize=9)
         ax.set(ylim=(0, max(tops) * 1.18), xlim=(-0.6, len(group) - 0.4), axisbelow=True)

@@ -15,7 +15,7 @@ import pytest
 from galore_bench.cli import main
 from galore_bench.record import SCHEMA_VERSION
 from galore_bench.report import REFERENCE_ENV, render_report
-from galore_bench.report_charts import pareto_front
+from galore_bench.report_charts import breakdown_figure, pareto_front
 from galore_bench.scenario import UserError
 
 GIB = 2**30
@@ -484,6 +484,22 @@ def test_speed_table_and_throughput_and_pareto_charts(table2_report):
     assert "OOM" in breakdown and "oom / error" in breakdown  # the oom run is marked, even without a budget
     md = (out / "galore_table2.md").read_text()
     assert "(galore_table2_throughput.png)" in md and "(galore_table2_pareto.png)" in md
+
+
+def test_breakdown_chart_names_a_far_budget_instead_of_flattening_the_bars():
+    small = [make_record("a", "adamw", parts(2 * GIB, 2 * GIB, 4 * GIB), budget=80 * GIB),
+             make_record("b", "lomo", parts(2 * GIB, 0, 0, GIB), budget=80 * GIB, minute=1)]
+    ax = breakdown_figure(small, ["a", "b"], "t").axes[0]
+    assert ax.get_ylim()[1] == pytest.approx(8 * 1.18)  # the tallest bar sets the scale
+    assert not ax.get_lines()  # no budget line drawn off the axes
+    assert any("budget 24 GiB (80 GiB): above the scale" in t.get_text() for t in ax.texts)
+    near = [make_record("a", "adamw", parts(2 * GIB, 2 * GIB, 4 * GIB), budget=12 * GIB)]
+    ax = breakdown_figure(near, ["a"], "t").axes[0]
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [12]  # in reach
+    assert ax.get_ylim()[1] == pytest.approx(12 * 1.18)
+    failed = [make_record("a", "adamw", None, budget=80 * GIB, status="oom")]  # an OOM keeps the budget in view
+    lines = breakdown_figure(failed, ["a"], "t").axes[0].get_lines()
+    assert [line.get_ydata()[0] for line in lines if line.get_linestyle() == "--"] == [80]
 
 
 def test_pareto_front():
