@@ -14,7 +14,8 @@ The step's memory is modelled at the moments where it peaks, and the largest one
   recompute     activation checkpointing only: one layer's activations recomputed during backward, first
                 (every checkpoint saved) and last (layer 0: every later gradient held, non-layer-wise);
   optimizer     weights + states + all gradients + the optimizer's temporaries (non-layer-wise).
-The inference reference (autograd off) has one: weights + the loss's tensors.
+The inference reference (autograd off) has three, weights + live activations each: the loss's tensors
+(loss_forward), and the last layer's MLP and attention transients (mlp_forward, attention_forward).
 """
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     carried = grads if grad_accum > 1 and not layerwise else 0  # later micro-batches find the gradients there
     saved = act["saved_layers"] + act["head"]
     logits_forward = (act["logits"] if e < 4 else 0) + 2 * act["logits_fp32"]
-    if method == "inference":  # autograd off: nothing saved, no gradient, no state; the loss's tensors dominate
+    if method == "inference":  # autograd off: nothing saved, no gradient, no state; only forward transients
         return _forward_only(weights, {"loss_forward": act["hidden"] + logits_forward,
                                        **_layer_forward_bytes(shape, batch_size, seq_len, e)}, act)
     moments = {
@@ -269,21 +270,23 @@ def _layer_forward_bytes(shape: ModelShape, batch: int, seq: int, e: int) -> dic
     """Live activations at the last layer's two busiest moments, autograd off.
 
     Both hold the embedding output (the model keeps it), the layer's input (layer 0's input is that output),
-    its normed copy, the rotary cos/sin (batch 1) and the int64 position ids. The MLP moment adds the residual
-    sum, SiLU(gate), up and their product; the attention moment adds q, k, v, rotated q and the three tensors
-    of k's rotation (k*cos, rotate_half(k), its product with sin). LLaMA's MLP (i ~ 2.7h) makes the MLP larger.
+    the rotary cos/sin (batch 1) and the int64 position ids. The MLP moment adds the residual sum, its normed
+    copy, SiLU(gate), up and their product; the attention moment adds the input's normed copy, q, k, v, rotated
+    q and the three tensors of k's rotation (k*cos, rotate_half(k), its product with sin). k and v are full
+    width: the model builder sets num_key_value_heads = num_attention_heads (no grouped-query attention).
+    LLaMA's MLP (i ~ 2.7h) makes the MLP moment the larger one.
     """
     t, h, i = batch * seq, shape.hidden_size, shape.intermediate_size
-    held = (3 if shape.num_hidden_layers > 1 else 2) * blocks(t * h * e)
+    held = (2 if shape.num_hidden_layers > 1 else 1) * blocks(t * h * e)
     rotary = 2 * blocks(seq * (h // shape.num_attention_heads) * e) + blocks(seq * 8)
-    return {"mlp_forward": held + rotary + blocks(t * h * e) + 3 * blocks(t * i * e),
-            "attention_forward": held + rotary + 7 * blocks(t * h * e)}
+    return {"mlp_forward": held + rotary + 2 * blocks(t * h * e) + 3 * blocks(t * i * e),
+            "attention_forward": held + rotary + 8 * blocks(t * h * e)}
 
 
 def _forward_only(weights: int, activations: dict[str, int], act: dict[str, int]) -> Estimate:
     """Inference: the peak is the largest of the loss (the last hidden state, the logits, their fp32 copy and
-    log-softmax: the largest for the zoo's 32000-token vocabulary) and a layer's busiest moments (the largest
-    when the vocabulary is small against the layer's width)."""
+    log-softmax: the largest in bf16/fp16 with the zoo's 32000-token vocabulary) and a layer's busiest moments
+    (the largest when the vocabulary is small against the layer's width, and for 30B/65B in fp32)."""
     moments = {name: _moment(weights, 0, 0, live, 0) for name, live in activations.items()}
     moment = max(moments, key=lambda name: moments[name]["activations"])
     peak = moments[moment]
