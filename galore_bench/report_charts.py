@@ -12,6 +12,7 @@ from typing import Any
 
 from matplotlib import rc_context
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from galore_bench.report_tables import CATEGORIES, GIB, as_number, memory_of
@@ -26,20 +27,28 @@ def _short(label: str, size: str) -> str:
     return label.removesuffix(f"-{size}")
 
 
+def _budget_text(budget: dict[str, Any]) -> str:
+    """'budget 80 GB (74.5 GiB)': the scenario's own words, and the chart's unit when they differ."""
+    text = budget.get("text") or ""
+    in_gib = "" if text.endswith("GiB") else f" ({budget['bytes'] / GIB:.3g} GiB)"
+    return f"budget {text}{in_gib}"
+
+
 def breakdown_figure(records: list[dict[str, Any]], labels: list[str], title: str) -> Figure:
     """Stacked breakdown per run (one panel per model size), budget as a dashed line, failed runs hatched in red."""
     sizes = list(dict.fromkeys(r["model"]["name"] for r in records))
     groups = [[i for i, r in enumerate(records) if r["model"]["name"] == size] for size in sizes]
     fig = Figure(figsize=(max(6.5, 1.0 * len(records) + 3.5), 5.2), layout="constrained")
     axes = fig.subplots(1, len(sizes), squeeze=False, width_ratios=[len(g) for g in groups])[0]
+    drawn: dict[str, bool] = {}  # budget lines drawn, by their legend text
     for ax, size, group in zip(axes, sizes, groups):
         budget = records[group[0]]["budget"].get("bytes")
         measured = [(memory_of(records[i])[0] or 0) / GIB for i in group]
-        budget_text = f"budget {records[group[0]]['budget'].get('text') or ''}"
+        budget_text = _budget_text(records[group[0]]["budget"]) if budget else ""
         if budget and all(records[i]["status"] == "ok" for i in group) and budget / GIB > OFF_SCALE * max(measured):
             # an 80 GB budget over 5 GiB bars would flatten them: name it in a corner instead of drawing it
-            ax.text(0.99, 0.98, f"{budget_text} ({budget / GIB:.3g} GiB): above the scale", color=FAILED,
-                    ha="right", va="top", fontsize=8, transform=ax.transAxes)
+            ax.text(0.99, 0.98, f"{budget_text}: above the scale", color=FAILED, ha="right", va="top", fontsize=8,
+                    transform=ax.transAxes)
             budget = None
         # a run that died before measuring gets a hatched bar up to the budget, else up to the tallest measured one
         stand_in = budget / GIB if budget else max(measured + [0.0]) or 1.0
@@ -60,10 +69,9 @@ def breakdown_figure(records: list[dict[str, Any]], labels: list[str], title: st
             ax.text(x, max(bottom, peak), text, ha="center", va="bottom", fontsize=8,
                     color=FAILED if failed else "black", fontweight="bold" if failed else "normal")
             tops.append(max(bottom, peak))
-        if budget:
+        if budget:  # named in the legend: a label on the line would collide with the bars it crosses
             ax.axhline(budget / GIB, ls="--", color=FAILED, lw=1.2)
-            ax.text(0.99, budget / GIB, budget_text, color=FAILED, ha="right", va="bottom", fontsize=8,
-                    transform=ax.get_yaxis_transform())
+            drawn[budget_text] = True
         ax.set_xticks(range(len(group)), [_short(labels[i], size) for i in group], rotation=30, ha="right",
                       fontsize=9)
         ax.set(ylim=(0, max(tops) * 1.18), xlim=(-0.6, len(group) - 0.4), axisbelow=True)
@@ -73,6 +81,7 @@ def breakdown_figure(records: list[dict[str, Any]], labels: list[str], title: st
     handles = [Patch(facecolor=c, label=cat.replace("_", " ")) for cat, c in zip(CATEGORIES, COLORS)]
     if any(r["status"] != "ok" for r in records):
         handles.append(Patch(facecolor="white", edgecolor=FAILED, hatch="//", label="oom / error"))
+    handles += [Line2D([], [], ls="--", color=FAILED, lw=1.2, label=text) for text in drawn]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     return fig

@@ -492,10 +492,13 @@ def test_breakdown_chart_names_a_far_budget_instead_of_flattening_the_bars():
     ax = breakdown_figure(small, ["a", "b"], "t").axes[0]
     assert ax.get_ylim()[1] == pytest.approx(8 * 1.18)  # the tallest bar sets the scale
     assert not ax.get_lines()  # no budget line drawn off the axes
-    assert any("budget 24 GiB (80 GiB): above the scale" in t.get_text() for t in ax.texts)
+    assert [t.get_text() for t in ax.texts if "budget" in t.get_text()] == ["budget 24 GiB: above the scale"]
     near = [make_record("a", "adamw", parts(2 * GIB, 2 * GIB, 4 * GIB), budget=12 * GIB)]
-    ax = breakdown_figure(near, ["a"], "t").axes[0]
+    near[0]["budget"]["text"] = "12.9 GB"
+    figure = breakdown_figure(near, ["a"], "t")
+    ax = figure.axes[0]
     assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [12]  # in reach
+    assert "budget 12.9 GB (12 GiB)" in [t.get_text() for t in figure.legends[0].get_texts()]
     assert ax.get_ylim()[1] == pytest.approx(12 * 1.18)
     failed = [make_record("a", "adamw", None, budget=80 * GIB, status="oom")]  # an OOM keeps the budget in view
     lines = breakdown_figure(failed, ["a"], "t").axes[0].get_lines()
