@@ -136,6 +136,7 @@ def test_8bit_moves_small_params_where_galore_torch_does_not(no_cuda_sync):
     start = [p.detach().clone() for p in ours_model.parameters()]
     x = torch.randn(32, 64)
     ours_model(x).pow(2).mean().backward()
+    g_small = ours_model[0].weight.grad.clone()
     for p, q in zip(ours_model.parameters(), ref_model.parameters()):
         q.grad = None if p.grad is None else p.grad.clone()
     ours.step()
@@ -147,6 +148,12 @@ def test_8bit_moves_small_params_where_galore_torch_does_not(no_cuda_sync):
     for (name, p), p0 in zip(ours_model.named_parameters(), start):
         if p.grad is not None:
             assert (p - p0).abs().max() > 1e-4, f"{name} did not move"
+    # no reference moves the small one: its first step by hand, Adam's bias-corrected m/(sqrt(v)+eps) = g/(|g|+eps)
+    # in the rank-4 subspace (16x64: the left singular vectors), projected back and scaled (lr 1e-2, scale 0.25)
+    P = P_of(g_small, 4)
+    low = P.T @ g_small
+    expected = start[0] - 1e-2 * 0.25 * P @ (low / (low.abs() + 1e-8))
+    torch.testing.assert_close(small.detach(), expected, atol=1e-6, rtol=0)
     # galore-torch 1.0 + bnb 0.50: its positional args put percentile_clipping=100 into max_unorm; the
     # weight is zeroed to act as the update buffer, so the 32-bit kernel's update-norm clip
     # (scale = max_unorm * |p| / |update| = 0) cancels the step. The small weight stays bit-identical.
