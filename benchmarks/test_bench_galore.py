@@ -20,6 +20,7 @@ from galore_bench.optim.galore import GaLoreAdamW
 galore_torch = pytest.importorskip("galore_torch")
 SHAPE = ModelShape(256, 688, 4, 4, 1024)
 OPTS = {**{k: v.default for k, v in GALORE_OPTIONS.items()}, "rank": 32, "update_proj_gap": 4}
+TARGET_RATIO = 1.5  # ours / galore-torch in one run (measured 1.01-1.05): the same algorithm, no costlier
 
 
 def _optimizer_and_grads(impl: str):
@@ -54,4 +55,4 @@ def test_bench_galore_ratio(benchmark):
     print(f"\nGaLore step (projector refreshed every 4) median ours {statistics.median(times['ours']) * 1e3:.1f} ms"
           f" / galore-torch {statistics.median(times['ref']) * 1e3:.1f} ms = {ratio:.3f}")
     benchmark(lambda: None)
-    assert ratio > 0
+    assert ratio < TARGET_RATIO, f"ours / galore-torch = {ratio:.3f}, target < {TARGET_RATIO}"

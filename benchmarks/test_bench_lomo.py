@@ -25,6 +25,10 @@ LR = 1e-4
 # name -> (hidden, intermediate, layers, vocab): a "tiny-ish" model, and a deep narrow one where the
 # reference's per-hook parameter scan (n hooks x n parameters) is a larger share of the step.
 SHAPES = {"h256-l4": (256, 688, 4, 1024), "h64-l16": (64, 128, 16, 256)}
+# Targets, ours / reference in one run (measured 0.93 and 0.40-0.43): no slower where the step is matmuls,
+# clearly faster where the reference's quadratic scan shows.
+TARGET_RATIO = {"h256-l4": 1.3, "h64-l16": 0.8}
+MIN_PAIRS = 6
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -106,7 +110,11 @@ def test_bench_ratio(benchmark, shape: str) -> None:
             steps[impl]()
             times[impl].append(time.perf_counter() - start)
 
-    benchmark.pedantic(pair, rounds=10, warmup_rounds=1, iterations=1)
+    pair()  # warm-up, kept out of the medians
+    times = {impl: [] for impl in times}
+    benchmark.pedantic(pair, rounds=10, warmup_rounds=0, iterations=1)
+    while len(times["ours"]) < MIN_PAIRS:  # --benchmark-disable (the test suite) runs pedantic once
+        pair()
     ours, ref = statistics.median(times["ours"]), statistics.median(times["reference"])
     ratio = ours / ref
     benchmark.extra_info.update(
@@ -118,3 +126,4 @@ def test_bench_ratio(benchmark, shape: str) -> None:
     print(
         f"\n[{shape}] LOMO step median ours {ours * 1e3:.1f} ms / reference {ref * 1e3:.1f} ms = {ratio:.3f}"
     )
+    assert ratio < TARGET_RATIO[shape], f"{shape}: ours / reference = {ratio:.3f}, target < {TARGET_RATIO[shape]}"
