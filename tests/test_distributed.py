@@ -1,6 +1,8 @@
 """Distributed runs: real 2-rank gloo DDP / FSDP2 on the tiny model, simulated sharding, validation, submitit."""
 from __future__ import annotations
 
+import re
+import sys
 import time
 
 import pytest
@@ -230,8 +232,18 @@ def test_an_oom_on_one_rank_is_an_oom_record_at_once_and_the_only_record(write_s
     assert time.perf_counter() - started < 30
 
 
+def test_cluster_without_submitit_is_a_clear_error(write_scenario, tmp_path, monkeypatch):
+    from galore_bench.cluster import submit_scenario
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # `import submitit` raises ImportError
+    scenario = load_scenario(str(write_scenario(TINY_HEADER + '[[runs]]\nmethod = "sgd"\n', "nosub")))
+    with pytest.raises(UserError, match=re.escape("pip install 'galore-bench[cluster]'")):
+        submit_scenario(scenario, out=tmp_path / "results", log=lambda line: None)
+    assert not (tmp_path / "results").exists()
+
+
 def test_submitit_local_executor_runs_ranks_into_the_same_store(write_scenario, tmp_path):
-    pytest.importorskip("submitit")
+    pytest.importorskip("submitit")  # in the test extras; kept for installs without them
     from galore_bench.cluster import parse_options, submit_scenario
 
     scenario = load_scenario(str(write_scenario(distributed("ddp") + '[[runs]]\nmethod = "sgd"\n', "sub")))
