@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,7 @@ def test_missing_record_and_star_expand_to_every_run(tmp_path):
 ])
 def test_bad_budget_files(tmp_path, capsys, body, problem):
     path = budgets_file(tmp_path, "[[budget]]\n" + body + "\n")
-    with pytest.raises(UserError, match="problem"):
+    with pytest.raises(UserError, match=re.escape(problem)):
         load_budgets(path)
     assert main(["check", "--budgets", str(path), str(tmp_path)]) == 1
     err = capsys.readouterr().err
