@@ -27,6 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from galore_bench.runner import results_table, run_scenario
 
     scenario = load_scenario(args.scenario)
+    _check_run_arguments(args, scenario.mode)
     console = Console(width=None if sys.stdout.isatty() else 160)
     if args.submitit:  # each run as a submitit job (local subprocesses or SLURM), records into the same folder
         from galore_bench.cluster import parse_options, submit_scenario
@@ -39,7 +40,45 @@ def cmd_run(args: argparse.Namespace) -> int:
                              skip_existing=args.skip_existing, memory_snapshot=args.memory_snapshot, only=args.runs)
     console.print(results_table(paths, title=f"{scenario.name}: {scenario.description}"))
     console.print(f"{len(paths)} record(s) under {args.out}")
-    return 0
+    return _exit_status(paths)
+
+
+def _check_run_arguments(args: argparse.Namespace, scenario_mode: str) -> None:
+    """Refuse, before any run starts, what would fail late or be silently ignored."""
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out: got {args.out}, a file; allowed a folder (created if missing)")
+    if args.steps is not None and args.steps < 2:
+        raise UserError(f"--steps: got {args.steps}, allowed an int >= 2 (step 1 creates the optimizer states; "
+                        "the peak is read from step 2 on)")
+    if args.cluster_option and not args.submitit:
+        raise UserError("--cluster-option: given without --submitit, allowed only with --submitit local|slurm")
+    mode = args.mode or scenario_mode
+    if args.memory_snapshot and (mode in ("estimate", "simulate") or not _has_cuda()):
+        print("galore-bench: note: --memory-snapshot has no effect here (it records the CUDA allocator of a "
+              "measure run on a GPU)", file=sys.stderr)
+    if args.steps is not None and mode in ("estimate", "simulate"):
+        print(f"galore-bench: note: --steps has no effect in {mode} mode (it sets measure mode's steps; "
+              "simulate traces the steps the peak needs)", file=sys.stderr)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _exit_status(paths: list[Path]) -> int:
+    """1 when a run ended in an error (a crash, a killed worker); an out-of-memory is a result, not a failure."""
+    from galore_bench.record import load_record
+
+    failed = [(record["run"], record["error"]) for record in map(load_record, paths) if record["status"] == "error"]
+    for run, error in failed:
+        print(f"galore-bench: run {run} failed: {(error or '').splitlines()[0] if error else 'no error text'}",
+              file=sys.stderr)
+    if failed:
+        print(f"galore-bench: {len(failed)} of {len(paths)} run(s) failed (their error records are kept)",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -101,6 +140,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
             cells += [format_bytes(at), format_bytes(above), reserved, verdict]
         table.add_row(*cells)
     console.print(table)
+    if scenario.distributed is not None:  # the estimate is per device, unsharded
+        spread = scenario.distributed
+        console.print(f"note: one device, unsharded: {Path(scenario.path).name}'s [distributed] table ({spread.strategy}, "
+                      f"world size {', '.join(map(str, spread.world_sizes))}) is not applied here; "
+                      f"`galore-bench run --scenario {args.scenario}` simulates the per-rank peaks", highlight=False,
+                      markup=False)
     return 0
 
 
@@ -128,10 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every method of a scenario, each in its own process, and write one JSON record per run. "
                     "Modes: estimate (closed-form byte counts), simulate (real steps on fake tensors: any "
                     "size on a CPU), measure (real steps on the real device), auto (measure when the device "
-                    "can hold the run, else simulate).")
+                    "can hold the run, else simulate). Exit status 1 when a run ended in an error (its error "
+                    "record is kept); an out-of-memory run is a result, not a failure.")
     run.add_argument("--scenario", required=True, help="a shipped scenario name (see `list`) or a .toml path")
     run.add_argument("--mode", choices=MODES, default=None, help="override the scenario's mode (default: its own)")
-    run.add_argument("--steps", type=int, default=None, help="override the number of training steps (measure mode)")
+    run.add_argument("--steps", type=int, default=None, help="override the number of training steps, >= 2 (measure mode)")
     run.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
     run.add_argument("--memory-snapshot", action="store_true",
                      help="measure on a GPU: also write the CUDA allocator's memory snapshot beside each record "

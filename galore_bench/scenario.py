@@ -62,7 +62,7 @@ def selected_runs(scenario: Scenario, only: str | None = None) -> list[tuple[int
     The index travels to the worker, which reads the same file: selecting never renumbers a run.
     """
     pairs = list(enumerate(scenario.runs))
-    if not only:
+    if only is None:
         return pairs
     wanted = [label.strip() for label in only.split(",") if label.strip()]
     labels = [run.label for run in scenario.runs]
@@ -96,9 +96,11 @@ def find_scenario(name_or_path: str) -> Path:
 def load_scenario(name_or_path: str) -> Scenario:
     path = find_scenario(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable UTF-8 text file ({exc})") from None
     return parse_scenario(raw, path)
 
 
@@ -210,10 +212,14 @@ def _parse_runs(problems: _Problems, runs: Any, model_name: str, model: ModelSha
                     problems.add(f"{where}.{name}", value, allowed)
                 else:
                     resolved[name] = float(value) if options[name].kind is float else value
-        if method.uses_rank and run_model is not None and isinstance(resolved.get("rank"), int):
+        rank_ok = "rank" not in run or not options["rank"].problem(run["rank"])  # a bad rank is reported once
+        if method.uses_rank and run_model is not None and isinstance(resolved.get("rank"), int) and rank_ok:
             smallest = min(min(s) for s in matrix_shapes(run_model).values())
             if resolved["rank"] > smallest:
-                problems.add(f"{where}.rank", resolved["rank"], f"an int from 1 to {smallest} (smallest matrix side)")
+                given = "rank" in run
+                problems.add(f"{where}.rank", resolved["rank"] if given else f"not set (default {resolved['rank']})",
+                             f"an int from 1 to {smallest} (the smallest matrix side of this model)"
+                             + ("" if given else ": set rank"))
         for field_name, got, allowed in method.limits(resolved, train):
             problems.add(f"{where} ({method.name}) {field_name}", got, allowed)
         if run_model is None:

@@ -54,3 +54,10 @@ def test_cli_fit_needs_a_budget(write_scenario, capsys):
     assert main(["fit", "--scenario", str(path), "--budget", "20 MiB", "--confirm"]) == 0
     out = capsys.readouterr().out
     assert "reserved @" in out and " OOM │" in out  # the allocator model's answer at the largest batch
+
+
+def test_cli_fit_says_it_does_not_apply_a_distributed_table(capsys):
+    assert main(["fit", "--scenario", "lomo_65b_3090"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("note: one device, unsharded: lomo_65b_3090.toml's [distributed] table (fsdp2, world size 1, 2, 4, 8, "
+            "16) is not applied here") in out

@@ -102,3 +102,35 @@ def test_results_table_shows_reserved_from_the_gpu_or_the_allocator_model(tmp_pa
     assert header[11] == "reserved"  # after run, mode, status, peak, the five categories and fits
     cells = [[c.strip() for c in line.split("│")] for line in lines if line.startswith("│")]
     assert [row[11] for row in cells] == ["20.44 GiB", "OOM", "20.00 GiB"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--out", "{file}"], "--out: got {file}, a file; allowed a folder"),
+    (["--steps", "0"], "--steps: got 0, allowed an int >= 2"),
+    (["--cluster-option", "timeout_min=5"], "--cluster-option: given without --submitit"),
+    (["--runs", ""], "--runs: args has no run labelled ''; its runs: adamw, sgd"),
+])
+def test_run_refuses_bad_arguments_before_any_run(write_scenario, tmp_path, capsys, extra, message):
+    from galore_bench.cli import main
+
+    path, file = write_scenario(TWO_RUNS, "args"), tmp_path / "a-file"
+    file.write_text("")
+    argv = ["run", "--scenario", str(path), "--mode", "estimate", *[a.format(file=file) for a in extra]]
+    if "--out" not in extra:
+        argv += ["--out", str(tmp_path / "results")]
+    assert main(argv) == 1
+    assert message.format(file=file) in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_run_exits_1_when_a_run_crashed_but_not_for_an_out_of_memory(write_scenario, tmp_path, capsys, monkeypatch):
+    from galore_bench.cli import _exit_status, main
+    from test_budgets import BREAKDOWN, make_record, write
+
+    monkeypatch.setenv(FAULT_ENV, "kill:sgd")
+    assert main(["run", "--scenario", str(write_scenario(TWO_RUNS, "dies")), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "run sgd failed: worker exited with code -9" in err and "1 of 2 run(s) failed" in err
+    assert len(list((tmp_path / "r").rglob("*.json"))) == 2  # the error record is kept beside the good one
+    oom = write(tmp_path / "oom", make_record(BREAKDOWN, status="oom"))
+    assert _exit_status([oom]) == 0  # "OOM at 23.9 GiB" is a result

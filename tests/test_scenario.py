@@ -47,8 +47,17 @@ def test_rank_larger_than_matrix(write_scenario):
     path = write_scenario('[model]\nsize = "tiny"\n[[runs]]\nmethod = "galore"\nrank = 65\n[[runs]]\nmethod = "lora"\nrank = 0\n')
     with pytest.raises(UserError) as info:
         load_scenario(str(path))
-    assert f"{path}: runs[0].rank: got 65, allowed an int from 1 to 64 (smallest matrix side)" in str(info.value)
+    assert f"{path}: runs[0].rank: got 65, allowed an int from 1 to 64 (the smallest matrix side" in str(info.value)
     assert f"{path}: runs[1].rank: got 0, allowed an int >= 1" in str(info.value)
+    assert str(info.value).startswith("2 problem(s)")  # lora's bad rank is not checked against the model again
+
+
+def test_default_rank_too_large_for_the_model_says_it_was_not_set(write_scenario):
+    path = write_scenario('[model]\nsize = "tiny"\n[[runs]]\nmethod = "galore"\n')
+    with pytest.raises(UserError) as info:
+        load_scenario(str(path))
+    assert (f"{path}: runs[0].rank: got 'not set (default 128)', allowed an int from 1 to 64 (the smallest "
+            "matrix side of this model): set rank") in str(info.value)
 
 
 def test_all_problems_in_one_message(write_scenario):
@@ -93,3 +102,10 @@ def test_evaluation_settings_that_would_be_ignored_are_refused(write_scenario):
                           '[[runs]]\nmethod = "sgd"\n')
     with pytest.raises(UserError, match=r"eval.batches: got 2, allowed 0 with \[distributed\]"):
         load_scenario(str(write_scenario(body, "dist")))
+
+
+def test_a_scenario_file_that_is_not_utf8_text_is_a_clear_error(tmp_path):
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\xff\xfe[model]")
+    with pytest.raises(UserError, match="binary.toml: not a readable UTF-8 text file"):
+        load_scenario(str(path))
