@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib import rc_context
+from matplotlib.artist import Artist
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -78,7 +79,7 @@ def breakdown_figure(records: list[dict[str, Any]], labels: list[str], title: st
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(f"LLaMA-{size.upper()}" if len(sizes) > 1 else "", fontsize=10)
     axes[0].set_ylabel("memory at the peak (GiB)")
-    handles = [Patch(facecolor=c, label=cat.replace("_", " ")) for cat, c in zip(CATEGORIES, COLORS)]
+    handles: list[Artist] = [Patch(facecolor=c, label=cat.replace("_", " ")) for cat, c in zip(CATEGORIES, COLORS)]
     if any(r["status"] != "ok" for r in records):
         handles.append(Patch(facecolor="white", edgecolor=FAILED, hatch="//", label="oom / error"))
     handles += [Line2D([], [], ls="--", color=FAILED, lw=1.2, label=text) for text in drawn]
