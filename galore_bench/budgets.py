@@ -1,12 +1,13 @@
 """Memory / speed / quality budgets: a TOML of limits checked against result records (`galore-bench check`).
 
     [[budget]]
-    scenario = "7b_4090"
+    scenario = "7b_4090"              # a shipped name, or your own .toml (a path relative to this file)
     run = "galore8bit-layerwise"      # or "*" for every run of the scenario
     peak = "22 GiB"                   # also any memory category: optimizer_states = "2 GiB", ...
     reserved = "24 GiB"               # what the GPU reserves: measured on CUDA, else the allocator model's
     tgs_min = 100.0
     perplexity_max = 40.0
+    mode = "simulate"                 # optional: only records of this mode count (default: any)
     baseline = "results/baseline"     # a folder of records or one record file
     grow_max = "2%"                   # peak and every category: at most baseline * (1 + 2%)
 
@@ -14,6 +15,7 @@ In your own tests: `assert_memory_budget(record, peak="22 GiB", gradients="1 GiB
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,8 @@ SCALAR_FIELDS = {
     "perplexity_max": ("quality", "perplexity", "max"),
     "final_loss_max": ("quality", "final_loss", "max"),
 }
-KEYS = ("scenario", "run", *MEMORY_FIELDS, *SCALAR_FIELDS, "baseline", "grow_max")
+KEYS = ("scenario", "run", "mode", *MEMORY_FIELDS, *SCALAR_FIELDS, "baseline", "grow_max")
+RECORD_MODES = ("estimate", "simulate", "measure")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Rule:
     grow: float | None = None  # fraction, e.g. 0.02
     baseline: Path | None = None
     source: str = ""
+    mode: str | None = None    # only records of this mode count
+    scenario_file: str = ""    # what load_scenario reads for `check --run`: a shipped name or a .toml path
 
     @property
     def name(self) -> str:
@@ -88,8 +93,8 @@ def load_budgets(path: Path | str) -> list[Rule]:
     """Parse and validate a budgets file; every problem is reported at once as a UserError."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"{path}: not a readable budgets TOML file ({exc})") from None
     problems: list[str] = []
 
@@ -102,6 +107,8 @@ def load_budgets(path: Path | str) -> list[Rule]:
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         bad("budget", tables, "[[budget]] tables")
         tables = []
+    elif not tables:
+        bad("budget", "no [[budget]] table", "at least one (a file that checks nothing would always pass)")
     known = [p.stem for p in sorted(SCENARIO_DIR.glob("*.toml"))]
     rules: list[Rule] = []
     for i, table in enumerate(tables):
@@ -111,12 +118,18 @@ def load_budgets(path: Path | str) -> list[Rule]:
                 bad(f"{at}.{key}", key, "one of " + ", ".join(KEYS))
         scenario, run = table.get("scenario"), table.get("run", "*")
         labels: list[str] = []
-        if scenario not in known:
-            bad(f"{at}.scenario", scenario, "one of " + ", ".join(known))
+        scenario_file = _scenario_file(scenario, path, known)
+        if scenario_file is None:
+            bad(f"{at}.scenario", scenario, "one of " + ", ".join(known) + ", or a scenario .toml file (a path "
+                "relative to this budgets file)")
         else:
-            labels = [r.label for r in load_scenario(scenario).runs]
+            loaded = load_scenario(scenario_file)
+            scenario, labels = loaded.name, [r.label for r in loaded.runs]
             if run != "*" and run not in labels:
                 bad(f"{at}.run", run, "'*' or one of " + ", ".join(labels))
+        mode = table.get("mode")
+        if mode is not None and mode not in RECORD_MODES:
+            bad(f"{at}.mode", mode, "one of " + ", ".join(RECORD_MODES))
         limits: dict[str, float] = {}
         for key in (k for k in (*MEMORY_FIELDS, *SCALAR_FIELDS) if k in table):
             value = table[key]
@@ -125,13 +138,21 @@ def load_budgets(path: Path | str) -> list[Rule]:
             except (TypeError, ValueError):
                 bad(f"{at}.{key}", value, f"a size: a number and a unit ({ALLOWED_UNITS})"
                     if key in MEMORY_FIELDS else "a number")
+                continue
+            if key in ("peak", "reserved") and limits[key] <= 0:  # a category may be held to 0 B (LOMO's gradients)
+                bad(f"{at}.{key}", value, "a size > 0 (no run fits in 0 bytes)")
         grow = baseline = None
         if "grow_max" in table:
             text = str(table["grow_max"]).strip()
             try:
+                if isinstance(table["grow_max"], bool):
+                    raise TypeError(table["grow_max"])
                 grow = float(text[:-1]) / 100 if text.endswith("%") else float(table["grow_max"])
+                if grow < 0:
+                    raise ValueError(grow)
             except (TypeError, ValueError):
-                bad(f"{at}.grow_max", table["grow_max"], "a percentage such as \"2%\" or a fraction such as 0.02")
+                bad(f"{at}.grow_max", table["grow_max"],
+                    "a percentage >= 0 such as \"2%\", or a fraction >= 0 such as 0.02")
             if "baseline" not in table:
                 bad(f"{at}.grow_max", table["grow_max"], "only with a baseline = \"folder or record\"")
         if "baseline" in table:
@@ -145,20 +166,32 @@ def load_budgets(path: Path | str) -> list[Rule]:
         for label in (labels if run == "*" else [run]):
             src = f"{path}:{at}"
             for fld, limit in limits.items():
-                rules.append(Rule(scenario, label, fld, limit, None, baseline, src))
+                rules.append(Rule(scenario, label, fld, limit, None, baseline, src, mode, scenario_file or ""))
             if grow is not None:  # beside any absolute limit: both are checked
                 for fld in GROW_FIELDS:
-                    rules.append(Rule(scenario, label, fld, None, grow, baseline, src))
+                    rules.append(Rule(scenario, label, fld, None, grow, baseline, src, mode, scenario_file or ""))
     if problems:
         raise UserError(f"{len(problems)} problem(s) in budgets file:\n  " + "\n  ".join(problems))
     return rules
 
 
-def newest_ok(records: list[tuple[Path, dict[str, Any]]]) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
-    """The newest ok record per (scenario, run)."""
+def _scenario_file(scenario: Any, budgets_path: Path, known: list[str]) -> str | None:
+    """A shipped scenario's name, or a .toml path (as given, else beside the budgets file); None if neither."""
+    if scenario in known:
+        return str(scenario)
+    if isinstance(scenario, str) and scenario.endswith(".toml"):
+        for candidate in (Path(scenario), budgets_path.parent / scenario):
+            if candidate.is_file():
+                return str(candidate)
+    return None
+
+
+def newest_ok(records: list[tuple[Path, dict[str, Any]]],
+              mode: str | None = None) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
+    """The newest ok record per (scenario, run), of one mode when given."""
     chosen: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
     for path, rec in sorted(records, key=lambda pr: (str(pr[1].get("created", "")), pr[0].name)):
-        if rec.get("status") == "ok":
+        if rec.get("status") == "ok" and mode in (None, rec.get("mode")):
             chosen[(rec.get("scenario", ""), rec.get("run", ""))] = (path, rec)
     return chosen
 
@@ -199,7 +232,7 @@ def check_value(who: str, field: str, value: float | None, limit: float, kind: s
 def evaluate(rules: list[Rule], records: list[tuple[Path, dict[str, Any]]] | list[dict[str, Any]]) -> list[Verdict]:
     """Check each rule against the newest ok record of its (scenario, run); records: dicts or (path, dict)."""
     pairs = [r if isinstance(r, tuple) else (Path("<record>"), r) for r in records]
-    chosen = newest_ok(pairs)
+    by_mode = {mode: newest_ok(pairs, mode) for mode in dict.fromkeys(rule.mode for rule in rules)}
     baselines: dict[Path, dict[tuple[str, str], tuple[Path, dict[str, Any]]] | dict[str, Any]] = {}
     verdicts: list[Verdict] = []
     for rule in rules:
@@ -211,8 +244,10 @@ def evaluate(rules: list[Rule], records: list[tuple[Path, dict[str, Any]]] | lis
                                             else newest_ok(read_records([rule.baseline])))
             found = baselines[rule.baseline]
             base = found if "memory" in found else found.get((rule.scenario, rule.run), (None, None))[1]  # type: ignore
+        chosen = by_mode[rule.mode]
         if (rule.scenario, rule.run) not in chosen:
-            verdicts.append(Verdict(rule, None, rule.limit, False, f"no record for {who} (no ok record found)"))
+            of_mode = f" {rule.mode}" if rule.mode else ""
+            verdicts.append(Verdict(rule, None, rule.limit, False, f"no ok{of_mode} record for {who}"))
             continue
         path, rec = chosen[(rule.scenario, rule.run)]
         limit, note = rule.limit, ""
@@ -291,24 +326,32 @@ def run_check(budgets: Path, results: list[Path], run: bool = False, console: An
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     rules = load_budgets(budgets)
     if run:
         from galore_bench.runner import run_scenario
-        for name in dict.fromkeys(r.scenario for r in rules):  # only the runs a rule names
-            labels = ",".join(dict.fromkeys(r.run for r in rules if r.scenario == name))
-            run_scenario(load_scenario(name), out=results[0], mode="simulate", only=labels)
-    verdicts = evaluate(rules, read_records([p for p in results if p.exists() or not run]))
+        for file in dict.fromkeys(r.scenario_file for r in rules):  # only the runs a rule names
+            labels = ",".join(dict.fromkeys(r.run for r in rules if r.scenario_file == file))
+            run_scenario(load_scenario(file), out=results[0], mode="simulate", only=labels)
+    records = read_records([p for p in results if p.exists() or not run])
+    verdicts = evaluate(rules, records)
+    modes = {path: f"{rec.get('mode')}, {rec.get('device')}" for path, rec in records}
     table = Table(title=f"budgets: {budgets}")
-    for col in ("rule", "value", "limit", "verdict"):
+    for col in ("rule", "value", "limit", "verdict", "record"):
         table.add_column(col, justify="right" if col in ("value", "limit") else "left")
     for v in verdicts:
         field = v.rule.field if v.rule.field in MEMORY_FIELDS else ""
         table.add_row(v.rule.name, _fmt(field or "x", v.value), _fmt(field or "x", v.limit),
-                      "[green]ok[/green]" if v.ok else "[red]FAIL[/red]")
+                      "[green]ok[/green]" if v.ok else "[red]FAIL[/red]" if v.record else "[red]no record[/red]",
+                      modes.get(v.record, "-") if v.record else "-")
     console.print(table)
-    failed = [v for v in verdicts if not v.ok]
+    unmeasured = {v.message: v for v in verdicts if v.record is None and v.message.startswith("no ok")}
+    failed = [v for v in verdicts if not v.ok and v.message not in unmeasured]
     for v in failed:
         console.print(f"[red]{v.message}[/red]", highlight=False, soft_wrap=True)
-    console.print(f"{len(verdicts) - len(failed)} ok, {len(failed)} violation(s)")
-    return 1 if failed else 0
+    for message in unmeasured:  # one line per (scenario, run), not one per limit
+        console.print(f"[red]{message} under {', '.join(map(str, results))}[/red]", highlight=False, soft_wrap=True)
+    rule_count = sum(1 for v in verdicts if v.message in unmeasured)
+    console.print(f"{sum(v.ok for v in verdicts)} ok, {len(failed)} violation(s)"
+                  + (f", {rule_count} rule(s) without a record" if unmeasured else ""))
+    return 1 if failed or unmeasured else 0

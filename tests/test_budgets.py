@@ -13,6 +13,8 @@ from galore_bench.cli import main
 from galore_bench.record import empty_record
 from galore_bench.scenario import UserError, load_scenario
 
+from conftest import TINY_HEADER
+
 GiB = 2**30
 BREAKDOWN = {"weights": int(12.55 * GiB), "gradients": int(0.09 * GiB), "optimizer_states": int(5.31 * GiB),
              "activations": int(1.42 * GiB), "other": int(0.22 * GiB)}
@@ -107,17 +109,43 @@ def test_missing_record_and_star_expand_to_every_run(tmp_path):
     assert [v.ok for v in verdicts if v.rule.run == LABEL] == [True]
     missing = [v.message for v in verdicts if not v.ok]
     assert len(missing) == len(rules) - 1
-    assert "no record for 7b_4090/adamw" in " ".join(missing)
+    assert "no ok record for 7b_4090/adamw" in missing
+
+
+def test_a_mode_key_counts_only_records_of_that_mode(tmp_path):
+    body = f'[[budget]]\nscenario = "7b_4090"\nrun = "{LABEL}"\nmode = "simulate"\npeak = "20 GiB"\n'
+    rules = load_budgets(budgets_file(tmp_path, body))
+    simulated = make_record(BREAKDOWN)  # 19.59 GiB, simulate
+    estimated = make_record({**BREAKDOWN, "weights": 0}, created="2026-02-01T00:00:00Z")  # newer, smaller
+    estimated["mode"] = "estimate"
+    [verdict] = evaluate(rules, [simulated, estimated])
+    assert verdict.ok and verdict.value == sum(BREAKDOWN.values())  # the newer estimate does not stand in
+    [verdict] = evaluate(rules, [estimated])
+    assert not verdict.ok and verdict.message == f"no ok simulate record for 7b_4090/{LABEL}"
+
+
+def test_check_reports_a_missing_record_once_and_apart_from_violations(tmp_path, capsys):
+    body = '[[budget]]\nscenario = "7b_4090"\nrun = "adamw"\npeak = "70 GiB"\ngradients = "13 GiB"\n'
+    (tmp_path / "empty").mkdir()
+    assert main(["check", "--budgets", str(budgets_file(tmp_path, body)), str(tmp_path / "empty")]) == 1
+    out = capsys.readouterr().out
+    assert out.count("no ok record for 7b_4090/adamw under") == 1
+    assert "0 ok, 0 violation(s), 2 rule(s) without a record" in out
 
 
 @pytest.mark.parametrize("body, problem", [
+    ('', "budget: got 'no [[budget]] table', allowed at least one"),
     ('scenario = "7b_9999"\npeak = "22 GiB"', "budget[0].scenario: got '7b_9999', allowed one of"),
     ('scenario = "7b_4090"\npeak = "22 GiB"\nlatency_max = 3', "budget[0].latency_max: got 'latency_max', allowed"),
     ('scenario = "7b_4090"\npeak = "22 gigs"', "budget[0].peak: got '22 gigs', allowed a size"),
     ('scenario = "7b_4090"\nrun = "adamx"\npeak = "22 GiB"', "budget[0].run: got 'adamx', allowed '*' or one of"),
+    ('scenario = "7b_4090"\npeak = "0 GiB"', "budget[0].peak: got '0 GiB', allowed a size > 0"),
+    ('scenario = "7b_4090"\nmode = "guess"\npeak = "1 GiB"', "budget[0].mode: got 'guess', allowed one of estimate"),
+    ('scenario = "7b_4090"\nbaseline = "."\ngrow_max = "-50%"', "budget[0].grow_max: got '-50%', allowed a percentage >= 0"),
+    ('scenario = "7b_4090"\nbaseline = "."\ngrow_max = true', "budget[0].grow_max: got True, allowed a percentage >= 0"),
 ])
 def test_bad_budget_files(tmp_path, capsys, body, problem):
-    path = budgets_file(tmp_path, "[[budget]]\n" + body + "\n")
+    path = budgets_file(tmp_path, ("[[budget]]\n" + body + "\n") if body else "")
     with pytest.raises(UserError, match=re.escape(problem)):
         load_budgets(path)
     assert main(["check", "--budgets", str(path), str(tmp_path)]) == 1
@@ -178,3 +206,16 @@ def test_assert_memory_budget_reads_reserved_from_the_record():
         assert_memory_budget(record, reserved="1 GiB")
     with pytest.raises(AssertionError, match="reserved not measured"):
         assert_memory_budget(BREAKDOWN, reserved="1 GiB")  # a bare breakdown has no reserved figure
+
+
+def test_a_budget_on_your_own_scenario_file_runs_and_checks_it(tmp_path, capsys):
+    (tmp_path / "mine.toml").write_text(TINY_HEADER + '[[runs]]\nmethod = "sgd"\n[[runs]]\nmethod = "adamw"\n')
+    body = '[[budget]]\nscenario = "mine.toml"\nrun = "sgd"\nmode = "simulate"\npeak = "{}"\n'
+    [rule] = load_budgets(budgets_file(tmp_path, body.format("1 GiB")))
+    assert (rule.scenario, rule.scenario_file) == ("mine", str(tmp_path / "mine.toml"))  # beside the budgets file
+    results = tmp_path / "results"
+    assert main(["check", "--budgets", str(tmp_path / "budgets.toml"), "--run", str(results)]) == 0
+    assert [p.name.split(".")[0] for p in results.rglob("*.json")] == ["sgd"]  # only the run a rule names
+    budgets_file(tmp_path, body.format("1 KiB"))
+    assert main(["check", "--budgets", str(tmp_path / "budgets.toml"), str(results)]) == 1
+    assert "mine/sgd: peak" in capsys.readouterr().out
