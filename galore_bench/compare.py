@@ -208,17 +208,36 @@ def render(rows: list[Delta], fmt: str, pairs: list, only_a: list[str], only_b: 
     return "\n".join(lines) + "\n"
 
 
+COMPARED_FIELDS = {"scenario": lambda r: r["scenario"], "run": lambda r: r["run"],
+                   "model": lambda r: (r.get("model") or {}).get("name"), "method": lambda r: r["method"]["name"],
+                   "mode": lambda r: r["mode"]}
+
+
+def _describe(record: dict[str, Any]) -> str:
+    return f"{record['scenario']}/{record['run']} ({(record.get('model') or {}).get('name')}, {record['mode']})"
+
+
 def run_compare(a: Path, b: Path, *, fmt: str | None = None, out: Path | None = None,
                 fail_above: str | float | None = None, console: Console | None = None,
                 errors: Console | None = None) -> int:
     """Print (or write) the deltas of B against A; 1 when --fail-above is given and something grew past it."""
     limit = parse_percent(fail_above) if fail_above is not None else None
+    if out is not None and Path(out).is_dir():
+        raise UserError(f"--out: got {out}, a folder; allowed a file path such as {Path(out) / 'compare.md'}")
     if fmt is None and out is not None:
         fmt = Path(out).suffix.lstrip(".").lower()
+        if fmt not in COMPARE_FORMATS:
+            raise UserError(f"--out: got {out}, allowed a file name ending in "
+                            f"{', '.join('.' + f for f in COMPARE_FORMATS)} (or give --format)")
     if fmt is not None and fmt not in COMPARE_FORMATS:
         raise UserError(f"--format: got {fmt!r}, allowed: {', '.join(COMPARE_FORMATS)}")
     console, errors = console or Console(), errors or Console(stderr=True)
     pairs, only_a, only_b = match_runs(Path(a), Path(b))
+    for _, (_, ra), (_, rb) in pairs[:1] if len(pairs) == 1 else []:  # two files: said when they differ
+        differ = [what for what, get in COMPARED_FIELDS.items() if get(ra) != get(rb)]
+        if differ:
+            errors.print(Text(f"note: A is {_describe(ra)}, B is {_describe(rb)}: different {', '.join(differ)}",
+                              style="yellow"), soft_wrap=True)
     rows = [row for key, (_, ra), (_, rb) in pairs for row in deltas(key, ra, rb)]
     if fmt is not None and out is None:  # formatted text goes to stdout alone, so it can be piped
         console.out(render(rows, fmt, pairs, only_a, only_b, a, b), end="")

@@ -206,8 +206,12 @@ def test_clear_errors(tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.Ca
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no result records"):
         run_compare(tmp_path / "empty", tmp_path / "y")
-    with pytest.raises(UserError, match="allowed: md, csv, json"):
+    with pytest.raises(UserError, match=r"--out: got .*d.txt, allowed a file name ending in .md, .csv, .json"):
         run_compare(a, b, out=tmp_path / "d.txt")
+    with pytest.raises(UserError, match="allowed: md, csv, json"):
+        run_compare(a, b, fmt="pdf")
+    with pytest.raises(UserError, match=r"--out: got .*empty, a folder; allowed a file path such as"):
+        run_compare(a, b, fmt="md", out=tmp_path / "empty")
     for bad in ("five", "-1", "nan"):
         with pytest.raises(UserError, match="--fail-above: got"):
             parse_percent(bad)
@@ -223,3 +227,14 @@ def test_a_file_against_a_folder(tmp_path: Path):
     assert run_compare(a_file, folder, fmt="json", console=Console(file=stdout)) == 0
     peak = next(d for d in json.loads(stdout.getvalue())["deltas"] if d["quantity"] == "peak")
     assert (peak["a"], peak["b"]) == (7600 * MIB, 8500 * MIB)
+
+
+def test_two_files_of_different_runs_are_compared_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture):
+    a = write(tmp_path / "a.json", A)
+    other = record("lomo", scenario="lomo_7b", parts=split(1000, 0, 0, 500, 100))
+    assert main(["compare", str(a), str(write(tmp_path / "b.json", other))]) == 0
+    err = capsys.readouterr().err
+    assert ("note: A is smoke_cpu/galore (tiny, measure), B is lomo_7b/lomo (tiny, measure): different scenario, "
+            "run, method") in err
+    assert main(["compare", str(a), str(write(tmp_path / "c.json", B))]) == 0
+    assert "note:" not in capsys.readouterr().err  # the same run on both sides: nothing to say
