@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -96,14 +97,24 @@ def write_record(record: dict[str, Any], out_dir: Path) -> Path:
 def load_record(path: Path) -> dict[str, Any]:
     """Read one record; a record of another schema version is a clear error, not a KeyError later."""
     try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UserError(f"{path}: not a readable result record ({exc})") from None
     version = record.get("schema_version") if isinstance(record, dict) else None
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION or isinstance(version, bool):
         hint = "update galore-bench" if isinstance(version, int) and version > SCHEMA_VERSION else "re-run the scenario"
-        raise UserError(f"{path}: record schema_version {version!r}, this galore-bench reads {SCHEMA_VERSION}: {hint}")
+        raise UserError(f"{path}: schema_version: got {version!r}, allowed {SCHEMA_VERSION} (the record format this "
+                        f"galore-bench reads): {hint}")
     return record
+
+
+def is_foreign_json(path: Path) -> bool:
+    """A readable JSON file that is plainly not a record (no schema_version): a folder scan skips it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # unreadable: reported as a damaged record where it is read
+    return not (isinstance(data, dict) and "schema_version" in data)
 
 
 def reserved_of(record: dict[str, Any]) -> tuple[int | None, str | None]:
@@ -123,7 +134,12 @@ def find_records(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-")))
+            for file in sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-")):
+                if is_foreign_json(file):  # a summary or notes file beside the records
+                    print(f"galore-bench: note: skipped {file}: not a result record (no schema_version)",
+                          file=sys.stderr)
+                else:
+                    found.append(file)
         elif path.is_file():
             found.append(path)
         else:

@@ -71,6 +71,12 @@ def read_record(path: Path) -> dict[str, Any]:
     record = load_record(path)
     if missing := [key for key in REQUIRED if key not in record]:
         raise UserError(f"{path}: not a galore-bench result record (missing {', '.join(missing)})")
+    for key in ("method", "model", "train", "budget", "memory"):
+        if not isinstance(record[key], dict):
+            raise UserError(f"{path}: {key}: got {record[key]!r}, allowed an object (a damaged record?)")
+    peak = record["memory"].get("peak_bytes")
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, int)):
+        raise UserError(f"{path}: memory.peak_bytes: got {peak!r}, allowed an int (bytes) or null")
     return record
 
 

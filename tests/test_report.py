@@ -397,6 +397,26 @@ def test_unreadable_records_are_clear_errors(tmp_path: Path, reference: Path):
         render_report([tmp_path / "empty"], tmp_path / "out", {"md"})
     with pytest.raises(UserError, match="allowed"):
         render_report([foreign], tmp_path / "out", {"pdf"})
+    as_text = tmp_path / "as-text.json"
+    as_text.write_text(json.dumps({**LOMO_RUNS[0], "schema_version": str(SCHEMA_VERSION)}))
+    with pytest.raises(UserError, match=f"schema_version: got '{SCHEMA_VERSION}', allowed {SCHEMA_VERSION} "):
+        render_report([as_text], tmp_path / "out", {"md"})
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps({**LOMO_RUNS[0], "memory": {"peak_bytes": "12", "breakdown": {}}}))
+    with pytest.raises(UserError, match="damaged.json: memory.peak_bytes: got '12', allowed an int"):
+        render_report([damaged], tmp_path / "out", {"md"})
+    no_model = tmp_path / "no-model.json"
+    no_model.write_text(json.dumps({**LOMO_RUNS[0], "model": None}))
+    with pytest.raises(UserError, match="no-model.json: model: got None, allowed an object"):
+        render_report([no_model], tmp_path / "out", {"md"})
+
+
+def test_a_folder_scan_skips_json_that_is_not_a_record(tmp_path: Path, reference: Path, capsys):
+    results = write_records(tmp_path / "results", LOMO_RUNS)
+    (results / "notes.json").write_text(json.dumps({"todo": "rerun on the GPU"}))
+    render_report([results], tmp_path / "out", {"csv"})
+    assert len(pd.read_csv(tmp_path / "out" / "lomo_7b_breakdown.csv")) == len(LOMO_RUNS)
+    assert f"skipped {results / 'notes.json'}: not a result record" in capsys.readouterr().err
 
 
 def test_cli_report(tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture):
