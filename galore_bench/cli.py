@@ -110,7 +110,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     try:
         budget = parse_bytes(text)
     except ValueError:
-        raise UserError(f"--budget: got {text!r}, allowed a size such as '24 GiB'") from None
+        budget = 0
+    if budget <= 0:
+        raise UserError(f"--budget: got {text!r}, allowed a size > 0 such as '24 GiB'")
     train = scenario.train
     table = Table(title=f"{scenario.name}: fit in {text} (estimate; seq {train.seq_len}, {train.dtype})",
                   caption="estimate = closed-form bytes; simulate = the real step traced on fake tensors; reserved = "

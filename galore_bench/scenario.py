@@ -245,7 +245,10 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
         try:
             budget = parse_bytes(budget_text)
         except ValueError:
-            problems.add("device.budget", budget_text, f"a size such as '24 GiB' (units {ALLOWED_UNITS})")
+            problems.add("device.budget", budget_text, f"a size > 0 such as '24 GiB' (units {ALLOWED_UNITS})")
+        else:
+            if budget <= 0:
+                problems.add("device.budget", budget_text, "a size > 0 such as '24 GiB' (no run fits in 0 bytes)")
     mode = device.get("mode", "auto")
     if mode not in MODES:
         problems.add("device.mode", mode, "one of " + ", ".join(MODES))

@@ -109,3 +109,9 @@ def test_a_scenario_file_that_is_not_utf8_text_is_a_clear_error(tmp_path):
     path.write_bytes(b"\xff\xfe[model]")
     with pytest.raises(UserError, match="binary.toml: not a readable UTF-8 text file"):
         load_scenario(str(path))
+
+
+def test_a_zero_budget_is_refused(write_scenario):
+    path = write_scenario('[model]\nsize = "tiny"\n[device]\nbudget = "0 GiB"\n[[runs]]\nmethod = "sgd"\n')
+    with pytest.raises(UserError, match=r"device.budget: got '0 GiB', allowed a size > 0"):
+        load_scenario(str(path))
