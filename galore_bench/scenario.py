@@ -212,7 +212,7 @@ def _parse_runs(problems: _Problems, runs: Any, model_name: str, model: ModelSha
                     problems.add(f"{where}.{name}", value, allowed)
                 else:
                     resolved[name] = float(value) if options[name].kind is float else value
-        rank_ok = "rank" not in run or not options["rank"].problem(run["rank"])  # a bad rank is reported once
+        rank_ok = "rank" not in run or "rank" not in options or not options["rank"].problem(run["rank"])  # once
         if method.uses_rank and run_model is not None and isinstance(resolved.get("rank"), int) and rank_ok:
             smallest = min(min(s) for s in matrix_shapes(run_model).values())
             if resolved["rank"] > smallest:

@@ -115,3 +115,9 @@ def test_a_zero_budget_is_refused(write_scenario):
     path = write_scenario('[model]\nsize = "tiny"\n[device]\nbudget = "0 GiB"\n[[runs]]\nmethod = "sgd"\n')
     with pytest.raises(UserError, match=r"device.budget: got '0 GiB', allowed a size > 0"):
         load_scenario(str(path))
+
+
+def test_a_rank_on_a_method_without_one_is_an_unknown_key(write_scenario):
+    path = write_scenario('[model]\nsize = "tiny"\n[[runs]]\nmethod = "adamw"\nrank = 8\n')
+    with pytest.raises(UserError, match=r"runs\[0\].rank: got 'rank', allowed one of method, model, lr"):
+        load_scenario(str(path))
