@@ -233,17 +233,24 @@ def evaluate(rules: list[Rule], records: list[tuple[Path, dict[str, Any]]] | lis
     """Check each rule against the newest ok record of its (scenario, run); records: dicts or (path, dict)."""
     pairs = [r if isinstance(r, tuple) else (Path("<record>"), r) for r in records]
     by_mode = {mode: newest_ok(pairs, mode) for mode in dict.fromkeys(rule.mode for rule in rules)}
-    baselines: dict[Path, dict[tuple[str, str], tuple[Path, dict[str, Any]]] | dict[str, Any]] = {}
+    baselines: dict[tuple[Path, str | None], dict[tuple[str, str], tuple[Path, dict[str, Any]]]] = {}
     verdicts: list[Verdict] = []
     for rule in rules:
         who = f"{rule.scenario}/{rule.run}"
         base: dict[str, Any] | None = None
-        if rule.baseline is not None:
-            if rule.baseline not in baselines:
-                baselines[rule.baseline] = (load_record(rule.baseline) if rule.baseline.is_file()
-                                            else newest_ok(read_records([rule.baseline])))
-            found = baselines[rule.baseline]
-            base = found if "memory" in found else found.get((rule.scenario, rule.run), (None, None))[1]  # type: ignore
+        if rule.baseline is not None:  # a file is the baseline of every rule; a folder, its newest ok record
+            cache_key = (rule.baseline, rule.mode)
+            if cache_key not in baselines:
+                if rule.baseline.is_file():
+                    record = load_record(rule.baseline)
+                    baselines[cache_key] = ({(rule.scenario, rule.run): (rule.baseline, record)}
+                                            if rule.mode in (None, record.get("mode")) else {})
+                else:
+                    baselines[cache_key] = newest_ok(read_records([rule.baseline]), rule.mode)
+            if rule.baseline.is_file():
+                base = next(iter(baselines[cache_key].values()), (None, None))[1]
+            else:
+                base = baselines[cache_key].get((rule.scenario, rule.run), (None, None))[1]
         chosen = by_mode[rule.mode]
         if (rule.scenario, rule.run) not in chosen:
             of_mode = f" {rule.mode}" if rule.mode else ""
@@ -264,8 +271,10 @@ def evaluate(rules: list[Rule], records: list[tuple[Path, dict[str, Any]]] | lis
             if rule.grow is not None:
                 base_value = _memory(base, rule.field) if base else None
                 if base_value is None:
-                    verdicts.append(Verdict(rule, value, None, False,
-                                            f"{who}: no baseline {rule.field} for grow_max in {rule.baseline}"))
+                    of_mode = f" {rule.mode}" if rule.mode else ""
+                    why = (f"no ok{of_mode} baseline record for {who} in {rule.baseline} (for grow_max)" if not base
+                           else f"{who}: the baseline {rule.baseline} has no {rule.field}")
+                    verdicts.append(Verdict(rule, value, None, False, why, path))
                     continue
                 limit = base_value * (1 + rule.grow)
                 note = f" (baseline {format_bytes(base_value)} +{rule.grow:.0%})"
@@ -330,9 +339,10 @@ def run_check(budgets: Path, results: list[Path], run: bool = False, console: An
     rules = load_budgets(budgets)
     if run:
         from galore_bench.runner import run_scenario
-        for file in dict.fromkeys(r.scenario_file for r in rules):  # only the runs a rule names
-            labels = ",".join(dict.fromkeys(r.run for r in rules if r.scenario_file == file))
-            run_scenario(load_scenario(file), out=results[0], mode="simulate", only=labels)
+        for file, mode in dict.fromkeys((r.scenario_file, r.mode or "simulate") for r in rules):
+            labels = ",".join(dict.fromkeys(r.run for r in rules  # only the runs a rule names, in its mode
+                                            if (r.scenario_file, r.mode or "simulate") == (file, mode)))
+            run_scenario(load_scenario(file), out=results[0], mode=mode, only=labels)
     records = read_records([p for p in results if p.exists() or not run])
     verdicts = evaluate(rules, records)
     modes = {path: f"{rec.get('mode')}, {rec.get('device')}" for path, rec in records}
@@ -341,17 +351,20 @@ def run_check(budgets: Path, results: list[Path], run: bool = False, console: An
         table.add_column(col, justify="right" if col in ("value", "limit") else "left")
     for v in verdicts:
         field = v.rule.field if v.rule.field in MEMORY_FIELDS else ""
+        verdict = ("ok" if v.ok else "no baseline" if "baseline record" in v.message
+                   else "no record" if v.record is None else "FAIL")
         table.add_row(v.rule.name, _fmt(field or "x", v.value), _fmt(field or "x", v.limit),
-                      "[green]ok[/green]" if v.ok else "[red]FAIL[/red]" if v.record else "[red]no record[/red]",
+                      f"[green]{verdict}[/green]" if v.ok else f"[red]{verdict}[/red]",
                       modes.get(v.record, "-") if v.record else "-")
     console.print(table)
-    unmeasured = {v.message: v for v in verdicts if v.record is None and v.message.startswith("no ok")}
+    unmeasured = {v.message: v for v in verdicts if v.message.startswith("no ok")}  # a record or a baseline
     failed = [v for v in verdicts if not v.ok and v.message not in unmeasured]
     for v in failed:
         console.print(f"[red]{v.message}[/red]", highlight=False, soft_wrap=True)
     for message in unmeasured:  # one line per (scenario, run), not one per limit
-        console.print(f"[red]{message} under {', '.join(map(str, results))}[/red]", highlight=False, soft_wrap=True)
+        where = "" if "baseline record" in message else f" under {', '.join(map(str, results))}"
+        console.print(f"[red]{message}{where}[/red]", highlight=False, soft_wrap=True)
     rule_count = sum(1 for v in verdicts if v.message in unmeasured)
     console.print(f"{sum(v.ok for v in verdicts)} ok, {len(failed)} violation(s)"
-                  + (f", {rule_count} rule(s) without a record" if unmeasured else ""))
+                  + (f", {rule_count} rule(s) without a record or baseline" if unmeasured else ""))
     return 1 if failed or unmeasured else 0

@@ -219,3 +219,24 @@ def test_a_budget_on_your_own_scenario_file_runs_and_checks_it(tmp_path, capsys)
     budgets_file(tmp_path, body.format("1 KiB"))
     assert main(["check", "--budgets", str(tmp_path / "budgets.toml"), str(results)]) == 1
     assert "mine/sgd: peak" in capsys.readouterr().out
+
+
+def test_a_mode_key_also_picks_the_baseline_of_that_mode(tmp_path, capsys):
+    """A newer estimate record in the baseline folder does not become the simulate rule's baseline."""
+    write(tmp_path / "baseline", make_record(BREAKDOWN))  # simulate
+    estimated = make_record({k: v // 2 for k, v in BREAKDOWN.items()}, created="2026-02-01T00:00:00Z")
+    estimated["mode"] = "estimate"
+    write(tmp_path / "baseline", estimated)
+    body = f'[[budget]]\nscenario = "7b_4090"\nrun = "{LABEL}"\nmode = "simulate"\nbaseline = "baseline"\n' \
+           'grow_max = "2%"\n'
+    rules = load_budgets(budgets_file(tmp_path, body))
+    assert all(v.ok for v in evaluate(rules, [make_record(BREAKDOWN)]))  # against the simulate baseline: no growth
+    results = tmp_path / "results"
+    write(results, make_record(BREAKDOWN))
+    (tmp_path / "baseline").rename(tmp_path / "old")
+    (tmp_path / "baseline").mkdir()
+    write(tmp_path / "baseline", estimated)  # only an estimate: the simulate rule has no baseline
+    assert main(["check", "--budgets", str(tmp_path / "budgets.toml"), str(results)]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count(f"no ok simulate baseline record for 7b_4090/{LABEL}") == 1  # once, not once per field
+    assert "no baseline" in out and "0 ok, 0 violation(s), 6 rule(s) without a record or baseline" in out
