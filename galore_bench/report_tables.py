@@ -90,15 +90,15 @@ def _setting(record: dict[str, Any], strategy: str | None = None, world: int | N
 
 def _inference_floors(records: list[dict[str, Any]]) -> dict[tuple, int]:
     """Peak of each finished inference run per setting; a simulated sweep over world sizes gives one per size."""
+    runs = sorted((r for r in records if r["method"]["name"] == "inference" and r["status"] == "ok"
+                   and memory_of(r)[0]), key=lambda r: r.get("created") or "", reverse=True)
     floors: dict[tuple, int] = {}
-    for record in records:
-        peak = memory_of(record)[0]
-        if record["method"]["name"] != "inference" or record["status"] != "ok" or not peak:
-            continue
-        floors.setdefault(_setting(record), peak)
+    for record in runs:  # the newest run at its own setting first, then the sweeps' other sizes where none ran
+        floors.setdefault(_setting(record), memory_of(record)[0] or 0)
+    for record in runs:
         for candidate in (record.get("distributed") or {}).get("candidates", []):
-            key = _setting(record, candidate["strategy"], candidate["world_size"])
-            floors.setdefault(key, candidate["peak_bytes"])
+            floors.setdefault(_setting(record, candidate["strategy"], candidate["world_size"]),
+                              candidate["peak_bytes"])
     return floors
 
 

@@ -203,7 +203,9 @@ def test_x_inference_per_rank_from_a_simulated_sweep_and_for_ddp_from_one_device
     sharded["distributed"] = {**sweep, "world_size": 8}
     replicated = make_record("sgd-ddp", "sgd", parts(W7B, W7B, 0, 10**9), minute=6)
     replicated["distributed"] = {"strategy": "ddp", "world_size": 4, "cpu_offload": False, "fsdp_unit": None}
-    render_report([write_records(tmp_path / "results", [floor, sharded, replicated])], tmp_path / "out", {"csv"})
+    older = make_record("inference-before", "inference", parts(W7B, 0, 0, 5 * 10**9), minute=0)  # replaced by floor
+    records = [older, floor, sharded, replicated]
+    render_report([write_records(tmp_path / "results", records)], tmp_path / "out", {"csv"})
     csv = pd.read_csv(tmp_path / "out" / "lomo_7b_breakdown.csv").set_index("run")
     assert csv.loc["lomo-fsdp", "x inference"] == pytest.approx((W7B // 8 + 3e9) / (W7B // 8 + 1e9))
     assert csv.loc["sgd-ddp", "x inference"] == pytest.approx((2 * W7B + 1e9) / (W7B + 1e9))
