@@ -109,12 +109,13 @@ def load_record(path: Path) -> dict[str, Any]:
 
 
 def is_foreign_json(path: Path) -> bool:
-    """A readable JSON file that is plainly not a record (no schema_version): a folder scan skips it."""
+    """A readable JSON file that is plainly not a record (none of a record's keys): a folder scan skips it. One
+    with some of them (an old or damaged record) is read, and its problem reported, never skipped quietly."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # unreadable: reported as a damaged record where it is read
-    return not (isinstance(data, dict) and "schema_version" in data)
+    return not (isinstance(data, dict) and {"schema_version", "scenario", "run", "status", "memory"} & data.keys())
 
 
 def reserved_of(record: dict[str, Any]) -> tuple[int | None, str | None]:
@@ -136,7 +137,7 @@ def find_records(paths: list[Path]) -> list[Path]:
         if path.is_dir():
             for file in sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-")):
                 if is_foreign_json(file):  # a summary or notes file beside the records
-                    print(f"galore-bench: note: skipped {file}: not a result record (no schema_version)",
+                    print(f"galore-bench: note: skipped {file}: not a result record (none of its keys)",
                           file=sys.stderr)
                 else:
                     found.append(file)

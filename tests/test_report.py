@@ -419,6 +419,10 @@ def test_a_folder_scan_skips_json_that_is_not_a_record(tmp_path: Path, reference
     render_report([results], tmp_path / "out", {"csv"})
     assert len(pd.read_csv(tmp_path / "out" / "lomo_7b_breakdown.csv")) == len(LOMO_RUNS)
     assert f"skipped {results / 'notes.json'}: not a result record" in capsys.readouterr().err
+    old = {k: v for k, v in LOMO_RUNS[0].items() if k != "schema_version"}  # a record that lost its version
+    (results / "old.json").write_text(json.dumps(old))
+    with pytest.raises(UserError, match="old.json: schema_version: got None"):  # read and reported, not skipped
+        render_report([results], tmp_path / "out", {"csv"})
 
 
 def test_cli_report(tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture):
