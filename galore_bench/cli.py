@@ -27,7 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from galore_bench.runner import results_table, run_scenario
 
     scenario = load_scenario(args.scenario)
-    _check_run_arguments(args, scenario.mode)
+    _check_run_arguments(args, scenario.mode, distributed=scenario.distributed is not None)
     console = Console(width=None if sys.stdout.isatty() else 160)
     if args.submitit:  # each run as a submitit job (local subprocesses or SLURM), records into the same folder
         from galore_bench.cluster import parse_options, submit_scenario
@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _exit_status(paths)
 
 
-def _check_run_arguments(args: argparse.Namespace, scenario_mode: str) -> None:
+def _check_run_arguments(args: argparse.Namespace, scenario_mode: str, distributed: bool) -> None:
     """Refuse, before any run starts, what would fail late or be silently ignored."""
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out: got {args.out}, a file; allowed a folder (created if missing)")
@@ -53,9 +53,11 @@ def _check_run_arguments(args: argparse.Namespace, scenario_mode: str) -> None:
     if args.cluster_option and not args.submitit:
         raise UserError("--cluster-option: given without --submitit, allowed only with --submitit local|slurm")
     mode = args.mode or scenario_mode
-    if args.memory_snapshot and (mode in ("estimate", "simulate") or not _has_cuda()):
+    if args.memory_snapshot and (mode in ("estimate", "simulate") or args.submitit or distributed
+                                 or not _has_cuda()):
         print("galore-bench: note: --memory-snapshot has no effect here (it records the CUDA allocator of a "
-              "measure run on a GPU)", file=sys.stderr)
+              "single-device measure run on a GPU, run by `run` itself: not --submitit, not [distributed])",
+              file=sys.stderr)
     if args.steps is not None and mode in ("estimate", "simulate"):
         print(f"galore-bench: note: --steps has no effect in {mode} mode (it sets measure mode's steps; "
               "simulate traces the steps the peak needs)", file=sys.stderr)
