@@ -29,7 +29,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     if not REUSE:
         session.install("ruff")
-    session.run("ruff", "check", "galore_bench")
+    session.run("ruff", "check", "galore_bench", "tests", "benchmarks")
 
 
 @nox.session(venv_backend=BACKEND)

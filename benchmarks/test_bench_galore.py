@@ -34,7 +34,7 @@ def _optimizer_and_grads(impl: str):
 @pytest.mark.parametrize("impl", ["ours", "galore-torch"])
 def test_bench_galore_step(benchmark, impl):
     torch.set_num_threads(1)
-    model, optimizer = _optimizer_and_grads(impl)
+    _model, optimizer = _optimizer_and_grads(impl)
     benchmark(optimizer.step)
 
 

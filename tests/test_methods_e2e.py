@@ -60,6 +60,7 @@ def test_validation_perplexity_is_held_out_and_computed_independently(write_scen
     from galore_bench.engine import training_batches
     from galore_bench.models import build_model
     from galore_bench.worker import _evaluator
+
     from conftest import TINY_HEADER
 
     vocab = "" if data == "synthetic" else "vocab_size = 32000\n"

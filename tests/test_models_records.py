@@ -28,7 +28,7 @@ def test_zoo_matches_reference_table():
     rows = [r for r in csv.reader(line for line in REFERENCE.open() if not line.startswith("#"))]
     header, rows = rows[0], rows[1:]
     assert len(rows) == 5
-    for row in map(lambda r: dict(zip(header, r)), rows):
+    for row in (dict(zip(header, r)) for r in rows):
         shape = ZOO[row["size"]]
         assert (shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.num_attention_heads) == (
             int(row["hidden"]), int(row["intermediate"]), int(row["layers"]), int(row["heads"]))

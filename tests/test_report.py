@@ -310,7 +310,7 @@ def test_budget_table_shows_reserved_from_the_allocator_model_or_the_gpu(tmp_pat
 def test_table11_flags_each_reading_and_explains_adafactor(tmp_path: Path, reference: Path):
     """Only ok 1B BF16 runs at token batch 256 without checkpointing (GaLore at rank 512) match; each reading more
     than 5% off is flagged, naming the one that agrees; Adafactor without a first moment names that setting."""
-    one_b = dict(scenario="galore_table11", model="1b", batch=1, seq=256, ac=False, budget=None)
+    one_b = {"scenario": "galore_table11", "model": "1b", "batch": 1, "seq": 256, "ac": False, "budget": None}
     adamw = make_record("adamw", "adamw", parts(13_872_000_000), minute=1, **one_b)  # +2.0%: no flag
     plain = make_record("adafactor", "adafactor", parts(6_400_000_000), minute=2, **one_b)
     plain["memory"]["allocator_model"] = {"peak_reserved_bytes": 7_200_000_000, "out_of_memory": None}
@@ -347,7 +347,7 @@ def test_table11_flags_each_reading_and_explains_adafactor(tmp_path: Path, refer
 
 def test_table3_sets_7b_weights_plus_states_beside_the_paper(tmp_path: Path, reference: Path):
     """Only 7B, non-layer-wise, and GaLore at the paper's rank 1024; the cause reads the figure in GiB too."""
-    seven_b = dict(scenario="galore_fig4", batch=1, seq=256, ac=False)
+    seven_b = {"scenario": "galore_fig4", "batch": 1, "seq": 256, "ac": False}
     adam = make_record("adam8bit-7b", "adam8bit", parts(W7B, W7B, 13_687_467_008), minute=1, **seven_b)
     galore = make_record("galore8bit-7b", "galore8bit", parts(W7B, W7B, 5_658_780_672), minute=2, **seven_b)
     galore["method"]["rank"] = 1024

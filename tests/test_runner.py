@@ -86,6 +86,7 @@ def test_results_table_shows_reserved_from_the_gpu_or_the_allocator_model(tmp_pa
     from rich.console import Console
 
     from galore_bench.runner import results_table
+
     from test_budgets import BREAKDOWN, GiB, make_record, write
 
     simulated = make_record(BREAKDOWN)
@@ -125,6 +126,7 @@ def test_run_refuses_bad_arguments_before_any_run(write_scenario, tmp_path, caps
 
 def test_run_exits_1_when_a_run_crashed_but_not_for_an_out_of_memory(write_scenario, tmp_path, capsys, monkeypatch):
     from galore_bench.cli import _exit_status, main
+
     from test_budgets import BREAKDOWN, make_record, write
 
     monkeypatch.setenv(FAULT_ENV, "kill:sgd")
