@@ -68,6 +68,7 @@ class Verdict:
     ok: bool
     message: str
     record: Path | None = None
+    missing: str = ""  # "record" or "baseline" when the rule could not be checked for want of one
 
 
 def _memory(record: dict[str, Any], field: str) -> float | None:
@@ -229,32 +230,36 @@ def check_value(who: str, field: str, value: float | None, limit: float, kind: s
     return msg
 
 
+def _baseline_of(rule: Rule, cache: dict[tuple[Path, str | None], Any]) -> dict[str, Any] | None:
+    """A grow rule's baseline record: a file is every rule's baseline, a folder gives the newest ok record of the
+    rule's (scenario, run); either only of the rule's mode when it names one."""
+    assert rule.baseline is not None
+    key = (rule.baseline, rule.mode)
+    if key not in cache:
+        if rule.baseline.is_file():
+            record = load_record(rule.baseline)
+            cache[key] = record if rule.mode in (None, record.get("mode")) else None
+        else:
+            cache[key] = newest_ok(read_records([rule.baseline]), rule.mode)
+    found = cache[key]
+    if found is None or "memory" in found:  # a record file's (or none of the mode)
+        return found
+    return found.get((rule.scenario, rule.run), (None, None))[1]
+
+
 def evaluate(rules: list[Rule], records: list[tuple[Path, dict[str, Any]]] | list[dict[str, Any]]) -> list[Verdict]:
     """Check each rule against the newest ok record of its (scenario, run); records: dicts or (path, dict)."""
     pairs = [r if isinstance(r, tuple) else (Path("<record>"), r) for r in records]
     by_mode = {mode: newest_ok(pairs, mode) for mode in dict.fromkeys(rule.mode for rule in rules)}
-    baselines: dict[tuple[Path, str | None], dict[tuple[str, str], tuple[Path, dict[str, Any]]]] = {}
+    baselines: dict[tuple[Path, str | None], Any] = {}
     verdicts: list[Verdict] = []
     for rule in rules:
-        who = f"{rule.scenario}/{rule.run}"
-        base: dict[str, Any] | None = None
-        if rule.baseline is not None:  # a file is the baseline of every rule; a folder, its newest ok record
-            cache_key = (rule.baseline, rule.mode)
-            if cache_key not in baselines:
-                if rule.baseline.is_file():
-                    record = load_record(rule.baseline)
-                    baselines[cache_key] = ({(rule.scenario, rule.run): (rule.baseline, record)}
-                                            if rule.mode in (None, record.get("mode")) else {})
-                else:
-                    baselines[cache_key] = newest_ok(read_records([rule.baseline]), rule.mode)
-            if rule.baseline.is_file():
-                base = next(iter(baselines[cache_key].values()), (None, None))[1]
-            else:
-                base = baselines[cache_key].get((rule.scenario, rule.run), (None, None))[1]
+        who, of_mode = f"{rule.scenario}/{rule.run}", f" {rule.mode}" if rule.mode else ""
+        base = _baseline_of(rule, baselines) if rule.baseline is not None else None
         chosen = by_mode[rule.mode]
         if (rule.scenario, rule.run) not in chosen:
-            of_mode = f" {rule.mode}" if rule.mode else ""
-            verdicts.append(Verdict(rule, None, rule.limit, False, f"no ok{of_mode} record for {who}"))
+            verdicts.append(Verdict(rule, None, rule.limit, False, f"no ok{of_mode} record for {who}",
+                                    missing="record"))
             continue
         path, rec = chosen[(rule.scenario, rule.run)]
         limit, note = rule.limit, ""
@@ -271,10 +276,9 @@ def evaluate(rules: list[Rule], records: list[tuple[Path, dict[str, Any]]] | lis
             if rule.grow is not None:
                 base_value = _memory(base, rule.field) if base else None
                 if base_value is None:
-                    of_mode = f" {rule.mode}" if rule.mode else ""
                     why = (f"no ok{of_mode} baseline record for {who} in {rule.baseline} (for grow_max)" if not base
                            else f"{who}: the baseline {rule.baseline} has no {rule.field}")
-                    verdicts.append(Verdict(rule, value, None, False, why, path))
+                    verdicts.append(Verdict(rule, value, None, False, why, path, "" if base else "baseline"))
                     continue
                 limit = base_value * (1 + rule.grow)
                 note = f" (baseline {format_bytes(base_value)} +{rule.grow:.0%})"
@@ -351,20 +355,18 @@ def run_check(budgets: Path, results: list[Path], run: bool = False, console: An
         table.add_column(col, justify="right" if col in ("value", "limit") else "left")
     for v in verdicts:
         field = v.rule.field if v.rule.field in MEMORY_FIELDS else ""
-        verdict = ("ok" if v.ok else "no baseline" if "baseline record" in v.message
-                   else "no record" if v.record is None else "FAIL")
+        verdict = "ok" if v.ok else f"no {v.missing}" if v.missing else "FAIL"
         table.add_row(v.rule.name, _fmt(field or "x", v.value), _fmt(field or "x", v.limit),
                       f"[green]{verdict}[/green]" if v.ok else f"[red]{verdict}[/red]",
                       modes.get(v.record, "-") if v.record else "-")
     console.print(table)
-    unmeasured = {v.message: v for v in verdicts if v.message.startswith("no ok")}  # a record or a baseline
-    failed = [v for v in verdicts if not v.ok and v.message not in unmeasured]
+    failed = [v for v in verdicts if not v.ok and not v.missing]
+    unchecked = [v for v in verdicts if v.missing]
     for v in failed:
         console.print(f"[red]{v.message}[/red]", highlight=False, soft_wrap=True)
-    for message in unmeasured:  # one line per (scenario, run), not one per limit
-        where = "" if "baseline record" in message else f" under {', '.join(map(str, results))}"
-        console.print(f"[red]{message}{where}[/red]", highlight=False, soft_wrap=True)
-    rule_count = sum(1 for v in verdicts if v.message in unmeasured)
+    for v in {v.message: v for v in unchecked}.values():  # one line per (scenario, run), not one per limit
+        where = f" under {', '.join(map(str, results))}" if v.missing == "record" else ""
+        console.print(f"[red]{v.message}{where}[/red]", highlight=False, soft_wrap=True)
     console.print(f"{sum(v.ok for v in verdicts)} ok, {len(failed)} violation(s)"
-                  + (f", {rule_count} rule(s) without a record or baseline" if unmeasured else ""))
-    return 1 if failed or unmeasured else 0
+                  + (f", {len(unchecked)} rule(s) without a record or baseline" if unchecked else ""))
+    return 1 if failed or unchecked else 0
