@@ -75,7 +75,7 @@ def _exit_status(paths: list[Path]) -> int:
 
     failed = [(record["run"], record["error"]) for record in map(load_record, paths) if record["status"] == "error"]
     for run, error in failed:
-        print(f"galore-bench: run {run} failed: {(error or '').splitlines()[0] if error else 'no error text'}",
+        print(f"galore-bench: run {run} failed: {error.splitlines()[0] if error else 'no error text'}",
               file=sys.stderr)
     if failed:
         print(f"galore-bench: {len(failed)} of {len(paths)} run(s) failed (their error records are kept)",
