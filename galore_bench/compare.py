@@ -233,7 +233,8 @@ def run_compare(a: Path, b: Path, *, fmt: str | None = None, out: Path | None = 
         raise UserError(f"--format: got {fmt!r}, allowed: {', '.join(COMPARE_FORMATS)}")
     console, errors = console or Console(), errors or Console(stderr=True)
     pairs, only_a, only_b = match_runs(Path(a), Path(b))
-    for _, (_, ra), (_, rb) in pairs[:1] if len(pairs) == 1 else []:  # two files: said when they differ
+    if len(pairs) == 1:  # two files pair up whatever they hold: say when they are not the same run
+        _, (_, ra), (_, rb) = pairs[0]
         differ = [what for what, get in COMPARED_FIELDS.items() if get(ra) != get(rb)]
         if differ:
             errors.print(Text(f"note: A is {_describe(ra)}, B is {_describe(rb)}: different {', '.join(differ)}",

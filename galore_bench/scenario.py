@@ -205,15 +205,16 @@ def _parse_runs(problems: _Problems, runs: Any, model_name: str, model: ModelSha
                 continue
             run_model_name, run_model = run["model"], ZOO[run["model"]]
         resolved = {name: opt.default for name, opt in options.items()}
+        invalid = set()  # options given with a bad value: reported here, not checked again below
         for name, value in run.items():
             if name in options:
                 allowed = options[name].problem(value)
                 if allowed:
                     problems.add(f"{where}.{name}", value, allowed)
+                    invalid.add(name)
                 else:
                     resolved[name] = float(value) if options[name].kind is float else value
-        rank_ok = "rank" not in run or "rank" not in options or not options["rank"].problem(run["rank"])  # once
-        if method.uses_rank and run_model is not None and isinstance(resolved.get("rank"), int) and rank_ok:
+        if method.uses_rank and run_model is not None and isinstance(resolved.get("rank"), int) and "rank" not in invalid:
             smallest = min(min(s) for s in matrix_shapes(run_model).values())
             if resolved["rank"] > smallest:
                 given = "rank" in run
