@@ -8,7 +8,7 @@ twice. Around it the CUDA allocator's peak and the galore-bench tracker (the sto
 returns, which is all that simulate counts) are read together: the difference is memory that only a real
 GPU shows (library workspaces, kernels' scratch buffers). The first call also shows what a library keeps
 after its first use (cuBLAS's per-handle workspace). Before them, one seeded sequence of allocations and
-frees runs on the real caching allocator and through galore_bench.allocator's model of it: their reserved
+frees runs on the real caching allocator and through galore_bench.measure.allocator's model of it: their reserved
 peaks must agree. Writes probes.json and probes.md to DIR.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from galore_bench.allocator import replay, seeded_sequence
-from galore_bench.tracker import CUDA_BLOCK, MemoryTracker
+from galore_bench.measure.allocator import replay, seeded_sequence
+from galore_bench.measure.tracker import CUDA_BLOCK, MemoryTracker
 from galore_bench.units import format_bytes
 
 BF16 = torch.bfloat16

@@ -80,7 +80,7 @@ def _toml(raw: dict[str, Any]) -> str:
 
 def _job(part: str, name: str, raw: dict[str, Any], folder: Path) -> Job:
     """Write one single-run scenario file (a folder per run) and load it back, validated like any scenario."""
-    from galore_bench.scenario import load_scenario, run_label
+    from galore_bench.spec.scenario import load_scenario, run_label
 
     run = raw["runs"][0]
     path = folder / f"{name}-{run_label(run['method'], run)}" / f"{name}.toml"
@@ -105,7 +105,7 @@ def plan(sizes: list[str], parts: list[str], plumbing: bool, folder: Path) -> li
                             folder) for run in runs])
     shipped = {}
     for name in ("7b_4090", "lomo_7b", "galore_table11"):
-        raw = tomllib.loads((REPO / "scenarios" / f"{name}.toml").read_text())
+        raw = tomllib.loads((REPO / "galore_bench" / "scenarios" / f"{name}.toml").read_text())
         runs = raw.pop("runs")
         if name == "lomo_7b":  # uncapped, so AdamW (~63 GiB) and SGD (~26 GiB) reach their real peak too
             raw["device"].pop("budget", None)
@@ -155,7 +155,7 @@ class Sweep:
     def run(self, mode: str, quiet: bool) -> None:
         from rich.console import Console
 
-        from galore_bench.runner import run_scenario
+        from galore_bench.run.sweep import run_scenario
 
         for job in self.jobs:
             key, name = (job.part, job.size, job.label, mode), f"{mode} {job.part} {job.size} {job.label}"

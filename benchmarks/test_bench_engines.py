@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from galore_bench import engine
-from galore_bench.estimate import estimate_run
-from galore_bench.scenario import load_scenario
-from galore_bench.tracker import CUDA_BLOCK
+from galore_bench.measure import training
+from galore_bench.measure.estimate import estimate_run
+from galore_bench.measure.tracker import CUDA_BLOCK
+from galore_bench.spec.scenario import load_scenario
 from galore_bench.units import format_bytes
 
 
@@ -24,8 +24,8 @@ def _timed(fn):
 
 
 def _simulate(scenario, run):
-    planned, steps = engine.simulation_plan(run)  # GaLore: a third step refreshes the projectors
-    return engine.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)
+    planned, steps = training.simulation_plan(run)  # GaLore: a third step refreshes the projectors
+    return training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)
 
 
 def _three_way(scenario_name: str, measure: bool) -> list[dict]:
@@ -37,7 +37,7 @@ def _three_way(scenario_name: str, measure: bool) -> list[dict]:
         row = {"run": run.label, "estimate": guess.peak_bytes, "simulate": traced["tracker"].peak,
                "estimate_s": t_est, "simulate_s": t_sim}
         if measure:  # real tensors, rounded like the allocator so the three count the same way
-            real, t_real = _timed(lambda run=run: engine.train_steps(scenario, run, fake=False, device="cpu", steps=2,
+            real, t_real = _timed(lambda run=run: training.train_steps(scenario, run, fake=False, device="cpu", steps=2,
                                                                      round_to=CUDA_BLOCK))
             row.update(measure=real["tracker"].peak, measure_s=t_real)
         rows.append(row)

@@ -8,9 +8,9 @@ import math
 import pytest
 
 from galore_bench.record import load_record
-from galore_bench.runner import run_scenario
-from galore_bench.scenario import load_scenario
-from galore_bench.worker import execute
+from galore_bench.run.sweep import run_scenario
+from galore_bench.run.worker import execute
+from galore_bench.spec.scenario import load_scenario
 
 
 def test_ppl_cpu_short(benchmark):

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from galore_bench.scenario import UserError
+from galore_bench.errors import UserError
 
 SCHEMA_VERSION = 1
 DEFAULT_RESULTS = Path("results")

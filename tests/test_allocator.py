@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from galore_bench.allocator import CachingAllocator, OutOfMemory, replay, seeded_sequence
-from galore_bench.engine import train_steps
-from galore_bench.scenario import load_scenario
+from galore_bench.measure.allocator import CachingAllocator, OutOfMemory, replay, seeded_sequence
+from galore_bench.measure.training import train_steps
+from galore_bench.spec.scenario import load_scenario
 
 from conftest import TINY_HEADER
 
@@ -148,7 +148,7 @@ def test_model_matches_the_real_allocator_on_a_seeded_sequence():
 
 
 def test_simulate_records_carry_the_allocator_model_at_the_budget(write_scenario):
-    from galore_bench.worker import execute
+    from galore_bench.run.worker import execute
 
     scenario = load_scenario(str(write_scenario(TINY_HEADER + '[[runs]]\nmethod = "galore"\nrank = 8\n')))
     record = execute(scenario, scenario.runs[0], "simulate", None)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from galore_bench.budgets import assert_memory_budget, evaluate, load_budgets
+from galore_bench.check.budgets import assert_memory_budget, evaluate, load_budgets
 from galore_bench.cli import main
+from galore_bench.errors import UserError
 from galore_bench.record import empty_record
-from galore_bench.scenario import UserError, load_scenario
+from galore_bench.spec.scenario import load_scenario
 
 from conftest import TINY_HEADER
 

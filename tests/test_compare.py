@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
+from galore_bench.check.compare import deltas, parse_percent, run_compare
 from galore_bench.cli import main
-from galore_bench.compare import deltas, parse_percent, run_compare
+from galore_bench.errors import UserError
 from galore_bench.record import SCHEMA_VERSION
-from galore_bench.scenario import UserError
 
 MIB = 2**20
 

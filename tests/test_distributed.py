@@ -7,11 +7,12 @@ import time
 
 import pytest
 
-from galore_bench.distributed import simulate_record
+from galore_bench.errors import UserError
 from galore_bench.record import load_record
-from galore_bench.runner import run_scenario
-from galore_bench.scenario import UserError, load_scenario
-from galore_bench.worker import FAULT_ENV
+from galore_bench.run.ranks import simulate_record
+from galore_bench.run.sweep import run_scenario
+from galore_bench.run.worker import FAULT_ENV
+from galore_bench.spec.scenario import load_scenario
 
 from conftest import TINY_HEADER
 
@@ -233,7 +234,7 @@ def test_an_oom_on_one_rank_is_an_oom_record_at_once_and_the_only_record(write_s
 
 
 def test_cluster_without_submitit_is_a_clear_error(write_scenario, tmp_path, monkeypatch):
-    from galore_bench.cluster import submit_scenario
+    from galore_bench.run.cluster import submit_scenario
 
     monkeypatch.setitem(sys.modules, "submitit", None)  # `import submitit` raises ImportError
     scenario = load_scenario(str(write_scenario(TINY_HEADER + '[[runs]]\nmethod = "sgd"\n', "nosub")))
@@ -244,7 +245,7 @@ def test_cluster_without_submitit_is_a_clear_error(write_scenario, tmp_path, mon
 
 def test_submitit_local_executor_runs_ranks_into_the_same_store(write_scenario, tmp_path):
     pytest.importorskip("submitit")  # in the test extras; kept for installs without them
-    from galore_bench.cluster import parse_options, submit_scenario
+    from galore_bench.run.cluster import parse_options, submit_scenario
 
     scenario = load_scenario(str(write_scenario(distributed("ddp") + '[[runs]]\nmethod = "sgd"\n', "sub")))
     paths = submit_scenario(scenario, out=tmp_path / "results", options=parse_options(["timeout_min=5"]),

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from galore_bench import engine
-from galore_bench.estimate import estimate, estimate_run
+from galore_bench.measure import training
+from galore_bench.measure.estimate import estimate, estimate_run
 from galore_bench.models import ZOO, matrix_shapes, parameter_count
-from galore_bench.scenario import parse_scenario
+from galore_bench.spec.scenario import parse_scenario
 
 EVERY_METHOD = [
     {"method": "adamw"}, {"method": "sgd"}, {"method": "adam8bit"}, {"method": "galore", "rank": 16},
@@ -44,8 +44,8 @@ def test_estimate_within_two_percent_of_simulate_for_every_method(setting):
     scenario = _scenario(size, train, EVERY_METHOD)
     failures = []
     for run in scenario.runs:
-        planned, steps = engine.simulation_plan(run)  # GaLore: a third step refreshes the projectors
-        traced = engine.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
+        planned, steps = training.simulation_plan(run)  # GaLore: a third step refreshes the projectors
+        traced = training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
         guess = estimate_run(scenario, run)
         checks = {"peak": (guess.peak_bytes, traced.peak)}
         for category in ("weights", "gradients", "optimizer_states", "activations"):
@@ -66,7 +66,7 @@ def test_inference_estimate_finds_the_busiest_forward_moment_of_any_shape(dims, 
     model = {"num_hidden_layers": 2, "num_attention_heads": 4, **dims}
     scenario = parse_scenario({"model": model, "train": {"batch_size": 2, "seq_len": 512, "dtype": "bf16"},
                                "runs": [{"method": "inference"}]}, Path("estimate-test.toml"))
-    traced = engine.train_steps(scenario, scenario.runs[0], fake=True, device="cpu", steps=2)["tracker"]
+    traced = training.train_steps(scenario, scenario.runs[0], fake=True, device="cpu", steps=2)["tracker"]
     guess = estimate_run(scenario, scenario.runs[0])
     assert guess.moment == moment
     assert guess.peak_bytes == pytest.approx(traced.peak, rel=0.005)
@@ -129,8 +129,8 @@ def test_fused_and_layerwise_methods_hold_one_gradient_and_never_peak_in_a_separ
 
 
 def test_estimate_mode_through_the_worker(write_scenario):
-    from galore_bench.scenario import load_scenario
-    from galore_bench.worker import execute
+    from galore_bench.run.worker import execute
+    from galore_bench.spec.scenario import load_scenario
     from tests.conftest import TINY_HEADER
 
     scenario = load_scenario(str(write_scenario(TINY_HEADER + '[[runs]]\nmethod = "galore"\nrank = 8\n')))
@@ -141,15 +141,15 @@ def test_estimate_mode_through_the_worker(write_scenario):
     assert record["memory"]["peak_bytes"] == sum(record["memory"]["breakdown"].values())
     assert record["memory"]["estimate"]["target"] == "gpu"
     # the run's own options reached the estimate: within 2% of the traced step of the same run (rank 8)
-    planned, steps = engine.simulation_plan(scenario.runs[0])
-    traced = engine.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
+    planned, steps = training.simulation_plan(scenario.runs[0])
+    traced = training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
     assert record["memory"]["peak_bytes"] == pytest.approx(traced.peak, rel=0.02)
 
 
 def test_simulated_galore_peak_includes_a_projector_refresh(write_scenario):
     """Every update_proj_gap steps GaLore runs an SVD per matrix: the simulated peak covers that step too."""
-    from galore_bench.scenario import load_scenario
-    from galore_bench.worker import execute
+    from galore_bench.run.worker import execute
+    from galore_bench.spec.scenario import load_scenario
     from tests.conftest import TINY_HEADER
 
     body = TINY_HEADER.replace('dtype = "fp32"', 'dtype = "bf16"').replace("batch_size = 2", "batch_size = 1")

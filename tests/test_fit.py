@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from galore_bench.cli import main
-from galore_bench.estimate import estimate_run
-from galore_bench.fit import fit_rows, largest_batch, with_batch
-from galore_bench.scenario import load_scenario
+from galore_bench.measure.estimate import estimate_run
+from galore_bench.measure.largest_batch import fit_rows, largest_batch, with_batch
+from galore_bench.spec.scenario import load_scenario
 from galore_bench.units import parse_bytes
 
 from conftest import TINY_HEADER

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from galore_bench.flops import (
+from galore_bench.measure.flops import (
     CPU_REASON,
     PEAK_FLOPS,
     count_step_flops,
@@ -14,7 +14,7 @@ from galore_bench.flops import (
     peak_flops,
 )
 from galore_bench.models import ZOO, build_model, matrix_shapes
-from galore_bench.scenario import load_scenario
+from galore_bench.spec.scenario import load_scenario
 
 TOL = 0.01  # the counts agree exactly today; 1% still catches a missed term (attention, a recomputed matmul)
 

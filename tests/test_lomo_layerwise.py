@@ -291,7 +291,7 @@ def test_hooks_enter_the_tracker_phase(monkeypatch: pytest.MonkeyPatch) -> None:
         yield
 
     monkeypatch.setitem(
-        sys.modules, "galore_bench.tracker", types.SimpleNamespace(optimizer_phase=optimizer_phase)
+        sys.modules, "galore_bench.measure.tracker", types.SimpleNamespace(optimizer_phase=optimizer_phase)
     )
     monkeypatch.setattr(layerwise, "_phase_factory", layerwise._UNRESOLVED)
     model = tiny_llama()
@@ -305,6 +305,6 @@ def test_hooks_enter_the_tracker_phase(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_phase_context_falls_back_without_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "galore_bench.tracker", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "galore_bench.measure.tracker", None)  # makes the import fail
     monkeypatch.setattr(layerwise, "_phase_factory", layerwise._UNRESOLVED)
     assert isinstance(layerwise.optimizer_phase_context(), contextlib.nullcontext)

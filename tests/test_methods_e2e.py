@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from galore_bench.flops import hand_count
+from galore_bench.measure.flops import hand_count
 from galore_bench.methods import REGISTRY
 from galore_bench.record import load_record
-from galore_bench.runner import run_scenario
-from galore_bench.scenario import load_scenario
+from galore_bench.run.sweep import run_scenario
+from galore_bench.spec.scenario import load_scenario
 
 
 def test_smoke_cpu_every_method_learns(tmp_path):
@@ -57,9 +57,9 @@ def test_validation_perplexity_is_held_out_and_computed_independently(write_scen
     """The run's evaluator: batches disjoint from the training ones, perplexity = exp(mean NLL) by hand."""
     import torch.nn.functional as F
 
-    from galore_bench.engine import training_batches
+    from galore_bench.measure.training import training_batches
     from galore_bench.models import build_model
-    from galore_bench.worker import _evaluator
+    from galore_bench.run.worker import _evaluator
 
     from conftest import TINY_HEADER
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from galore_bench.errors import UserError
 from galore_bench.models import ZOO, build_model, parameter_count
 from galore_bench.record import SCHEMA_VERSION, empty_record, load_record, write_record
-from galore_bench.scenario import UserError, load_scenario
+from galore_bench.spec.scenario import load_scenario
 from galore_bench.units import format_bytes, parse_bytes
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "llama_configs.csv"

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 
+from galore_bench.errors import UserError
 from galore_bench.record import load_record
-from galore_bench.runner import run_scenario
-from galore_bench.scenario import UserError, load_scenario
-from galore_bench.worker import FAULT_ENV
+from galore_bench.run.sweep import run_scenario
+from galore_bench.run.worker import FAULT_ENV
+from galore_bench.spec.scenario import load_scenario
 
 from conftest import TINY_HEADER
 
@@ -71,7 +72,7 @@ def test_memory_snapshot_is_refused_with_a_note_without_cuda(write_scenario, tmp
     """The allocator snapshot exists only for CUDA measure runs; elsewhere the record says why it is missing."""
     import torch
 
-    from galore_bench.worker import execute
+    from galore_bench.run.worker import execute
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU answer")
@@ -85,7 +86,7 @@ def test_memory_snapshot_is_refused_with_a_note_without_cuda(write_scenario, tmp
 def test_results_table_shows_reserved_from_the_gpu_or_the_allocator_model(tmp_path):
     from rich.console import Console
 
-    from galore_bench.runner import results_table
+    from galore_bench.run.sweep import results_table
 
     from test_budgets import BREAKDOWN, GiB, make_record, write
 

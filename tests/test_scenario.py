@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from galore_bench.cli import main
-from galore_bench.scenario import SCENARIO_DIR, UserError, load_scenario
+from galore_bench.errors import UserError
+from galore_bench.spec.scenario import SCENARIO_DIR, load_scenario
 
 GOOD_RUN = '\n[[runs]]\nmethod = "adamw"\n'
 BROKEN = [  # (body, field, got, allowed-fragment)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from galore_bench.engine import train_steps
+from galore_bench.measure.tracker import MemoryTracker
+from galore_bench.measure.training import train_steps
 from galore_bench.models import ZOO, matrix_shapes
-from galore_bench.scenario import load_scenario
-from galore_bench.tracker import MemoryTracker
+from galore_bench.spec.scenario import load_scenario
 
 from conftest import TINY_HEADER
 
@@ -168,7 +168,7 @@ def test_eight_bit_states_are_two_bytes_per_element_plus_block_scales(write_scen
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
 def test_nvml_reading_is_absent_not_zero_without_a_gpu():
     """Like torch.cuda.max_memory_allocated on a CPU build, a missing reading must never pass for 0 bytes."""
-    from galore_bench.engine import nvml_used_bytes
+    from galore_bench.measure.training import nvml_used_bytes
 
     assert nvml_used_bytes() is None
 

@@ -7,11 +7,7 @@ from typing import Any
 
 import torch
 
-
-def type_name(kind: type) -> str:
-    """'an int', 'a float': how error messages name an allowed type."""
-    return {"int": "an int", "float": "a number", "bool": "a bool (true/false)", "str": "a string"}.get(
-        kind.__name__, f"a {kind.__name__}")
+from galore_bench.errors import type_name
 
 
 @dataclass(frozen=True, slots=True)

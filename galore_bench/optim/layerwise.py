@@ -23,14 +23,14 @@ _phase_factory: Any = _UNRESOLVED
 
 
 def optimizer_phase_context() -> contextlib.AbstractContextManager[Any]:
-    """`galore_bench.tracker.optimizer_phase()` when the tracker has it, else a no-op context.
+    """`galore_bench.measure.tracker.optimizer_phase()` when the tracker has it, else a no-op context.
 
     Resolved once (on first use, so import order does not matter) because a failed import is slow per hook.
     """
     global _phase_factory
     if _phase_factory is _UNRESOLVED:
         try:
-            tracker = importlib.import_module("galore_bench.tracker")
+            tracker = importlib.import_module("galore_bench.measure.tracker")
             _phase_factory = getattr(tracker, "optimizer_phase", None)
         except ImportError:
             _phase_factory = None

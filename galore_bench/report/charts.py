@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from galore_bench.report_tables import CATEGORIES, GIB, as_number, memory_of
+from galore_bench.report.tables import CATEGORIES, GIB, as_number, memory_of
 
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8C8C8C")  # one per memory category
 FAILED = "crimson"

@@ -2,9 +2,9 @@
 
 Env contract (torchrun's): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. The runner sets them
 itself for its own rank processes; torchrun, submitit or SLURM set them for
-`python -m galore_bench.distributed --scenario NAME`. Rank 0 gathers each rank's numbers and writes the
+`python -m galore_bench.run.ranks --scenario NAME`. Rank 0 gathers each rank's numbers and writes the
 record. `simulate` never starts ranks: it traces one device and applies the sharding arithmetic
-(galore_bench.sharding) for every world size asked for.
+(galore_bench.measure.sharding) for every world size asked for.
 """
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from galore_bench import engine, sharding
-from galore_bench.parallel import DistributedSpec
+from galore_bench.errors import UserError
+from galore_bench.measure import sharding, training
+from galore_bench.measure.tracker import CUDA_BLOCK, PHASE_CATEGORY, MemoryTracker
 from galore_bench.record import DEFAULT_RESULTS, write_record
-from galore_bench.scenario import RunSpec, Scenario, UserError, load_scenario
-from galore_bench.tracker import CUDA_BLOCK, PHASE_CATEGORY, MemoryTracker
+from galore_bench.run.worker import child_io, close_record, new_record
+from galore_bench.spec.distributed import DistributedSpec
+from galore_bench.spec.scenario import RunSpec, Scenario, load_scenario
 from galore_bench.units import format_bytes
-from galore_bench.worker import child_io, close_record, new_record
 
 RECORD_MARKER = "galore-bench record: "  # a failing rank names the record it wrote on stderr
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -39,7 +40,7 @@ Emit = Callable[..., None]
 
 def resolve_mode(requested: str, run: RunSpec, spec: DistributedSpec, device: str) -> str:
     """A list of world sizes is a simulate-mode search; otherwise the single-device rule (worker.resolve_mode)."""
-    from galore_bench.worker import resolve_mode as single_device_mode
+    from galore_bench.run.worker import resolve_mode as single_device_mode
 
     if len(spec.world_sizes) > 1 and requested == "auto":
         return "simulate"
@@ -61,7 +62,7 @@ def simulate_record(scenario: Scenario, run: RunSpec) -> dict[str, Any]:
     spec = scenario.distributed
     if spec is None:
         raise UserError(f"{scenario.path}: no [distributed] table")
-    device = engine.record_device("simulate", engine.pick_device())
+    device = training.record_device("simulate", training.pick_device())
     record, started = new_record(scenario, run, "simulate", device), time.perf_counter()
     try:
         plans = sharding.plans_for(spec.strategy, spec.world_sizes, spec.cpu_offload, spec.fsdp_unit)
@@ -153,7 +154,7 @@ def wrap(model: torch.nn.Module, spec: DistributedSpec, device: torch.device, wo
 
 def _rank_batches(scenario: Scenario, run: RunSpec, device: torch.device, rank: int) -> Iterator[torch.Tensor]:
     """Each rank its own data (a different seed), as a distributed sampler would give it (built before the tracker)."""
-    data = engine.training_batches(scenario, run.model.vocab_size, seed_offset=7919 * rank)
+    data = training.training_batches(scenario, run.model.vocab_size, seed_offset=7919 * rank)
     return (batch.to(device) for batch in data.forever())
 
 
@@ -175,7 +176,7 @@ def rank_steps(scenario: Scenario, run: RunSpec, spec: DistributedSpec, device: 
                           label_grads_before_step=spec.strategy == "ddp")
     # DDP rebuilds its gradient buckets during the second forward: its steady state starts one step later
     steady = 2 if spec.strategy == "ddp" and world_size > 1 and steps > 2 else 1
-    done = engine.train_steps(scenario, run, fake=False, device=device, steps=steps, tracker=tracker,
+    done = training.train_steps(scenario, run, fake=False, device=device, steps=steps, tracker=tracker,
                               wrap=lambda model: wrap(model, spec, device, world_size),
                               batches=_rank_batches(scenario, run, device, rank), steady_from=steady,
                               progress=lambda step, total: emit(step=step, of=total))
@@ -244,7 +245,7 @@ def run_ranked(scenario: Scenario, run: RunSpec, backend: str, device: torch.dev
     if result["status"] != "ok":
         # The other ranks wait inside collectives this rank will never join: it reports the run from here and
         # leaves; the launcher (the runner, torchrun) then stops the rest. The marker tells the runner the path.
-        record = new_record(scenario, run, "measure", engine.device_name(device.type))
+        record = new_record(scenario, run, "measure", training.device_name(device.type))
         _fill_measured(record, scenario, spec, [result], backend, device, world=world)
         path = write_record(close_record(record, scenario, started), out)
         print(f"{RECORD_MARKER}{path}", file=sys.stderr, flush=True)
@@ -253,7 +254,7 @@ def run_ranked(scenario: Scenario, run: RunSpec, backend: str, device: torch.dev
     dist.gather_object(result, gathered, dst=0)
     if gathered is None:
         return None
-    record = new_record(scenario, run, "measure", engine.device_name(device.type))
+    record = new_record(scenario, run, "measure", training.device_name(device.type))
     _fill_measured(record, scenario, spec, gathered, backend, device)
     return write_record(close_record(record, scenario, started), out)
 
@@ -281,7 +282,7 @@ def _fill_measured(record: dict[str, Any], scenario: Scenario, spec: Distributed
                         else "tracker, max over ranks", "steady_state_from_step": worst["steady_state_from_step"]}
     first = results[0]
     train = scenario.train
-    rate = engine.throughput(first["step_seconds"], train.batch_size * train.seq_len * train.grad_accum, device.type)
+    rate = training.throughput(first["step_seconds"], train.batch_size * train.seq_len * train.grad_accum, device.type)
     if rate.get("tokens_per_second") is not None:
         rate["tokens_per_second"] *= world  # every rank trains its own batch; tgs stays per rank
     record["throughput"] = rate
@@ -334,8 +335,8 @@ def rank_main(request: dict[str, Any], rank: int, world_size: int, port: int, co
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`torchrun --nproc-per-node N -m galore_bench.distributed --scenario NAME`: every run, in order."""
-    parser = argparse.ArgumentParser(prog="python -m galore_bench.distributed", description=main.__doc__)
+    """`torchrun --nproc-per-node N -m galore_bench.run.ranks --scenario NAME`: every run, in order."""
+    parser = argparse.ArgumentParser(prog="python -m galore_bench.run.ranks", description=main.__doc__)
     parser.add_argument("--scenario", required=True)
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--label", action="append", help="only the run with this label (repeatable)")

@@ -3,7 +3,7 @@
 One row per record: the smallest world size whose per-rank peak fits the budget, the per-GPU peak there
 and at every candidate, beside the LOMO paper's Table 2 GPU count where the method and size match, and
 a sentence explaining any difference from the numbers themselves.
-Run: python -m galore_bench.gpu_fit results/ --out reports/cpu-simulate
+Run: python -m galore_bench.report.gpus results/ --out reports/cpu-simulate
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from galore_bench.scenario import UserError
+from galore_bench.errors import UserError
 from galore_bench.units import gib
 
 PAPER = "lomo_table2.csv"  # LOMO (arXiv 2306.09782) Table 2: GPUs and memory per GPU on RTX 3090s
@@ -99,7 +99,7 @@ def gpus_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def gpus_table(records: list[dict[str, Any]]) -> pd.DataFrame | None:
     """The GPUs-needed table for `galore-bench report`, when the records hold world-size searches."""
-    from galore_bench.report import reference_dir
+    from galore_bench.report.render import reference_dir
 
     rows = fit_rows(records, paper_rows(reference_dir()))
     return gpus_frame(rows) if rows else None
@@ -107,7 +107,7 @@ def gpus_table(records: list[dict[str, Any]]) -> pd.DataFrame | None:
 
 def render(paths: list[Path], out: Path) -> list[Path]:
     """<scenario>_gpus.md and .csv per scenario that has world-size searches."""
-    from galore_bench.report import load_records, provenance, reference_dir
+    from galore_bench.report.render import load_records, provenance, reference_dir
 
     records, files, skipped = load_records(paths)
     ref = reference_dir()
@@ -144,7 +144,7 @@ def render(paths: list[Path], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m galore_bench.gpu_fit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m galore_bench.report.gpus", description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="record files or folders")
     parser.add_argument("--out", type=Path, default=Path("reports/latest"))
     args = parser.parse_args(argv)

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from galore_bench.scenario import Scenario, UserError, load_scenario, selected_runs
+from galore_bench.errors import UserError
+from galore_bench.spec.scenario import Scenario, load_scenario, selected_runs
 
 EXECUTORS = ("local", "slurm")
 
@@ -31,10 +32,10 @@ def run_job(request: dict[str, Any]) -> str | None:
     """Body of one job (every task of it): one run of the scenario; returns the record path on rank 0."""
     import torch
 
-    from galore_bench import distributed
-    from galore_bench.engine import pick_device
+    from galore_bench.measure.training import pick_device
     from galore_bench.record import write_record
-    from galore_bench.worker import execute
+    from galore_bench.run import ranks
+    from galore_bench.run.worker import execute
 
     if request.get("threads"):
         torch.set_num_threads(request["threads"])
@@ -43,17 +44,17 @@ def run_job(request: dict[str, Any]) -> str | None:
     requested = request["mode"] or scenario.mode
     if spec is None:
         return str(write_record(execute(scenario, run, requested, request["steps"]), out))
-    if distributed.resolve_mode(requested, run, spec, pick_device()) == "simulate":
+    if ranks.resolve_mode(requested, run, spec, pick_device()) == "simulate":
         if _task_rank() != 0:  # a job sized for real ranks that resolved to simulate here: one record
             return None
-        return str(write_record(distributed.simulate_record(scenario, run), out))
+        return str(write_record(ranks.simulate_record(scenario, run), out))
     if "RANK" not in os.environ:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export()
-    device = distributed.rank_device(int(os.environ["LOCAL_RANK"]))
-    with distributed.process_group(spec, device) as backend:
-        path = distributed.run_ranked(scenario, run, backend, device, request["steps"], out)
+    device = ranks.rank_device(int(os.environ["LOCAL_RANK"]))
+    with ranks.process_group(spec, device) as backend:
+        path = ranks.run_ranked(scenario, run, backend, device, request["steps"], out)
     return str(path) if path else None
 
 
@@ -83,15 +84,15 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
                     only: str | None = None) -> list[Path]:
     """Submit every run (or those `only` names), wait for them, return the record paths (a failed job leaves an
     error record)."""
-    from galore_bench.runner import check_mode
+    from galore_bench.run.sweep import check_mode
 
     check_mode(scenario, mode)
     try:
         import submitit
     except ImportError:
         raise UserError("submitit is not installed: pip install 'galore-bench[cluster]'") from None
-    from galore_bench.runner import existing_record
-    from galore_bench.worker import died_record
+    from galore_bench.run.sweep import existing_record
+    from galore_bench.run.worker import died_record
 
     if executor not in EXECUTORS:
         raise UserError(f"--submitit {executor!r}: allowed one of {', '.join(EXECUTORS)}")

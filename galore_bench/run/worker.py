@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from galore_bench import engine
+from galore_bench.measure import training
 from galore_bench.methods import REGISTRY
 from galore_bench.models import parameter_count
 from galore_bench.record import empty_record, record_path, write_record
-from galore_bench.scenario import RunSpec, Scenario, load_scenario
+from galore_bench.spec.scenario import RunSpec, Scenario, load_scenario
 from galore_bench.units import format_bytes
 
 FAULT_ENV = "GALORE_BENCH_FAULT"  # test hook: "kill:<run label>" makes that run die mid-way (SIGKILL)
@@ -66,9 +66,9 @@ def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None,
     `snapshot_dir`: also write the CUDA caching allocator's memory snapshot (measure on CUDA only) beside the
     record there, for PyTorch's memory_viz.
     """
-    device = engine.pick_device()
+    device = training.pick_device()
     mode = resolve_mode(mode, run, device)
-    record = new_record(scenario, run, mode, engine.record_device(mode, device))
+    record = new_record(scenario, run, mode, training.record_device(mode, device))
     started = time.perf_counter()
     try:
         if mode == "estimate":
@@ -125,7 +125,7 @@ def close_record(record: dict[str, Any], scenario: Scenario, started: float) -> 
 
 def _estimate_fields(scenario: Scenario, run: RunSpec, target: str = "gpu") -> dict[str, Any]:
     """The closed-form estimate as a record stores it (labelled an estimate; tests hold it to simulate)."""
-    from galore_bench.estimate import estimate_run
+    from galore_bench.measure.estimate import estimate_run
 
     result = estimate_run(scenario, run, target)
     return {"peak_bytes": result.peak_bytes, "breakdown": result.breakdown, "category_peaks": result.category_peaks,
@@ -159,7 +159,7 @@ def _evaluator(scenario: Scenario, run: RunSpec, device: str) -> Callable[[torch
     """Validation perplexity on held-out batches of the scenario's data (never the training batches)."""
     from galore_bench.data import evaluate_perplexity
 
-    batches = engine.training_batches(scenario, run.model.vocab_size, split="validation")
+    batches = training.training_batches(scenario, run.model.vocab_size, split="validation")
     held_out = [b for _, b in zip(range(scenario.eval_batches), batches)]
     source = "wiki-offline validation split" if scenario.data == "wiki" else "synthetic (labelled; not real text)"
 
@@ -172,7 +172,7 @@ def _evaluator(scenario: Scenario, run: RunSpec, device: str) -> Callable[[torch
 def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, device: str,
            steps: int | None, snapshot: Path | None = None) -> None:
     fake = mode == "simulate"
-    traced, n_steps = engine.simulation_plan(run) if fake else (run, max(2, steps or scenario.train.steps))
+    traced, n_steps = training.simulation_plan(run) if fake else (run, max(2, steps or scenario.train.steps))
     if not fake and n_steps != scenario.train.steps:  # the LR schedule and the data length follow --steps
         scenario = dataclasses.replace(scenario, train=dataclasses.replace(scenario.train, steps=n_steps))
     if device == "cuda" and scenario.budget_bytes and not fake:
@@ -187,7 +187,7 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
     recording = snapshot is not None and device == "cuda" and not fake
     if recording:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
-    result = engine.train_steps(scenario, traced, fake=fake, device=device if not fake else "cpu", steps=n_steps,
+    result = training.train_steps(scenario, traced, fake=fake, device=device if not fake else "cpu", steps=n_steps,
                                 progress=progress, evaluate=evaluate, evaluate_every=scenario.eval_every)
     if recording and snapshot is not None:
         snapshot.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
     if fake and traced is not run:  # GaLore: step 3 refreshed every projector; step 2 alone is the plain step
         memory.update(includes_svd_refresh=True, peak_without_svd_refresh_bytes=result["step_peaks"][1])
     if fake:  # what a GPU would reserve (and whether the cap holds), from the same trace: a model, labelled
-        from galore_bench.allocator import replay
+        from galore_bench.measure.allocator import replay
 
         memory["allocator_model"] = _cross_check(record, "allocator_model",
                                                  lambda: replay(tracker.events or [], scenario.budget_bytes))
@@ -225,7 +225,7 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
     if not fake:
         train = scenario.train
         tokens = train.batch_size * train.seq_len * train.grad_accum
-        speed = engine.throughput(result["step_times"], tokens, device, _special_steps(run, n_steps))
+        speed = training.throughput(result["step_times"], tokens, device, _special_steps(run, n_steps))
         speed.update(_cross_check(record, "flops", lambda: _flops(scenario, run, speed, record["device"])) or {})
         record["throughput"] = speed
         record["quality"]["losses"] = result["losses"]
@@ -241,7 +241,7 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
 
 def _flops(scenario: Scenario, run: RunSpec, speed: dict[str, Any], device_name: str) -> dict[str, Any]:
     """Counted FLOPs of the method's step, PaLM model FLOPs, and MFU against the device's peak (GPU only)."""
-    from galore_bench import flops
+    from galore_bench.measure import flops
 
     train = scenario.train
     counted = flops.count_step_flops(scenario, run)

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from galore_bench.tracker import CATEGORIES, PHASE_CATEGORY, MemoryTracker, allocator_bytes
+from galore_bench.measure.tracker import CATEGORIES, PHASE_CATEGORY, MemoryTracker, allocator_bytes
 
 SHARDED = ("weights", "gradients", "optimizer_states")
 PREFETCH_UNITS = 2  # FSDP2 holds the unit it computes and the next, prefetched one
-HOW = ("sharding arithmetic over a single-device fake-tensor trace of the real step (galore_bench.sharding): "
+HOW = ("sharding arithmetic over a single-device fake-tensor trace of the real step (galore_bench.measure.sharding): "
        "FSDP2 dim-0 shards padded like FSDP2, + all-gathered units while forward/backward run; ranks symmetric")
 
 
@@ -246,10 +246,10 @@ class ShardingTracker(MemoryTracker):
 
 def trace(scenario: Any, run: Any, plans: list[Plan]) -> tuple[ShardingTracker, Any]:
     """Two fake-tensor steps of the real method code on one device, every plan's rank followed throughout."""
-    from galore_bench import engine
-    from galore_bench.tracker import CUDA_BLOCK
+    from galore_bench.measure import training
+    from galore_bench.measure.tracker import CUDA_BLOCK
 
     tracker = ShardingTracker(plans, round_to=CUDA_BLOCK)
-    done = engine.train_steps(scenario, run, fake=True, device="cpu", steps=engine.SIMULATE_STEPS, tracker=tracker,
+    done = training.train_steps(scenario, run, fake=True, device="cpu", steps=training.SIMULATE_STEPS, tracker=tracker,
                               on_built=lambda trainer: tracker.configure(trainer.model))
     return tracker, done["trainer"]

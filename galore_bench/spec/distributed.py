@@ -6,18 +6,14 @@ every other input mistake, before any process starts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
+
+from galore_bench.errors import Problems
 
 STRATEGIES = ("ddp", "fsdp2")
 BACKENDS = ("auto", "gloo", "nccl")
 FSDP_UNITS = ("layer", "linear")
 KEYS = ("strategy", "world_size", "cpu_offload", "fsdp_unit", "backend", "timeout_s")
-
-
-class Problems(Protocol):
-    def add(self, where: str, got: Any, allowed: str) -> None: ...
-
-    def unknown_keys(self, where: str, table: dict[str, Any], allowed: list[str]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from galore_bench.errors import UserError
 from galore_bench.record import load_record, reserved_of
-from galore_bench.scenario import Scenario, UserError, selected_runs
+from galore_bench.run.worker import FAULT_ENV, died_record
+from galore_bench.spec.scenario import Scenario, selected_runs
 from galore_bench.units import format_bytes
-from galore_bench.worker import FAULT_ENV, died_record
 
 CATEGORY_COLUMNS = ("weights", "gradients", "optimizer_states", "activations", "other")
 
@@ -40,13 +41,13 @@ def _context() -> Any:
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["galore_bench.worker"])
+        _CONTEXT.set_forkserver_preload(["galore_bench.run.worker"])
     return _CONTEXT
 
 
 def _run_worker(request: dict[str, Any], on_step, target=None) -> tuple[Path | None, str]:
     """Run one request in its own process, relay its step messages, return (record path, stderr tail)."""
-    from galore_bench.worker import child_main
+    from galore_bench.run.worker import child_main
 
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
@@ -84,7 +85,7 @@ def _free_port() -> int:
 
 def _run_ranks(request: dict[str, Any], world_size: int, on_step) -> tuple[Path | None, str]:
     """One process per rank (torchrun's env contract); if a rank dies, the others are stopped, not left hanging."""
-    from galore_bench.distributed import rank_main
+    from galore_bench.run.ranks import rank_main
 
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
@@ -148,7 +149,7 @@ def check_mode(scenario: Scenario, mode: str | None) -> None:
 
 
 def _named_record(stderr_files: list[Path]) -> Path | None:
-    from galore_bench.distributed import RECORD_MARKER
+    from galore_bench.run.ranks import RECORD_MARKER
 
     for path in stderr_files:
         for line in path.read_text(errors="replace").splitlines():
@@ -162,11 +163,12 @@ def _dispatch(scenario: Scenario, index: int, request: dict[str, Any], on_step) 
     spec = scenario.distributed
     if spec is None:
         return _run_worker(request, on_step)
-    from galore_bench import distributed, engine
+    from galore_bench.measure import training
+    from galore_bench.run import ranks
 
-    mode = distributed.resolve_mode(request["mode"] or scenario.mode, scenario.runs[index], spec, engine.pick_device())
+    mode = ranks.resolve_mode(request["mode"] or scenario.mode, scenario.runs[index], spec, training.pick_device())
     if mode == "simulate":
-        return _run_worker(request, on_step, target=distributed.simulate_main)
+        return _run_worker(request, on_step, target=ranks.simulate_main)
     if len(spec.world_sizes) > 1:
         return None, f"measure mode needs one world size, got {list(spec.world_sizes)} (a list is a simulate search)"
     return _run_ranks(request, spec.world_size, on_step)

@@ -10,9 +10,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from galore_bench.allocator import replay
-from galore_bench.estimate import estimate_run
-from galore_bench.scenario import RunSpec, Scenario
+from galore_bench.measure.allocator import replay
+from galore_bench.measure.estimate import estimate_run
+from galore_bench.spec.scenario import RunSpec, Scenario
 
 MAX_BATCH = 1 << 16
 
@@ -49,12 +49,12 @@ TraceProgress = Callable[[str, int], None]
 def _traced(scenario: Scenario, run: RunSpec, batch: int, budget: int,
             tracing: TraceProgress | None = None) -> tuple[int, dict[str, Any]]:
     """Simulated peak at `batch`, and that trace through the caching-allocator model capped at `budget`."""
-    from galore_bench import engine
+    from galore_bench.measure import training
 
     if tracing is not None:  # seconds per trace at 7B: say what is being traced
         tracing(run.label, batch)
-    planned, steps = engine.simulation_plan(run)
-    tracker = engine.train_steps(with_batch(scenario, batch), planned, fake=True, device="cpu", steps=steps)["tracker"]
+    planned, steps = training.simulation_plan(run)
+    tracker = training.train_steps(with_batch(scenario, batch), planned, fake=True, device="cpu", steps=steps)["tracker"]
     return tracker.peak, replay(tracker.events or [], budget)
 
 

@@ -8,20 +8,16 @@ from typing import Any
 
 import tomllib
 
+from galore_bench.errors import Problems, UserError, type_name
 from galore_bench.methods import REGISTRY, TrainSettings
-from galore_bench.methods.base import type_name
 from galore_bench.models import DTYPES, ZOO, ModelShape, matrix_shapes
-from galore_bench.parallel import DistributedSpec, parse_distributed
+from galore_bench.spec.distributed import DistributedSpec, parse_distributed
 from galore_bench.units import ALLOWED_UNITS, parse_bytes
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 MODES = ("auto", "estimate", "simulate", "measure")
 DATA_SOURCES = ("synthetic", "wiki")
 LR_SCHEDULES = ("constant", "cosine")
-
-
-class UserError(Exception):
-    """A mistake in the user's input: printed as a message with exit code 1, never a traceback."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,29 +100,7 @@ def load_scenario(name_or_path: str) -> Scenario:
     return parse_scenario(raw, path)
 
 
-class _Problems:
-    """Collects `file: field: got X, allowed Y` lines so the user sees them all at once."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.lines = path, list[str]()
-
-    def add(self, where: str, got: Any, allowed: str) -> None:
-        self.lines.append(f"{self.path}: {where}: got {got!r}, allowed {allowed}")
-
-    def unknown_keys(self, where: str, table: dict[str, Any], allowed: list[str]) -> None:
-        for key in table:
-            if key not in allowed:
-                self.add(f"{where}{key}", key, "one of " + ", ".join(allowed))
-
-    def table(self, raw: dict[str, Any], key: str) -> dict[str, Any]:
-        value = raw.get(key, {})
-        if not isinstance(value, dict):
-            self.add(key, value, "a table")
-            return {}
-        return value
-
-
-def _check_typed(problems: _Problems, where: str, value: Any, kind: type, minimum: float | None) -> bool:
+def _check_typed(problems: Problems, where: str, value: Any, kind: type, minimum: float | None) -> bool:
     is_number = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = is_number or (isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
     if not ok:
@@ -137,7 +111,7 @@ def _check_typed(problems: _Problems, where: str, value: Any, kind: type, minimu
     return ok
 
 
-def _parse_model(problems: _Problems, table: dict[str, Any]) -> tuple[str, ModelShape | None]:
+def _parse_model(problems: Problems, table: dict[str, Any]) -> tuple[str, ModelShape | None]:
     dims = [f.name for f in dataclasses.fields(ModelShape) if f.name != "source"]
     problems.unknown_keys("model.", table, ["size", *dims])
     if "size" in table:
@@ -160,7 +134,7 @@ def _parse_model(problems: _Problems, table: dict[str, Any]) -> tuple[str, Model
     return "custom", ModelShape(**{d: table[d] for d in dims if d in table}) if ok else None
 
 
-def _parse_train(problems: _Problems, table: dict[str, Any]) -> TrainSettings:
+def _parse_train(problems: Problems, table: dict[str, Any]) -> TrainSettings:
     defaults = TrainSettings()
     problems.unknown_keys("train.", table, [f.name for f in dataclasses.fields(TrainSettings)])
     values: dict[str, Any] = {}
@@ -180,7 +154,7 @@ def _parse_train(problems: _Problems, table: dict[str, Any]) -> TrainSettings:
     return dataclasses.replace(defaults, **values)
 
 
-def _parse_runs(problems: _Problems, runs: Any, model_name: str, model: ModelShape | None,
+def _parse_runs(problems: Problems, runs: Any, model_name: str, model: ModelShape | None,
                 train: TrainSettings) -> list[RunSpec]:
     if not isinstance(runs, list) or not runs:
         problems.add("runs", runs, "a non-empty array of [[runs]] tables")
@@ -235,7 +209,7 @@ def _parse_runs(problems: _Problems, runs: Any, model_name: str, model: ModelSha
 
 def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     """Validate a parsed TOML document; raise UserError listing every problem."""
-    problems = _Problems(path)
+    problems = Problems(path)
     problems.unknown_keys("", raw, ["description", "model", "train", "device", "eval", "runs", "distributed"])
     model_name, model = _parse_model(problems, problems.table(raw, "model"))
     train = _parse_train(problems, problems.table(raw, "train"))

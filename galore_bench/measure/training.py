@@ -17,10 +17,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
+from galore_bench.measure.tracker import CUDA_BLOCK, MemoryTracker
 from galore_bench.methods import REGISTRY, Trainer
 from galore_bench.models import DTYPES, build_model, causal_mask_skipped_under_fake_tensors, default_dtype
-from galore_bench.scenario import RunSpec, Scenario
-from galore_bench.tracker import CUDA_BLOCK, MemoryTracker
+from galore_bench.spec.scenario import RunSpec, Scenario
 
 ProgressFn = Callable[[int, int], None]
 EvaluateFn = Callable[[torch.nn.Module], dict[str, Any]]

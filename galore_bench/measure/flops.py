@@ -19,15 +19,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from galore_bench.engine import build_trainer
+from galore_bench.measure.tracker import MemoryTracker
+from galore_bench.measure.training import build_trainer
 from galore_bench.models import (
     ModelShape,
     causal_mask_skipped_under_fake_tensors,
     matrix_shapes,
     parameter_count,
 )
-from galore_bench.scenario import RunSpec, Scenario
-from galore_bench.tracker import MemoryTracker
+from galore_bench.spec.scenario import RunSpec, Scenario
 
 aten = torch.ops.aten
 

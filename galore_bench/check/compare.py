@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from galore_bench.errors import UserError
 from galore_bench.record import find_records, reserved_of
-from galore_bench.report import read_record
-from galore_bench.report_tables import CATEGORIES, as_number, to_markdown
-from galore_bench.scenario import UserError
+from galore_bench.report.render import read_record
+from galore_bench.report.tables import CATEGORIES, as_number, to_markdown
 from galore_bench.units import format_bytes
 
 COMPARE_FORMATS = ("md", "csv", "json")

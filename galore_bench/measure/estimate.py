@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from galore_bench.measure.tracker import CATEGORIES, CUDA_BLOCK, allocator_bytes
 from galore_bench.models import ModelShape, matrix_shapes
-from galore_bench.tracker import CATEGORIES, CUDA_BLOCK, allocator_bytes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller states in fp32

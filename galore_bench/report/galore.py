@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from galore_bench.record import reserved_of
-from galore_bench.report_tables import GB, GIB, as_number, cell_text, memory_of, paper_diff, per_unit
+from galore_bench.report.tables import GB, GIB, as_number, cell_text, memory_of, paper_diff, per_unit
 
 GALORE_NAMES = {"adamw": "full_rank", "galore": "galore", "lowrank": "low_rank", "lora": "lora", "relora": "relora"}
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "bf16": 2}

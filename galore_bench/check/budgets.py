@@ -22,8 +22,9 @@ from typing import Any
 
 import tomllib
 
+from galore_bench.errors import UserError
 from galore_bench.record import find_records, load_record, reserved_of
-from galore_bench.scenario import SCENARIO_DIR, UserError, load_scenario
+from galore_bench.spec.scenario import SCENARIO_DIR, load_scenario
 from galore_bench.units import ALLOWED_UNITS, format_bytes, parse_bytes
 
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
@@ -342,7 +343,7 @@ def run_check(budgets: Path, results: list[Path], run: bool = False, console: An
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     rules = load_budgets(budgets)
     if run:
-        from galore_bench.runner import run_scenario
+        from galore_bench.run.sweep import run_scenario
         for file, mode in dict.fromkeys((r.scenario_file, r.mode or "simulate") for r in rules):
             labels = ",".join(dict.fromkeys(r.run for r in rules  # only the runs a rule names, in its mode
                                             if (r.scenario_file, r.mode or "simulate") == (file, mode)))

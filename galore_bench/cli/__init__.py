@@ -7,8 +7,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from galore_bench.errors import UserError
 from galore_bench.record import DEFAULT_RESULTS
-from galore_bench.scenario import MODES, SCENARIO_DIR, UserError, load_scenario
+from galore_bench.spec.scenario import MODES, SCENARIO_DIR, load_scenario
 
 EPILOG = "Results are JSON records under results/<device>/<scenario>/; see README.md."
 
@@ -24,13 +25,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from galore_bench.runner import results_table, run_scenario
+    from galore_bench.run.sweep import results_table, run_scenario
 
     scenario = load_scenario(args.scenario)
     _check_run_arguments(args, scenario.mode, distributed=scenario.distributed is not None)
     console = Console(width=None if sys.stdout.isatty() else 160)
     if args.submitit:  # each run as a submitit job (local subprocesses or SLURM), records into the same folder
-        from galore_bench.cluster import parse_options, submit_scenario
+        from galore_bench.run.cluster import parse_options, submit_scenario
 
         paths = submit_scenario(scenario, out=args.out, executor=args.submitit, mode=args.mode, steps=args.steps,
                                 options=parse_options(args.cluster_option), skip_existing=args.skip_existing,
@@ -84,13 +85,13 @@ def _exit_status(paths: list[Path]) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from galore_bench.budgets import run_check
+    from galore_bench.check.budgets import run_check
 
     return run_check(args.budgets, args.results or [DEFAULT_RESULTS], run=args.run)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from galore_bench.report import parse_formats, render_report
+    from galore_bench.report.render import parse_formats, render_report
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     written = render_report(args.results or [DEFAULT_RESULTS], args.out, parse_formats(args.format),
@@ -102,7 +103,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from galore_bench.fit import fit_rows
+    from galore_bench.measure.largest_batch import fit_rows
     from galore_bench.units import format_bytes, parse_bytes
 
     scenario = load_scenario(args.scenario)
@@ -154,7 +155,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from galore_bench.compare import run_compare
+    from galore_bench.check.compare import run_compare
 
     return run_compare(args.a, args.b, fmt=args.format, out=args.out, fail_above=args.fail_above,
                        console=Console(width=None if sys.stdout.isatty() else 160))

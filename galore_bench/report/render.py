@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
-from galore_bench.gpu_fit import gpus_table
+from galore_bench.errors import UserError
 from galore_bench.record import find_records, load_record
-from galore_bench.report_galore import (
+from galore_bench.report.galore import (
     GALORE_NOTE,
     TABLE2_NOTES,
     TABLE3_NOTE,
@@ -29,8 +29,9 @@ from galore_bench.report_galore import (
     table3_table,
     table11_table,
 )
-from galore_bench.report_html import HtmlSection, HtmlTable, render_html
-from galore_bench.report_tables import (
+from galore_bench.report.gpus import gpus_table
+from galore_bench.report.html import HtmlSection, HtmlTable, render_html
+from galore_bench.report.tables import (
     breakdown_table,
     cell_text,
     fit_table,
@@ -39,7 +40,6 @@ from galore_bench.report_tables import (
     speed_table,
     to_markdown,
 )
-from galore_bench.scenario import UserError
 
 FORMATS = ("md", "csv", "png", "svg", "html")
 REFERENCE_ENV = "GALORE_BENCH_REFERENCE"
@@ -49,7 +49,7 @@ REQUIRED = ("scenario", "run", "method", "mode", "device", "status", "model", "t
 def reference_dir() -> Path:
     """Where the papers' CSVs are: $GALORE_BENCH_REFERENCE, else shared/reference beside the checkout."""
     env = os.environ.get(REFERENCE_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "reference"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "reference"
 
 
 def load_references(folder: Path) -> dict[str, pd.DataFrame]:
@@ -180,7 +180,7 @@ def parse_formats(text: str | set[str]) -> set[str]:
 
 def _figures(scenario: str, records: list[dict[str, Any]], labels: list[str]) -> dict[str, tuple[str, Any]]:
     """name -> (caption, matplotlib Figure) for every chart these records can fill."""
-    from galore_bench import report_charts as charts
+    from galore_bench.report import charts
 
     modes = ", ".join(sorted({f"{r['mode']} on {r['device']}" for r in records}))
     figures = {"breakdown": (f"memory breakdown at the peak ({modes})",
@@ -215,7 +215,9 @@ def render_report(record_paths: list[Path], out: Path, formats: set[str], *,
         tables = build_tables(group, labels, refs)
         figures = _figures(scenario, group, labels) if formats & {"png", "svg", "html"} else {}
         if figures:
-            from galore_bench import report_charts  # matplotlib only when a chart is asked for
+            from galore_bench.report import (
+                charts as report_charts,  # matplotlib only when a chart is asked for
+            )
         charts: list[tuple[str, Path]] = []
         for name, (caption, fig) in figures.items():
             paths = [out / f"{scenario}_{name}.{ext}" for ext in ("png", "svg") if ext in formats]

@@ -1,0 +1,1 @@
+"""Stage 6: gates that exit 1: memory budgets and per-category comparisons."""
