@@ -16,53 +16,11 @@ from galore_bench.cli import main
 from galore_bench.errors import UserError
 from galore_bench.record import SCHEMA_VERSION
 from galore_bench.report.charts import breakdown_figure, pareto_front
-from galore_bench.report.render import REFERENCE_ENV, render_report
+from galore_bench.report.references import OVERRIDE_ENV, PACKAGE_FOLDER, paper_table
+from galore_bench.report.render import render_report
 
 GIB = 2**30
 W7B = 6_738_415_616 * 2  # LLaMA-7B weights in BF16: 12.55 GiB
-SHIPPED = Path(__file__).resolve().parents[2] / "shared" / "reference"
-# the same rows as shared/reference, so these tests do not depend on that folder being beside the checkout
-REFERENCE = {
-    "lomo_table1.csv": """# LOMO Table 1 (GiB)
-optimizer,ac,params,gradients,optimizer_states,activations,total_printed
-adamw,no,12.55,12.55,75.31,45.61,147.02
-adamw,yes,12.55,12.55,75.31,1.79,102.20
-sgd,yes,12.55,12.55,25.10,1.79,51.99
-lomo,yes,12.55,0.24,0.00,1.79,14.58
-""",
-    "galore_table6_split.csv": """# GaLore Table 6 (GB)
-method,size,weights_gb,optimizer_states_gb
-full_rank,60m,0.12,0.23
-galore,60m,0.12,0.13
-""",
-    "galore_table2.csv": """# GaLore Table 2 (perplexity, GB)
-method,size,perplexity,memory_gb,rank,d_model_printed,training_tokens
-full_rank,60m,34.06,0.36,,256,1.1B
-galore,60m,34.88,0.24,128,256,1.1B
-low_rank,60m,78.18,0.26,128,256,1.1B
-lora,60m,34.99,0.36,128,256,1.1B
-full_rank,130m,25.08,0.76,,768,2.2B
-""",
-    "galore_memory_7b.csv": """# GaLore 7B memory
-item,value_gb,kind,source
-bf16_adam_baseline_total,58,printed,Fig.1
-8bit_galore_layerwise_total,22.0,printed,Sec.5.5
-8bit_adam_total_implied,46.5,derived,22.0 + 24.5
-""",
-    "galore_table11_1b.csv": """# GaLore Table 11 (GB)
-optimizer,per_layer_update,memory_gb,tokens_per_s
-adamw,no,13.60,1256.98
-adafactor,no,13.15,581.02
-galore_8bit,yes,5.63,1019.63
-""",
-    "galore_table3_7b.csv": """# GaLore Table 3 (7B, 8-bit, rank 1024)
-method,mem_gb,ppl_40k,ppl_80k,ppl_120k,ppl_150k
-galore_8bit,18,17.94,15.39,14.95,14.65
-adam_8bit,26,18.09,15.47,14.83,14.61
-""",
-}
-
-
 def make_record(run: str, method: str, parts: dict[str, int] | None, *, scenario: str = "lomo_7b",
                 model: str = "7b", batch: int = 8, seq: int = 512, ac: bool = True, status: str = "ok",
                 budget: int | None = 24 * GIB, layerwise: bool = False, minute: int = 0, tgs: float | None = None,
@@ -121,14 +79,10 @@ TABLE2_RUNS = [  # real CPU runs of 60m/130m: adamw ppl +2% / memory exact, galo
         ("adamw-130m", "adamw", "130m", 250_000_000, 500_000_000, 600.0, 26.0)])]
 
 
-@pytest.fixture
-def reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "reference"
-    folder.mkdir()
-    for name, text in REFERENCE.items():
-        (folder / name).write_text(text)
-    monkeypatch.setenv(REFERENCE_ENV, str(folder))
-    return folder
+@pytest.fixture(autouse=True)
+def packaged_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every report here compares against the paper tables shipped in the package, not an override."""
+    monkeypatch.delenv(OVERRIDE_ENV, raising=False)
 
 
 def write_records(folder: Path, records: list[dict]) -> Path:
@@ -149,7 +103,7 @@ def md_table(text: str, heading: str) -> list[dict[str, str]]:
 
 
 @pytest.fixture
-def lomo_report(tmp_path: Path, reference: Path) -> tuple[Path, list[Path]]:
+def lomo_report(tmp_path: Path) -> tuple[Path, list[Path]]:
     out = tmp_path / "out"
     return out, render_report([write_records(tmp_path / "results", LOMO_RUNS)], out, {"md", "csv", "png"})
 
@@ -174,7 +128,7 @@ def test_breakdown_numbers_equal_the_records(lomo_report):
             assert rows[record["run"]][f"{cat} %"] == f"{value / peak * 100:.2f}"
 
 
-def test_breakdown_gives_each_peak_as_a_multiple_of_inference_at_the_same_setting(tmp_path: Path, reference: Path):
+def test_breakdown_gives_each_peak_as_a_multiple_of_inference_at_the_same_setting(tmp_path: Path):
     floor = make_record("inference", "inference", parts(W7B, 0, 0, 1_300_000_000), minute=4)
     other_batch = make_record("lomo-b1", "lomo", parts(W7B, 0, 0, 10**9), minute=5, batch=1)
     sharded = make_record("lomo-fsdp", "lomo", parts(W7B // 8, 0, 0, 10**9), minute=6)
@@ -190,7 +144,7 @@ def test_breakdown_gives_each_peak_as_a_multiple_of_inference_at_the_same_settin
     assert "x inference" not in pd.read_csv(tmp_path / "out" / "lomo_7b_vs_lomo_table1.csv").columns
 
 
-def test_x_inference_per_rank_from_a_simulated_sweep_and_for_ddp_from_one_device(tmp_path: Path, reference: Path):
+def test_x_inference_per_rank_from_a_simulated_sweep_and_for_ddp_from_one_device(tmp_path: Path):
     """A sweep's inference record stands at its own smallest fitting world size, but holds every size's peak:
     an FSDP2 training run on 8 ranks is divided by the 8-rank one. A DDP rank holds a whole replica: 1 device."""
     sweep = {"strategy": "fsdp2", "cpu_offload": False, "fsdp_unit": "linear"}
@@ -211,13 +165,13 @@ def test_x_inference_per_rank_from_a_simulated_sweep_and_for_ddp_from_one_device
     assert csv.loc["sgd-ddp", "x inference"] == pytest.approx((2 * W7B + 1e9) / (W7B + 1e9))
 
 
-def test_lomo_paper_columns_and_flags(lomo_report, reference: Path):
+def test_lomo_paper_columns_and_flags(lomo_report):
     out, _ = lomo_report
     table = pd.read_csv(out / "lomo_7b_vs_lomo_table1.csv", keep_default_na=False)
-    paper = pd.read_csv(reference / "lomo_table1.csv", comment="#")
+    paper = paper_table("lomo_table1")
     for row in table.to_dict("records"):
-        expected = paper[(paper.optimizer == row["run"]) & (paper.ac == "yes")].iloc[0]
-        column = {"weights": "params", "peak": "total_printed"}.get(row["quantity"], row["quantity"])
+        expected = paper[(paper.optimizer == row["run"]) & (paper.activation_checkpointing == "yes")].iloc[0]
+        column = "total" if row["quantity"] == "peak" else row["quantity"]
         if column == "other":
             assert row["paper GiB"] == ""  # the paper has no 'other' column
         else:
@@ -253,7 +207,7 @@ def test_png_is_a_real_picture(lomo_report):
     assert not any("throughput" in p.name or "pareto" in p.name for p in written)
 
 
-def test_galore_table2_memory_against_table6(tmp_path: Path, reference: Path):
+def test_galore_table2_memory_against_table6(tmp_path: Path):
     out = tmp_path / "out"
     render_report([write_records(tmp_path / "results", GALORE_RUNS)], out, {"md", "csv"})
     table = pd.read_csv(out / "galore_table2_vs_galore_table6.csv", keep_default_na=False).set_index("run")
@@ -270,7 +224,7 @@ def test_galore_table2_memory_against_table6(tmp_path: Path, reference: Path):
     assert not (out / "galore_table2_budget.csv").exists()  # no budget in that scenario
 
 
-def test_7b_budget_table_and_oom_run(tmp_path: Path, reference: Path):
+def test_7b_budget_table_and_oom_run(tmp_path: Path):
     out = tmp_path / "out"
     written = render_report([write_records(tmp_path / "results", FIT_RUNS)], out, {"md", "csv", "png", "svg"})
     assert out / "7b_4090_breakdown.svg" in written
@@ -287,7 +241,7 @@ def test_7b_budget_table_and_oom_run(tmp_path: Path, reference: Path):
     assert "adam8bit: oom: OutOfMemoryError" in text
 
 
-def test_budget_table_shows_reserved_from_the_allocator_model_or_the_gpu(tmp_path: Path, reference: Path):
+def test_budget_table_shows_reserved_from_the_allocator_model_or_the_gpu(tmp_path: Path):
     adamw, oom, layerwise = (json.loads(json.dumps(r)) for r in FIT_RUNS)  # deep copies
     adamw["memory"]["allocator_model"] = {"peak_reserved_bytes": 24 * GIB - 2**20, "out_of_memory": "12 bytes ..."}
     layerwise["memory"]["allocator_model"] = {"peak_reserved_bytes": 21 * GIB, "out_of_memory": None}
@@ -307,7 +261,7 @@ def test_budget_table_shows_reserved_from_the_allocator_model_or_the_gpu(tmp_pat
     assert np.isnan(table.loc["adam8bit [simulate, simulated-cpu]", "reserved GiB"])  # died: nothing to show
 
 
-def test_table11_flags_each_reading_and_explains_adafactor(tmp_path: Path, reference: Path):
+def test_table11_flags_each_reading_and_explains_adafactor(tmp_path: Path):
     """Only ok 1B BF16 runs at token batch 256 without checkpointing (GaLore at rank 512) match; each reading more
     than 5% off is flagged, naming the one that agrees; Adafactor without a first moment names that setting."""
     one_b = {"scenario": "galore_table11", "model": "1b", "batch": 1, "seq": 256, "ac": False, "budget": None}
@@ -345,7 +299,7 @@ def test_table11_flags_each_reading_and_explains_adafactor(tmp_path: Path, refer
     assert row["flag"] == "allocated, reserved" and "does not say which reading" in row["cause"]
 
 
-def test_table3_sets_7b_weights_plus_states_beside_the_paper(tmp_path: Path, reference: Path):
+def test_table3_sets_7b_weights_plus_states_beside_the_paper(tmp_path: Path):
     """Only 7B, non-layer-wise, and GaLore at the paper's rank 1024; the cause reads the figure in GiB too."""
     seven_b = {"scenario": "galore_fig4", "batch": 1, "seq": 256, "ac": False}
     adam = make_record("adam8bit-7b", "adam8bit", parts(W7B, W7B, 13_687_467_008), minute=1, **seven_b)
@@ -370,22 +324,38 @@ def test_table3_sets_7b_weights_plus_states_beside_the_paper(tmp_path: Path, ref
 
 
 def test_without_reference_the_report_still_renders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(REFERENCE_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.setenv(OVERRIDE_ENV, str(tmp_path / "nowhere"))
     out = tmp_path / "out"
     render_report([write_records(tmp_path / "results", LOMO_RUNS)], out, {"md", "csv"})
     assert "paper columns omitted" in (out / "lomo_7b.md").read_text()
     assert (out / "lomo_7b_breakdown.csv").exists() and not (out / "lomo_7b_vs_lomo_table1.csv").exists()
 
 
-@pytest.mark.skipif(not SHIPPED.is_dir(), reason="shared/reference not beside the checkout")
-def test_shipped_reference_is_found_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv(REFERENCE_ENV, raising=False)
-    render_report([write_records(tmp_path / "results", LOMO_RUNS[:1])], tmp_path / "out", {"csv"})
+def test_packaged_tables_are_used_and_named_without_a_machine_path(tmp_path: Path):
+    render_report([write_records(tmp_path / "results", LOMO_RUNS[:1])], tmp_path / "out", {"md", "csv"})
     table = pd.read_csv(tmp_path / "out" / "lomo_7b_vs_lomo_table1.csv").set_index("quantity")
-    assert table.loc["optimizer_states", "paper GiB"] == 75.31
+    assert table.loc["optimizer_states", "paper GiB"] == 75.31  # LOMO Table 1, AdamW with checkpointing
+    lines = (tmp_path / "out" / "lomo_7b.md").read_text().splitlines()
+    line = next(line for line in lines if "paper references" in line)
+    assert line.startswith(f"- paper references ({PACKAGE_FOLDER}): ") and "lomo_table1.csv" in line
+    assert str(tmp_path) not in line and "/" not in line.split("): ")[1]  # table names, not paths
 
 
-def test_unreadable_records_are_clear_errors(tmp_path: Path, reference: Path):
+def test_an_override_folder_replaces_the_packaged_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    folder = tmp_path / "corrected"
+    folder.mkdir()
+    (folder / "lomo_table1.csv").write_text(
+        "table,row,optimizer,activation_checkpointing,quantity,value,unit,citation\n"
+        "Table 1,AdamW + checkpointing,adamw,yes,optimizer_states,70.00,GiB,a corrected figure\n")
+    monkeypatch.setenv(OVERRIDE_ENV, str(folder))
+    render_report([write_records(tmp_path / "results", LOMO_RUNS[:1])], tmp_path / "out", {"md", "csv"})
+    table = pd.read_csv(tmp_path / "out" / "lomo_7b_vs_lomo_table1.csv").set_index("quantity")
+    assert table.loc["optimizer_states", "paper GiB"] == 70.0 and np.isnan(table.loc["weights", "paper GiB"])
+    text = (tmp_path / "out" / "lomo_7b.md").read_text()
+    assert f"paper references (${OVERRIDE_ENV}={folder}): lomo_table1.csv" in text
+
+
+def test_unreadable_records_are_clear_errors(tmp_path: Path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**LOMO_RUNS[0], "schema_version": SCHEMA_VERSION + 1}))
     with pytest.raises(UserError, match="schema_version"):
@@ -413,7 +383,7 @@ def test_unreadable_records_are_clear_errors(tmp_path: Path, reference: Path):
         render_report([no_model], tmp_path / "out", {"md"})
 
 
-def test_a_folder_scan_skips_json_that_is_not_a_record(tmp_path: Path, reference: Path, capsys):
+def test_a_folder_scan_skips_json_that_is_not_a_record(tmp_path: Path, capsys):
     results = write_records(tmp_path / "results", LOMO_RUNS)
     (results / "notes.json").write_text(json.dumps({"todo": "rerun on the GPU"}))
     render_report([results], tmp_path / "out", {"csv"})
@@ -425,7 +395,7 @@ def test_a_folder_scan_skips_json_that_is_not_a_record(tmp_path: Path, reference
         render_report([results], tmp_path / "out", {"csv"})
 
 
-def test_cli_report(tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture):
+def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture):
     results = write_records(tmp_path / "results", LOMO_RUNS)
     assert main(["report", str(results), "--out", str(tmp_path / "out"), "--format", "md,csv"]) == 0
     assert (tmp_path / "out" / "lomo_7b.md").exists() and not (tmp_path / "out" / "lomo_7b_breakdown.png").exists()
@@ -433,7 +403,7 @@ def test_cli_report(tmp_path: Path, reference: Path, capsys: pytest.CaptureFixtu
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 1
 
 
-def test_provenance_marks_records_made_from_uncommitted_code(tmp_path: Path, reference: Path):
+def test_provenance_marks_records_made_from_uncommitted_code(tmp_path: Path):
     from galore_bench.record import environment
 
     env = environment()  # this checkout: a commit, and whether the package or scenarios differ from it
@@ -447,7 +417,7 @@ def test_provenance_marks_records_made_from_uncommitted_code(tmp_path: Path, ref
 
 
 @pytest.fixture
-def table2_report(tmp_path: Path, reference: Path) -> tuple[Path, list[Path]]:
+def table2_report(tmp_path: Path) -> tuple[Path, list[Path]]:
     oom = make_record("relora-60m", "relora", None, scenario="galore_table2", model="60m", status="oom",
                       budget=None, minute=30, mode="measure", device="cpu")
     out = tmp_path / "out"
@@ -455,10 +425,10 @@ def table2_report(tmp_path: Path, reference: Path) -> tuple[Path, list[Path]]:
     return out, render_report([results], out, {"md", "csv", "png", "svg"})
 
 
-def test_table2_perplexity_and_memory_beside_the_paper(table2_report, reference: Path):
+def test_table2_perplexity_and_memory_beside_the_paper(table2_report):
     out, _ = table2_report
     table = pd.read_csv(out / "galore_table2_vs_galore_table2.csv", keep_default_na=False).set_index("run")
-    paper = pd.read_csv(reference / "galore_table2.csv", comment="#").set_index(["method", "size"])
+    paper = paper_table("galore_table2").set_index(["method", "size"])
     assert len(table) == len(TABLE2_RUNS)  # the oom run has neither memory nor perplexity
     for record in TABLE2_RUNS:
         row, parts = table.loc[record["run"]], record["memory"]["breakdown"]
@@ -466,7 +436,8 @@ def test_table2_perplexity_and_memory_beside_the_paper(table2_report, reference:
         assert row["perplexity"] == pytest.approx(record["quality"]["perplexity"])
         assert row["memory GB"] == pytest.approx((parts["weights"] + parts["optimizer_states"]) / 1e9)
         assert row["peak GB"] == pytest.approx(record["memory"]["peak_bytes"] / 1e9)
-        assert row["paper perplexity"] == expected["perplexity"] and row["paper memory GB"] == expected["memory_gb"]
+        assert row["paper perplexity"] == expected["perplexity"]
+        assert row["paper memory GB"] == expected["memory"]
     assert table.loc["adamw-60m", "perplexity diff %"] == pytest.approx(2.0)
     assert table.loc["adamw-60m", "memory diff %"] == pytest.approx(0.0)
     assert table.loc["galore-60m", "memory diff %"] == pytest.approx(10.0)  # 0.264 GB against 0.24
@@ -483,7 +454,7 @@ def test_table2_perplexity_and_memory_beside_the_paper(table2_report, reference:
     assert "not comparable" in text.split("## GaLore Table 2 layout")[1]
 
 
-def test_table2_memory_cause_names_a_wider_dtype(tmp_path: Path, reference: Path):
+def test_table2_memory_cause_names_a_wider_dtype(tmp_path: Path):
     record = make_record("adamw-60m", "adamw", parts(240_000_000, 0, 480_000_000), scenario="galore_table2",
                          model="60m", budget=None, dtype="fp32")
     render_report([write_records(tmp_path / "results", [record])], tmp_path / "out", {"csv"})
@@ -558,7 +529,7 @@ class _Page(HTMLParser):
         self.text.append(data)
 
 
-def test_html_report_is_one_self_contained_escaped_page(tmp_path: Path, reference: Path):
+def test_html_report_is_one_self_contained_escaped_page(tmp_path: Path):
     evil = make_record("<script>alert(1)</script>", "sgd", parts(W7B, 0, 0, 1000), minute=40)
     results = write_records(tmp_path / "results", [*TABLE2_RUNS, *LOMO_RUNS, evil])
     out = tmp_path / "out"
@@ -582,7 +553,7 @@ def test_html_report_is_one_self_contained_escaped_page(tmp_path: Path, referenc
         assert needle in text, needle
 
 
-def test_cli_report_html_and_svg(tmp_path: Path, reference: Path):
+def test_cli_report_html_and_svg(tmp_path: Path):
     results = write_records(tmp_path / "results", FIT_RUNS)
     assert main(["report", str(results), "--out", str(tmp_path / "out"), "--format", "svg,html"]) == 0
     assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "7b_4090_breakdown.svg").exists()

@@ -5,7 +5,7 @@ import pytest
 
 from galore_bench.cli import main
 from galore_bench.errors import UserError
-from galore_bench.spec.scenario import SCENARIO_DIR, load_scenario
+from galore_bench.spec.scenario import SHIPPED_SCENARIOS, load_scenario, shipped_scenarios
 
 GOOD_RUN = '\n[[runs]]\nmethod = "adamw"\n'
 BROKEN = [  # (body, field, got, allowed-fragment)
@@ -81,12 +81,13 @@ def test_unknown_scenario_name():
 
 
 def test_shipped_scenarios_load_and_list(capsys):
-    shipped = sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+    shipped = shipped_scenarios()
     assert {"smoke_cpu", "7b_4090", "lomo_7b", "galore_table2"} <= set(shipped)
     for name in shipped:
         scenario = load_scenario(name)
         assert scenario.runs, name
-        assert (SCENARIO_DIR / f"{name}.toml").read_text().startswith("#"), f"{name} lacks its header comment"
+        header = (SHIPPED_SCENARIOS / f"{name}.toml").read_text()
+        assert header.startswith("#"), f"{name} lacks its header comment"
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in shipped)

@@ -24,7 +24,7 @@ import tomllib
 
 from galore_bench.errors import UserError
 from galore_bench.record import find_records, load_record, reserved_of
-from galore_bench.spec.scenario import SCENARIO_DIR, load_scenario
+from galore_bench.spec.scenario import load_scenario, shipped_scenarios
 from galore_bench.units import ALLOWED_UNITS, format_bytes, parse_bytes
 
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
@@ -111,7 +111,7 @@ def load_budgets(path: Path | str) -> list[Rule]:
         tables = []
     elif not tables:
         bad("budget", "no [[budget]] table", "at least one (a file that checks nothing would always pass)")
-    known = [p.stem for p in sorted(SCENARIO_DIR.glob("*.toml"))]
+    known = shipped_scenarios()
     rules: list[Rule] = []
     for i, table in enumerate(tables):
         at = f"budget[{i}]"

@@ -9,15 +9,15 @@ from rich.console import Console
 
 from galore_bench.errors import UserError
 from galore_bench.record import DEFAULT_RESULTS
-from galore_bench.spec.scenario import MODES, SCENARIO_DIR, load_scenario
+from galore_bench.spec.scenario import MODES, load_scenario, shipped_scenarios
 
 EPILOG = "Results are JSON records under results/<device>/<scenario>/; see README.md."
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     console = Console()
-    for path in sorted(SCENARIO_DIR.glob("*.toml")):
-        scenario = load_scenario(str(path))
+    for name in shipped_scenarios():
+        scenario = load_scenario(name)
         methods = ", ".join(r.label for r in scenario.runs)
         console.print(f"[bold]{scenario.name:<16}[/bold] {scenario.model_name:>5}  {scenario.description}  "
                       f"[dim]({methods})[/dim]", highlight=False)

@@ -43,7 +43,7 @@ def galore_table(records: list[dict[str, Any]], labels: list[str], paper: pd.Dat
         row: dict[str, Any] = {"run": label, "method": ref["method"], "size": ref["size"]}
         flags: list[str] = []
         for cat in ("weights", "optimizer_states"):
-            ours, theirs = parts.get(cat, 0) / GB, float(ref[f"{cat}_gb"])
+            ours, theirs = parts.get(cat, 0) / GB, float(ref[cat])
             diff, flagged = paper_diff(ours, theirs)
             row.update({f"{cat} GB": ours, f"paper {cat} GB": theirs, f"{cat} diff %": diff})
             flags += [cat] if flagged else []
@@ -83,7 +83,8 @@ def _table2_causes(record: dict[str, Any], ref: pd.Series, memory_off: bool, per
         steps = len(quality.get("losses") or []) or train.get("steps") or 0
         tokens = steps * train.get("batch_size", 0) * train.get("seq_len", 0) * train.get("grad_accum", 1)
         causes.append(f"perplexity: not comparable in absolute terms: ours is {steps} steps ({tokens:,} tokens) on "
-                      f"{record['device']} on other data; the paper pre-trains on {ref['training_tokens']} C4 tokens")
+                      f"{record['device']} on other data; the paper pre-trains on "
+                      f"{ref['training_tokens'] / 1e9:g}B C4 tokens")
     return "; ".join(causes)
 
 
@@ -97,10 +98,10 @@ def table2_table(records: list[dict[str, Any]], labels: list[str], paper: pd.Dat
             continue
         memory = (parts.get("weights", 0) + parts.get("optimizer_states", 0)) / GB if parts else None
         ppl_diff, ppl_off = paper_diff(perplexity, float(ref["perplexity"]))
-        mem_diff, mem_off = paper_diff(memory, float(ref["memory_gb"]))
+        mem_diff, mem_off = paper_diff(memory, float(ref["memory"]))
         rows.append({"run": label, "method": ref["method"], "size": ref["size"], "perplexity": perplexity,
                      "paper perplexity": float(ref["perplexity"]), "perplexity diff %": ppl_diff,
-                     "memory GB": memory, "paper memory GB": float(ref["memory_gb"]), "memory diff %": mem_diff,
+                     "memory GB": memory, "paper memory GB": float(ref["memory"]), "memory diff %": mem_diff,
                      "peak GB": per_unit(peak, GB), "flag": ", ".join(["perplexity"] * ppl_off + ["memory"] * mem_off),
                      "cause": _table2_causes(record, ref, mem_off, ppl_off)})
     return pd.DataFrame(rows) if rows else None
@@ -167,7 +168,7 @@ def table11_table(records: list[dict[str, Any]], labels: list[str], paper: pd.Da
         ref, peak = _table11_match(record, paper), memory_of(record)[0]
         if ref is None or not peak:
             continue
-        theirs, reserved = float(ref["memory_gb"]), reserved_of(record)[0]
+        theirs, reserved = float(ref["memory"]), reserved_of(record)[0]
         peak_diff, peak_off = paper_diff(peak / GB, theirs)
         reserved_diff, reserved_off = paper_diff(per_unit(reserved, GB), theirs)
         readings = {"allocated": peak_off, **({"reserved": reserved_off} if reserved is not None else {})}
@@ -177,7 +178,7 @@ def table11_table(records: list[dict[str, Any]], labels: list[str], paper: pd.Da
                      "peak GB": peak / GB, "reserved GB": per_unit(reserved, GB), "paper GB": theirs,
                      "peak diff %": peak_diff, "reserved diff %": reserved_diff,
                      "tokens/s": as_number((record.get("throughput") or {}).get("tokens_per_second")),
-                     "paper tokens/s": float(ref["tokens_per_s"]), "flag": ", ".join(off),
+                     "paper tokens/s": float(ref["throughput"]), "flag": ", ".join(off),
                      "cause": _table11_cause(record, off, ok, peak / GB, theirs) if off else ""})
     return pd.DataFrame(rows) if rows else None
 
@@ -202,7 +203,7 @@ def table3_table(records: list[dict[str, Any]], labels: list[str], paper: pd.Dat
         if not len(match):
             continue
         held = parts.get("weights", 0) + parts.get("optimizer_states", 0)
-        theirs = float(match.iloc[0]["mem_gb"])
+        theirs = float(match.iloc[0]["memory"])
         diff, flagged = paper_diff(held / GB, theirs)
         in_gib, _ = paper_diff(held / GIB, theirs)
         rows.append({"run": label, "method": name, "weights GB": parts.get("weights", 0) / GB,

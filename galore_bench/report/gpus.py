@@ -8,7 +8,6 @@ Run: python -m galore_bench.report.gpus results/ --out reports/cpu-simulate
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,18 +15,16 @@ from typing import Any
 import pandas as pd
 
 from galore_bench.errors import UserError
+from galore_bench.report.references import paper_table, provenance_line
 from galore_bench.units import gib
 
-PAPER = "lomo_table2.csv"  # LOMO (arXiv 2306.09782) Table 2: GPUs and memory per GPU on RTX 3090s
+PAPER = "lomo_table2"  # LOMO (arXiv 2306.09782) Table 2: GPUs and memory per GPU on RTX 3090s
 
 
-def paper_rows(folder: Path) -> dict[tuple[str, str], dict[str, str]]:
-    """(size, optimizer) -> the paper's row; empty when the reference file is not there."""
-    path = folder / PAPER
-    if not path.is_file():
-        return {}
-    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
-    return {(row["params"], row["optimizer"]): row for row in csv.DictReader(lines)}
+def paper_rows(paper: pd.DataFrame | None) -> dict[tuple[str, str], dict[str, Any]]:
+    """(size, optimizer) -> the paper's row; empty without the paper table."""
+    rows = [] if paper is None else paper.to_dict("records")
+    return {(row["model"], row["optimizer"]): row for row in rows}
 
 
 def _gb(n: float | None) -> str:
@@ -77,7 +74,7 @@ def fit_rows(records: list[dict[str, Any]], papers: dict[tuple[str, str], dict[s
                "fsdp_unit": dist.get("fsdp_unit"), "gpus_needed": dist.get("gpus_needed"),
                "world_size": dist["world_size"], "peak_bytes": dist["max_rank_peak_bytes"],
                "paper_gpus": int(paper["gpus"]) if paper else None,
-               "paper_memory_gb": float(paper["memory_per_gpu_gb"]) if paper else None, "by_world_size": by_n}
+               "paper_memory_gb": float(paper["memory_per_gpu"]) if paper else None, "by_world_size": by_n}
         extra = {"breakdown_at_count": record["memory"]["breakdown"],
                  "transient_backward": (dist.get("transient_bytes") or {}).get("backward", 0)}
         row["explanation"] = explain(row, record["budget"]["bytes"] or 0, extra)
@@ -97,21 +94,18 @@ def gpus_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         for r in rows])
 
 
-def gpus_table(records: list[dict[str, Any]]) -> pd.DataFrame | None:
+def gpus_table(records: list[dict[str, Any]], paper: pd.DataFrame | None) -> pd.DataFrame | None:
     """The GPUs-needed table for `galore-bench report`, when the records hold world-size searches."""
-    from galore_bench.report.render import reference_dir
-
-    rows = fit_rows(records, paper_rows(reference_dir()))
+    rows = fit_rows(records, paper_rows(paper))
     return gpus_frame(rows) if rows else None
 
 
 def render(paths: list[Path], out: Path) -> list[Path]:
     """<scenario>_gpus.md and .csv per scenario that has world-size searches."""
-    from galore_bench.report.render import load_records, provenance, reference_dir
+    from galore_bench.report.render import load_records, provenance
 
     records, files, skipped = load_records(paths)
-    ref = reference_dir()
-    papers = paper_rows(ref)
+    papers = paper_rows(paper_table(PAPER))
     rows = fit_rows(records, papers)
     if not rows:
         raise UserError("no ok record with a world-size search (distributed.world_size = [..]) among the records")
@@ -125,8 +119,8 @@ def render(paths: list[Path], out: Path) -> list[Path]:
         head, table = list(frame.columns), frame.values.tolist()
         csv_path = out / f"{scenario}_gpus.csv"
         frame.to_csv(csv_path, index=False)
-        info = provenance([rec for rec, _ in used], [f for _, f in used], skipped.get(scenario, 0), ref,
-                          {"lomo_table2": True} if papers else {})
+        info = provenance([rec for rec, _ in used], [f for _, f in used], skipped.get(scenario, 0),
+                          provenance_line([PAPER] if papers else []))
         first = mine[0]
         md = [f"# GPUs needed: {scenario}", "", *[f"- {line}" for line in info],
               f"- budget per GPU: {budget}; strategy {first['strategy']}"

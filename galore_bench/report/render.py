@@ -7,7 +7,6 @@ where the run's setting matches the paper's; a value more than 5% off is flagged
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,6 +30,7 @@ from galore_bench.report.galore import (
 )
 from galore_bench.report.gpus import gpus_table
 from galore_bench.report.html import HtmlSection, HtmlTable, render_html
+from galore_bench.report.references import load_references, provenance_line
 from galore_bench.report.tables import (
     breakdown_table,
     cell_text,
@@ -42,22 +42,7 @@ from galore_bench.report.tables import (
 )
 
 FORMATS = ("md", "csv", "png", "svg", "html")
-REFERENCE_ENV = "GALORE_BENCH_REFERENCE"
 REQUIRED = ("scenario", "run", "method", "mode", "device", "status", "model", "train", "budget", "memory")
-
-
-def reference_dir() -> Path:
-    """Where the papers' CSVs are: $GALORE_BENCH_REFERENCE, else shared/reference beside the checkout."""
-    env = os.environ.get(REFERENCE_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "reference"
-
-
-def load_references(folder: Path) -> dict[str, pd.DataFrame]:
-    """The reference tables that exist (a missing one just drops its paper columns)."""
-    names = {"lomo": "lomo_table1.csv", "galore": "galore_table6_split.csv", "table2": "galore_table2.csv",
-             "fit": "galore_memory_7b.csv", "table11": "galore_table11_1b.csv", "table3": "galore_table3_7b.csv"}
-    return {key: pd.read_csv(folder / name, comment="#", dtype={"ac": str})
-            for key, name in names.items() if (folder / name).is_file()}
 
 
 def read_record(path: Path) -> dict[str, Any]:
@@ -111,18 +96,17 @@ def _commit(record: dict[str, Any]) -> str | None:
     return f"{commit} + uncommitted changes" if commit and env.get("git_dirty") else commit
 
 
-def provenance(records: list[dict[str, Any]], files: list[Path], skipped: int, ref: Path, refs: dict) -> list[str]:
+def provenance(records: list[dict[str, Any]], files: list[Path], skipped: int, paper_line: str) -> list[str]:
     """Where the numbers come from: enough to rerun them or to tell two reports apart."""
     def values(get) -> str:
         return ", ".join(sorted({str(v) for v in map(get, records)})) or "-"
     packages = lambda name: lambda r: ((r.get("env") or {}).get("packages") or {}).get(name)
-    found = ", ".join(sorted(refs)) if refs else "not found: paper columns omitted (set GALORE_BENCH_REFERENCE)"
     return [f"records used: {len(records)}" + (f" ({skipped} older duplicate(s) skipped)" if skipped else ""),
             f"mode(s): {values(lambda r: r['mode'])}; device(s): {values(lambda r: r['device'])}",
             f"git commit(s): {values(_commit)}",
             f"galore-bench: {values(packages('galore-bench'))}; torch: {values(packages('torch'))}",
             f"record files: {', '.join(_shown(f) for f in files)}",
-            f"paper references ({ref}): {found}",
+            paper_line,
             f"generated: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
             "units: GiB = 2^30 bytes, GB = 10^9 bytes; breakdowns are the composition at the peak"]
 
@@ -159,15 +143,18 @@ SECTIONS = {
 
 
 def build_tables(records: list[dict[str, Any]], labels: list[str], refs: dict) -> dict[str, pd.DataFrame]:
-    """Every table that has rows; paper comparisons only where their reference CSV was found."""
-    table2 = table2_table(records, labels, refs["table2"]) if "table2" in refs else None
+    """Every table that has rows; paper comparisons only where their paper table was found."""
+    def beside(build, name: str) -> pd.DataFrame | None:
+        return build(records, labels, refs[name]) if name in refs else None
+    table2 = beside(table2_table, "galore_table2")
     tables = {"breakdown": breakdown_table(records, labels), "speed": speed_table(records, labels),
-              "vs_lomo_table1": lomo_table(records, labels, refs["lomo"]) if "lomo" in refs else None,
-              "vs_galore_table2": table2, "galore_table2_grid": table2_grid(table2) if table2 is not None else None,
-              "vs_galore_table6": galore_table(records, labels, refs["galore"]) if "galore" in refs else None,
-              "vs_galore_table11": table11_table(records, labels, refs["table11"]) if "table11" in refs else None,
-              "vs_galore_table3": table3_table(records, labels, refs["table3"]) if "table3" in refs else None,
-              "budget": fit_table(records, labels, refs.get("fit")), "gpus": gpus_table(records)}
+              "vs_lomo_table1": beside(lomo_table, "lomo_table1"), "vs_galore_table2": table2,
+              "galore_table2_grid": table2_grid(table2) if table2 is not None else None,
+              "vs_galore_table6": beside(galore_table, "galore_table6"),
+              "vs_galore_table11": beside(table11_table, "galore_table11"),
+              "vs_galore_table3": beside(table3_table, "galore_table3"),
+              "budget": fit_table(records, labels, refs.get("galore_7b_totals")),
+              "gpus": gpus_table(records, refs.get("lomo_table2"))}
     return {name: df for name, df in tables.items() if df is not None}
 
 
@@ -203,7 +190,7 @@ def render_report(record_paths: list[Path], out: Path, formats: set[str], *,
     """Write every table and chart for the records (files or folders); returns the files written."""
     formats = parse_formats(formats)
     records, files, skipped = load_records(record_paths)
-    refs = load_references(ref) if (ref := reference_dir()).is_dir() else {}
+    refs = load_references()
     (out := Path(out)).mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     sections: list[HtmlSection] = []
@@ -232,7 +219,7 @@ def render_report(record_paths: list[Path], out: Path, formats: set[str], *,
                 console.print(rich_table(f"{scenario}: {SECTIONS[name][0]}", df))
         failed = [f"{label}: {r['status']}: {((r.get('error') or '').strip() or '-').splitlines()[0][:200]}"
                   for r, label in zip(group, labels) if r["status"] != "ok"]
-        items = provenance(group, sources, skipped[scenario], ref, refs)
+        items = provenance(group, sources, skipped[scenario], provenance_line(list(refs)))
         if "md" in formats:
             lines = [f"# Memory report: {scenario}", "", *(f"- {item}" for item in items), ""]
             lines += [f"![{caption}]({path.name})\n" for caption, path in charts]

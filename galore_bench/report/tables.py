@@ -19,7 +19,7 @@ from galore_bench.record import reserved_of
 GIB, GB = 2**30, 10**9
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
 FLAG_PERCENT = 5.0
-# (method, layerwise) -> row of galore_memory_7b.csv (LLaMA-7B, token batch 256, no checkpointing)
+# (method, layerwise) -> claim in the galore_7b_totals table (LLaMA-7B, token batch 256, no checkpointing)
 FIT_ITEMS = {("adamw", False): "bf16_adam_baseline_total", ("adam8bit", False): "8bit_adam_total_implied",
              ("galore8bit", True): "8bit_galore_layerwise_total"}
 
@@ -125,7 +125,8 @@ def _lomo_row(record: dict[str, Any], paper: pd.DataFrame) -> pd.Series | None:
     if record["model"]["name"] != "7b" or (train.get("batch_size"), train.get("seq_len")) != (8, 512):
         return None
     ac = "yes" if train.get("activation_checkpointing") else "no"
-    match = paper[(paper["optimizer"] == record["method"]["name"]) & (paper["ac"] == ac)]
+    checkpointing = paper["activation_checkpointing"]
+    match = paper[(paper["optimizer"] == record["method"]["name"]) & (checkpointing == ac)]
     return match.iloc[0] if len(match) else None
 
 
@@ -144,13 +145,14 @@ def lomo_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataF
         for quantity in (*CATEGORIES, "peak"):
             at_peak = (peak if quantity == "peak" else parts.get(quantity, 0)) / GIB
             ours = (own.get(quantity, at_peak * GIB) / GIB) if own and quantity != "peak" else at_peak
-            column = {"weights": "params", "peak": "total_printed"}.get(quantity, quantity)
+            column = "total" if quantity == "peak" else quantity
             theirs = float(ref[column]) if column in ref.index else None
             diff, flagged = paper_diff(ours, theirs)
             freed = quantity == "activations" and theirs and ours < 0.1 * theirs
             cause = ACTIVATIONS_FREED if freed else (LOMO_CAUSES.get((record["method"]["name"], quantity))
                                                      or LOMO_CAUSES.get(("*", quantity), ""))
-            rows.append({"run": label, "ac": ref["ac"], "quantity": quantity, "ours GiB": ours,
+            rows.append({"run": label, "ac": ref["activation_checkpointing"], "quantity": quantity,
+                         "ours GiB": ours,
                          "at peak GiB": at_peak, "% of peak": at_peak * GIB / peak * 100, "paper GiB": theirs,
                          "diff %": diff, "flag": ">5%" if flagged else "", "cause": cause if flagged else ""})
     return pd.DataFrame(rows) if rows else None
@@ -191,9 +193,9 @@ def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFr
                          and train.get("batch_size", 0) * train.get("seq_len", 0) == 256)
         key = (record["method"]["name"], bool(record["method"].get("layerwise")))
         item = FIT_ITEMS.get(key) if paper_setting else None
-        match = paper[paper["item"] == item] if paper is not None and item is not None else pd.DataFrame()
+        match = paper[paper["claim"] == item] if paper is not None and item is not None else pd.DataFrame()
         if item is not None and len(match):
-            theirs = float(match.iloc[0]["value_gb"])
+            theirs = float(match.iloc[0]["memory"])
             diff, flagged = paper_diff(row["peak GB"], theirs)
             row.update({"paper GB": theirs, "paper kind": match.iloc[0]["kind"], "diff %": diff,
                         "flag": ">5%" if flagged else "", "cause": FIT_CAUSES[item] if flagged else ""})

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ from galore_bench.models import DTYPES, ZOO, ModelShape, matrix_shapes
 from galore_bench.spec.distributed import DistributedSpec, parse_distributed
 from galore_bench.units import ALLOWED_UNITS, parse_bytes
 
-SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+# package data, read through importlib.resources: an installed wheel need not be a plain folder
+SHIPPED_SCENARIOS = resources.files("galore_bench") / "scenarios"
 MODES = ("auto", "estimate", "simulate", "measure")
 DATA_SOURCES = ("synthetic", "wiki")
 LR_SCHEDULES = ("constant", "cosine")
@@ -75,24 +78,31 @@ def run_label(method: str, opts: dict[str, Any], model_name: str | None = None) 
     return method + ("-layerwise" if opts.get("layerwise") else "") + (f"-{model_name}" if model_name else "")
 
 
-def find_scenario(name_or_path: str) -> Path:
-    """A path to a .toml file, or the name of a shipped scenario."""
+def shipped_scenarios() -> list[str]:
+    """The names of the scenarios shipped inside the package, sorted (what `list` prints)."""
+    return sorted(entry.name.removesuffix(".toml") for entry in SHIPPED_SCENARIOS.iterdir()
+                  if entry.name.endswith(".toml"))
+
+
+def find_scenario(name_or_path: str) -> Traversable:
+    """A user's .toml file by path, or a shipped scenario by name."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise UserError(f"{name_or_path}: no such scenario file")
         return path
-    shipped = SCENARIO_DIR / f"{name_or_path}.toml"
+    shipped = SHIPPED_SCENARIOS / f"{name_or_path}.toml"
     if not shipped.is_file():
-        known = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+        known = ", ".join(shipped_scenarios())
         raise UserError(f"{name_or_path}: unknown scenario; allowed: {known} or a path to a .toml file")
     return shipped
 
 
 def load_scenario(name_or_path: str) -> Scenario:
-    path = find_scenario(name_or_path)
+    source = find_scenario(name_or_path)
+    path = Path(str(source))  # a shipped one installed as files: its real path, which a run's process reloads
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
