@@ -58,6 +58,7 @@ def fresh_venv(tmp: Path, wheel: Path) -> Path:
 
 
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path):
+    pytest.importorskip("setuptools", "68", reason="building offline (--no-build-isolation) needs setuptools here")
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert sorted(n.split("/")[-1][:-5] for n in names if n.startswith("galore_bench/scenarios/")) == SHIPPED
