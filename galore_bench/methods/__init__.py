@@ -65,42 +65,38 @@ def _definitions(source: str, found: object) -> tuple[MethodDef, ...]:
 
 
 class Registry(Mapping[str, MethodDef]):
-    """name -> MethodDef: the shipped methods, then entry-point plugins, then GALORE_BENCH_METHODS' modules
-    (re-read whenever the variable changes, so setting it after import still counts)."""
+    """name -> MethodDef: the shipped methods, then entry-point plugins, then the modules GALORE_BENCH_METHODS
+    names now (re-read whenever the variable changes, so setting or clearing it after import counts)."""
 
     def __init__(self, shipped: tuple[MethodDef, ...]) -> None:
-        self._methods = {m.name: m for m in shipped}
-        self._loaded: set[str] = set()
-        self._entry_points_read = False
-        self._env_read: str | None = None
+        self._shipped = shipped
+        self._methods: dict[str, MethodDef] = {}
+        self._imported: dict[str, tuple[MethodDef, ...]] = {}
+        self._built_for: str | None = None
 
-    def _add(self, source: str, found: object) -> None:
-        for method in _definitions(source, found):
-            known = self._methods.get(method.name)
-            if known is not None and known is not method:
-                raise UserError(f"method plugin {source}: method name '{method.name}' is already registered")
-            self._methods[method.name] = method
-
-    def _use(self, specs: str) -> None:
-        for spec in filter(None, (s.strip() for s in specs.split(","))):
-            if spec in self._loaded:
-                continue
+    def _plugin(self, spec: str) -> tuple[MethodDef, ...]:
+        if spec not in self._imported:
             try:
                 module = _import(spec)
             except ImportError as exc:
                 raise UserError(f"{PLUGIN_ENV}: cannot import method plugin {spec}: {exc}") from exc
-            self._add(spec, module)
-            self._loaded.add(spec)
+            self._imported[spec] = _definitions(spec, module)
+        return self._imported[spec]
 
     def _refresh(self) -> None:
-        if not self._entry_points_read:
-            for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-                self._add(f"entry point {point.name}", point.load())
-            self._entry_points_read = True
         specs = os.environ.get(PLUGIN_ENV) or ""
-        if specs != self._env_read:
-            self._use(specs)
-            self._env_read = specs
+        if specs == self._built_for:
+            return
+        sources = [("entry point " + point.name, _definitions(point.name, point.load()))
+                   for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
+        sources += [(spec, self._plugin(spec)) for spec in filter(None, (s.strip() for s in specs.split(",")))]
+        methods = {m.name: m for m in self._shipped}
+        for source, defs in sources:
+            for method in defs:
+                if methods.get(method.name, method) is not method:
+                    raise UserError(f"method plugin {source}: method name '{method.name}' is already registered")
+                methods[method.name] = method
+        self._methods, self._built_for = methods, specs
 
     def __getitem__(self, name: str) -> MethodDef:
         self._refresh()

@@ -20,7 +20,7 @@ import torch
 
 from galore_bench.measure import training
 from galore_bench.measure.estimate import EstimateUnavailable, estimate_run
-from galore_bench.methods import REGISTRY
+from galore_bench.methods import REGISTRY, use_plugins
 from galore_bench.models import parameter_count
 from galore_bench.record import empty_record, record_path, write_record
 from galore_bench.spec.scenario import RunSpec, Scenario, load_scenario
@@ -276,6 +276,7 @@ def child_main(request: dict[str, Any], conn: Any, stderr_path: str) -> None:
     global _emit, _FAULT
     child_io(stderr_path, request.get("threads"))
     _emit, _FAULT = _Reporter(conn), request.get("fault")
+    use_plugins(request.get("method_plugins"))
     scenario = load_scenario(request["scenario"])
     run = scenario.runs[request["run_index"]]
     record = execute(scenario, run, request["mode"] or scenario.mode, request.get("steps"),
