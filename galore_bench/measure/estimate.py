@@ -17,8 +17,8 @@ The step's memory is modelled at the moments where it peaks, and the largest one
                 (every checkpoint saved) and last (layer 0: every later gradient held, non-layer-wise);
   optimizer     weights + states + all gradients + the optimizer's temporaries (non-layer-wise);
   and any moment the method adds (GaLore: svd_refresh, the SVDs of a projector refresh).
-The inference reference (autograd off) has three, weights + live activations each: the loss's tensors
-(loss_forward), and the last layer's MLP and attention transients (mlp_forward, attention_forward).
+A forward-only method (autograd off: the inference reference) has three, weights + live activations each: the
+loss's tensors (loss_forward), and the last layer's MLP and attention transients (mlp_forward, attention_forward).
 """
 from __future__ import annotations
 
