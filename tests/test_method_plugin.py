@@ -3,11 +3,13 @@ measure and the reports, with no other file edited: GALORE_BENCH_METHODS names t
 from __future__ import annotations
 
 import json
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from galore_bench import methods
 from galore_bench.cli import main
 from galore_bench.errors import UserError
 from galore_bench.measure.estimate import EstimateUnavailable, estimate
@@ -125,3 +127,18 @@ def test_the_registry_follows_the_variable_and_names_a_broken_plugin(monkeypatch
     monkeypatch.setenv(PLUGIN_ENV, str(clash))
     with pytest.raises(UserError, match="method name 'sgd' is already registered"):
         list(REGISTRY)
+
+
+def test_an_installed_package_adds_methods_through_its_entry_point(monkeypatch):
+    point = EntryPoint(name="heavy", value="tests.plugin_method", group=methods.ENTRY_POINT_GROUP)
+    monkeypatch.delenv(PLUGIN_ENV, raising=False)
+    monkeypatch.setattr(methods.importlib.metadata, "entry_points",
+                        lambda group: [point] if group == methods.ENTRY_POINT_GROUP else [])
+    REGISTRY.reload()
+    try:
+        assert list(REGISTRY)[-2:] == ["heavyball", "sketch"]
+        assert REGISTRY["heavyball"].estimate is not None
+    finally:
+        monkeypatch.undo()
+        REGISTRY.reload()
+    assert "heavyball" not in REGISTRY

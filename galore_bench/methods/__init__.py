@@ -98,6 +98,10 @@ class Registry(Mapping[str, MethodDef]):
                 methods[method.name] = method
         self._methods, self._built_for = methods, specs
 
+    def reload(self) -> None:
+        """Read the entry points and the variable again on next use (a package installed since; tests)."""
+        self._built_for = None
+
     def __getitem__(self, name: str) -> MethodDef:
         self._refresh()
         return self._methods[name]
