@@ -28,10 +28,11 @@ SIMULATE_STEPS = 2  # step 1 creates optimizer states; step 2 is the steady stat
 
 
 def simulation_plan(run: RunSpec) -> tuple[RunSpec, int]:
-    """The run and step count a simulation traces: two steps, and for GaLore a third that refreshes every
-    projector (its SVD temporaries come back every update_proj_gap steps, so they belong in the peak)."""
-    if run.method.startswith("galore"):
-        return dataclasses.replace(run, options={**run.options, "update_proj_gap": 2}), SIMULATE_STEPS + 1
+    """The run and step count a simulation traces: two steps, and one more when the method has a periodic cost
+    (its trace plan; GaLore's projector refresh), so that cost's transients belong in the peak."""
+    plan = REGISTRY[run.method].trace_plan
+    if plan is not None:
+        return dataclasses.replace(run, options=plan.options(run.options)), SIMULATE_STEPS + 1
     return run, SIMULATE_STEPS
 
 

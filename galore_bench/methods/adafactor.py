@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from galore_bench.methods.adamw import layerwise_or_plain, trainable
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
+from galore_bench.methods.common import LAYERWISE_OPTION, layerwise_or_plain, trainable
+from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks
 
 
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
@@ -31,6 +32,19 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
     return layerwise_or_plain(model, [{"params": trainable(model)}], make, opts, info)
 
 
+def state_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
+    """fp32 row and column second-moment vectors of a matrix (a full fp32 one for a vector), an fp32 first moment
+    when beta1 > 0, and the fp32 RMS scalar transformers' Adafactor keeps per parameter."""
+    second = blocks(p.shape[0] * 4) + blocks(p.shape[1] * 4) if len(p.shape) == 2 else blocks(p.numel * 4)
+    return second + (blocks(p.numel * 4) if opts.get("beta1") else 0) + blocks(4)
+
+
+def update_temporaries(p: ParamShape, opts: dict[str, Any], e: int) -> int:
+    """grad**2 and (grad**2 + eps), later the update and its negation, all fp32; below fp32 training, also fp32
+    copies of the gradient and the weight."""
+    return (4 if e < 4 else 2) * blocks(p.numel * 4)
+
+
 METHOD = MethodDef(
     name="adafactor",
     summary="Adafactor (transformers): factored second moment, no first moment by default",
@@ -38,7 +52,8 @@ METHOD = MethodDef(
     options={
         "beta1": Option(float, 0.0, "first-moment decay; 0 keeps no first moment (the GaLore scripts' default), "
                         "> 0 adds an fp32 first moment per parameter", minimum=0.0),
-        "layerwise": Option(bool, False, "update each weight inside backward and free its gradient at once"),
+        "layerwise": LAYERWISE_OPTION,
     },
     paper="arXiv 1804.04235; baseline in arXiv 2403.03507 (Fig. 4, Table 11)",
+    estimate=EstimateTerms(state_bytes=state_bytes, update_temporaries=update_temporaries),
 )

@@ -6,8 +6,10 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
-from galore_bench.methods.adamw import ADAM_OPTIONS, layerwise_or_plain, trainable
 from galore_bench.methods.base import MethodDef, Trainer, TrainSettings
+from galore_bench.methods.common import ADAM_OPTIONS, layerwise_or_plain, trainable
+from galore_bench.methods.terms import BNB_QUANTIZATION_MAPS, EstimateTerms, ParamShape, adam8bit_state
+from galore_bench.optim.galore import MIN_8BIT_SIZE
 
 
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
@@ -25,8 +27,13 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
             optimizer.name2qmap = {k: first.fake_mode.from_tensor(v) for k, v in optimizer.name2qmap.items()}
         return optimizer
 
-    info = {"optimizer": "bitsandbytes.optim.AdamW8bit", "min_8bit_size": 4096}
+    info = {"optimizer": "bitsandbytes.optim.AdamW8bit", "min_8bit_size": MIN_8BIT_SIZE}
     return layerwise_or_plain(model, [{"params": trainable(model)}], make, opts, info)
+
+
+def state_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
+    """Blockwise 8-bit moments; bitsandbytes' kernels update in place (no temporaries)."""
+    return adam8bit_state(p.numel)
 
 
 METHOD = MethodDef(
@@ -35,4 +42,8 @@ METHOD = MethodDef(
     build=build,
     options=ADAM_OPTIONS,
     paper="arXiv 2110.02861; baseline in arXiv 2403.03507",
+    estimate=EstimateTerms(state_bytes=state_bytes, shared_state_bytes=BNB_QUANTIZATION_MAPS),
+    incompatible=lambda strategy, opts: (
+        "bitsandbytes' 8-bit kernels take plain tensors, not FSDP2's DTensor shards; use strategy ddp"
+        if strategy == "fsdp2" else None),
 )

@@ -4,35 +4,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
-from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
-
-
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def impl_flags(impl: str, params: list[torch.nn.Parameter]) -> dict[str, bool]:
-    """torch's foreach/fused switches; 'auto' picks what a GPU user gets by default (foreach on CUDA).
-
-    A fake-tensor simulation predicts a GPU run, so it gets foreach too (with its full-size temporaries).
-    """
-    if impl == "auto":
-        on_gpu = bool(params) and (params[0].device.type == "cuda" or is_fake(params[0]))
-        return {"foreach": on_gpu}
-    return {"foreach": impl == "foreach", "fused": impl == "fused"}
-
-
-def layerwise_or_plain(model: torch.nn.Module, groups: list[dict[str, Any]], make, opts: dict[str, Any],
-                       info: dict[str, Any]) -> Trainer:
-    """One optimizer over all groups, or one per parameter stepped inside backward (layer-wise)."""
-    if opts.get("layerwise"):
-        from galore_bench.optim.layerwise import LayerwiseOptimizer
-
-        info["layerwise"] = True
-        return Trainer(model, LayerwiseOptimizer(groups, make), info=info)
-    return Trainer(model, make(groups), info=info)
+from galore_bench.methods.base import MethodDef, Trainer, TrainSettings
+from galore_bench.methods.common import (
+    ADAM_OPTIONS,
+    IMPL_OPTION,
+    adamw_state,
+    adamw_update_temporaries,
+    adamw_whole_update,
+    impl_flags,
+    layerwise_or_plain,
+    trainable,
+)
+from galore_bench.methods.terms import EstimateTerms
 
 
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
@@ -50,16 +34,6 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
     return layerwise_or_plain(model, [{"params": params}], make, opts, info)
 
 
-IMPL_OPTION = Option(str, "auto", "torch AdamW implementation (auto: foreach on a GPU and in simulate, "
-                     "the for-loop on a CPU)", choices=("auto", "for-loop", "foreach", "fused"))
-
-ADAM_OPTIONS = {
-    "beta1": Option(float, 0.9, "Adam beta1", minimum=0.0),
-    "beta2": Option(float, 0.999, "Adam beta2", minimum=0.0),
-    "eps": Option(float, 1e-8, "Adam epsilon", minimum=0.0),
-    "layerwise": Option(bool, False, "update each weight inside backward and free its gradient at once"),
-}
-
 METHOD = MethodDef(
     name="adamw",
     summary="AdamW, full rank (torch.optim)",
@@ -67,4 +41,6 @@ METHOD = MethodDef(
     options={**ADAM_OPTIONS,
              "impl": IMPL_OPTION},
     paper="baseline in arXiv 2403.03507 and 2306.09782",
+    estimate=EstimateTerms(state_bytes=adamw_state, update_temporaries=adamw_update_temporaries,
+                           whole_update_temporaries=adamw_whole_update),
 )

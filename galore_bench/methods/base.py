@@ -1,4 +1,4 @@
-"""What every method adapter provides: its options, its limits, and a trainer that does one update."""
+"""What every method adapter provides: its options, its limits, its estimate terms, and a trainer for one update."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from galore_bench.errors import type_name
+from galore_bench.methods.terms import EstimateTerms
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,15 +85,26 @@ def _tensors_in(state: Any) -> Iterator[torch.Tensor]:
             yield value
         elif isinstance(value, (Mapping, list, tuple)):
             yield from _tensors_in(value)
-        else:
-            basis = getattr(value, "ortho_matrix", None)  # GaLore projector keeps its basis as state
-            if isinstance(basis, torch.Tensor):
-                yield basis
+
+
+@dataclass(frozen=True, slots=True)
+class TracePlan:
+    """An extra step a short simulate trace needs to see a periodic cost (GaLore: a projector refresh)."""
+
+    extra_step: str
+    """What the extra step does; the record says `includes_<extra_step>`."""
+    options: Callable[[dict[str, Any]], dict[str, Any]]
+    """The run's options rewritten so the extra step happens within the trace."""
+
+
+FUSED_WITH_DDP = ("updates each weight inside backward, before DDP all-reduces that gradient's bucket: every rank "
+                  "would apply its own local gradient and the replicas drift apart; use strategy fsdp2, whose "
+                  "post-accumulate-grad hooks fire after the reduce-scatter")
 
 
 @dataclass(frozen=True, slots=True)
 class MethodDef:
-    """A registered method: name, options, what it cannot do, and how to build its trainer."""
+    """A registered method: everything the package knows about it, so a method is one file."""
 
     name: str
     summary: str
@@ -105,6 +117,16 @@ class MethodDef:
     """Changes the model before training (LoRA adapters, low-rank factors); runs in the engine's tensor mode."""
     trains: bool = True
     """False for the forward-only inference reference: no gradients, no update, forward-only model FLOPs."""
+    estimate: EstimateTerms | None = None
+    """Closed-form bytes for `estimate`; None: `estimate` refuses the method (simulate and measure still work)."""
+    no_estimate_reason: str = ""
+    """Why a method has no estimate terms on purpose (a test holds every method to one or the other)."""
+    trace_plan: TracePlan | None = None
+    """A periodic cost simulate must trace (one step more than usual)."""
+    periodic_steps: Callable[[dict[str, Any], int], dict[str, set[int]]] | None = None
+    """(options, steps) -> {name: steps with that periodic extra cost}, timed apart from the throughput median."""
+    incompatible: Callable[[str, dict[str, Any]], str | None] | None = None
+    """(strategy, options) -> why the method cannot run under that distributed strategy, or None."""
 
     def all_options(self) -> dict[str, Option]:
         common = {
@@ -128,3 +150,10 @@ class MethodDef:
             problems.append(("train.grad_accum", str(train.grad_accum),
                              f"1 with {why} (the update happens inside backward, before the next micro-batch)"))
         return problems
+
+    def strategy_problem(self, strategy: str, opts: dict[str, Any]) -> str | None:
+        """Why this method, with these options, cannot run under a distributed strategy (None: it can)."""
+        reason = self.incompatible(strategy, opts) if self.incompatible is not None else None
+        if reason is None and strategy == "ddp" and opts.get("layerwise"):
+            reason = "layer-wise stepping " + FUSED_WITH_DDP
+        return reason

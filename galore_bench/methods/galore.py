@@ -2,16 +2,31 @@
 
 Two registry entries share this adapter: `galore` (states in the model dtype, BF16 in the paper) and
 `galore8bit` (bitsandbytes 8-bit states in the subspace); both can step layer-wise inside backward.
+Every `update_proj_gap` steps each projector is refreshed from an SVD: simulate traces one such step,
+throughput times those steps apart, and the estimate has a moment for them.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
 
-from galore_bench.methods.adamw import layerwise_or_plain, trainable
-from galore_bench.methods.base import MethodDef, Option, Trainer
-from galore_bench.optim.galore import GaLoreAdamW, GaLoreAdamW8bit
+from galore_bench.methods.base import MethodDef, Option, TracePlan, Trainer
+from galore_bench.methods.common import LAYERWISE_OPTION, layerwise_or_plain, trainable
+from galore_bench.methods.terms import (
+    EstimateTerms,
+    Moment,
+    ParamShape,
+    StepBytes,
+    adam8bit_state,
+    adam_state,
+    blocks,
+    model_parameters,
+)
+from galore_bench.models import ModelShape
+from galore_bench.optim.galore import GaLoreAdamW, GaLoreAdamW8bit, GaLoreProjector
 from galore_bench.optim.lowrank import DEFAULT_TARGETS
 
 
@@ -29,6 +44,17 @@ def projected_groups(model: torch.nn.Module, opts: dict[str, Any]) -> list[dict[
     return [{"params": regular}, {"params": projected, **galore}]
 
 
+class GaLoreTrainer(Trainer):
+    """The optimizer's state also holds each projector's basis, kept on the projector object."""
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        yield from super().state_tensors()
+        for state in self.optimizer.state.values():
+            projector = state.get("projector")
+            if isinstance(projector, GaLoreProjector) and projector.ortho_matrix is not None:
+                yield projector.ortho_matrix
+
+
 def _build(model: torch.nn.Module, opts: dict[str, Any], eight_bit: bool) -> Trainer:
     groups = projected_groups(model, opts)
     hyper = {"lr": opts["lr"], "weight_decay": opts["weight_decay"], "betas": (opts["beta1"], opts["beta2"]),
@@ -40,7 +66,87 @@ def _build(model: torch.nn.Module, opts: dict[str, Any], eight_bit: bool) -> Tra
 
     info = {"optimizer": f"galore_bench.optim.galore.{kind.__name__}", "projected_tensors": len(groups[1]["params"]),
             "trainable_tensors": len(trainable(model))}
-    return layerwise_or_plain(model, groups, make, opts, info)
+    return layerwise_or_plain(model, groups, make, opts, info, trainer=GaLoreTrainer)
+
+
+# -- estimate terms -------------------------------------------------------------------------------
+def layout(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
+    return model_parameters(shape, lambda name, rows, cols: [ParamShape(name, (rows, cols), projected=True)])
+
+
+def projected_sizes(p: ParamShape, rank: int | None, proj_type: str = "std") -> tuple[int, int]:
+    """(projector, one moment) elements of a GaLore matrix: std projects the shorter side, like the optimizer."""
+    rows, cols = p.shape
+    r = min(rank or 0, rows, cols)
+    tall = rows >= cols
+    side = proj_type if proj_type in ("left", "right") else (
+        ("right" if tall else "left") if proj_type == "std" else ("left" if tall else "right"))
+    return (r * cols, rows * r) if side == "right" else (rows * r, r * cols)
+
+
+def _sizes(p: ParamShape, opts: dict[str, Any]) -> tuple[int, int]:
+    return projected_sizes(p, opts.get("rank"), opts.get("proj_type", "std"))
+
+
+def state_bytes(p: ParamShape, opts: dict[str, Any], e: int, eight_bit: bool) -> int:
+    """Table 1's m*r projector (gradient dtype) + 2*n*r moments (m <= n); plain Adam moments for the rest."""
+    if not p.projected:
+        return adam8bit_state(p.numel) if eight_bit else adam_state(p.numel, e)
+    projector, moments = _sizes(p, opts)
+    return blocks(projector * e) + (adam8bit_state(moments) if eight_bit else adam_state(moments, e))
+
+
+def update_temporaries(p: ParamShape, opts: dict[str, Any], e: int, eight_bit: bool) -> int:
+    """Projected: the low-rank gradient, denominator / buffer and update, then two full-size matrices (projected
+    back, then scaled). Regular: AdamW's two (the 8-bit kernel updates in place)."""
+    if not p.projected:
+        return 0 if eight_bit else 2 * blocks(p.numel * e)
+    low = (2 if eight_bit else 3) * blocks(_sizes(p, opts)[1] * e)
+    return low + 2 * blocks(p.numel * e)
+
+
+def svd_refresh_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
+    """A projector refresh: the gradient in fp32, the SVD's U, S and Vh, the new basis and the projected gradient."""
+    rows, cols = p.shape
+    k = min(rows, cols)
+    projector, moment = _sizes(p, opts)
+    return ((blocks(rows * cols * 4) if e < 4 else 0) + blocks(rows * k * 4) + blocks(k * 4) + blocks(k * cols * 4)
+            + blocks(projector * e) + blocks(moment * e))
+
+
+def svd_refresh(step: StepBytes, eight_bit: bool) -> dict[str, Moment]:
+    """Every update_proj_gap steps, the SVDs that refresh the projectors."""
+    e, opts = step.e, step.options
+    projected = [p for p in step.params if p.projected]
+    if step.layerwise:  # inside backward, at the first projected weight reached: the last layer's down_proj
+        first = next(p for p in projected if p.name == f"{step.shape.num_hidden_layers - 1}.down_proj")
+        return {"svd_refresh": Moment(blocks(first.numel * e), step.saved, svd_refresh_bytes(first, opts, e))}
+    # the largest matrix's SVD, while the previous (LM head) update is still referenced; the 8-bit kernel
+    largest = max(projected, key=lambda p: p.numel)  # updates the head in place: nothing is left
+    left = 0 if eight_bit else step.head_gradient
+    return {"svd_refresh": Moment(step.gradients, 0, svd_refresh_bytes(largest, opts, e) + left)}
+
+
+def _terms(eight_bit: bool) -> EstimateTerms:
+    return EstimateTerms(state_bytes=partial(state_bytes, eight_bit=eight_bit), layout=layout,
+                         update_temporaries=partial(update_temporaries, eight_bit=eight_bit),
+                         extra_moments=partial(svd_refresh, eight_bit=eight_bit))
+
+
+# -- the refresh step in simulate, throughput and distributed runs ---------------------------------
+REFRESH_IN_TRACE = TracePlan("svd_refresh", lambda opts: {**opts, "update_proj_gap": 2})
+
+
+def refresh_steps(opts: dict[str, Any], steps: int) -> dict[str, set[int]]:
+    """Step 0 (the first SVD, state creation) is warm-up either way."""
+    return {"svd_refresh": {i for i in range(1, steps) if i % opts["update_proj_gap"] == 0}}
+
+
+def incompatible(strategy: str, opts: dict[str, Any]) -> str | None:
+    if strategy == "fsdp2":
+        return ("GaLore takes the SVD of each whole gradient matrix, but FSDP2 hands the optimizer row shards: "
+                "every rank would all-gather each full matrix (no memory saved); use strategy ddp")
+    return None
 
 
 GALORE_OPTIONS = {
@@ -51,7 +157,7 @@ GALORE_OPTIONS = {
     "beta1": Option(float, 0.9, "Adam beta1", minimum=0.0),
     "beta2": Option(float, 0.999, "Adam beta2", minimum=0.0),
     "eps": Option(float, 1e-6, "Adam epsilon (the galore-torch default; the paper prints 1e-8)", minimum=0.0),
-    "layerwise": Option(bool, False, "update each weight inside backward and free its gradient at once"),
+    "layerwise": LAYERWISE_OPTION,
 }
 
 METHOD = MethodDef(
@@ -61,6 +167,10 @@ METHOD = MethodDef(
     options=GALORE_OPTIONS,
     uses_rank=True,
     paper="arXiv 2403.03507",
+    estimate=_terms(eight_bit=False),
+    trace_plan=REFRESH_IN_TRACE,
+    periodic_steps=refresh_steps,
+    incompatible=incompatible,
 )
 
 METHOD_8BIT = MethodDef(
@@ -70,4 +180,8 @@ METHOD_8BIT = MethodDef(
     options={**GALORE_OPTIONS, "eps": Option(float, 1e-8, "Adam epsilon", minimum=0.0)},
     uses_rank=True,
     paper="arXiv 2403.03507, Sec. 5.5",
+    estimate=_terms(eight_bit=True),
+    trace_plan=REFRESH_IN_TRACE,
+    periodic_steps=refresh_steps,
+    incompatible=incompatible,
 )

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from galore_bench.methods.base import MethodDef, Trainer, TrainSettings
+from galore_bench.methods.terms import EstimateTerms
 
 
 class ForwardOnly(Trainer):
@@ -41,4 +42,8 @@ METHOD = MethodDef(
     prepare=freeze,
     trains=False,
     paper="the reference point of arXiv 2306.09782 (memory close to inference)",
+    estimate=EstimateTerms(forward_only=True),
+    incompatible=lambda strategy, opts: (
+        "DDP needs parameters that require gradients, and inference has none; use strategy fsdp2 "
+        "(parameters sharded, gathered per unit) or no [distributed] table" if strategy == "ddp" else None),
 )

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
+from galore_bench.methods.base import FUSED_WITH_DDP, MethodDef, Option, Trainer, TrainSettings
+from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks
 from galore_bench.optim.lomo import LOMO
 
 
@@ -31,6 +32,20 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
                                           "backward_passes": 2 if opts["clip_grad_norm"] else 1})
 
 
+def update_temporaries(p: ParamShape, opts: dict[str, Any], e: int) -> int:
+    """Below fp32 training, fp32 copies of the gradient and the weight; LOMO keeps no state."""
+    return 2 * blocks(p.numel * 4) if e < 4 else 0
+
+
+def incompatible(strategy: str, opts: dict[str, Any]) -> str | None:
+    if strategy == "ddp":
+        return "LOMO " + FUSED_WITH_DDP
+    if strategy == "fsdp2" and opts.get("clip_grad_norm"):
+        return ("LOMO's norm pass would sum only each rank's own gradient shards (a global norm needs an "
+                "all-reduce LOMO does not do); set clip_grad_norm = 0 or use clip_grad_value")
+    return None
+
+
 METHOD = MethodDef(
     name="lomo",
     summary="LOMO: fused-backward SGD, one live gradient",
@@ -42,4 +57,6 @@ METHOD = MethodDef(
     },
     supports_grad_accum=False,
     paper="arXiv 2306.09782",
+    estimate=EstimateTerms(update_temporaries=update_temporaries, updates_in_backward=lambda opts: True),
+    incompatible=incompatible,
 )

@@ -8,8 +8,17 @@ from typing import Any
 
 import torch
 
-from galore_bench.methods.adamw import IMPL_OPTION, impl_flags, trainable
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
+from galore_bench.methods.common import (
+    IMPL_OPTION,
+    adamw_state,
+    adamw_update_temporaries,
+    adamw_whole_update,
+    impl_flags,
+    trainable,
+)
+from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks, model_parameters
+from galore_bench.models import ModelShape, matrix_shapes
 from galore_bench.optim.lowrank import apply_low_rank
 from galore_bench.optim.relora import ReLoRA, jagged_cosine_lr, lora_config, wrap_lora
 
@@ -63,6 +72,33 @@ def build_low_rank(model: torch.nn.Module, opts: dict[str, Any], train: TrainSet
     return Trainer(model, _adamw(model, opts), info={"optimizer": "torch.optim.AdamW", "factorised": "W = B A"})
 
 
+# -- estimate terms: AdamW over the adapters or factors, and each rank-r intermediate saved for backward --------
+def adapters(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
+    """Each projection frozen, with trainable A (r x cols) and B (rows x r) beside it."""
+    r = opts.get("rank") or 0
+    return model_parameters(shape, lambda name, rows, cols: [
+        ParamShape(name, (rows, cols), trainable=False), ParamShape(name + ".lora_A", (r, cols)),
+        ParamShape(name + ".lora_B", (rows, r))])
+
+
+def factors(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
+    """Each projection replaced by trainable A (r x cols) and B (rows x r)."""
+    r = opts.get("rank") or 0
+    return model_parameters(shape, lambda name, rows, cols: [ParamShape(name + ".A", (r, cols)),
+                                                            ParamShape(name + ".B", (rows, r))])
+
+
+def rank_intermediates(shape: ModelShape, tokens: int, e: int, opts: dict[str, Any]) -> int:
+    """A x, saved per projection of a layer for B's gradient."""
+    return len(matrix_shapes(shape)) * blocks(tokens * (opts.get("rank") or 0) * e)
+
+
+def _terms(layout) -> EstimateTerms:
+    return EstimateTerms(state_bytes=adamw_state, update_temporaries=adamw_update_temporaries,
+                         whole_update_temporaries=adamw_whole_update, layout=layout,
+                         saved_per_layer=rank_intermediates)
+
+
 LORA_OPTIONS = {
     "rank": Option(int, 128, "adapter rank r", minimum=1),
     "alpha": Option(float, 32.0, "LoRA alpha (update scale alpha / r); 32 as in the ReLoRA code base", minimum=0.0),
@@ -72,7 +108,7 @@ LORA_OPTIONS = {
 
 LORA = MethodDef(name="lora", summary="LoRA adapters (peft) on attention and MLP, base weights frozen",
                  build=build_lora, prepare=prepare_lora, options=LORA_OPTIONS, uses_rank=True,
-                 paper="arXiv 2106.09685; baseline in arXiv 2403.03507")
+                 paper="arXiv 2106.09685; baseline in arXiv 2403.03507", estimate=_terms(adapters))
 
 RELORA = MethodDef(
     name="relora", summary="ReLoRA: LoRA merged into W and restarted periodically, jagged cosine schedule",
@@ -80,9 +116,13 @@ RELORA = MethodDef(
     options={**LORA_OPTIONS,
              "reset_every": Option(int, 200, "steps between merge-and-restart", minimum=2),
              "restart_warmup": Option(int, 10, "linear re-warm-up steps after each restart", minimum=0),
-             "prune_ratio": Option(float, 0.999, "fraction of adapter optimizer state zeroed at a restart", minimum=0.0)})
+             "prune_ratio": Option(float, 0.999, "fraction of adapter optimizer state zeroed at a restart", minimum=0.0)},
+    estimate=_terms(adapters),
+    incompatible=lambda strategy, opts: (
+        "ReLoRA merges B@A into the frozen base weight at each restart, which FSDP2 holds as shards: "
+        "the merge would need a gather of both; use strategy ddp" if strategy == "fsdp2" else None))
 
 LOW_RANK = MethodDef(name="lowrank", summary="low-rank baseline: every projected weight factorised W = B A, all trained",
                      build=build_low_rank, prepare=prepare_low_rank, uses_rank=True,
                      options={"rank": Option(int, 128, "factor rank r", minimum=1), "impl": IMPL_OPTION},
-                     paper="arXiv 2403.03507, Table 2")
+                     paper="arXiv 2403.03507, Table 2", estimate=_terms(factors))

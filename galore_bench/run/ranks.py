@@ -27,6 +27,7 @@ import torch.distributed as dist
 from galore_bench.errors import UserError
 from galore_bench.measure import sharding, training
 from galore_bench.measure.tracker import CUDA_BLOCK, PHASE_CATEGORY, MemoryTracker
+from galore_bench.methods import use_plugins
 from galore_bench.record import DEFAULT_RESULTS, write_record
 from galore_bench.run.worker import child_io, close_record, new_record
 from galore_bench.spec.distributed import DistributedSpec
@@ -299,6 +300,7 @@ def _fill_measured(record: dict[str, Any], scenario: Scenario, spec: Distributed
 def simulate_main(request: dict[str, Any], conn: Any, stderr_path: str) -> None:
     """Runner child for a simulated distributed run: no ranks, one trace, one record."""
     child_io(stderr_path, request.get("threads"))
+    use_plugins(request.get("method_plugins"))
     scenario = load_scenario(request["scenario"])
     record = simulate_record(scenario, scenario.runs[request["run_index"]])
     path = write_record(record, Path(request["out"]))
@@ -312,6 +314,7 @@ def rank_main(request: dict[str, Any], rank: int, world_size: int, port: int, co
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     threads = max(1, (request.get("threads") or torch.get_num_threads()) // world_size)
     child_io(stderr_path, threads)
+    use_plugins(request.get("method_plugins"))
     scenario = load_scenario(request["scenario"])
     run, device = scenario.runs[request["run_index"]], rank_device(rank)
     assert scenario.distributed is not None

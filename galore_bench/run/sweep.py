@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from galore_bench.errors import UserError
+from galore_bench.methods import PLUGIN_ENV
 from galore_bench.record import load_record, reserved_of
 from galore_bench.run.worker import FAULT_ENV, died_record
 from galore_bench.spec.scenario import Scenario, selected_runs
@@ -198,7 +199,7 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
 
             request = {"scenario": scenario.path, "run_index": index, "mode": mode, "steps": steps, "out": str(out),
                        "fault": os.environ.get(FAULT_ENV), "threads": torch.get_num_threads(),
-                       "memory_snapshot": memory_snapshot}
+                       "memory_snapshot": memory_snapshot, "method_plugins": os.environ.get(PLUGIN_ENV)}
             path, stderr = _dispatch(scenario, index, request, on_step)
             if path is None:  # the worker died (killed, segfault): record that, keep going
                 path = died_record(scenario, run, mode or scenario.mode,

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from galore_bench.measure import training
-from galore_bench.methods import REGISTRY
+from galore_bench.measure.estimate import EstimateUnavailable, estimate_run
+from galore_bench.methods import REGISTRY, use_plugins
 from galore_bench.models import parameter_count
 from galore_bench.record import empty_record, record_path, write_record
 from galore_bench.spec.scenario import RunSpec, Scenario, load_scenario
@@ -125,11 +126,19 @@ def close_record(record: dict[str, Any], scenario: Scenario, started: float) -> 
 
 def _estimate_fields(scenario: Scenario, run: RunSpec, target: str = "gpu") -> dict[str, Any]:
     """The closed-form estimate as a record stores it (labelled an estimate; tests hold it to simulate)."""
-    from galore_bench.measure.estimate import estimate_run
-
     result = estimate_run(scenario, run, target)
     return {"peak_bytes": result.peak_bytes, "breakdown": result.breakdown, "category_peaks": result.category_peaks,
             "peak_moment": result.moment, "moments": result.moments, "terms": result.terms, "target": target}
+
+
+def _estimate_beside(memory: dict[str, Any], scenario: Scenario, run: RunSpec, target: str) -> dict[str, Any] | None:
+    """The estimate a simulate / measure run is checked against; a method without estimate terms has none,
+    and the record says why (`estimate_unavailable`) instead of an error."""
+    try:
+        return _estimate_fields(scenario, run, target)
+    except EstimateUnavailable as exc:
+        memory["estimate_unavailable"] = str(exc)
+        return None
 
 
 def _estimate(record: dict[str, Any], scenario: Scenario, run: RunSpec) -> None:
@@ -149,10 +158,9 @@ def _cross_check(record: dict[str, Any], key: str, compute: Callable[[], Any]) -
 
 
 def _special_steps(run: RunSpec, steps: int) -> dict[str, set[int]]:
-    """Steps with a periodic extra cost, timed apart: GaLore's SVD refresh of every projector."""
-    if run.method.startswith("galore"):  # step 0 (the first SVD, state creation) is warm-up either way
-        return {"svd_refresh": {i for i in range(1, steps) if i % run.options["update_proj_gap"] == 0}}
-    return {}
+    """Steps with a periodic extra cost, timed apart (the method's hook; GaLore: its SVD refreshes)."""
+    periodic = REGISTRY[run.method].periodic_steps
+    return periodic(run.options, steps) if periodic is not None else {}
 
 
 def _evaluator(scenario: Scenario, run: RunSpec, device: str) -> Callable[[torch.nn.Module], dict[str, Any]]:
@@ -197,8 +205,10 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
     breakdown = tracker.breakdown()
     memory: dict[str, Any] = {"peak_bytes": tracker.peak, "breakdown": breakdown, "source": "tracker",
                               "category_peaks": dict(tracker.category_peaks), "steady_state_from_step": 2}
-    if fake and traced is not run:  # GaLore: step 3 refreshed every projector; step 2 alone is the plain step
-        memory.update(includes_svd_refresh=True, peak_without_svd_refresh_bytes=result["step_peaks"][1])
+    plan = REGISTRY[run.method].trace_plan
+    if fake and plan is not None:  # the last step had the periodic cost (GaLore: a refresh); step 2 is the plain one
+        memory.update({f"includes_{plan.extra_step}": True,
+                       f"peak_without_{plan.extra_step}_bytes": result["step_peaks"][1]})
     if fake:  # what a GPU would reserve (and whether the cap holds), from the same trace: a model, labelled
         from galore_bench.measure.allocator import replay
 
@@ -214,7 +224,7 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
 
         memory["process_rss_bytes"] = psutil.Process().memory_info().rss
     target = "gpu" if fake or device == "cuda" else "cpu"  # what 'auto' implementations resolved to
-    memory["estimate"] = _cross_check(record, "estimate", lambda: _estimate_fields(scenario, run, target))
+    memory["estimate"] = _cross_check(record, "estimate", lambda: _estimate_beside(memory, scenario, run, target))
     if snapshot is not None:
         memory["snapshot"] = snapshot.name if recording else None
         memory["snapshot_note"] = ("open it at https://pytorch.org/memory_viz" if recording else
@@ -266,6 +276,7 @@ def child_main(request: dict[str, Any], conn: Any, stderr_path: str) -> None:
     global _emit, _FAULT
     child_io(stderr_path, request.get("threads"))
     _emit, _FAULT = _Reporter(conn), request.get("fault")
+    use_plugins(request.get("method_plugins"))
     scenario = load_scenario(request["scenario"])
     run = scenario.runs[request["run_index"]]
     record = execute(scenario, run, request["mode"] or scenario.mode, request.get("steps"),

@@ -1,7 +1,7 @@
 """The `[distributed]` table of a scenario: strategy, world size(s), offload; and which methods compose with which.
 
-Kept free of torch imports: the scenario parser uses it, and a wrong combination must be reported with
-every other input mistake, before any process starts.
+A wrong combination (each method's `incompatible` hook says which) is reported with every other input
+mistake, before any process starts.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from galore_bench.errors import Problems
+from galore_bench.methods import REGISTRY
 
 STRATEGIES = ("ddp", "fsdp2")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -43,37 +44,10 @@ class DistributedSpec:
         return "nccl" if on_cuda else "gloo"
 
 
-# method -> (strategy -> why it cannot run there). Checked per run at validation.
-_FUSED_WITH_DDP = ("updates each weight inside backward, before DDP all-reduces that gradient's bucket: every rank "
-                   "would apply its own local gradient and the replicas drift apart; use strategy fsdp2, whose "
-                   "post-accumulate-grad hooks fire after the reduce-scatter")
-_BNB_WITH_FSDP2 = "bitsandbytes' 8-bit kernels take plain tensors, not FSDP2's DTensor shards; use strategy ddp"
-_GALORE_WITH_FSDP2 = ("GaLore takes the SVD of each whole gradient matrix, but FSDP2 hands the optimizer row shards: "
-                      "every rank would all-gather each full matrix (no memory saved); use strategy ddp")
-_RELORA_WITH_FSDP2 = ("ReLoRA merges B@A into the frozen base weight at each restart, which FSDP2 holds as shards: "
-                      "the merge would need a gather of both; use strategy ddp")
-INCOMPATIBLE: dict[str, dict[str, str]] = {
-    "lomo": {"ddp": "LOMO " + _FUSED_WITH_DDP},
-    "adam8bit": {"fsdp2": _BNB_WITH_FSDP2},
-    "galore": {"fsdp2": _GALORE_WITH_FSDP2},
-    "galore8bit": {"fsdp2": _GALORE_WITH_FSDP2},
-    "relora": {"fsdp2": _RELORA_WITH_FSDP2},
-    "inference": {"ddp": "DDP needs parameters that require gradients, and inference has none; use strategy fsdp2 "
-                         "(parameters sharded, gathered per unit) or no [distributed] table"},
-}
-
-
 def run_problem(strategy: str, method: str, options: dict[str, Any]) -> str | None:
-    """Why this method (with these options) cannot run under `strategy`, or None."""
-    reason = INCOMPATIBLE.get(method, {}).get(strategy)
-    if reason:
-        return reason
-    if strategy == "ddp" and options.get("layerwise"):
-        return "layer-wise stepping " + _FUSED_WITH_DDP
-    if strategy == "fsdp2" and method == "lomo" and options.get("clip_grad_norm"):
-        return ("LOMO's norm pass would sum only each rank's own gradient shards (a global norm needs an "
-                "all-reduce LOMO does not do); set clip_grad_norm = 0 or use clip_grad_value")
-    return None
+    """Why this method (with these options) cannot run under `strategy`, or None (the method's own hook says)."""
+    found = REGISTRY.get(method)
+    return found.strategy_problem(strategy, options) if found is not None else None
 
 
 def _world_sizes(problems: Problems, value: Any, mode: str) -> tuple[int, ...]:

@@ -1,0 +1,141 @@
+"""The vocabulary of a method's estimate terms: parameter shapes, allocator rounding, and Adam's state.
+
+`measure/estimate.py` places these bytes at the moments of a step; each `methods/<m>.py` says, in these
+words, what its optimizer keeps, what its update allocates and how it changes the model.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from galore_bench.measure.tracker import CUDA_BLOCK, allocator_bytes
+from galore_bench.models import ModelShape, matrix_shapes
+from galore_bench.optim.galore import BNB_BLOCKSIZE, MIN_8BIT_SIZE
+
+Options = dict[str, Any]
+
+
+def blocks(nbytes: float) -> int:
+    """Bytes the caching allocator hands out for one tensor of `nbytes` (simulate rounds the same way)."""
+    return allocator_bytes(int(nbytes), CUDA_BLOCK)
+
+
+@dataclass(frozen=True, slots=True)
+class ParamShape:
+    """One parameter as the estimate sees it: its shape, whether it trains, whether GaLore projects it."""
+
+    name: str
+    shape: tuple[int, ...]
+    trainable: bool = True
+    projected: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+MatrixLayout = Callable[[str, int, int], list[ParamShape]]
+
+
+def dense(name: str, rows: int, cols: int) -> list[ParamShape]:
+    """A projection matrix left as it is."""
+    return [ParamShape(name, (rows, cols))]
+
+
+def model_parameters(shape: ModelShape, matrix: MatrixLayout = dense) -> list[ParamShape]:
+    """Every parameter of the model, each attention / MLP matrix as `matrix` lays it out (adapters, factors).
+
+    Names follow the model: 'embed_tokens', 'lm_head', 'norm', then '<layer>.<module>'.
+    """
+    h, v = shape.hidden_size, shape.vocab_size
+    tensors = [ParamShape("embed_tokens", (v, h)), ParamShape("lm_head", (v, h)), ParamShape("norm", (h,))]
+    for layer in range(shape.num_hidden_layers):
+        tensors += [ParamShape(f"{layer}.input_layernorm", (h,)),
+                    ParamShape(f"{layer}.post_attention_layernorm", (h,))]
+        for name, (rows, cols) in matrix_shapes(shape).items():
+            tensors += matrix(f"{layer}.{name}", rows, cols)
+    return tensors
+
+
+def adam_state(numel: int, e: int) -> int:
+    """Two moments in the training dtype (torch AdamW, GaLore's regular parameters)."""
+    return 2 * blocks(numel * e)
+
+
+def adam8bit_state(numel: int) -> int:
+    """Two uint8 moments + two fp32 absmax per block, or two fp32 moments below bitsandbytes' threshold."""
+    if numel < MIN_8BIT_SIZE:
+        return 2 * blocks(numel * 4)
+    return 2 * blocks(numel) + 2 * blocks(-(-numel // BNB_BLOCKSIZE) * 4)
+
+
+BNB_QUANTIZATION_MAPS = 2 * blocks(256 * 4)
+"""bitsandbytes' signed and unsigned 256-entry fp32 quantization maps, one pair per optimizer."""
+TORCH_STEP = blocks(4)
+"""torch AdamW's fp32 `step` tensor, one per parameter."""
+
+
+class Moment(NamedTuple):
+    """What a method adds at one moment of the step, besides the weights and optimizer states all hold."""
+
+    gradients: int
+    activations: int
+    other: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepBytes:
+    """What the estimate has counted of a step, for a method's own extra moments (GaLore's refresh)."""
+
+    shape: ModelShape
+    params: list[ParamShape]
+    options: Options
+    e: int
+    """Bytes per element of the training dtype."""
+    gradients: int
+    """Every trainable parameter's gradient."""
+    head_gradient: int
+    saved: int
+    """Activations autograd keeps through backward."""
+    layerwise: bool
+
+
+def nothing(*args: Any) -> int:
+    return 0
+
+
+def plain_layout(shape: ModelShape, opts: Options) -> list[ParamShape]:
+    return model_parameters(shape)
+
+
+def layerwise_option(opts: Options) -> bool:
+    return bool(opts.get("layerwise"))
+
+
+@dataclass(frozen=True, slots=True)
+class EstimateTerms:
+    """A method's closed-form bytes; `estimate` places them at the moments of a step (e: bytes per element)."""
+
+    state_bytes: Callable[[ParamShape, Options, int], int] = nothing
+    """What the optimizer keeps between steps for one trainable parameter."""
+    shared_state_bytes: int = 0
+    """State the optimizer keeps once, whatever the parameters (bitsandbytes' quantization maps)."""
+    update_temporaries: Callable[[ParamShape, Options, int], int] = nothing
+    """The largest transient one parameter's update allocates."""
+    whole_update_temporaries: Callable[[list[ParamShape], Options, int, bool, str], int | None] | None = None
+    """(trainable, options, e, layer-wise, target) -> the largest transient of a whole update when the
+    implementation batches parameters (foreach AdamW); None falls back to the largest per-parameter one."""
+    layout: Callable[[ModelShape, Options], list[ParamShape]] = plain_layout
+    """The parameters after the method's model changes (adapters with a frozen base, factors, projected flags)."""
+    saved_per_layer: Callable[[ModelShape, int, int, Options], int] = nothing
+    """(shape, tokens, e, options) -> extra activations one decoder layer saves (rank-r intermediates)."""
+    updates_in_backward: Callable[[Options], bool] = layerwise_option
+    """Whether each weight is updated inside backward, its gradient freed at once (LOMO, layer-wise)."""
+    extra_moments: Callable[[StepBytes], dict[str, Moment]] | None = None
+    """Moments of the step only this method has (GaLore: the SVDs of a projector refresh)."""
+    forward_only: bool = False
+    """Autograd off: no gradient, no state, only the forward's transients (the inference reference)."""
