@@ -41,10 +41,6 @@ SETTINGS = {  # model, train: small enough for the suite, different enough to mo
     "60m-bf16": ("60m", {"batch_size": 2, "seq_len": 128, "dtype": "bf16"}),
 }
 TOLERANCE = 0.02  # measured: 0.5% on tiny, 0.7% on 60M
-KNOWN_MISSES = {  # found when the run list came from the registry; the numbers stay as they were for now
-    ("adam8bit-layerwise", "optimizer_states"): "layer-wise builds one bitsandbytes optimizer per parameter, each "
-    "with its own 2 KiB of quantization maps; the estimate counts one pair (9% of the tiny model's states)",
-}
 
 
 def _scenario(size: str, train: dict, runs: list[dict]):
@@ -72,7 +68,7 @@ def test_estimate_within_two_percent_of_simulate_for_every_method(setting):
         for category in ("weights", "gradients", "optimizer_states", "activations"):
             checks[category] = (guess.category_peaks[category], traced.category_peaks[category])
         for what, (ours, truth) in checks.items():
-            if abs(ours - truth) > TOLERANCE * max(truth, 1) and (run.label, what) not in KNOWN_MISSES:
+            if abs(ours - truth) > TOLERANCE * max(truth, 1):
                 failures.append(f"{run.label} {what}: estimate {ours} vs simulate {truth}")
     assert not failures, "\n".join(failures)
 

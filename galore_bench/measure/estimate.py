@@ -116,7 +116,7 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     layerwise = terms.updates_in_backward(options)
     grads = sum(blocks(p.numel * e) for p in params if p.trainable)
     head_grad = blocks(shape.vocab_size * shape.hidden_size * e)
-    states = sum(terms.state_bytes(p, options, e) for p in params if p.trainable) + terms.shared_state_bytes
+    states = sum(terms.state_bytes(p, options, e) for p in params if p.trainable) + terms.shared_state_bytes(options)
     temps = update_temporaries(terms, params, options, e, layerwise, target)
     carried = grads if grad_accum > 1 and not layerwise else 0  # later micro-batches find the gradients there
     saved = act["saved_layers"] + act["head"]

@@ -32,8 +32,16 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
 
 
 def state_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
-    """Blockwise 8-bit moments; bitsandbytes' kernels update in place (no temporaries)."""
-    return adam8bit_state(p.numel)
+    """Blockwise 8-bit moments (bitsandbytes' kernels update in place: no temporaries). Layer-wise, each
+    parameter has its own optimizer, which moves its own pair of quantization maps to the device at its first
+    8-bit step (a parameter below MIN_8BIT_SIZE keeps fp32 states and never does)."""
+    own_maps = opts.get("layerwise") and p.numel >= MIN_8BIT_SIZE
+    return adam8bit_state(p.numel) + (BNB_QUANTIZATION_MAPS if own_maps else 0)
+
+
+def quantization_maps(opts: dict[str, Any]) -> int:
+    """The one pair of bitsandbytes maps all parameters share (layer-wise: none shared, see `state_bytes`)."""
+    return 0 if opts.get("layerwise") else BNB_QUANTIZATION_MAPS
 
 
 METHOD = MethodDef(
@@ -42,7 +50,7 @@ METHOD = MethodDef(
     build=build,
     options=ADAM_OPTIONS,
     paper="arXiv 2110.02861; baseline in arXiv 2403.03507",
-    estimate=EstimateTerms(state_bytes=state_bytes, shared_state_bytes=BNB_QUANTIZATION_MAPS),
+    estimate=EstimateTerms(state_bytes=state_bytes, shared_state_bytes=quantization_maps),
     incompatible=lambda strategy, opts: (
         "bitsandbytes' 8-bit kernels take plain tensors, not FSDP2's DTensor shards; use strategy ddp"
         if strategy == "fsdp2" else None),

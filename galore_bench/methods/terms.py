@@ -122,8 +122,9 @@ class EstimateTerms:
 
     state_bytes: Callable[[ParamShape, Options, int], int] = nothing
     """What the optimizer keeps between steps for one trainable parameter."""
-    shared_state_bytes: int = 0
-    """State the optimizer keeps once, whatever the parameters (bitsandbytes' quantization maps)."""
+    shared_state_bytes: Callable[[Options], int] = nothing
+    """State each optimizer object keeps once, whatever its parameters (bitsandbytes' quantization maps);
+    layer-wise stepping builds one optimizer per parameter, so the method says how many copies there are."""
     update_temporaries: Callable[[ParamShape, Options, int], int] = nothing
     """The largest transient one parameter's update allocates."""
     whole_update_temporaries: Callable[[list[ParamShape], Options, int, bool, str], int | None] | None = None
