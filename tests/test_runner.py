@@ -4,12 +4,15 @@ from __future__ import annotations
 import pytest
 
 from galore_bench.errors import UserError
-from galore_bench.record import load_record
 from galore_bench.run.sweep import run_scenario
 from galore_bench.run.worker import FAULT_ENV
 from galore_bench.spec.scenario import load_scenario
+from galore_bench.store import load as load_record
 
 from conftest import TINY_HEADER
+from fixtures.records import GIB, make_record, parts, write_record
+
+BREAKDOWN = parts(int(12.55 * GIB), int(0.09 * GIB), int(5.31 * GIB), int(1.42 * GIB), int(0.22 * GIB))
 
 TWO_RUNS = TINY_HEADER + """
 [[runs]]
@@ -88,15 +91,11 @@ def test_results_table_shows_reserved_from_the_gpu_or_the_allocator_model(tmp_pa
 
     from galore_bench.run.sweep import results_table
 
-    from test_budgets import BREAKDOWN, GiB, make_record, write
-
-    simulated = make_record(BREAKDOWN)
-    simulated["memory"]["allocator_model"] = {"peak_reserved_bytes": int(20.44 * GiB), "out_of_memory": None}
-    capped = make_record(BREAKDOWN, run="adamw")
-    capped["memory"]["allocator_model"] = {"peak_reserved_bytes": 23 * GiB, "out_of_memory": "..."}
-    measured = make_record(BREAKDOWN, created="2026-01-02T00:00:00Z")
-    measured["memory"]["cuda"] = {"reserved_bytes": 20 * GiB}
-    paths = [write(tmp_path, r, f"{i}.json") for i, r in enumerate((simulated, capped, measured))]
+    simulated = make_record("galore", BREAKDOWN, allocator_model={"peak_reserved_bytes": int(20.44 * GIB),
+                                                                    "out_of_memory": None})
+    capped = make_record("adamw", BREAKDOWN, allocator_model={"peak_reserved_bytes": 23 * GIB, "out_of_memory": "..."})
+    measured = make_record("galore", BREAKDOWN, created="2026-01-02T00:00:00Z", cuda={"reserved_bytes": 20 * GIB})
+    paths = [write_record(tmp_path, r, f"{i}.json") for i, r in enumerate((simulated, capped, measured))]
     console = Console(width=250, record=True)
     console.print(results_table(paths))
     lines = console.export_text().splitlines()
@@ -128,12 +127,10 @@ def test_run_refuses_bad_arguments_before_any_run(write_scenario, tmp_path, caps
 def test_run_exits_1_when_a_run_crashed_but_not_for_an_out_of_memory(write_scenario, tmp_path, capsys, monkeypatch):
     from galore_bench.cli import _exit_status, main
 
-    from test_budgets import BREAKDOWN, make_record, write
-
     monkeypatch.setenv(FAULT_ENV, "kill:sgd")
     assert main(["run", "--scenario", str(write_scenario(TWO_RUNS, "dies")), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "run sgd failed: worker exited with code -9" in err and "1 of 2 run(s) failed" in err
     assert len(list((tmp_path / "r").rglob("*.json"))) == 2  # the error record is kept beside the good one
-    oom = write(tmp_path / "oom", make_record(BREAKDOWN, status="oom"))
+    oom = write_record(tmp_path / "oom", make_record("adamw", BREAKDOWN, status="oom"))
     assert _exit_status([oom]) == 0  # "OOM at 23.9 GiB" is a result

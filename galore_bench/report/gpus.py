@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from galore_bench import store
 from galore_bench.errors import UserError
 from galore_bench.units import gib
 
@@ -107,9 +108,9 @@ def gpus_table(records: list[dict[str, Any]]) -> pd.DataFrame | None:
 
 def render(paths: list[Path], out: Path) -> list[Path]:
     """<scenario>_gpus.md and .csv per scenario that has world-size searches."""
-    from galore_bench.report.render import load_records, provenance, reference_dir
+    from galore_bench.report.render import provenance, reference_dir
 
-    records, files, skipped = load_records(paths)
+    records, files, skipped = store.load_latest(paths)
     ref = reference_dir()
     papers = paper_rows(ref)
     rows = fit_rows(records, papers)

@@ -14,10 +14,9 @@ import pandas as pd
 from rich.table import Table
 from rich.text import Text
 
-from galore_bench.record import reserved_of
+from galore_bench.record import RunRecord, breakdown_of, category_peaks_of, peak_of, reserved_of
+from galore_bench.units import CATEGORIES, GB, GIB
 
-GIB, GB = 2**30, 10**9
-CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
 FLAG_PERCENT = 5.0
 # (method, layerwise) -> row of galore_memory_7b.csv (LLaMA-7B, token batch 256, no checkpointing)
 FIT_ITEMS = {("adamw", False): "bf16_adam_baseline_total", ("adam8bit", False): "8bit_adam_total_implied",
@@ -50,7 +49,7 @@ FIT_CAUSES = {
 
 
 def as_number(value: Any) -> float | None:
-    """A finite float, or None for null/absent/NaN (older records lack the newer fields)."""
+    """A finite float, or None for null/NaN (a figure the run did not get to, or one its engine does not give)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
@@ -64,21 +63,15 @@ def paper_diff(ours: float | None, paper: float | None) -> tuple[float | None, b
     return diff, abs(diff) > FLAG_PERCENT
 
 
-def memory_of(record: dict[str, Any]) -> tuple[int | None, dict[str, int]]:
-    """Peak bytes and breakdown; None and {} when the run died before measuring."""
-    memory = record.get("memory") or {}
-    return memory.get("peak_bytes"), memory.get("breakdown") or {}
-
-
 def per_unit(value: float | None, unit: float | None) -> float | None:
     return value / unit if value is not None and unit else None
 
 
-def _setting(record: dict[str, Any], strategy: str | None = None, world: int | None = None) -> tuple:
+def _setting(record: RunRecord, strategy: str | None = None, world: int | None = None) -> tuple:
     """What an inference run must share with a training run to be its floor: model, tokens, dtype, mode, device,
     and, per rank, the world size and FSDP2's offload and unit. A DDP rank holds a whole replica: its floor is
     the single-device one (inference itself cannot run under DDP: nothing requires a gradient)."""
-    train, spread = record["train"], record.get("distributed") or {}
+    train, spread = record["train"], record["distributed"] or {}
     strategy = strategy if strategy is not None else spread.get("strategy")
     world = world if world is not None else spread.get("world_size") or 1
     base = (record["model"]["name"], train.get("batch_size"), train.get("seq_len"), train.get("dtype"),
@@ -88,27 +81,27 @@ def _setting(record: dict[str, Any], strategy: str | None = None, world: int | N
     return (*base, world, spread.get("cpu_offload"), spread.get("fsdp_unit"))
 
 
-def _inference_floors(records: list[dict[str, Any]]) -> dict[tuple, int]:
+def _inference_floors(records: list[RunRecord]) -> dict[tuple, int]:
     """Peak of each finished inference run per setting; a simulated sweep over world sizes gives one per size."""
     runs = sorted((r for r in records if r["method"]["name"] == "inference" and r["status"] == "ok"
-                   and memory_of(r)[0]), key=lambda r: r.get("created") or "", reverse=True)
+                   and peak_of(r)), key=lambda r: r["created"], reverse=True)
     floors: dict[tuple, int] = {}
     for record in runs:  # the newest run at its own setting first, then the sweeps' other sizes where none ran
-        floors.setdefault(_setting(record), memory_of(record)[0] or 0)
+        floors.setdefault(_setting(record), peak_of(record) or 0)
     for record in runs:
-        for candidate in (record.get("distributed") or {}).get("candidates", []):
+        for candidate in (record["distributed"] or {}).get("candidates", []):
             floors.setdefault(_setting(record, candidate["strategy"], candidate["world_size"]),
                               candidate["peak_bytes"])
     return floors
 
 
-def breakdown_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame:
+def breakdown_table(records: list[RunRecord], labels: list[str]) -> pd.DataFrame:
     """LOMO Table 1 layout for our runs: each category in GiB and as a share of the peak; with an inference run
     of the same setting, each peak as a multiple of it (LOMO's claim: memory close to inference)."""
     floors = _inference_floors(records)
     rows = []
     for record, label in zip(records, labels):
-        peak, parts = memory_of(record)
+        peak, parts = peak_of(record), breakdown_of(record)
         row = {"run": label, "method": record["method"]["name"], "model": record["model"]["name"],
                "status": record["status"], "peak GiB": per_unit(peak, GIB)}
         for cat in CATEGORIES:
@@ -119,7 +112,7 @@ def breakdown_table(records: list[dict[str, Any]], labels: list[str]) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def _lomo_row(record: dict[str, Any], paper: pd.DataFrame) -> pd.Series | None:
+def _lomo_row(record: RunRecord, paper: pd.DataFrame) -> pd.Series | None:
     """The LOMO Table 1 row for this run, only at the paper's setting (LLaMA-7B, batch 8 x 512)."""
     train = record["train"]
     if record["model"]["name"] != "7b" or (train.get("batch_size"), train.get("seq_len")) != (8, 512):
@@ -129,7 +122,7 @@ def _lomo_row(record: dict[str, Any], paper: pd.DataFrame) -> pd.Series | None:
     return match.iloc[0] if len(match) else None
 
 
-def lomo_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame) -> pd.DataFrame | None:
+def lomo_table(records: list[RunRecord], labels: list[str], paper: pd.DataFrame) -> pd.DataFrame | None:
     """Each category of ours beside LOMO Table 1 (GiB), with the difference and the known cause.
 
     The paper lists each category's own size, so the comparison uses each category's own maximum over the
@@ -137,10 +130,10 @@ def lomo_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataF
     """
     rows = []
     for record, label in zip(records, labels):
-        (peak, parts), ref = memory_of(record), _lomo_row(record, paper)
+        (peak, parts), ref = (peak_of(record), breakdown_of(record)), _lomo_row(record, paper)
         if ref is None or not peak:
             continue
-        own = (record.get("memory") or {}).get("category_peaks") or {}
+        own = category_peaks_of(record)
         for quantity in (*CATEGORIES, "peak"):
             at_peak = (peak if quantity == "peak" else parts.get(quantity, 0)) / GIB
             ours = (own.get(quantity, at_peak * GIB) / GIB) if own and quantity != "peak" else at_peak
@@ -156,11 +149,11 @@ def lomo_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataF
     return pd.DataFrame(rows) if rows else None
 
 
-def speed_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame | None:
+def speed_table(records: list[RunRecord], labels: list[str]) -> pd.DataFrame | None:
     """Throughput and quality per run (measured runs only: a simulated run has neither); empty columns dropped."""
     rows = []
     for record, label in zip(records, labels):
-        speed, quality = record.get("throughput") or {}, record.get("quality") or {}
+        speed, quality = record["throughput"], record["quality"]
         values = {"tokens/s": speed.get("tokens_per_second"), "TGS": speed.get("tgs"), "MFU": speed.get("mfu"),
                   "step s (median)": speed.get("step_seconds_median"), "final loss": quality.get("final_loss"),
                   "perplexity": quality.get("perplexity")}
@@ -171,16 +164,16 @@ def speed_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFram
     return pd.DataFrame(rows).dropna(axis=1, how="all") if rows else None
 
 
-def _reserved(record: dict[str, Any]) -> dict[str, Any]:
+def _reserved(record: RunRecord) -> dict[str, Any]:
     reserved, source = reserved_of(record)
     return {"reserved GiB": per_unit(reserved, GIB), "reserved from": source} if source else {}
 
 
-def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame | None) -> pd.DataFrame | None:
+def fit_table(records: list[RunRecord], labels: list[str], paper: pd.DataFrame | None) -> pd.DataFrame | None:
     """Peak against the budget, and the GaLore paper's 7B totals (22.0 GB for 8-bit layer-wise GaLore)."""
     rows = []
     for record, label in zip(records, labels):
-        budget, peak, train = record["budget"], memory_of(record)[0], record["train"]
+        budget, peak, train = record["budget"], peak_of(record), record["train"]
         if not budget.get("bytes"):
             continue
         row: dict[str, Any] = {"run": label, "status": record["status"], "peak GiB": per_unit(peak, GIB),
