@@ -4,6 +4,7 @@ A results folder holds `<device>/<scenario>/<run>.<mode>.<stamp>.json`; files ar
 with no index file. `newest` is the one rule for "which record stands for a run" (report, compare, check and
 --skip-existing each pick their key and whether only ok records count).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,10 @@ def record_path(out_dir: Path, record: RunRecord) -> Path:
 
 
 def write(record: RunRecord, out_dir: Path) -> Path:
-    """Write to a temporary file, then hard-link it into place: atomic, and an existing file is never replaced."""
-    problems = problems_in(dict(record)) + ([] if record["schema_version"] == SCHEMA_VERSION else ["schema_version"])
+    """Write to a temporary file, then hard-link it into place: atomic, never over an existing file."""
+    problems = problems_in(dict(record)) + (
+        [] if record["schema_version"] == SCHEMA_VERSION else ["schema_version"]
+    )
     if problems:  # a bug in the code that built it: every record written is one `load` reads back
         raise ValueError(f"refusing to write an incomplete record: {'; '.join(problems)}")
     target = record_path(out_dir, record)
@@ -55,8 +58,8 @@ def write(record: RunRecord, out_dir: Path) -> Path:
 
 
 def load(path: Path) -> RunRecord:
-    """One record at the current schema version (older ones upgraded), or a UserError naming the file and what is
-    wrong with it: not JSON, not a record, a version this code cannot read, or the first damaged field."""
+    """One record at the current schema version (older ones upgraded), or a UserError naming the file and
+    what is wrong: not JSON, not a record, a version this code cannot read, or each damaged field."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -75,24 +78,28 @@ def load(path: Path) -> RunRecord:
 
 
 def _is_foreign(path: Path) -> bool:
-    """A readable JSON file that is plainly not a record (none of a record's keys): a folder scan skips it. One
-    with some of them (an old or damaged record) is read, and its problem reported, never skipped quietly."""
+    """A readable JSON file that is plainly not a record (none of a record's keys): a folder scan skips it.
+    One with some of them (an old or damaged record) is read and its problem reported, never skipped."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False  # unreadable: reported as a damaged record where it is read
-    return not (isinstance(data, dict) and {"schema_version", "scenario", "run", "status", "memory"} & data.keys())
+    return not (
+        isinstance(data, dict) and {"schema_version", "scenario", "run", "status", "memory"} & data.keys()
+    )
 
 
 def find(paths: Iterable[Path]) -> list[Path]:
-    """Record files under the given files/folders, in a stable order (a foreign JSON file in a folder is noted)."""
+    """Record files under the given files/folders, in a stable order (foreign JSON in a folder is noted)."""
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
             for file in sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-")):
                 if _is_foreign(file):  # a summary or notes file beside the records
-                    print(f"galore-bench: note: skipped {file}: not a result record (none of its keys)",
-                          file=sys.stderr)
+                    print(
+                        f"galore-bench: note: skipped {file}: not a result record (none of its keys)",
+                        file=sys.stderr,
+                    )
                 else:
                     found.append(file)
         elif path.is_file():
@@ -121,10 +128,15 @@ def by_run_mode_device(record: RunRecord) -> tuple[str, str, str, str]:
     return record["scenario"], record["run"], record["mode"], record["device"]
 
 
-def newest(records: Iterable[Stored], key: Callable[[RunRecord], Hashable] = by_run, *, ok_only: bool = False,
-           mode: str | None = None) -> dict[Any, Stored]:
-    """Per key, the record created last (ties: the later file name); only status ok ones when `ok_only`, only one
-    mode's when `mode` is given."""
+def newest(
+    records: Iterable[Stored],
+    key: Callable[[RunRecord], Hashable] = by_run,
+    *,
+    ok_only: bool = False,
+    mode: str | None = None,
+) -> dict[Any, Stored]:
+    """Per key, the record created last (ties: the later file name); only status ok ones when `ok_only`,
+    only one mode's when `mode` is given."""
     chosen: dict[Any, Stored] = {}
     for path, record in sorted(records, key=lambda pr: (pr[1]["created"], pr[0].name)):
         if (not ok_only or record["status"] == "ok") and mode in (None, record["mode"]):
@@ -139,7 +151,7 @@ def finished(out: Path, scenario: str, run: str) -> Path | None:
     return found[(scenario, run)][0] if (scenario, run) in found else None
 
 
-def load_latest(paths: Iterable[Path]) -> tuple[list[RunRecord], list[Path], Counter[str]]:
+def load_latest(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[Path], Counter[str]]:
     """What a report shows: the newest record per (scenario, run, mode, device), ordered by scenario and model
     size, their files, and how many older ones were left out per scenario."""
     paths = list(paths)
@@ -149,6 +161,11 @@ def load_latest(paths: Iterable[Path]) -> tuple[list[RunRecord], list[Path], Cou
     latest = newest(stored, by_run_mode_device)
     skipped = Counter(record["scenario"] for _, record in stored)
     skipped.subtract(record["scenario"] for _, record in latest.values())
-    chosen = sorted(latest.values(), key=lambda pr: (pr[1]["scenario"], pr[1]["model"]["parameters"] or 0,
-                                                     pr[1]["created"]))
-    return [record for _, record in chosen], [path for path, _ in chosen], skipped
+    chosen = sorted(
+        latest.values(),
+        key=lambda pr: (pr[1]["scenario"], pr[1]["model"]["parameters"] or 0, pr[1]["created"]),
+    )
+    records = cast(
+        list[dict[str, Any]], [record for _, record in chosen]
+    )  # the report's tables take plain dicts
+    return records, [path for path, _ in chosen], skipped

@@ -5,7 +5,7 @@ import re
 
 # GiB (2**30) and GB (10**9) differ by 7.4%: the LOMO paper prints GiB as "GB", the GaLore paper means GB.
 GIB, GB = 2**30, 10**9
-# what every byte of a run is counted as: the tracker labels, records store, reports and budgets read these five
+# what each byte of a run counts as: the tracker labels, records store, reports and budgets read them
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
 _UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

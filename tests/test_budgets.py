@@ -25,9 +25,9 @@ def make_record(breakdown: dict[str, int], run: str = LABEL, created: str = "202
                 status: str = "ok") -> dict:
     """A simulated 7b_4090 record (the shared factory) that measured 120 tokens/s and perplexity 30."""
     method = next(r for r in load_scenario("7b_4090").runs if r.label == run).method
-    return records.make_record(run, dict(breakdown), method=method, scenario="7b_4090", model="7b", created=created,
-                               status=status, budget=24 * GiB, tokens_per_second=120.0, tgs=120.0, perplexity=30.0,
-                               final_loss=3.4)
+    return records.make_record(run, dict(breakdown), method=method, scenario="7b_4090", model="7b",
+                               created=created, status=status, budget=24 * GiB, tokens_per_second=120.0,
+                               tgs=120.0, perplexity=30.0, final_loss=3.4)
 
 
 write = records.write_record

@@ -74,7 +74,8 @@ def make_record(run: str, method: str, parts: dict[str, int] | None, *, scenario
                                model=model, mode=mode, device=device, status=status, budget=budget,
                                budget_text="24 GiB" if budget else None,
                                created=f"2026-01-01T00:{minute:02d}:00Z", tokens_per_second=tgs, tgs=tgs,
-                               perplexity=perplexity, parameters=6_738_415_616 if model == "7b" else 58_073_600,
+                               perplexity=perplexity,
+                               parameters=6_738_415_616 if model == "7b" else 58_073_600,
                                train={"batch_size": batch, "seq_len": seq, "dtype": dtype,
                                       "activation_checkpointing": ac})
 

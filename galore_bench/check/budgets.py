@@ -220,7 +220,8 @@ def _baseline_of(rule: Rule, cache: dict[tuple[Path, str | None], Any]) -> dict[
             record = store.load(rule.baseline)
             cache[key] = record if rule.mode in (None, record["mode"]) else None
         else:
-            cache[key] = store.newest(store.load_all([rule.baseline]), store.by_run, ok_only=True, mode=rule.mode)
+            stored = store.load_all([rule.baseline])
+            cache[key] = store.newest(stored, store.by_run, ok_only=True, mode=rule.mode)
     found = cache[key]
     if found is None or "memory" in found:  # a record file's (or none of the mode)
         return found

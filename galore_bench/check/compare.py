@@ -11,7 +11,6 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from rich.console import Console
@@ -20,7 +19,7 @@ from rich.text import Text
 
 from galore_bench import store
 from galore_bench.errors import UserError
-from galore_bench.record import RunRecord, memory_values
+from galore_bench.record import Record, memory_values
 from galore_bench.report.tables import as_number, to_markdown
 from galore_bench.units import format_bytes
 
@@ -30,7 +29,7 @@ SCALARS = {"tokens/s": ("throughput", "tokens_per_second", "tokens/s", False),
            "TGS": ("throughput", "tgs", "tokens/s", False),
            "perplexity": ("quality", "perplexity", "", True)}
 
-Side = dict[tuple[str, str, str], tuple[Path, RunRecord]]  # (scenario, run, mode) -> (file, record)
+Side = dict[tuple[str, str, str], store.Stored]  # (scenario, run, mode) -> (file, record)
 
 
 @dataclass(frozen=True)
@@ -76,13 +75,14 @@ def _side(path: Path) -> tuple[Side, bool]:
     if not stored:
         raise UserError(f"{path}: no result records in this folder")
     # the newest ok record of each run, else its newest failure (a failure gates a comparison)
-    newest = store.newest(stored, store.by_run_and_mode) | store.newest(stored, store.by_run_and_mode, ok_only=True)
+    key = store.by_run_and_mode
+    newest = store.newest(stored, key) | store.newest(stored, key, ok_only=True)
     if not any(record["status"] == "ok" for _, record in newest.values()):
         raise UserError(f"{path}: {len(stored)} record(s), none with status ok: nothing to compare")
     return newest, False
 
 
-def match_runs(a: Path, b: Path) -> tuple[list[tuple[tuple[str, str], tuple[Path, dict], tuple[Path, dict]]],
+def match_runs(a: Path, b: Path) -> tuple[list[tuple[tuple[str, str], store.Stored, store.Stored]],
                                           list[str], list[str]]:
     """Matched (key, A, B) pairs, and the runs found on only one side; two single files always pair up."""
     side_a, file_a = _side(a)
@@ -105,11 +105,11 @@ def match_runs(a: Path, b: Path) -> tuple[list[tuple[tuple[str, str], tuple[Path
             [f"{s}/{r} ({m})" for s, r, m in sorted(only_a)], [f"{s}/{r} ({m})" for s, r, m in sorted(only_b)])
 
 
-def _memory_numbers(record: RunRecord) -> dict[str, float | None]:
+def _memory_numbers(record: Record) -> dict[str, float | None]:
     return {name: as_number(value) for name, value in memory_values(record).items()}
 
 
-def deltas(key: tuple[str, str], rec_a: dict[str, Any], rec_b: dict[str, Any]) -> list[Delta]:
+def deltas(key: tuple[str, str], rec_a: Record, rec_b: Record) -> list[Delta]:
     """Peak, each category (and each category's own maximum where both records have it), throughput, perplexity."""
     mem_a, mem_b = _memory_numbers(rec_a), _memory_numbers(rec_b)
     rows = [Delta(*key, q, "bytes", mem_a[q], mem_b.get(q)) for q in mem_a if q in mem_b]
@@ -202,7 +202,7 @@ COMPARED_FIELDS = {"scenario": lambda r: r["scenario"], "run": lambda r: r["run"
                    "mode": lambda r: r["mode"]}
 
 
-def _describe(record: dict[str, Any]) -> str:
+def _describe(record: Record) -> str:
     return f"{record['scenario']}/{record['run']} ({(record.get('model') or {}).get('name')}, {record['mode']})"
 
 

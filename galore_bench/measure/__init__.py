@@ -4,6 +4,7 @@
 run in reasonable time. The sweep asks it before starting any process, each run's process again on its own
 device, and the cluster submitter to size a job; a scenario file alone cannot answer it.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -26,8 +27,10 @@ def resolve_mode(scenario: Scenario, run: RunSpec, requested: str | None, device
     mode = requested or scenario.mode
     spec = scenario.distributed
     if spec is not None and mode == "estimate":
-        raise UserError(f"{scenario.path}: mode: got 'estimate', allowed simulate or measure with [distributed] "
-                        "(the closed form does not model sharding; simulate applies it to the traced step)")
+        raise UserError(
+            f"{scenario.path}: mode: got 'estimate', allowed simulate or measure with [distributed] "
+            "(the closed form does not model sharding; simulate applies it to the traced step)"
+        )
     if mode != "auto":
         return mode
     if spec is not None and len(spec.world_sizes) > 1:

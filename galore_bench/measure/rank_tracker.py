@@ -1,4 +1,5 @@
 """The memory tracker for one rank of a DDP or FSDP2 run: DTensors count by the shard this rank holds."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,9 @@ class RankTracker(MemoryTracker):
     `label_grads_before_step` every `.grad` is labelled as the optimizer phase begins.
     """
 
-    def __init__(self, round_to: int = 1, device_type: str | None = None, label_grads_before_step: bool = False) -> None:
+    def __init__(
+        self, round_to: int = 1, device_type: str | None = None, label_grads_before_step: bool = False
+    ) -> None:
         super().__init__(round_to=round_to, device_type=device_type)
         self.label_grads_before_step = label_grads_before_step
         self._params: list[torch.nn.Parameter] = []

@@ -14,7 +14,7 @@ import pandas as pd
 from rich.table import Table
 from rich.text import Text
 
-from galore_bench.record import RunRecord, breakdown_of, category_peaks_of, peak_of, reserved_of
+from galore_bench.record import breakdown_of, category_peaks_of, peak_of, reserved_of
 from galore_bench.units import CATEGORIES, GB, GIB
 
 FLAG_PERCENT = 5.0
@@ -49,7 +49,7 @@ FIT_CAUSES = {
 
 
 def as_number(value: Any) -> float | None:
-    """A finite float, or None for null/NaN (a figure the run did not get to, or one its engine does not give)."""
+    """A finite float, or None for null/NaN (a figure the run did not reach, or its engine lacks)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
@@ -67,7 +67,7 @@ def per_unit(value: float | None, unit: float | None) -> float | None:
     return value / unit if value is not None and unit else None
 
 
-def _setting(record: RunRecord, strategy: str | None = None, world: int | None = None) -> tuple:
+def _setting(record: dict[str, Any], strategy: str | None = None, world: int | None = None) -> tuple:
     """What an inference run must share with a training run to be its floor: model, tokens, dtype, mode, device,
     and, per rank, the world size and FSDP2's offload and unit. A DDP rank holds a whole replica: its floor is
     the single-device one (inference itself cannot run under DDP: nothing requires a gradient)."""
@@ -81,7 +81,7 @@ def _setting(record: RunRecord, strategy: str | None = None, world: int | None =
     return (*base, world, spread.get("cpu_offload"), spread.get("fsdp_unit"))
 
 
-def _inference_floors(records: list[RunRecord]) -> dict[tuple, int]:
+def _inference_floors(records: list[dict[str, Any]]) -> dict[tuple, int]:
     """Peak of each finished inference run per setting; a simulated sweep over world sizes gives one per size."""
     runs = sorted((r for r in records if r["method"]["name"] == "inference" and r["status"] == "ok"
                    and peak_of(r)), key=lambda r: r["created"], reverse=True)
@@ -95,7 +95,7 @@ def _inference_floors(records: list[RunRecord]) -> dict[tuple, int]:
     return floors
 
 
-def breakdown_table(records: list[RunRecord], labels: list[str]) -> pd.DataFrame:
+def breakdown_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame:
     """LOMO Table 1 layout for our runs: each category in GiB and as a share of the peak; with an inference run
     of the same setting, each peak as a multiple of it (LOMO's claim: memory close to inference)."""
     floors = _inference_floors(records)
@@ -112,7 +112,7 @@ def breakdown_table(records: list[RunRecord], labels: list[str]) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def _lomo_row(record: RunRecord, paper: pd.DataFrame) -> pd.Series | None:
+def _lomo_row(record: dict[str, Any], paper: pd.DataFrame) -> pd.Series | None:
     """The LOMO Table 1 row for this run, only at the paper's setting (LLaMA-7B, batch 8 x 512)."""
     train = record["train"]
     if record["model"]["name"] != "7b" or (train.get("batch_size"), train.get("seq_len")) != (8, 512):
@@ -122,7 +122,7 @@ def _lomo_row(record: RunRecord, paper: pd.DataFrame) -> pd.Series | None:
     return match.iloc[0] if len(match) else None
 
 
-def lomo_table(records: list[RunRecord], labels: list[str], paper: pd.DataFrame) -> pd.DataFrame | None:
+def lomo_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame) -> pd.DataFrame | None:
     """Each category of ours beside LOMO Table 1 (GiB), with the difference and the known cause.
 
     The paper lists each category's own size, so the comparison uses each category's own maximum over the
@@ -149,7 +149,7 @@ def lomo_table(records: list[RunRecord], labels: list[str], paper: pd.DataFrame)
     return pd.DataFrame(rows) if rows else None
 
 
-def speed_table(records: list[RunRecord], labels: list[str]) -> pd.DataFrame | None:
+def speed_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFrame | None:
     """Throughput and quality per run (measured runs only: a simulated run has neither); empty columns dropped."""
     rows = []
     for record, label in zip(records, labels):
@@ -164,12 +164,12 @@ def speed_table(records: list[RunRecord], labels: list[str]) -> pd.DataFrame | N
     return pd.DataFrame(rows).dropna(axis=1, how="all") if rows else None
 
 
-def _reserved(record: RunRecord) -> dict[str, Any]:
+def _reserved(record: dict[str, Any]) -> dict[str, Any]:
     reserved, source = reserved_of(record)
     return {"reserved GiB": per_unit(reserved, GIB), "reserved from": source} if source else {}
 
 
-def fit_table(records: list[RunRecord], labels: list[str], paper: pd.DataFrame | None) -> pd.DataFrame | None:
+def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame | None) -> pd.DataFrame | None:
     """Peak against the budget, and the GaLore paper's 7B totals (22.0 GB for 8-bit layer-wise GaLore)."""
     rows = []
     for record, label in zip(records, labels):

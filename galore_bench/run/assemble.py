@@ -1,8 +1,9 @@
-"""Measurements to a record: the one place that fills a RunRecord, for single-device and distributed runs alike.
+"""Measurements to a record: the one place that fills a RunRecord, single-device and distributed runs alike.
 
 The engines return their own results (a train_steps dict, a sharding trace, each rank's numbers); the run
 processes hand them here and write what comes back through galore_bench.store.
 """
+
 from __future__ import annotations
 
 import resource
@@ -30,7 +31,7 @@ def new_record(scenario: Scenario, run: RunSpec, mode: str, device: str) -> RunR
 
 
 def died_record(scenario: Scenario, run: RunSpec, mode: str, error: str) -> RunRecord:
-    """The record of a run whose process died (killed, segfault, a failed job): the sweep records it, goes on."""
+    """The record of a run whose process died (killed, segfault, a failed job): kept, the sweep goes on."""
     record = new_record(scenario, run, mode, "unknown")
     record["error"] = error
     return record
@@ -57,13 +58,16 @@ def close_record(record: RunRecord, scenario: Scenario, started: float) -> RunRe
     peak, budget = record["memory"]["peak_bytes"], scenario.budget_bytes
     if budget is not None:
         measured = record["status"] == "ok" and peak is not None
-        record["budget"]["fits"] = False if record["status"] == "oom" else (
-            peak <= budget if measured and peak is not None else None)
+        record["budget"]["fits"] = (
+            False
+            if record["status"] == "oom"
+            else (peak <= budget if measured and peak is not None else None)
+        )
     return record
 
 
 def cross_check(record: RunRecord, key: str, compute: Callable[[], Any]) -> Any:
-    """A figure computed beside the measurement: its failure is noted, never turns a finished run into an error."""
+    """A figure computed beside the measurement: its failure is noted, never makes a finished run an error."""
     try:
         return compute()
     except Exception as exc:  # noqa: BLE001 - a cross-check's failure is recorded, never raised
@@ -74,36 +78,52 @@ def cross_check(record: RunRecord, key: str, compute: Callable[[], Any]) -> Any:
 # -- single device -----------------------------------------------------------------------------------
 def traced_memory(result: dict[str, Any], svd_refreshed: bool) -> MemorySection:
     """The tracker's peak and composition; on a GPU the allocator's peak, its surplus counted as 'other'."""
-    tracker = result["tracker"]
-    memory = empty_memory(peak_bytes=tracker.peak, breakdown=tracker.breakdown(), source="tracker",
-                          category_peaks=dict(tracker.category_peaks), steady_state_from_step=2)
+    tracker, cuda = result["tracker"], result["cuda"]
+    breakdown = tracker.breakdown()
+    measured: dict[str, Any] = {"peak_bytes": tracker.peak, "source": "tracker"}
     if svd_refreshed:  # GaLore: step 3 refreshed every projector; step 2 alone is the plain step
-        memory.update(includes_svd_refresh=True, peak_without_svd_refresh_bytes=result["step_peaks"][1])
-    if result["cuda"]:
-        allocated = result["cuda"]["allocated_bytes"]
-        assert memory["breakdown"] is not None
-        memory["breakdown"]["other"] += allocated - tracker.peak  # allocator blocks the tracker did not attribute
-        memory.update(peak_bytes=allocated, source="torch.cuda.memory_stats", cuda=result["cuda"],
-                      tracker_peak_bytes=tracker.peak)
-    return memory
+        measured |= {"includes_svd_refresh": True, "peak_without_svd_refresh_bytes": result["step_peaks"][1]}
+    if cuda:
+        breakdown["other"] += (
+            cuda["allocated_bytes"] - tracker.peak
+        )  # allocator blocks the tracker did not label
+        measured |= {
+            "peak_bytes": cuda["allocated_bytes"],
+            "source": "torch.cuda.memory_stats",
+            "cuda": cuda,
+            "tracker_peak_bytes": tracker.peak,
+        }
+    return empty_memory(
+        breakdown=breakdown, category_peaks=dict(tracker.category_peaks), steady_state_from_step=2, **measured
+    )
 
 
 def snapshot_fields(snapshot: Path, recorded: bool) -> dict[str, Any]:
     """Where the CUDA allocator's snapshot went, or why there is none."""
-    return {"snapshot": snapshot.name if recorded else None,
-            "snapshot_note": "open it at https://pytorch.org/memory_viz" if recorded else
-            "not written: memory snapshots come from the CUDA allocator (measure mode on a GPU)"}
+    return {
+        "snapshot": snapshot.name if recorded else None,
+        "snapshot_note": "open it at https://pytorch.org/memory_viz"
+        if recorded
+        else "not written: memory snapshots come from the CUDA allocator (measure mode on a GPU)",
+    }
 
 
 def fill_trained(record: RunRecord, memory: MemorySection, result: dict[str, Any]) -> None:
     """The memory section and what the built model and trainer say about themselves."""
     record["memory"] = memory
-    record["model"]["trainable_parameters"] = sum(p.numel() for p in result["model"].parameters() if p.requires_grad)
+    record["model"]["trainable_parameters"] = sum(
+        p.numel() for p in result["model"].parameters() if p.requires_grad
+    )
     record["method"]["implementation"] = result["trainer_info"]
 
 
-def fill_steps(record: RunRecord, result: dict[str, Any], speed: dict[str, Any], final: dict[str, Any] | None,
-               provenance: Any = None) -> None:
+def fill_steps(
+    record: RunRecord,
+    result: dict[str, Any],
+    speed: dict[str, Any],
+    final: dict[str, Any] | None,
+    provenance: Any = None,
+) -> None:
     """Throughput and training quality of real steps; `final` is the last validation (None without one)."""
     record["throughput"] = speed  # type: ignore[typeddict-item]
     quality = record["quality"]
@@ -112,7 +132,11 @@ def fill_steps(record: RunRecord, result: dict[str, Any], speed: dict[str, Any],
     if provenance is not None:
         quality["data_provenance"] = provenance
     if final is not None:
-        quality.update(perplexity=final["perplexity"], eval=final, evals=[*result["evals"], final])
+        quality["perplexity"], quality["eval"], quality["evals"] = (
+            final["perplexity"],
+            final,
+            [*result["evals"], final],
+        )
 
 
 def tokens_per_step(scenario: Scenario) -> int:
@@ -121,47 +145,95 @@ def tokens_per_step(scenario: Scenario) -> int:
 
 
 # -- distributed --------------------------------------------------------------------------------------
-def distributed_section(spec: DistributedSpec, world_size: int, backend: str | None, simulated: bool, how: str,
-                        ranks: list[dict[str, Any]]) -> DistributedSection:
+def distributed_section(
+    spec: DistributedSpec,
+    world_size: int,
+    backend: str | None,
+    simulated: bool,
+    how: str,
+    ranks: list[dict[str, Any]],
+) -> DistributedSection:
     worst = max(ranks, key=lambda r: r.get("peak_bytes") or 0) if ranks else {}
-    return {"world_size": world_size, "strategy": spec.strategy, "cpu_offload": spec.cpu_offload,
-            "fsdp_unit": spec.fsdp_unit if spec.strategy == "fsdp2" else None, "backend": backend,
-            "simulated": simulated, "how": how, "ranks": ranks,
-            "max_rank_peak_bytes": worst.get("peak_bytes"), "max_rank": worst.get("rank")}
+    return {
+        "world_size": world_size,
+        "strategy": spec.strategy,
+        "cpu_offload": spec.cpu_offload,
+        "fsdp_unit": spec.fsdp_unit if spec.strategy == "fsdp2" else None,
+        "backend": backend,
+        "simulated": simulated,
+        "how": how,
+        "ranks": ranks,
+        "max_rank_peak_bytes": worst.get("peak_bytes"),
+        "max_rank": worst.get("rank"),
+    }
 
 
-def fill_simulated(record: RunRecord, spec: DistributedSpec, budget: int | None, results: list[dict[str, Any]],
-                   single_device_peak: int, how: str, trainer: Any) -> None:
+def fill_simulated(
+    record: RunRecord,
+    spec: DistributedSpec,
+    budget: int | None,
+    results: list[dict[str, Any]],
+    single_device_peak: int,
+    how: str,
+    trainer: Any,
+) -> None:
     """A world-size search: the record stands at the smallest world size that fits the budget (without a
     budget the smallest asked for; if none fits, the largest), every candidate kept beside it."""
     candidates = [{**c, "fits": None if budget is None else c["peak_bytes"] <= budget} for c in results]
     fitting = [c for c in candidates if c["fits"]]
     chosen = fitting[0] if fitting else candidates[0 if budget is None else -1]
     n = chosen["world_size"]
-    ranks = [{"rank": r, "peak_bytes": chosen["peak_bytes"], "breakdown": chosen["breakdown"],
-              "host_bytes": chosen["host_bytes"]} for r in range(n)]
+    ranks = [
+        {
+            "rank": r,
+            "peak_bytes": chosen["peak_bytes"],
+            "breakdown": chosen["breakdown"],
+            "host_bytes": chosen["host_bytes"],
+        }
+        for r in range(n)
+    ]
     section = distributed_section(spec, n, None, True, how, ranks)
-    section.update(candidates=candidates, transient_bytes=chosen["transient_bytes"],
-                   gpus_needed=n if fitting else None, single_device_peak_bytes=single_device_peak)
+    section["candidates"], section["transient_bytes"] = candidates, chosen["transient_bytes"]
+    section["gpus_needed"], section["single_device_peak_bytes"] = (n if fitting else None), single_device_peak
     record["distributed"] = section
-    record["memory"] = empty_memory(peak_bytes=chosen["peak_bytes"], breakdown=dict(chosen["breakdown"]),
-                                    source="tracker + sharding arithmetic (max over ranks)", steady_state_from_step=2)
-    record["model"]["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    record["memory"] = empty_memory(
+        peak_bytes=chosen["peak_bytes"],
+        breakdown=dict(chosen["breakdown"]),
+        source="tracker + sharding arithmetic (max over ranks)",
+        steady_state_from_step=2,
+    )
+    record["model"]["trainable_parameters"] = sum(
+        p.numel() for p in trainer.model.parameters() if p.requires_grad
+    )
     record["method"]["implementation"] = trainer.info
     record["status"] = "ok"
 
 
-def fill_ranks(record: RunRecord, scenario: Scenario, spec: DistributedSpec, results: list[dict[str, Any]],
-               backend: str, device: torch.device, world: int | None = None) -> None:
+def fill_ranks(
+    record: RunRecord,
+    scenario: Scenario,
+    spec: DistributedSpec,
+    results: list[dict[str, Any]],
+    backend: str,
+    device: torch.device,
+    world: int | None = None,
+) -> None:
     """The record from the ranks' results (all of them, or the one that failed and reports for the run)."""
     world = world or len(results)
     failures = [r for r in results if r["status"] != "ok"]
-    how = (f"{world} processes, {backend} process group, torch {spec.strategy}; each rank's own tracker "
-           "(DTensors counted by their local shard)"
-           + ("; CPU offload on a CPU device: the offloaded shards stay in the memory counted" if spec.cpu_offload
-              and device.type == "cpu" else ""))
+    how = (
+        f"{world} processes, {backend} process group, torch {spec.strategy}; each rank's own tracker "
+        "(DTensors counted by their local shard)"
+        + (
+            "; CPU offload on a CPU device: the offloaded shards stay in the memory counted"
+            if spec.cpu_offload and device.type == "cpu"
+            else ""
+        )
+    )
     keep = ("rank", "peak_bytes", "breakdown", "local_parameter_bytes", "weights_sha256", "status", "error")
-    ranks = [{k: r[k] for k in keep if k in r} | {"final_loss": (r.get("losses") or [None])[-1]} for r in results]
+    ranks = [
+        {k: r[k] for k in keep if k in r} | {"final_loss": (r.get("losses") or [None])[-1]} for r in results
+    ]
     record["distributed"] = distributed_section(spec, world, backend, False, how, ranks)
     if failures:
         record["status"] = "oom" if any(r["status"] == "oom" for r in failures) else "error"
@@ -169,17 +241,20 @@ def fill_ranks(record: RunRecord, scenario: Scenario, spec: DistributedSpec, res
         record["traceback"] = next((r["traceback"] for r in failures if "traceback" in r), None)
         return
     worst = max(results, key=lambda r: r["peak_bytes"])
-    record["memory"] = empty_memory(peak_bytes=worst["peak_bytes"], breakdown=dict(worst["breakdown"]),
-                                    source="torch.cuda.memory_stats, max over ranks" if "cuda" in worst
-                                    else "tracker, max over ranks",
-                                    steady_state_from_step=worst["steady_state_from_step"])
+    record["memory"] = empty_memory(
+        peak_bytes=worst["peak_bytes"],
+        breakdown=dict(worst["breakdown"]),
+        source="torch.cuda.memory_stats, max over ranks" if "cuda" in worst else "tracker, max over ranks",
+        steady_state_from_step=worst["steady_state_from_step"],
+    )
     first = results[0]
     rate = training.throughput(first["step_seconds"], tokens_per_step(scenario), device.type)
     if rate.get("tokens_per_second") is not None:
         rate["tokens_per_second"] *= world  # every rank trains its own batch; tgs stays per rank
     fill_steps(record, {"losses": first["losses"], "evals": []}, rate, None)
     sharded = spec.strategy == "fsdp2"
-    record["model"]["trainable_parameters"] = (sum(r["trainable_parameters"] for r in results) if sharded
-                                               else first["trainable_parameters"])
+    record["model"]["trainable_parameters"] = (
+        sum(r["trainable_parameters"] for r in results) if sharded else first["trainable_parameters"]
+    )
     record["method"]["implementation"] = first["implementation"]
     record["status"] = "ok"

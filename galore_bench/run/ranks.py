@@ -52,8 +52,8 @@ def simulate_record(scenario: Scenario, run: RunSpec) -> RunRecord:
     try:
         plans = sharding.plans_for(spec.strategy, spec.world_sizes, spec.cpu_offload, spec.fsdp_unit)
         tracker, trainer = sharding.trace(scenario, run, plans)
-        assemble.fill_simulated(record, spec, scenario.budget_bytes, tracker.results(), tracker.peak, sharding.HOW,
-                                trainer)
+        assemble.fill_simulated(record, spec, scenario.budget_bytes, tracker.results(), tracker.peak,
+                                sharding.HOW, trainer)
     except Exception as exc:  # noqa: BLE001 - a failing run is a result of the sweep
         assemble.failed(record, exc, "cpu")
     return assemble.close_record(record, scenario, started)
@@ -114,7 +114,8 @@ def rank_steps(scenario: Scenario, run: RunSpec, spec: DistributedSpec, device: 
     result: dict[str, Any] = {"rank": rank, "status": "ok", "peak_bytes": tracker.peak, "breakdown": tracker.breakdown(),
               "steady_state_from_step": steady + 1, "losses": done["losses"], "step_seconds": done["step_times"],
               "weights_sha256": sha, "local_parameter_bytes": held,
-              "trainable_parameters": sum(local_shard(p).numel() for p in model.parameters() if p.requires_grad),
+              "trainable_parameters": sum(local_shard(p).numel() for p in model.parameters()
+                                          if p.requires_grad),
               "implementation": done["trainer_info"]}
     if done["cuda"]:
         result["cuda"] = done["cuda"]
@@ -198,7 +199,8 @@ def simulate_main(request: RunRequest, conn: Any, stderr_path: str) -> None:
     conn.close()
 
 
-def rank_main(request: RunRequest, rank: int, world_size: int, port: int, conn: Any, stderr_path: str) -> None:
+def rank_main(request: RunRequest, rank: int, world_size: int, port: int, conn: Any,
+              stderr_path: str) -> None:
     """Runner child for one rank: sets the env contract torchrun would set, then runs its share."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -1,4 +1,5 @@
 """What a run's own process is asked to do: one frozen, picklable value from the sweep (or a cluster job)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from galore_bench.spec.scenario import RunSpec, Scenario, load_scenario
 
 @dataclass(frozen=True)
 class RunRequest:
-    """One run of one scenario; the child loads the scenario again (a name or a path) rather than receive it."""
+    """One run of one scenario; the child loads the scenario again (a name or a path), never receives it."""
 
     scenario: str  # a shipped scenario's name or a .toml path, as load_scenario takes it
     run_index: int  # which of the scenario's runs

@@ -41,7 +41,7 @@ def _context() -> Any:
 def _spawn(target: Callable[..., None], process_args: list[tuple[Any, ...]], on_step: OnStep,
            name: str) -> tuple[Path | None, str]:
     """One child per args tuple, each called as target(*args, conn, stderr_path), the first holding the pipe
-    (progress and the record's path). If one fails, the others get a moment, then are stopped, never left hanging.
+    (progress and the record's path). If one fails, the others get a moment, then are stopped.
     Returns (the record path, what the failed ones wrote on stderr)."""
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
@@ -59,7 +59,8 @@ def _spawn(target: Callable[..., None], process_args: list[tuple[Any, ...]], on_
             record = Path(message["record"])
 
     try:
-        procs = [context.Process(target=target, daemon=True, args=(*args, sender if i == 0 else None, errs[i]))
+        procs = [context.Process(target=target, daemon=True,
+                                 args=(*args, sender if i == 0 else None, errs[i]))
                  for i, args in enumerate(process_args)]
         for proc in procs:
             proc.start()
@@ -69,8 +70,8 @@ def _spawn(target: Callable[..., None], process_args: list[tuple[Any, ...]], on_
         if record is None:  # a rank that failed on its own wrote the run's record and named it on stderr
             record = _named_record([Path(errs[i]) for i, _ in failed])
         who = (lambda i: name) if len(procs) == 1 else (lambda i: f"{name} {i}")
-        stderr = "\n".join(f"{who(i)} exited with code {code}\n{Path(errs[i]).read_text(errors='replace')[-2000:]}"
-                           for i, code in failed)
+        tail = lambda i: Path(errs[i]).read_text(errors="replace")[-2000:]
+        stderr = "\n".join(f"{who(i)} exited with code {code}\n{tail(i)}" for i, code in failed)
         if record is None and not failed:
             stderr = Path(errs[0]).read_text(errors="replace")[-4000:]
         return record, stderr
@@ -149,7 +150,8 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
     """Run every run of the scenario (or those `only` names); a run that crashes still leaves an error record."""
     chosen = selected_runs(scenario, only)
     device = training.pick_device()
-    modes = {index: resolve_mode(scenario, run, mode, device) for index, run in chosen}  # refused before starting
+    # a mode the scenario cannot run is refused here, before any process starts
+    modes = {index: resolve_mode(scenario, run, mode, device) for index, run in chosen}
     console = console or Console(stderr=True)
     paths: list[Path] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -181,7 +183,7 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
 def results_table(paths: list[Path], title: str = "results") -> Table:
     """Peak and breakdown per run, and whether it fits the budget."""
     records = [store.load(path) for path in paths]
-    budgets = {record["budget"]["text"] for record in records} - {None}
+    budgets = {text for record in records if (text := record["budget"]["text"]) is not None}
     caption = (f"fits: peak <= budget ({', '.join(sorted(budgets))}); " if budgets else "") + \
         "reserved: the CUDA allocator's (GPU) or the caching-allocator model's (simulate)"
     table = Table(title=title, caption=caption)
@@ -193,9 +195,9 @@ def results_table(paths: list[Path], title: str = "results") -> Table:
         memory, breakdown = record["memory"], record["memory"].get("breakdown") or {}
         fits = record["budget"]["fits"]
         loss, ppl = record["quality"]["final_loss"], record["quality"].get("perplexity")
-        rate = record["throughput"].get("tokens_per_second")
+        rate = record["throughput"]["tokens_per_second"]
         status = record["status"] if record["status"] == "ok" else f"{record['status']}: {(record['error'] or '')[:60]}"
-        ranks = (record.get("distributed") or {}).get("world_size")
+        ranks = record["distributed"]["world_size"] if record["distributed"] else None
         reserved, source = reserved_of(record)
         reserved_text = "OOM" if source and "OOM" in source else format_bytes(reserved)
         table.add_row(record["run"] + (f" x{ranks}" if ranks else ""), record["mode"], status, format_bytes(memory.get("peak_bytes")),

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -60,10 +60,11 @@ def execute(scenario: Scenario, run: RunSpec, mode: str | None, steps: int | Non
     record = assemble.new_record(scenario, run, mode, training.record_device(mode, device))
     started = time.perf_counter()
     try:
-        if mode == "estimate":
-            _estimate(record, scenario, run)
+        if mode == "estimate":  # its memory section is completed by close_record
+            _estimate(cast(dict[str, Any], record), scenario, run)
         else:
-            snapshot = store.record_path(snapshot_dir, record).with_suffix(".snapshot.pickle") if snapshot_dir else None
+            snapshot = (store.record_path(snapshot_dir, record).with_suffix(".snapshot.pickle")
+                        if snapshot_dir else None)
             _train(record, scenario, run, mode, device, steps, snapshot)
         record["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a failing method is a result of the sweep, not the end of it
@@ -152,7 +153,8 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
 
         memory["process_rss_bytes"] = psutil.Process().memory_info().rss
     target = "gpu" if fake or device == "cuda" else "cpu"  # what 'auto' implementations resolved to
-    memory["estimate"] = assemble.cross_check(record, "estimate", lambda: _estimate_fields(scenario, run, target))
+    estimate = lambda: _estimate_fields(scenario, run, target)
+    memory["estimate"] = assemble.cross_check(record, "estimate", estimate)
     if snapshot is not None:
         memory.update(assemble.snapshot_fields(snapshot, recording))  # type: ignore[typeddict-item]
     assemble.fill_trained(record, memory, result)
@@ -160,7 +162,8 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
         return
     tokens = assemble.tokens_per_step(scenario)
     speed = training.throughput(result["step_times"], tokens, device, _special_steps(run, n_steps))
-    speed.update(assemble.cross_check(record, "flops", lambda: _flops(scenario, run, speed, record["device"])) or {})
+    counted = lambda: _flops(scenario, run, speed, record["device"])
+    speed.update(assemble.cross_check(record, "flops", counted) or {})
     provenance = None
     if scenario.data == "wiki":  # what the text and tokenizer were: packages, versions, hashes, split, counts
         from galore_bench.data import data_info
@@ -200,7 +203,8 @@ def child_main(request: RunRequest, conn: Any, stderr_path: str) -> None:
     child_io(stderr_path, request.threads)
     _emit, _FAULT = _Reporter(conn), request.fault
     scenario, run = request.load()
-    record = execute(scenario, run, request.mode, request.steps, request.out if request.memory_snapshot else None)
+    snapshots = request.out if request.memory_snapshot else None
+    record = execute(scenario, run, request.mode, request.steps, snapshots)
     path = store.write(record, request.out)
     _emit(record=str(path), status=record["status"])
     conn.close()
