@@ -1,4 +1,4 @@
-"""The result record: one run's JSON, typed (schema version 2), its upgrade from version 1, and its accessors.
+"""The result record: one run's JSON, typed (schema version 2), its upgrade from version 1, its accessors.
 
 Version 2 is a full schema: every key below is present in every record (null where a run did not get that
 far), so readers index it directly. Older files are upgraded one version at a time as they are read (the
@@ -7,30 +7,12 @@ asv pattern); galore_bench.store is the only module that reads and writes the fi
 
 from __future__ import annotations
 
-import dataclasses
-import platform
-import subprocess
-import time
 from collections.abc import Callable, Mapping
-from importlib import metadata
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
+from typing import Any, Literal, TypedDict, cast
 
 from galore_bench.units import CATEGORIES
 
-if TYPE_CHECKING:
-    from galore_bench.spec.scenario import RunSpec, Scenario
-
 SCHEMA_VERSION = 2
-TRACKED_PACKAGES = (
-    "galore-bench",
-    "torch",
-    "transformers",
-    "bitsandbytes",
-    "peft",
-    "galore-torch",
-    "lomo-optim",
-)
 STATUSES = ("ok", "oom", "error")
 RECORD_MODES = ("estimate", "simulate", "measure")
 Status = Literal["ok", "oom", "error"]
@@ -188,74 +170,40 @@ def _is_bytes(value: Any) -> bool:
 
 
 def _is_parts(value: Any) -> bool:
-    return value is None or (
-        isinstance(value, dict) and all(_is_bytes(v) or isinstance(v, float) for v in value.values())
-    )
+    return value is None or (isinstance(value, dict) and all(_is_bytes(v) or isinstance(v, float)
+                                                             for v in value.values()))
 
 
-_MEMORY = {
-    "peak_bytes": (_is_bytes, "an int (bytes) or null"),
-    "breakdown": (_is_parts, "an object of bytes per category, or null"),
-    "category_peaks": (_is_parts, "an object of bytes per category, or null"),
-}
-
-
+_MEMORY = {"peak_bytes": (_is_bytes, "an int (bytes) or null"),
+           "breakdown": (_is_parts, "an object of bytes per category, or null"),
+           "category_peaks": (_is_parts, "an object of bytes per category, or null")}
 _SECTION_TYPES: dict[str, Any] = {  # TypedDict classes, for their __required_keys__
-    "model": ModelSection,
-    "budget": BudgetSection,
-    "memory": MemorySection,
-    "throughput": ThroughputSection,
-    "quality": QualitySection,
-    "env": EnvSection,
-    "distributed": DistributedSection,
-}
+    "model": ModelSection, "budget": BudgetSection, "memory": MemorySection, "throughput": ThroughputSection,
+    "quality": QualitySection, "env": EnvSection, "distributed": DistributedSection}
 
 
 def problems_in(record: dict[str, Any]) -> list[str]:
     """'field: got X, allowed Y' for each damaged field a reader would trip over (empty: a sound record)."""
-    found = [
-        f"{key}: got {record.get(key)!r}, allowed {allowed}"
-        + (" (a damaged record?)" if key in SECTIONS else "")
-        for key, (ok, allowed) in _TOP.items()
-        if not ok(record.get(key))
-    ]
-    memory = record.get("memory")
-    if isinstance(memory, dict):
-        found += [
-            f"memory.{key}: got {memory.get(key)!r}, allowed {allowed}"
-            for key, (ok, allowed) in _MEMORY.items()
-            if not ok(memory.get(key))
-        ]
-    found += [
-        f"{key}: missing (a damaged record?)" for key in sorted(RunRecord.__required_keys__ - record.keys())
-    ]
+    damaged = lambda key: " (a damaged record?)" if key in SECTIONS else ""
+    found = [f"{key}: got {record.get(key)!r}, allowed {allowed}{damaged(key)}"
+             for key, (ok, allowed) in _TOP.items() if not ok(record.get(key))]
+    if isinstance(memory := record.get("memory"), dict):
+        found += [f"memory.{key}: got {memory.get(key)!r}, allowed {allowed}"
+                  for key, (ok, allowed) in _MEMORY.items() if not ok(memory.get(key))]
+    missing = sorted(RunRecord.__required_keys__ - record.keys())
     for name, section in _SECTION_TYPES.items():
         if isinstance(value := record.get(name), dict):
-            found += [
-                f"{name}.{key}: missing (a damaged record?)"
-                for key in sorted(section.__required_keys__ - value.keys())
-            ]
-    return found
+            missing += [f"{name}.{key}" for key in sorted(section.__required_keys__ - value.keys())]
+    return found + [f"{key}: missing (a damaged record?)" for key in missing]
 
 
 # -- version 1 -> 2 -----------------------------------------------------------------------------------
 # What version 1 records sometimes lacked (written before the field existed, or by a run that failed first).
-_V1_TOP: dict[str, Any] = {
-    "traceback": None,
-    "cross_check_errors": {},
-    "distributed": None,
-    "wall_seconds": None,
-    "host_peak_rss_bytes": None,
-}
+_V1_TOP: dict[str, Any] = {"traceback": None, "cross_check_errors": {}, "distributed": None,
+                           "wall_seconds": None, "host_peak_rss_bytes": None}
 _V1_SECTIONS: dict[str, dict[str, Any]] = {
-    "memory": {
-        "category_peaks": None,
-        "source": None,
-        "steady_state_from_step": None,
-        "estimate": None,
-        "allocator_model": None,
-        "cuda": None,
-    },
+    "memory": {"category_peaks": None, "source": None, "steady_state_from_step": None, "estimate": None,
+               "allocator_model": None, "cuda": None},
     "method": {"implementation": None},
     "quality": {"final_loss": None, "perplexity": None, "losses": [], "data": None},
     "throughput": {"tokens_per_second": None, "tgs": None, "mfu": None},
@@ -290,97 +238,12 @@ def upgraded(raw: dict[str, Any]) -> dict[str, Any]:
     known = isinstance(version, int) and not isinstance(version, bool)
     if not known or version != SCHEMA_VERSION and version not in UPGRADES:
         newer = isinstance(version, int) and known and version > SCHEMA_VERSION
-        hint = (
-            "update galore-bench" if newer else "re-run the scenario (no upgrade is known from that version)"
-        )
-        raise ValueError(
-            f"schema_version: got {version!r}, allowed {SCHEMA_VERSION} (the record format this "
-            f"galore-bench reads, upgrading from {', '.join(map(str, UPGRADES))}): {hint}"
-        )
+        hint = "update galore-bench" if newer else "re-run the scenario (no upgrade is known from it)"
+        raise ValueError(f"schema_version: got {version!r}, allowed {SCHEMA_VERSION} (the record format this "
+                         f"galore-bench reads, upgrading from {', '.join(map(str, UPGRADES))}): {hint}")
     while raw["schema_version"] != SCHEMA_VERSION:
         raw = dict(UPGRADES[raw["schema_version"]](raw))
     return raw
-
-
-# -- a new record ---------------------------------------------------------------------------------------
-def environment() -> EnvSection:
-    """Versions and commit: enough to tell two records' provenance apart."""
-    versions: dict[str, str | None] = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    commit = _git("rev-parse", "--short", "HEAD")
-    # the code that ran differs from that commit when the package or the scenarios have uncommitted changes
-    dirty = (
-        None if commit is None else _git("status", "--porcelain", "--", ":/galore_bench", ":/scenarios") != ""
-    )
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": versions,
-        "git_commit": commit,
-        "git_dirty": dirty,
-    }
-
-
-def _git(*args: str) -> str | None:
-    """A git command's output in this package's checkout; None outside one (an installed wheel) or on failure."""
-    try:
-        done = subprocess.run(
-            ["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def empty_memory(**measured: Any) -> MemorySection:
-    """A memory section with every field, null where not measured, then what `measured` gives."""
-    memory: MemorySection = {
-        "peak_bytes": None,
-        "breakdown": None,
-        "category_peaks": None,
-        "source": None,
-        "steady_state_from_step": None,
-        "estimate": None,
-        "allocator_model": None,
-        "cuda": None,
-    }
-    return cast(MemorySection, {**memory, **measured})
-
-
-def empty_record(scenario: Scenario, run: RunSpec, mode: str, device: str) -> RunRecord:
-    """One run's record skeleton: every field present, null where not measured, status error until set."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "scenario": scenario.name,
-        "run": run.label,
-        "method": {"name": run.method, **run.options, "implementation": None},
-        "mode": mode,
-        "device": device,
-        "status": "error",
-        "error": None,
-        "traceback": None,
-        "cross_check_errors": {},
-        "model": {
-            "name": run.model_name,
-            "parameters": None,
-            "trainable_parameters": None,
-            "shape": dataclasses.asdict(run.model),
-        },
-        "train": dataclasses.asdict(scenario.train),
-        "budget": {"bytes": scenario.budget_bytes, "text": scenario.budget_text, "fits": None},
-        "memory": empty_memory(),
-        "throughput": {"tokens_per_second": None, "tgs": None, "mfu": None},
-        "quality": {"final_loss": None, "perplexity": None, "losses": [], "data": scenario.data},
-        "distributed": None,
-        "env": environment(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_seconds": None,
-        "host_peak_rss_bytes": None,
-    }
 
 
 # -- accessors --------------------------------------------------------------------------------------
@@ -407,9 +270,7 @@ def reserved_of(record: Record) -> tuple[int | None, str | None]:
         return cuda["reserved_bytes"], "measured"
     if model := memory["allocator_model"]:
         oom = model.get("out_of_memory")
-        return model[
-            "peak_reserved_bytes"
-        ], "allocator model: OOM at the budget" if oom else "allocator model"
+        return model["peak_reserved_bytes"], "allocator model: OOM at the budget" if oom else "allocator model"
     return None, None
 
 

@@ -14,7 +14,6 @@ from galore_bench.models import ZOO, build_model, parameter_count
 from galore_bench.record import (
     SCHEMA_VERSION,
     breakdown_of,
-    empty_record,
     memory_value,
     memory_values,
     peak_of,
@@ -22,6 +21,7 @@ from galore_bench.record import (
     reserved_of,
     upgrade_1_to_2,
 )
+from galore_bench.run.assemble import new_record
 from galore_bench.spec.scenario import load_scenario
 from galore_bench.units import format_bytes, parse_bytes
 
@@ -66,7 +66,7 @@ def test_units():
 
 def _record() -> dict:
     scenario = load_scenario("smoke_cpu")
-    return empty_record(scenario, scenario.runs[0], "measure", "cpu")
+    return new_record(scenario, scenario.runs[0], "measure", "cpu")
 
 
 def test_record_written_atomically_and_never_overwritten(tmp_path):

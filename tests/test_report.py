@@ -423,7 +423,7 @@ def test_cli_report(tmp_path: Path, reference: Path, capsys: pytest.CaptureFixtu
 
 
 def test_provenance_marks_records_made_from_uncommitted_code(tmp_path: Path, reference: Path):
-    from galore_bench.record import environment
+    from galore_bench.run.assemble import environment
 
     env = environment()  # this checkout: a commit, and whether the package or scenarios differ from it
     assert env["git_commit"] and isinstance(env["git_dirty"], bool)
