@@ -114,7 +114,7 @@ def deltas(key: tuple[str, str], rec_a: Record, rec_b: Record) -> list[Delta]:
     mem_a, mem_b = _memory_numbers(rec_a), _memory_numbers(rec_b)
     rows = [Delta(*key, q, "bytes", mem_a[q], mem_b.get(q)) for q in mem_a if q in mem_b]
     for quantity, (section, field, unit, worse_if_larger) in SCALARS.items():
-        values = [as_number((r.get(section) or {}).get(field)) for r in (rec_a, rec_b)]
+        values = [as_number(r[section][field]) for r in (rec_a, rec_b)]
         if any(v is not None for v in values):
             rows.append(Delta(*key, quantity, unit, values[0], values[1], worse_if_larger))
     return rows

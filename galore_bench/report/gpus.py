@@ -67,7 +67,7 @@ def explain(row: dict[str, Any], budget: int, dist: dict[str, Any]) -> str:
 def fit_rows(records: list[dict[str, Any]], papers: dict[tuple[str, str], dict[str, str]]) -> list[dict[str, Any]]:
     rows = []
     for record in records:
-        dist = record.get("distributed") or {}
+        dist = record["distributed"] or {}
         if record["status"] != "ok" or not dist.get("candidates"):
             continue
         size, method = record["model"]["name"], record["method"]["name"]
