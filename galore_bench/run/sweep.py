@@ -69,16 +69,19 @@ def _spawn(target: Callable[..., None], process_args: list[tuple[Any, ...]], on_
         failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
         if record is None:  # a rank that failed on its own wrote the run's record and named it on stderr
             record = _named_record([Path(errs[i]) for i, _ in failed])
-        who = (lambda i: name) if len(procs) == 1 else (lambda i: f"{name} {i}")
-        tail = lambda i: Path(errs[i]).read_text(errors="replace")[-2000:]
-        stderr = "\n".join(f"{who(i)} exited with code {code}\n{tail(i)}" for i, code in failed)
+        who = [name] if len(procs) == 1 else [f"{name} {i}" for i in range(len(procs))]
+        stderr = "\n".join(f"{who[i]} exited with code {code}\n{_tail(errs[i], 2000)}" for i, code in failed)
         if record is None and not failed:
-            stderr = Path(errs[0]).read_text(errors="replace")[-4000:]
+            stderr = _tail(errs[0], 4000)
         return record, stderr
     finally:
         receiver.close()
         for path in errs:
             os.unlink(path)
+
+
+def _tail(path: str, chars: int) -> str:
+    return Path(path).read_text(errors="replace")[-chars:]
 
 
 def _wait(procs: list[Any], receiver: Any, relay: Callable[[dict[str, Any]], None]) -> None:
