@@ -180,7 +180,7 @@ class Sweep:
 
     def rows(self) -> list[dict[str, Any]]:
         """A row per (part, size, method, mode); measure rows carry the comparison with their simulate twin."""
-        from galore_bench.record import load_record
+        from galore_bench.store import load as load_record
 
         rows = []
         for job in self.jobs:

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from galore_bench.record import load_record
 from galore_bench.run.sweep import run_scenario
 from galore_bench.run.worker import execute
 from galore_bench.spec.scenario import load_scenario
+from galore_bench.store import load as load_record
 
 
 def test_ppl_cpu_short(benchmark):

@@ -5,9 +5,9 @@ peak and whether it fits the 24 GiB budget. The 7B BF16 weights must be exactly 
 """
 from __future__ import annotations
 
-from galore_bench.record import load_record
 from galore_bench.run.sweep import run_scenario
 from galore_bench.spec.scenario import load_scenario
+from galore_bench.store import load as load_record
 from galore_bench.units import format_bytes
 
 

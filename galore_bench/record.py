@@ -1,148 +1,295 @@
-"""Result records: one JSON file per run, schema-versioned, written atomically, never overwritten."""
+"""The result record: one run's JSON, typed (schema version 2), its upgrade from version 1, its accessors.
+
+Version 2 is a full schema: every key below is present in every record (null where a run did not get that
+far), so readers index it directly. Older files are upgraded one version at a time as they are read (the
+asv pattern); galore_bench.store is the only module that reads and writes the files.
+"""
+
 from __future__ import annotations
 
-import json
-import os
-import platform
-import subprocess
-import sys
-import tempfile
-import time
-from importlib import metadata
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypedDict, cast
 
-from galore_bench.errors import UserError
+from galore_bench.units import CATEGORIES
 
-SCHEMA_VERSION = 1
-DEFAULT_RESULTS = Path("results")
-TRACKED_PACKAGES = ("galore-bench", "torch", "transformers", "bitsandbytes", "peft", "galore-torch", "lomo-optim")
+SCHEMA_VERSION = 2
+STATUSES = ("ok", "oom", "error")
+RECORD_MODES = ("estimate", "simulate", "measure")
+Status = Literal["ok", "oom", "error"]
 
 
-def environment() -> dict[str, Any]:
-    """Versions and commit: enough to tell two records' provenance apart."""
-    versions: dict[str, str | None] = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    commit = _git("rev-parse", "--short", "HEAD")
-    # the code that ran differs from that commit when the package or the scenarios have uncommitted changes
-    dirty = None if commit is None else _git("status", "--porcelain", "--", ":/galore_bench", ":/scenarios") != ""
-    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-            "git_commit": commit, "git_dirty": dirty}
+class ModelSection(TypedDict):
+    name: str
+    parameters: int | None
+    trainable_parameters: int | None
+    shape: dict[str, Any]
 
 
-def _git(*args: str) -> str | None:
-    """A git command's output in this package's checkout; None outside one (an installed wheel) or on failure."""
-    try:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5,
-                              check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
+class BudgetSection(TypedDict):
+    bytes: int | None
+    text: str | None
+    fits: bool | None
 
 
-def empty_record(scenario: dict[str, Any], run: dict[str, Any], mode: str, device: str) -> dict[str, Any]:
-    """The record skeleton: every field present, null where not measured."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "scenario": scenario["name"],
-        "run": run["label"],
-        "method": {"name": run["method"], **run["options"]},
-        "mode": mode,
-        "device": device,
-        "status": "error",
-        "error": None,
-        "model": {"name": scenario["model_name"], "parameters": None, "trainable_parameters": None,
-                  "shape": scenario["model"]},
-        "train": scenario["train"],
-        "budget": {"bytes": scenario["budget_bytes"], "text": scenario["budget_text"], "fits": None},
-        "memory": {"peak_bytes": None, "breakdown": None},
-        "throughput": {"tokens_per_second": None, "tgs": None, "mfu": None},
-        "quality": {"final_loss": None, "perplexity": None, "losses": []},
-        "env": environment(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+class EstimateSection(TypedDict):
+    """The closed-form estimate of the same run, kept beside a trace or measurement (held close by tests)."""
+
+    peak_bytes: int
+    breakdown: dict[str, int]
+    category_peaks: dict[str, int]
+    peak_moment: str
+    moments: dict[str, Any]
+    terms: dict[str, Any]
+    target: str
 
 
-def record_path(out_dir: Path, record: dict[str, Any]) -> Path:
-    stamp = record["created"].replace(":", "").replace("-", "")
-    return out_dir / record["device"] / record["scenario"] / f"{record['run']}.{record['mode']}.{stamp}.json"
+class _MemoryRequired(TypedDict):
+    peak_bytes: int | None
+    breakdown: dict[str, int] | None
+    category_peaks: dict[str, int] | None
+    source: str | None
+    steady_state_from_step: int | None
+    estimate: EstimateSection | None
+    allocator_model: dict[str, Any] | None  # simulate: the caching-allocator model replayed over the trace
+    cuda: dict[str, Any] | None  # measure on a GPU: torch.cuda.memory_stats readings
 
 
-def write_record(record: dict[str, Any], out_dir: Path) -> Path:
-    """Write to a temporary file, then hard-link it into place: atomic, and an existing file is never replaced."""
-    target = record_path(out_dir, record)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle, indent=1, sort_keys=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        for attempt in range(100):
-            candidate = target if attempt == 0 else target.with_name(f"{target.stem}-{attempt}.json")
-            try:
-                os.link(tmp, candidate)
-                return candidate
-            except FileExistsError:
-                continue
-        raise OSError(f"could not find a free file name for {target}")
-    finally:
-        os.unlink(tmp)
+class MemorySection(_MemoryRequired, total=False):
+    """The breakdown is the composition at the peak; category_peaks are each category's own maximum."""
+
+    tracker_peak_bytes: int
+    process_rss_bytes: int
+    includes_svd_refresh: bool  # a trace plan's extra step (GaLore's); a plugin's plan names its own keys
+    peak_without_svd_refresh_bytes: int
+    estimate_unavailable: str  # why there is no estimate to check against (a method without estimate terms)
+    snapshot: str | None
+    snapshot_note: str
 
 
-def load_record(path: Path) -> dict[str, Any]:
-    """Read one record; a record of another schema version is a clear error, not a KeyError later."""
-    try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"{path}: not a readable result record ({exc})") from None
-    version = record.get("schema_version") if isinstance(record, dict) else None
-    if version != SCHEMA_VERSION or isinstance(version, bool):
-        hint = "update galore-bench" if isinstance(version, int) and version > SCHEMA_VERSION else "re-run the scenario"
-        raise UserError(f"{path}: schema_version: got {version!r}, allowed {SCHEMA_VERSION} (the record format this "
-                        f"galore-bench reads): {hint}")
-    return record
+class _ThroughputRequired(TypedDict):
+    tokens_per_second: float | None
+    tgs: float | None
+    mfu: float | None
 
 
-def is_foreign_json(path: Path) -> bool:
-    """A readable JSON file that is plainly not a record (none of a record's keys): a folder scan skips it. One
-    with some of them (an old or damaged record) is read, and its problem reported, never skipped quietly."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False  # unreadable: reported as a damaged record where it is read
-    return not (isinstance(data, dict) and {"schema_version", "scenario", "run", "status", "memory"} & data.keys())
+class ThroughputSection(_ThroughputRequired, total=False):
+    """Real steps only (measure); the median leaves out warm-up and periodic steps (timed apart)."""
+
+    step_seconds_median: float | None
+    step_seconds: list[float]
+    flops: dict[str, Any]
 
 
-def reserved_of(record: dict[str, Any]) -> tuple[int | None, str | None]:
+class _QualityRequired(TypedDict):
+    final_loss: float | None
+    perplexity: float | None
+    losses: list[float]
+    data: str | None
+
+
+class QualitySection(_QualityRequired, total=False):
+    """Validation on held-out batches, when the scenario asks for it; what the text was."""
+
+    eval: dict[str, Any]
+    evals: list[dict[str, Any]]
+    data_provenance: dict[str, Any] | None
+
+
+class EnvSection(TypedDict):
+    python: str | None
+    platform: str | None
+    packages: dict[str, str | None]
+    git_commit: str | None
+    git_dirty: bool | None  # None: not run from a checkout, or a version 1 record (it could not say)
+
+
+class _DistributedRequired(TypedDict):
+    world_size: int
+    strategy: str
+    cpu_offload: bool
+    fsdp_unit: str | None
+    backend: str | None
+    simulated: bool
+    how: str
+    ranks: list[dict[str, Any]]
+    max_rank_peak_bytes: int | None
+    max_rank: int | None
+
+
+class DistributedSection(_DistributedRequired, total=False):
+    """A simulated world-size search also keeps every candidate and the smallest that fits (gpus_needed)."""
+
+    candidates: list[dict[str, Any]]
+    transient_bytes: int
+    gpus_needed: int | None
+    single_device_peak_bytes: int
+
+
+class RunRecord(TypedDict):
+    schema_version: int
+    scenario: str
+    run: str
+    method: dict[str, Any]  # name, the run's options, and (once built) the implementation that ran
+    mode: str
+    device: str
+    status: Status
+    error: str | None
+    traceback: str | None
+    cross_check_errors: dict[str, str]  # figures computed beside the measurement that failed, and why
+    model: ModelSection
+    train: dict[str, Any]  # the scenario's TrainSettings
+    budget: BudgetSection
+    memory: MemorySection
+    throughput: ThroughputSection
+    quality: QualitySection
+    distributed: DistributedSection | None
+    env: EnvSection
+    created: str
+    wall_seconds: float | None
+    host_peak_rss_bytes: int | None
+
+
+# what the accessors and readers take: a RunRecord, or a record as plain JSON data (report and check code)
+Record = Mapping[str, Any]
+
+SECTIONS = ("method", "model", "train", "budget", "memory", "throughput", "quality", "env")
+# (key, what its value must be) of the fields every reader relies on; load reports the first one wrong
+_TOP: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "scenario": (lambda v: isinstance(v, str), "a string"),
+    "run": (lambda v: isinstance(v, str), "a string"),
+    "mode": (lambda v: v in RECORD_MODES, "one of " + ", ".join(RECORD_MODES)),
+    "device": (lambda v: isinstance(v, str), "a string"),
+    "status": (lambda v: v in STATUSES, "one of " + ", ".join(STATUSES)),
+    "created": (lambda v: isinstance(v, str), "a timestamp string"),
+    **{key: (lambda v: isinstance(v, dict), "an object") for key in SECTIONS},
+    "distributed": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+}
+
+
+def _is_bytes(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _is_parts(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and all(_is_bytes(v) or isinstance(v, float)
+                                                             for v in value.values()))
+
+
+_MEMORY = {"peak_bytes": (_is_bytes, "an int (bytes) or null"),
+           "breakdown": (_is_parts, "an object of bytes per category, or null"),
+           "category_peaks": (_is_parts, "an object of bytes per category, or null")}
+_SECTION_TYPES: dict[str, Any] = {  # TypedDict classes, for their __required_keys__
+    "model": ModelSection, "budget": BudgetSection, "memory": MemorySection, "throughput": ThroughputSection,
+    "quality": QualitySection, "env": EnvSection, "distributed": DistributedSection}
+
+
+def problems_in(record: dict[str, Any]) -> list[str]:
+    """'field: got X, allowed Y' for each damaged field a reader would trip over (empty: a sound record)."""
+    damaged = lambda key: " (a damaged record?)" if key in SECTIONS else ""
+    found = [f"{key}: got {record.get(key)!r}, allowed {allowed}{damaged(key)}"
+             for key, (ok, allowed) in _TOP.items() if not ok(record.get(key))]
+    if isinstance(memory := record.get("memory"), dict):
+        found += [f"memory.{key}: got {memory.get(key)!r}, allowed {allowed}"
+                  for key, (ok, allowed) in _MEMORY.items() if not ok(memory.get(key))]
+    missing = sorted(RunRecord.__required_keys__ - record.keys())
+    for name, section in _SECTION_TYPES.items():
+        if isinstance(value := record.get(name), dict):
+            missing += [f"{name}.{key}" for key in sorted(section.__required_keys__ - value.keys())]
+    return found + [f"{key}: missing (a damaged record?)" for key in missing]
+
+
+# -- version 1 -> 2 -----------------------------------------------------------------------------------
+# What version 1 records sometimes lacked (written before the field existed, or by a run that failed first).
+_V1_TOP: dict[str, Any] = {"traceback": None, "cross_check_errors": {}, "distributed": None,
+                           "wall_seconds": None, "host_peak_rss_bytes": None}
+_V1_SECTIONS: dict[str, dict[str, Any]] = {
+    "memory": {"category_peaks": None, "source": None, "steady_state_from_step": None, "estimate": None,
+               "allocator_model": None, "cuda": None},
+    "method": {"implementation": None},
+    "quality": {"final_loss": None, "perplexity": None, "losses": [], "data": None},
+    "throughput": {"tokens_per_second": None, "tgs": None, "mfu": None},
+    "env": {"python": None, "platform": None, "packages": {}, "git_commit": None, "git_dirty": None},
+    "budget": {"bytes": None, "text": None, "fits": None},
+}
+
+
+def upgrade_1_to_2(raw: dict[str, Any]) -> RunRecord:
+    """Fill every field version 1 could lack with null (its empty value), so version 2 readers index directly.
+    Nothing is derived or guessed: a v1 record that never knew a value says so with null."""
+    record = {**raw, "schema_version": 2}
+    for key, empty in _V1_TOP.items():
+        record.setdefault(key, _fresh(empty))
+    record.setdefault("env", {})
+    for section, fields in _V1_SECTIONS.items():
+        if isinstance(record.get(section), dict):
+            record[section] = {**{k: _fresh(v) for k, v in fields.items()}, **record[section]}
+    return cast(RunRecord, record)
+
+
+def _fresh(value: Any) -> Any:
+    return type(value)() if isinstance(value, (dict, list)) else value
+
+
+UPGRADES: dict[int, Callable[[dict[str, Any]], Any]] = {1: upgrade_1_to_2}  # version n -> n + 1
+
+
+def upgraded(raw: dict[str, Any]) -> dict[str, Any]:
+    """The record at SCHEMA_VERSION; ValueError('schema_version: ...') for a version this code cannot read."""
+    version = raw.get("schema_version")
+    known = isinstance(version, int) and not isinstance(version, bool)
+    if not known or version != SCHEMA_VERSION and version not in UPGRADES:
+        newer = isinstance(version, int) and known and version > SCHEMA_VERSION
+        hint = "update galore-bench" if newer else "re-run the scenario (no upgrade is known from it)"
+        raise ValueError(f"schema_version: got {version!r}, allowed {SCHEMA_VERSION} (the record format this "
+                         f"galore-bench reads, upgrading from {', '.join(map(str, UPGRADES))}): {hint}")
+    while raw["schema_version"] != SCHEMA_VERSION:
+        raw = dict(UPGRADES[raw["schema_version"]](raw))
+    return raw
+
+
+# -- accessors --------------------------------------------------------------------------------------
+def peak_of(record: Record) -> int | None:
+    """The run's peak bytes (allocated): None when it died before measuring."""
+    return record["memory"]["peak_bytes"]
+
+
+def breakdown_of(record: Record) -> dict[str, int]:
+    """Bytes per category at the peak; {} when the run died before measuring."""
+    return record["memory"]["breakdown"] or {}
+
+
+def category_peaks_of(record: Record) -> dict[str, int]:
+    """Each category's own maximum over the run ({} where the engine does not report them)."""
+    return record["memory"]["category_peaks"] or {}
+
+
+def reserved_of(record: Record) -> tuple[int | None, str | None]:
     """What the GPU reserves for this run, and where that comes from: the CUDA allocator's reading when
     measured, the caching-allocator model's when simulated ("... OOM at the budget" when it ran out)."""
-    memory = record.get("memory") or {}
-    if (cuda := memory.get("cuda")) and cuda.get("reserved_bytes"):
+    memory = record["memory"]
+    if (cuda := memory["cuda"]) and cuda.get("reserved_bytes"):
         return cuda["reserved_bytes"], "measured"
-    if model := memory.get("allocator_model"):
+    if model := memory["allocator_model"]:
         oom = model.get("out_of_memory")
         return model["peak_reserved_bytes"], "allocator model: OOM at the budget" if oom else "allocator model"
     return None, None
 
 
-def find_records(paths: list[Path]) -> list[Path]:
-    """Record files under the given files/folders, in a stable order."""
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            for file in sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-")):
-                if is_foreign_json(file):  # a summary or notes file beside the records
-                    print(f"galore-bench: note: skipped {file}: not a result record (none of its keys)",
-                          file=sys.stderr)
-                else:
-                    found.append(file)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise UserError(f"{path}: no such file or folder")
-    return found
+def memory_value(record: Record, field: str) -> int | None:
+    """One memory figure by the name budgets and compare use: peak, reserved, a category, 'max <category>'."""
+    if field == "peak":
+        return peak_of(record)
+    if field == "reserved":
+        return reserved_of(record)[0]
+    if field.startswith("max "):
+        return category_peaks_of(record).get(field[4:])
+    return breakdown_of(record).get(field)
+
+
+def memory_values(record: Record) -> dict[str, int | None]:
+    """Peak, each category at the peak, each category's own maximum (if recorded), and reserved (if known)."""
+    names = ["peak", *CATEGORIES, *(f"max {cat}" for cat in CATEGORIES if cat in category_peaks_of(record))]
+    values = {name: memory_value(record, name) for name in names}
+    if (reserved := reserved_of(record)[0]) is not None:
+        values["reserved"] = reserved
+    return values

@@ -4,6 +4,9 @@ from __future__ import annotations
 import re
 
 # GiB (2**30) and GB (10**9) differ by 7.4%: the LOMO paper prints GiB as "GB", the GaLore paper means GB.
+GIB, GB = 2**30, 10**9
+# what each byte of a run counts as: the tracker labels, records store, reports and budgets read them
+CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
 _UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -21,7 +24,7 @@ def parse_bytes(text: str) -> int:
 
 
 def gib(n_bytes: float) -> float:
-    return n_bytes / 2**30
+    return n_bytes / GIB
 
 
 def format_bytes(n_bytes: float | None) -> str:

@@ -13,7 +13,8 @@ from rich.console import Console
 from galore_bench.check.compare import deltas, parse_percent, run_compare
 from galore_bench.cli import main
 from galore_bench.errors import UserError
-from galore_bench.record import SCHEMA_VERSION
+
+from fixtures.records import make_record
 
 MIB = 2**20
 
@@ -21,15 +22,10 @@ MIB = 2**20
 def record(run: str = "galore", *, scenario: str = "smoke_cpu", parts: dict[str, int], tps: float | None = None,
            perplexity: float | None = None, status: str = "ok", minute: int = 0,
            category_peaks: dict[str, int] | None = None) -> dict:
-    """A record with only what compare reads; peak = sum of the parts."""
-    memory = {"peak_bytes": sum(parts.values()), "breakdown": parts}
-    if category_peaks is not None:
-        memory["category_peaks"] = category_peaks
-    return {"schema_version": SCHEMA_VERSION, "scenario": scenario, "run": run, "method": {"name": run},
-            "mode": "measure", "device": "cpu", "status": status, "model": {"name": "tiny"}, "train": {},
-            "budget": {"bytes": None}, "memory": memory,
-            "throughput": {"tokens_per_second": tps, "tgs": tps, "mfu": None},
-            "quality": {"perplexity": perplexity}, "created": f"2026-01-01T00:{minute:02d}:00Z"}
+    """A measured tiny-model record (the shared factory); peak = sum of the parts."""
+    return make_record(run, parts, scenario=scenario, mode="measure", device="cpu", status=status,
+                       created=f"2026-01-01T00:{minute:02d}:00Z", tokens_per_second=tps, tgs=tps,
+                       perplexity=perplexity, category_peaks=category_peaks)
 
 
 def split(weights: int, gradients: int, optimizer_states: int, activations: int, other: int) -> dict[str, int]:
@@ -157,8 +153,8 @@ def test_engines_are_compared_only_with_the_same_engine(tmp_path: Path):
     """A newer simulate record in A must not be paired with B's measure record."""
     a, b = tmp_path / "a", tmp_path / "b"
     write(a / "cpu/smoke_cpu/galore.m.json", A)
-    write(a / "cpu/smoke_cpu/galore.s.json", A | {"mode": "simulate", "created": "2026-01-01T00:09:00Z",
-                                                  "memory": {"peak_bytes": 1, "breakdown": split(0, 0, 0, 0, 0)}})
+    simulated = record(parts=split(0, 0, 0, 0, 0), minute=9) | {"mode": "simulate"}
+    write(a / "cpu/smoke_cpu/galore.s.json", simulated)
     write(b / "cpu/smoke_cpu/galore.m.json", A)
     stdout = StringIO()
     assert run_compare(a, b, fmt="json", console=Console(file=stdout)) == 0

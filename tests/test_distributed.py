@@ -8,11 +8,11 @@ import time
 import pytest
 
 from galore_bench.errors import UserError
-from galore_bench.record import load_record
 from galore_bench.run.ranks import simulate_record
 from galore_bench.run.sweep import run_scenario
 from galore_bench.run.worker import FAULT_ENV
 from galore_bench.spec.scenario import load_scenario
+from galore_bench.store import load as load_record
 
 from conftest import TINY_HEADER
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from galore_bench.record import load_record
+from galore_bench.store import load as load_record
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_validation.py"
 

@@ -50,7 +50,8 @@ def test_a_plugin_method_runs_in_every_mode_and_reaches_the_report(write_scenari
     assert len(found) == 6 and all(r["status"] == "ok" for r in found.values())
     guess, traced, measured = (found[("heavyball", mode)] for mode in ("estimate", "simulate", "measure"))
 
-    assert guess["method"] == {"name": "heavyball", "momentum": 0.8, "lr": 1e-3, "weight_decay": 0.0, "label": ""}
+    assert guess["method"] == {"name": "heavyball", "momentum": 0.8, "lr": 1e-3, "weight_decay": 0.0, "label": "",
+                               "implementation": None}  # an estimate builds no optimizer
     assert guess["memory"]["estimate"]["terms"]["optimizer_states"] == velocity_bytes(512) == 659_968
     assert traced["memory"]["category_peaks"]["optimizer_states"] == velocity_bytes(512)
     assert measured["memory"]["category_peaks"]["optimizer_states"] == velocity_bytes(1)  # a CPU run: exact bytes
@@ -91,7 +92,7 @@ def test_a_method_without_estimate_terms_is_refused_by_estimate_and_fit(write_sc
     simulated = records(results)[("sketch", "simulate")]
     assert simulated["status"] == "ok" and simulated["memory"]["peak_bytes"] > 0
     assert simulated["memory"]["estimate"] is None and simulated["memory"]["estimate_unavailable"] == message
-    assert "cross_check_errors" not in simulated
+    assert simulated["cross_check_errors"] == {}
 
 
 def test_scenario_validation_knows_the_plugin_options_and_strategies(monkeypatch):

@@ -8,9 +8,9 @@ import torch
 
 from galore_bench.measure.flops import hand_count
 from galore_bench.methods import REGISTRY
-from galore_bench.record import load_record
 from galore_bench.run.sweep import run_scenario
 from galore_bench.spec.scenario import load_scenario
+from galore_bench.store import load as load_record
 
 
 def test_smoke_cpu_every_method_learns(tmp_path):

@@ -19,33 +19,24 @@ from galore_bench.report.charts import breakdown_figure, pareto_front
 from galore_bench.report.references import OVERRIDE_ENV, PACKAGE_FOLDER, paper_table
 from galore_bench.report.render import render_report
 
-GIB = 2**30
-W7B = 6_738_415_616 * 2  # LLaMA-7B weights in BF16: 12.55 GiB
+from fixtures import records
+from fixtures.records import GIB, W7B, parts, spread
+
+
 def make_record(run: str, method: str, parts: dict[str, int] | None, *, scenario: str = "lomo_7b",
                 model: str = "7b", batch: int = 8, seq: int = 512, ac: bool = True, status: str = "ok",
                 budget: int | None = 24 * GIB, layerwise: bool = False, minute: int = 0, tgs: float | None = None,
                 perplexity: float | None = None, mode: str = "simulate", device: str = "simulated-cpu",
                 dtype: str = "bf16") -> dict:
-    """A record as the worker writes it, with only what a report reads, and known byte counts."""
-    peak = sum(parts.values()) if parts else None
-    return {"schema_version": SCHEMA_VERSION, "scenario": scenario, "run": run,
-            "method": {"name": method, "layerwise": layerwise}, "mode": mode, "device": device,
-            "status": status, "error": None if status == "ok" else "OutOfMemoryError: CUDA out of memory",
-            "model": {"name": model, "parameters": 6_738_415_616 if model == "7b" else 58_073_600},
-            "train": {"batch_size": batch, "seq_len": seq, "dtype": dtype, "activation_checkpointing": ac,
-                      "steps": 6},
-            "budget": {"bytes": budget, "text": "24 GiB" if budget else None,
-                       "fits": None if budget is None else status == "ok" and peak <= budget},
-            "memory": {"peak_bytes": peak, "breakdown": parts},
-            "throughput": {"tokens_per_second": tgs, "tgs": tgs, "mfu": None},
-            "quality": {"perplexity": perplexity},
-            "env": {"git_commit": "abc1234", "packages": {"galore-bench": "0.1.0", "torch": "2.13.0+cpu"}},
-            "created": f"2026-01-01T00:{minute:02d}:00Z"}
-
-
-def parts(weights=0, gradients=0, optimizer_states=0, activations=0, other=0) -> dict[str, int]:
-    return {"weights": weights, "gradients": gradients, "optimizer_states": optimizer_states,
-            "activations": activations, "other": other}
+    """The shared factory with a report's defaults (LLaMA-7B, LOMO's setting) and known byte counts."""
+    return records.make_record(run, parts, method=method, options={"layerwise": layerwise}, scenario=scenario,
+                               model=model, mode=mode, device=device, status=status, budget=budget,
+                               budget_text="24 GiB" if budget else None,
+                               created=f"2026-01-01T00:{minute:02d}:00Z", tokens_per_second=tgs, tgs=tgs,
+                               perplexity=perplexity,
+                               parameters=6_738_415_616 if model == "7b" else 58_073_600,
+                               train={"batch_size": batch, "seq_len": seq, "dtype": dtype,
+                                      "activation_checkpointing": ac})
 
 
 LOMO_RUNS = [  # crafted: adamw activations exact, sgd activations +6% (flag), lomo activations +4% (no flag)
@@ -132,7 +123,7 @@ def test_breakdown_gives_each_peak_as_a_multiple_of_inference_at_the_same_settin
     floor = make_record("inference", "inference", parts(W7B, 0, 0, 1_300_000_000), minute=4)
     other_batch = make_record("lomo-b1", "lomo", parts(W7B, 0, 0, 10**9), minute=5, batch=1)
     sharded = make_record("lomo-fsdp", "lomo", parts(W7B // 8, 0, 0, 10**9), minute=6)
-    sharded["distributed"] = {"world_size": 8, "strategy": "fsdp2", "cpu_offload": False, "fsdp_unit": "linear"}
+    sharded["distributed"] = spread(8, "fsdp2", fsdp_unit="linear")
     died = make_record("inference-b1", "inference", parts(W7B, 0, 0, 10**8), minute=7, batch=1, status="oom")
     records = [*LOMO_RUNS, floor, other_batch, sharded, died]
     render_report([write_records(tmp_path / "results", records)], tmp_path / "out", {"csv"})
@@ -147,16 +138,15 @@ def test_breakdown_gives_each_peak_as_a_multiple_of_inference_at_the_same_settin
 def test_x_inference_per_rank_from_a_simulated_sweep_and_for_ddp_from_one_device(tmp_path: Path):
     """A sweep's inference record stands at its own smallest fitting world size, but holds every size's peak:
     an FSDP2 training run on 8 ranks is divided by the 8-rank one. A DDP rank holds a whole replica: 1 device."""
-    sweep = {"strategy": "fsdp2", "cpu_offload": False, "fsdp_unit": "linear"}
+    sweep = {"strategy": "fsdp2", "fsdp_unit": "linear"}
     floor = make_record("inference", "inference", parts(W7B, 0, 0, 10**9), minute=4)
-    floor["distributed"] = {**sweep, "world_size": 1, "max_rank_peak_bytes": W7B + 10**9, "gpus_needed": 1,
-                            "candidates": [
+    floor["distributed"] = spread(1, **sweep, max_rank_peak_bytes=W7B + 10**9, gpus_needed=1, candidates=[
         {"strategy": "single", "world_size": 1, "peak_bytes": W7B + 10**9},
-        {"strategy": "fsdp2", "world_size": 8, "peak_bytes": W7B // 8 + 10**9}]}
+        {"strategy": "fsdp2", "world_size": 8, "peak_bytes": W7B // 8 + 10**9}])
     sharded = make_record("lomo-fsdp", "lomo", parts(W7B // 8, 0, 0, 3 * 10**9), minute=5)
-    sharded["distributed"] = {**sweep, "world_size": 8}
+    sharded["distributed"] = spread(8, **sweep)
     replicated = make_record("sgd-ddp", "sgd", parts(W7B, W7B, 0, 10**9), minute=6)
-    replicated["distributed"] = {"strategy": "ddp", "world_size": 4, "cpu_offload": False, "fsdp_unit": None}
+    replicated["distributed"] = spread(4, "ddp")
     older = make_record("inference-before", "inference", parts(W7B, 0, 0, 5 * 10**9), minute=0)  # replaced by floor
     records = [older, floor, sharded, replicated]
     render_report([write_records(tmp_path / "results", records)], tmp_path / "out", {"csv"})
@@ -404,7 +394,7 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture):
 
 
 def test_provenance_marks_records_made_from_uncommitted_code(tmp_path: Path):
-    from galore_bench.record import environment
+    from galore_bench.run.assemble import environment
 
     env = environment()  # this checkout: a commit, and whether the package or scenarios differ from it
     assert env["git_commit"] and isinstance(env["git_dirty"], bool)

@@ -1,15 +1,25 @@
 """The runner end to end: real CPU training through worker processes, records, crash isolation, resume."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import pickle
+
 import pytest
 
 from galore_bench.errors import UserError
-from galore_bench.record import load_record
+from galore_bench.measure import resolve_mode
+from galore_bench.record import problems_in
+from galore_bench.run.request import RunRequest
 from galore_bench.run.sweep import run_scenario
 from galore_bench.run.worker import FAULT_ENV
 from galore_bench.spec.scenario import load_scenario
+from galore_bench.store import load as load_record
 
 from conftest import TINY_HEADER
+from fixtures.records import GIB, make_record, parts, write_record
+
+BREAKDOWN = parts(int(12.55 * GIB), int(0.09 * GIB), int(5.31 * GIB), int(1.42 * GIB), int(0.22 * GIB))
 
 TWO_RUNS = TINY_HEADER + """
 [[runs]]
@@ -35,6 +45,35 @@ def test_sweep_trains_and_writes_valid_records(write_scenario, tmp_path):
         assert sum(breakdown.values()) == record["memory"]["peak_bytes"]
         assert breakdown["weights"] == 164_672 * 4  # tiny model, fp32, counted by hand in test_models_records
         assert record["throughput"]["tokens_per_second"] > 0
+
+
+def test_records_written_by_a_sweep_are_schema_2_with_every_field(write_scenario, tmp_path):
+    scenario = load_scenario(str(write_scenario(TWO_RUNS, "fields")))
+    for mode in ("estimate", "simulate"):
+        path = run_scenario(scenario, out=tmp_path / mode, mode=mode, only="adamw")[0]
+        record = json.loads(path.read_text())  # the file itself, not an upgraded copy
+        assert record["schema_version"] == 2 and record["mode"] == mode and record["status"] == "ok"
+        assert problems_in(record) == []  # every v2 field present: estimate's memory section completed too
+        assert record["memory"]["cuda"] is None and record["distributed"] is None
+
+
+def test_a_run_request_crosses_into_a_child_process_as_one_frozen_value(tmp_path):
+    request = RunRequest("smoke_cpu", 0, tmp_path, mode="simulate", steps=3, threads=1)
+    assert pickle.loads(pickle.dumps(request)) == request
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.mode = "measure"  # type: ignore[misc]
+    scenario, run = request.load()
+    assert (scenario.name, run.label) == ("smoke_cpu", scenario.runs[0].label)
+
+
+def test_auto_mode_resolves_by_device_and_model_size(write_scenario):
+    small = load_scenario(str(write_scenario(TWO_RUNS, "small")))
+    run = small.runs[0]
+    assert resolve_mode(small, run, "auto", "cpu") == "measure"  # 164,672 parameters: real steps on a CPU
+    assert resolve_mode(small, run, "simulate", "cuda") == "simulate"  # an explicit mode is kept
+    big = load_scenario("7b_4090")
+    assert resolve_mode(big, big.runs[0], "auto", "cpu") == "simulate"  # 6.7e9 > 2e8: a trace instead
+    assert resolve_mode(big, big.runs[0], "auto", "cuda") == "measure"
 
 
 def test_killed_run_leaves_finished_records_and_sweep_continues(write_scenario, tmp_path, monkeypatch):
@@ -88,15 +127,13 @@ def test_results_table_shows_reserved_from_the_gpu_or_the_allocator_model(tmp_pa
 
     from galore_bench.run.sweep import results_table
 
-    from test_budgets import BREAKDOWN, GiB, make_record, write
-
-    simulated = make_record(BREAKDOWN)
-    simulated["memory"]["allocator_model"] = {"peak_reserved_bytes": int(20.44 * GiB), "out_of_memory": None}
-    capped = make_record(BREAKDOWN, run="adamw")
-    capped["memory"]["allocator_model"] = {"peak_reserved_bytes": 23 * GiB, "out_of_memory": "..."}
-    measured = make_record(BREAKDOWN, created="2026-01-02T00:00:00Z")
-    measured["memory"]["cuda"] = {"reserved_bytes": 20 * GiB}
-    paths = [write(tmp_path, r, f"{i}.json") for i, r in enumerate((simulated, capped, measured))]
+    simulated = make_record("galore", BREAKDOWN, allocator_model={"peak_reserved_bytes": int(20.44 * GIB),
+                                                                    "out_of_memory": None})
+    capped = make_record("adamw", BREAKDOWN,
+                         allocator_model={"peak_reserved_bytes": 23 * GIB, "out_of_memory": "..."})
+    measured = make_record("galore", BREAKDOWN, created="2026-01-02T00:00:00Z",
+                           cuda={"reserved_bytes": 20 * GIB})
+    paths = [write_record(tmp_path, r, f"{i}.json") for i, r in enumerate((simulated, capped, measured))]
     console = Console(width=250, record=True)
     console.print(results_table(paths))
     lines = console.export_text().splitlines()
@@ -128,12 +165,10 @@ def test_run_refuses_bad_arguments_before_any_run(write_scenario, tmp_path, caps
 def test_run_exits_1_when_a_run_crashed_but_not_for_an_out_of_memory(write_scenario, tmp_path, capsys, monkeypatch):
     from galore_bench.cli import _exit_status, main
 
-    from test_budgets import BREAKDOWN, make_record, write
-
     monkeypatch.setenv(FAULT_ENV, "kill:sgd")
     assert main(["run", "--scenario", str(write_scenario(TWO_RUNS, "dies")), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "run sgd failed: worker exited with code -9" in err and "1 of 2 run(s) failed" in err
     assert len(list((tmp_path / "r").rglob("*.json"))) == 2  # the error record is kept beside the good one
-    oom = write(tmp_path / "oom", make_record(BREAKDOWN, status="oom"))
+    oom = write_record(tmp_path / "oom", make_record("adamw", BREAKDOWN, status="oom"))
     assert _exit_status([oom]) == 0  # "OOM at 23.9 GiB" is a result

@@ -22,12 +22,12 @@ from typing import Any
 
 import tomllib
 
+from galore_bench import store
 from galore_bench.errors import UserError
-from galore_bench.record import find_records, load_record, reserved_of
+from galore_bench.record import RunRecord, breakdown_of, memory_value, reserved_of
 from galore_bench.spec.scenario import load_scenario, shipped_scenarios
-from galore_bench.units import ALLOWED_UNITS, format_bytes, parse_bytes
+from galore_bench.units import ALLOWED_UNITS, CATEGORIES, format_bytes, parse_bytes
 
-CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
 GROW_FIELDS = ("peak", *CATEGORIES)  # what grow_max holds to the baseline
 MEMORY_FIELDS = (*GROW_FIELDS, "reserved")
 # budget key -> (record section, record key, "max"/"min")
@@ -70,13 +70,6 @@ class Verdict:
     message: str
     record: Path | None = None
     missing: str = ""  # "record" or "baseline" when the rule could not be checked for want of one
-
-
-def _memory(record: dict[str, Any], field: str) -> float | None:
-    mem = record.get("memory") or {}
-    if field == "reserved":  # the CUDA allocator's reading, else the caching-allocator model of a simulation
-        return reserved_of(record)[0]
-    return mem.get("peak_bytes") if field == "peak" else (mem.get("breakdown") or {}).get(field)
 
 
 def _fmt(field: str, value: float | None) -> str:
@@ -188,20 +181,6 @@ def _scenario_file(scenario: Any, budgets_path: Path, known: list[str]) -> str |
     return None
 
 
-def newest_ok(records: list[tuple[Path, dict[str, Any]]],
-              mode: str | None = None) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
-    """The newest ok record per (scenario, run), of one mode when given."""
-    chosen: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
-    for path, rec in sorted(records, key=lambda pr: (str(pr[1].get("created", "")), pr[0].name)):
-        if rec.get("status") == "ok" and mode in (None, rec.get("mode")):
-            chosen[(rec.get("scenario", ""), rec.get("run", ""))] = (path, rec)
-    return chosen
-
-
-def read_records(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
-    return [(p, load_record(p)) for p in find_records(paths)]
-
-
 def diagnose(breakdown: dict[str, Any] | None, baseline: dict[str, Any] | None) -> str:
     """Which category explains the overshoot: the one that grew most vs baseline, else the largest."""
     breakdown = {k: v for k, v in (breakdown or {}).items() if isinstance(v, (int, float))}
@@ -238,20 +217,22 @@ def _baseline_of(rule: Rule, cache: dict[tuple[Path, str | None], Any]) -> dict[
     key = (rule.baseline, rule.mode)
     if key not in cache:
         if rule.baseline.is_file():
-            record = load_record(rule.baseline)
-            cache[key] = record if rule.mode in (None, record.get("mode")) else None
+            record = store.load(rule.baseline)
+            cache[key] = record if rule.mode in (None, record["mode"]) else None
         else:
-            cache[key] = newest_ok(read_records([rule.baseline]), rule.mode)
+            stored = store.load_all([rule.baseline])
+            cache[key] = store.newest(stored, store.by_run, ok_only=True, mode=rule.mode)
     found = cache[key]
     if found is None or "memory" in found:  # a record file's (or none of the mode)
         return found
     return found.get((rule.scenario, rule.run), (None, None))[1]
 
 
-def evaluate(rules: list[Rule], records: list[tuple[Path, dict[str, Any]]] | list[dict[str, Any]]) -> list[Verdict]:
+def evaluate(rules: list[Rule], records: list[store.Stored] | list[RunRecord]) -> list[Verdict]:
     """Check each rule against the newest ok record of its (scenario, run); records: dicts or (path, dict)."""
     pairs = [r if isinstance(r, tuple) else (Path("<record>"), r) for r in records]
-    by_mode = {mode: newest_ok(pairs, mode) for mode in dict.fromkeys(rule.mode for rule in rules)}
+    by_mode = {mode: store.newest(pairs, store.by_run, ok_only=True, mode=mode)
+               for mode in dict.fromkeys(rule.mode for rule in rules)}
     baselines: dict[tuple[Path, str | None], Any] = {}
     verdicts: list[Verdict] = []
     for rule in rules:
@@ -264,18 +245,18 @@ def evaluate(rules: list[Rule], records: list[tuple[Path, dict[str, Any]]] | lis
             continue
         path, rec = chosen[(rule.scenario, rule.run)]
         limit, note = rule.limit, ""
-        model = (rec.get("memory") or {}).get("allocator_model") or {}
+        model = rec["memory"]["allocator_model"] or {}
         if rule.field == "reserved" and model.get("out_of_memory"):  # its reserved peak stopped at the cap
             verdicts.append(Verdict(rule, None, limit, False, f"{who}: reserved: the caching-allocator model runs "
                                                               f"out of memory ({model['out_of_memory']})", path))
             continue
         if rule.field in SCALAR_FIELDS:
             section, key, kind = SCALAR_FIELDS[rule.field]
-            value, field_name = (rec.get(section) or {}).get(key), key
+            value, field_name = rec[section].get(key), key  # type: ignore[literal-required]
         else:
-            kind, field_name, value = "max", rule.field, _memory(rec, rule.field)
+            kind, field_name, value = "max", rule.field, memory_value(rec, rule.field)
             if rule.grow is not None:
-                base_value = _memory(base, rule.field) if base else None
+                base_value = memory_value(base, rule.field) if base else None
                 if base_value is None:
                     why = (f"no ok{of_mode} baseline record for {who} in {rule.baseline} (for grow_max)" if not base
                            else f"{who}: the baseline {rule.baseline} has no {rule.field}")
@@ -284,9 +265,8 @@ def evaluate(rules: list[Rule], records: list[tuple[Path, dict[str, Any]]] | lis
                 limit = base_value * (1 + rule.grow)
                 note = f" (baseline {format_bytes(base_value)} +{rule.grow:.0%})"
         assert limit is not None
-        base_breakdown = ((base or {}).get("memory") or {}).get("breakdown")
-        msg = check_value(who, field_name, value, limit, kind, (rec.get("memory") or {}).get("breakdown"),
-                          base_breakdown, note)
+        base_breakdown = breakdown_of(base) if base else None
+        msg = check_value(who, field_name, value, limit, kind, breakdown_of(rec), base_breakdown, note)
         verdicts.append(Verdict(rule, value, limit, msg is None, msg or "ok", path))
     return verdicts
 
@@ -324,8 +304,8 @@ def assert_memory_budget(record_or_breakdown: Any, peak: str | float | None = No
         bytes_limit = float(parse_bytes(limit) if isinstance(limit, str) else limit)
         value: float | None
         if fld == "reserved":  # only a record says what the GPU reserves (its reading or the allocator model's)
-            rec = record_or_breakdown if isinstance(record_or_breakdown, dict) and "memory" in record_or_breakdown else {}
-            value = reserved_of(rec)[0]
+            is_record = isinstance(record_or_breakdown, dict) and "memory" in record_or_breakdown
+            value = reserved_of(record_or_breakdown)[0] if is_record else None
         else:
             value = value_peak if fld == "peak" else breakdown.get(fld)
         msg = check_value(name, fld, value, bytes_limit, "max", breakdown, base)
@@ -348,9 +328,9 @@ def run_check(budgets: Path, results: list[Path], run: bool = False, console: An
             labels = ",".join(dict.fromkeys(r.run for r in rules  # only the runs a rule names, in its mode
                                             if (r.scenario_file, r.mode or "simulate") == (file, mode)))
             run_scenario(load_scenario(file), out=results[0], mode=mode, only=labels)
-    records = read_records([p for p in results if p.exists() or not run])
+    records = store.load_all([p for p in results if p.exists() or not run])
     verdicts = evaluate(rules, records)
-    modes = {path: f"{rec.get('mode')}, {rec.get('device')}" for path, rec in records}
+    modes = {path: f"{rec['mode']}, {rec['device']}" for path, rec in records}
     table = Table(title=f"budgets: {budgets}")
     for col in ("rule", "value", "limit", "verdict", "record"):
         table.add_column(col, justify="right" if col in ("value", "limit") else "left")

@@ -11,17 +11,16 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from galore_bench import store
 from galore_bench.errors import UserError
-from galore_bench.record import find_records, reserved_of
-from galore_bench.report.render import read_record
-from galore_bench.report.tables import CATEGORIES, as_number, to_markdown
+from galore_bench.record import Record, memory_values
+from galore_bench.report.tables import as_number, to_markdown
 from galore_bench.units import format_bytes
 
 COMPARE_FORMATS = ("md", "csv", "json")
@@ -30,7 +29,7 @@ SCALARS = {"tokens/s": ("throughput", "tokens_per_second", "tokens/s", False),
            "TGS": ("throughput", "tgs", "tokens/s", False),
            "perplexity": ("quality", "perplexity", "", True)}
 
-Side = dict[tuple[str, str, str], tuple[Path, dict[str, Any]]]  # (scenario, run, mode) -> (file, record)
+Side = dict[tuple[str, str, str], store.Stored]  # (scenario, run, mode) -> (file, record)
 
 
 @dataclass(frozen=True)
@@ -68,25 +67,22 @@ def _side(path: Path) -> tuple[Side, bool]:
     """(scenario, run, mode) -> (file, record) for one side, and whether the side was a single file."""
     path = Path(path)
     if path.is_file():
-        record = read_record(path)
-        return {(record["scenario"], record["run"], record["mode"]): (path, record)}, True
+        record = store.load(path)
+        return {store.by_run_and_mode(record): (path, record)}, True
     if not path.is_dir():
         raise UserError(f"{path}: no such file or folder")
-    files = find_records([path])
-    if not files:
+    stored = store.load_all([path])
+    if not stored:
         raise UserError(f"{path}: no result records in this folder")
-    newest: Side = {}  # per (scenario, run, mode): an engine is only compared with the same engine
-    loaded = sorted(((read_record(f), f) for f in files), key=lambda rf: (rf[0].get("created") or "", rf[1].name))
-    for record, file in loaded:
-        key = (record["scenario"], record["run"], record["mode"])
-        if record["status"] == "ok" or key not in newest or newest[key][1]["status"] != "ok":
-            newest[key] = (file, record)  # the newest ok record, else the newest failure (it gates a comparison)
+    # the newest ok record of each run, else its newest failure (a failure gates a comparison)
+    key = store.by_run_and_mode
+    newest = store.newest(stored, key) | store.newest(stored, key, ok_only=True)
     if not any(record["status"] == "ok" for _, record in newest.values()):
-        raise UserError(f"{path}: {len(files)} record(s), none with status ok: nothing to compare")
+        raise UserError(f"{path}: {len(stored)} record(s), none with status ok: nothing to compare")
     return newest, False
 
 
-def match_runs(a: Path, b: Path) -> tuple[list[tuple[tuple[str, str], tuple[Path, dict], tuple[Path, dict]]],
+def match_runs(a: Path, b: Path) -> tuple[list[tuple[tuple[str, str], store.Stored, store.Stored]],
                                           list[str], list[str]]:
     """Matched (key, A, B) pairs, and the runs found on only one side; two single files always pair up."""
     side_a, file_a = _side(a)
@@ -109,23 +105,16 @@ def match_runs(a: Path, b: Path) -> tuple[list[tuple[tuple[str, str], tuple[Path
             [f"{s}/{r} ({m})" for s, r, m in sorted(only_a)], [f"{s}/{r} ({m})" for s, r, m in sorted(only_b)])
 
 
-def _memory_values(record: dict[str, Any]) -> dict[str, float | None]:
-    memory = record.get("memory") or {}
-    parts, maxima = memory.get("breakdown") or {}, memory.get("category_peaks") or {}
-    values = {"peak": as_number(memory.get("peak_bytes"))}
-    values |= {cat: as_number(parts.get(cat)) for cat in CATEGORIES}
-    values |= {f"max {cat}": as_number(maxima.get(cat)) for cat in CATEGORIES if cat in maxima}
-    if (reserved := reserved_of(record)[0]) is not None:  # the GPU's reading, or the allocator model's
-        values["reserved"] = as_number(reserved)
-    return values
+def _memory_numbers(record: Record) -> dict[str, float | None]:
+    return {name: as_number(value) for name, value in memory_values(record).items()}
 
 
-def deltas(key: tuple[str, str], rec_a: dict[str, Any], rec_b: dict[str, Any]) -> list[Delta]:
+def deltas(key: tuple[str, str], rec_a: Record, rec_b: Record) -> list[Delta]:
     """Peak, each category (and each category's own maximum where both records have it), throughput, perplexity."""
-    mem_a, mem_b = _memory_values(rec_a), _memory_values(rec_b)
+    mem_a, mem_b = _memory_numbers(rec_a), _memory_numbers(rec_b)
     rows = [Delta(*key, q, "bytes", mem_a[q], mem_b.get(q)) for q in mem_a if q in mem_b]
     for quantity, (section, field, unit, worse_if_larger) in SCALARS.items():
-        values = [as_number((r.get(section) or {}).get(field)) for r in (rec_a, rec_b)]
+        values = [as_number(r[section][field]) for r in (rec_a, rec_b)]
         if any(v is not None for v in values):
             rows.append(Delta(*key, quantity, unit, values[0], values[1], worse_if_larger))
     return rows
@@ -213,7 +202,7 @@ COMPARED_FIELDS = {"scenario": lambda r: r["scenario"], "run": lambda r: r["run"
                    "mode": lambda r: r["mode"]}
 
 
-def _describe(record: dict[str, Any]) -> str:
+def _describe(record: Record) -> str:
     return f"{record['scenario']}/{record['run']} ({(record.get('model') or {}).get('name')}, {record['mode']})"
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 
 from galore_bench.errors import UserError
-from galore_bench.record import DEFAULT_RESULTS
 from galore_bench.spec.scenario import MODES, load_scenario, shipped_scenarios
+from galore_bench.store import DEFAULT_RESULTS
 
 EPILOG = "Results are JSON records under results/<device>/<scenario>/; see README.md."
 
@@ -72,7 +72,7 @@ def _has_cuda() -> bool:
 
 def _exit_status(paths: list[Path]) -> int:
     """1 when a run ended in an error (a crash, a killed worker); an out-of-memory is a result, not a failure."""
-    from galore_bench.record import load_record
+    from galore_bench.store import load as load_record
 
     failed = [(record["run"], record["error"]) for record in map(load_record, paths) if record["status"] == "error"]
     for run, error in failed:

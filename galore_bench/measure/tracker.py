@@ -18,7 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
+from galore_bench.units import CATEGORIES
+
 # What a storage created during each phase is, until it is relabelled.
 PHASE_CATEGORY = {"forward": "activations", "backward": "other", "optimizer": "other", "data": "other"}
 CUDA_BLOCK = 512  # the caching allocator rounds every block up to a multiple of 512 bytes

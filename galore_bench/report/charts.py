@@ -16,7 +16,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from galore_bench.report.tables import CATEGORIES, GIB, as_number, memory_of
+from galore_bench.record import breakdown_of, peak_of
+from galore_bench.report.tables import as_number
+from galore_bench.units import CATEGORIES, GIB
 
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8C8C8C")  # one per memory category
 FAILED = "crimson"
@@ -44,7 +46,7 @@ def breakdown_figure(records: list[dict[str, Any]], labels: list[str], title: st
     drawn: dict[str, bool] = {}  # budget lines drawn, by their legend text
     for ax, size, group in zip(axes, sizes, groups):
         budget = records[group[0]]["budget"].get("bytes")
-        measured = [(memory_of(records[i])[0] or 0) / GIB for i in group]
+        measured = [(peak_of(records[i]) or 0) / GIB for i in group]
         budget_text = _budget_text(records[group[0]]["budget"]) if budget else ""
         if budget and all(records[i]["status"] == "ok" for i in group) and budget / GIB > OFF_SCALE * max(measured):
             # an 80 GB budget over 5 GiB bars would flatten them: name it in a corner instead of drawing it
@@ -55,7 +57,7 @@ def breakdown_figure(records: list[dict[str, Any]], labels: list[str], title: st
         stand_in = budget / GIB if budget else max(measured + [0.0]) or 1.0
         tops = [stand_in]
         for x, i in enumerate(group):
-            record, parts, bottom = records[i], memory_of(records[i])[1], 0.0
+            record, parts, bottom = records[i], breakdown_of(records[i]), 0.0
             failed, peak = record["status"] != "ok", measured[x]
             for cat, color in zip(CATEGORIES, COLORS):
                 height = parts.get(cat, 0) / GIB
@@ -140,7 +142,7 @@ def pareto_figure(records: list[dict[str, Any]], labels: list[str], title: str) 
     """Peak memory against perplexity, the Pareto front highlighted; None unless >= 2 ok runs have both."""
     found: list[tuple[float, float, str]] = []
     for record, label in zip(records, labels):
-        peak, perplexity = memory_of(record)[0], as_number((record.get("quality") or {}).get("perplexity"))
+        peak, perplexity = peak_of(record), as_number((record.get("quality") or {}).get("perplexity"))
         if record["status"] == "ok" and peak and perplexity is not None:
             found.append((peak / GIB, perplexity, label))
     if len(found) < 2:

@@ -10,8 +10,9 @@ from typing import Any
 
 import pandas as pd
 
-from galore_bench.record import reserved_of
-from galore_bench.report.tables import GB, GIB, as_number, cell_text, memory_of, paper_diff, per_unit
+from galore_bench.record import breakdown_of, peak_of, reserved_of
+from galore_bench.report.tables import as_number, cell_text, paper_diff, per_unit
+from galore_bench.units import GB, GIB
 
 GALORE_NAMES = {"adamw": "full_rank", "galore": "galore", "lowrank": "low_rank", "lora": "lora", "relora": "relora"}
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -37,7 +38,7 @@ def galore_table(records: list[dict[str, Any]], labels: list[str], paper: pd.Dat
     """Weights and optimizer states (GB, 1e9) beside GaLore Table 6, the split of Table 2's memory column."""
     rows = []
     for record, label in zip(records, labels):
-        ref, parts = _galore_row(record, paper), memory_of(record)[1]
+        ref, parts = _galore_row(record, paper), breakdown_of(record)
         if ref is None or not parts:
             continue
         row: dict[str, Any] = {"run": label, "method": ref["method"], "size": ref["size"]}
@@ -92,7 +93,7 @@ def table2_table(records: list[dict[str, Any]], labels: list[str], paper: pd.Dat
     """GaLore Table 2: perplexity and memory (weights + optimizer states, GB) per run, beside the paper's."""
     rows = []
     for record, label in zip(records, labels):
-        ref, (peak, parts) = _galore_row(record, paper), memory_of(record)
+        ref, (peak, parts) = _galore_row(record, paper), (peak_of(record), breakdown_of(record))
         perplexity = as_number((record.get("quality") or {}).get("perplexity"))
         if ref is None or (not parts and perplexity is None):
             continue
@@ -165,7 +166,7 @@ def table11_table(records: list[dict[str, Any]], labels: list[str], paper: pd.Da
     """GaLore Table 11 (LLaMA-1B, token batch 256): peak memory with and without per-layer updates, and speed."""
     rows = []
     for record, label in zip(records, labels):
-        ref, peak = _table11_match(record, paper), memory_of(record)[0]
+        ref, peak = _table11_match(record, paper), peak_of(record)
         if ref is None or not peak:
             continue
         theirs, reserved = float(ref["memory"]), reserved_of(record)[0]
@@ -193,7 +194,7 @@ def table3_table(records: list[dict[str, Any]], labels: list[str], paper: pd.Dat
     """GaLore Table 3's memory (7B, 8-bit Adam vs 8-bit GaLore at rank 1024) beside our weights + states."""
     rows = []
     for record, label in zip(records, labels):
-        method, parts = record["method"], memory_of(record)[1]
+        method, parts = record["method"], breakdown_of(record)
         name = TABLE3_NAMES.get(method["name"])
         if (record["model"]["name"] != "7b" or name is None or not parts or method.get("layerwise")
                 or record["train"].get("dtype") != "bf16"

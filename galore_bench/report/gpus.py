@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from galore_bench import store
 from galore_bench.errors import UserError
 from galore_bench.report.references import paper_table, provenance_line
 from galore_bench.units import gib
@@ -63,7 +64,7 @@ def explain(row: dict[str, Any], budget: int, dist: dict[str, Any]) -> str:
 def fit_rows(records: list[dict[str, Any]], papers: dict[tuple[str, str], dict[str, str]]) -> list[dict[str, Any]]:
     rows = []
     for record in records:
-        dist = record.get("distributed") or {}
+        dist = record["distributed"] or {}
         if record["status"] != "ok" or not dist.get("candidates"):
             continue
         size, method = record["model"]["name"], record["method"]["name"]
@@ -102,9 +103,9 @@ def gpus_table(records: list[dict[str, Any]], paper: pd.DataFrame | None) -> pd.
 
 def render(paths: list[Path], out: Path) -> list[Path]:
     """<scenario>_gpus.md and .csv per scenario that has world-size searches."""
-    from galore_bench.report.render import load_records, provenance
+    from galore_bench.report.render import provenance
 
-    records, files, skipped = load_records(paths)
+    records, files, skipped = store.load_latest(paths)
     papers = paper_rows(paper_table(PAPER))
     rows = fit_rows(records, papers)
     if not rows:

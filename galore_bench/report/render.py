@@ -6,17 +6,15 @@ where the run's setting matches the paper's; a value more than 5% off is flagged
 """
 from __future__ import annotations
 
-import json
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from rich.console import Console
 
+from galore_bench import store
 from galore_bench.errors import UserError
-from galore_bench.record import find_records, load_record
 from galore_bench.report.galore import (
     GALORE_NOTE,
     TABLE2_NOTES,
@@ -42,43 +40,6 @@ from galore_bench.report.tables import (
 )
 
 FORMATS = ("md", "csv", "png", "svg", "html")
-REQUIRED = ("scenario", "run", "method", "mode", "device", "status", "model", "train", "budget", "memory")
-
-
-def read_record(path: Path) -> dict[str, Any]:
-    """One record, or a UserError saying what is wrong with the file (not JSON, foreign JSON, another schema)."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable JSON file ({exc})") from None
-    if not isinstance(raw, dict) or not {"schema_version", *REQUIRED} & raw.keys():
-        raise UserError(f"{path}: not a galore-bench result record (no schema_version, scenario or run)")
-    record = load_record(path)
-    if missing := [key for key in REQUIRED if key not in record]:
-        raise UserError(f"{path}: not a galore-bench result record (missing {', '.join(missing)})")
-    for key in ("method", "model", "train", "budget", "memory"):
-        if not isinstance(record[key], dict):
-            raise UserError(f"{path}: {key}: got {record[key]!r}, allowed an object (a damaged record?)")
-    peak = record["memory"].get("peak_bytes")
-    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, int)):
-        raise UserError(f"{path}: memory.peak_bytes: got {peak!r}, allowed an int (bytes) or null")
-    return record
-
-
-def load_records(paths: list[Path]) -> tuple[list[dict[str, Any]], list[Path], dict[str, int]]:
-    """Newest record per (scenario, run, mode, device), its file, and how many older ones were skipped per scenario."""
-    files = find_records([Path(p) for p in paths])
-    if not files:
-        raise UserError(f"no result records under {', '.join(map(str, paths))}: run `galore-bench run` first")
-    latest: dict[tuple, tuple[dict[str, Any], Path]] = {}
-    skipped: dict[str, int] = defaultdict(int)
-    for record, path in sorted(((read_record(p), p) for p in files), key=lambda rp: rp[0].get("created") or ""):
-        key = (record["scenario"], record["run"], record["mode"], record["device"])
-        skipped[record["scenario"]] += key in latest
-        latest[key] = (record, path)
-    chosen = sorted(latest.values(), key=lambda rp: (rp[0]["scenario"], rp[0]["model"].get("parameters") or 0,
-                                                     rp[0].get("created") or ""))
-    return [r for r, _ in chosen], [p for _, p in chosen], skipped
 
 
 def _shown(path: Path) -> str:
@@ -189,7 +150,7 @@ def render_report(record_paths: list[Path], out: Path, formats: set[str], *,
                   console: Console | None = None) -> list[Path]:
     """Write every table and chart for the records (files or folders); returns the files written."""
     formats = parse_formats(formats)
-    records, files, skipped = load_records(record_paths)
+    records, files, skipped = store.load_latest(record_paths)
     refs = load_references()
     (out := Path(out)).mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

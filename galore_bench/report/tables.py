@@ -14,10 +14,9 @@ import pandas as pd
 from rich.table import Table
 from rich.text import Text
 
-from galore_bench.record import reserved_of
+from galore_bench.record import breakdown_of, category_peaks_of, peak_of, reserved_of
+from galore_bench.units import CATEGORIES, GB, GIB
 
-GIB, GB = 2**30, 10**9
-CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
 FLAG_PERCENT = 5.0
 # (method, layerwise) -> claim in the galore_7b_totals table (LLaMA-7B, token batch 256, no checkpointing)
 FIT_ITEMS = {("adamw", False): "bf16_adam_baseline_total", ("adam8bit", False): "8bit_adam_total_implied",
@@ -50,7 +49,7 @@ FIT_CAUSES = {
 
 
 def as_number(value: Any) -> float | None:
-    """A finite float, or None for null/absent/NaN (older records lack the newer fields)."""
+    """A finite float, or None for null/NaN (a figure the run did not reach, or its engine lacks)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
@@ -64,12 +63,6 @@ def paper_diff(ours: float | None, paper: float | None) -> tuple[float | None, b
     return diff, abs(diff) > FLAG_PERCENT
 
 
-def memory_of(record: dict[str, Any]) -> tuple[int | None, dict[str, int]]:
-    """Peak bytes and breakdown; None and {} when the run died before measuring."""
-    memory = record.get("memory") or {}
-    return memory.get("peak_bytes"), memory.get("breakdown") or {}
-
-
 def per_unit(value: float | None, unit: float | None) -> float | None:
     return value / unit if value is not None and unit else None
 
@@ -78,7 +71,7 @@ def _setting(record: dict[str, Any], strategy: str | None = None, world: int | N
     """What an inference run must share with a training run to be its floor: model, tokens, dtype, mode, device,
     and, per rank, the world size and FSDP2's offload and unit. A DDP rank holds a whole replica: its floor is
     the single-device one (inference itself cannot run under DDP: nothing requires a gradient)."""
-    train, spread = record["train"], record.get("distributed") or {}
+    train, spread = record["train"], record["distributed"] or {}
     strategy = strategy if strategy is not None else spread.get("strategy")
     world = world if world is not None else spread.get("world_size") or 1
     base = (record["model"]["name"], train.get("batch_size"), train.get("seq_len"), train.get("dtype"),
@@ -91,12 +84,12 @@ def _setting(record: dict[str, Any], strategy: str | None = None, world: int | N
 def _inference_floors(records: list[dict[str, Any]]) -> dict[tuple, int]:
     """Peak of each finished inference run per setting; a simulated sweep over world sizes gives one per size."""
     runs = sorted((r for r in records if r["method"]["name"] == "inference" and r["status"] == "ok"
-                   and memory_of(r)[0]), key=lambda r: r.get("created") or "", reverse=True)
+                   and peak_of(r)), key=lambda r: r["created"], reverse=True)
     floors: dict[tuple, int] = {}
     for record in runs:  # the newest run at its own setting first, then the sweeps' other sizes where none ran
-        floors.setdefault(_setting(record), memory_of(record)[0] or 0)
+        floors.setdefault(_setting(record), peak_of(record) or 0)
     for record in runs:
-        for candidate in (record.get("distributed") or {}).get("candidates", []):
+        for candidate in (record["distributed"] or {}).get("candidates", []):
             floors.setdefault(_setting(record, candidate["strategy"], candidate["world_size"]),
                               candidate["peak_bytes"])
     return floors
@@ -108,7 +101,7 @@ def breakdown_table(records: list[dict[str, Any]], labels: list[str]) -> pd.Data
     floors = _inference_floors(records)
     rows = []
     for record, label in zip(records, labels):
-        peak, parts = memory_of(record)
+        peak, parts = peak_of(record), breakdown_of(record)
         row = {"run": label, "method": record["method"]["name"], "model": record["model"]["name"],
                "status": record["status"], "peak GiB": per_unit(peak, GIB)}
         for cat in CATEGORIES:
@@ -138,10 +131,10 @@ def lomo_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataF
     """
     rows = []
     for record, label in zip(records, labels):
-        (peak, parts), ref = memory_of(record), _lomo_row(record, paper)
+        (peak, parts), ref = (peak_of(record), breakdown_of(record)), _lomo_row(record, paper)
         if ref is None or not peak:
             continue
-        own = (record.get("memory") or {}).get("category_peaks") or {}
+        own = category_peaks_of(record)
         for quantity in (*CATEGORIES, "peak"):
             at_peak = (peak if quantity == "peak" else parts.get(quantity, 0)) / GIB
             ours = (own.get(quantity, at_peak * GIB) / GIB) if own and quantity != "peak" else at_peak
@@ -162,7 +155,7 @@ def speed_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFram
     """Throughput and quality per run (measured runs only: a simulated run has neither); empty columns dropped."""
     rows = []
     for record, label in zip(records, labels):
-        speed, quality = record.get("throughput") or {}, record.get("quality") or {}
+        speed, quality = record["throughput"], record["quality"]
         values = {"tokens/s": speed.get("tokens_per_second"), "TGS": speed.get("tgs"), "MFU": speed.get("mfu"),
                   "step s (median)": speed.get("step_seconds_median"), "final loss": quality.get("final_loss"),
                   "perplexity": quality.get("perplexity")}
@@ -182,7 +175,7 @@ def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFr
     """Peak against the budget, and the GaLore paper's 7B totals (22.0 GB for 8-bit layer-wise GaLore)."""
     rows = []
     for record, label in zip(records, labels):
-        budget, peak, train = record["budget"], memory_of(record)[0], record["train"]
+        budget, peak, train = record["budget"], peak_of(record), record["train"]
         if not budget.get("bytes"):
             continue
         row: dict[str, Any] = {"run": label, "status": record["status"], "peak GiB": per_unit(peak, GIB),

@@ -11,8 +11,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from galore_bench import store
 from galore_bench.errors import UserError
-from galore_bench.spec.scenario import Scenario, load_scenario, selected_runs
+from galore_bench.measure import resolve_mode
+from galore_bench.measure.training import pick_device
+from galore_bench.run import ranks
+from galore_bench.run.assemble import died_record
+from galore_bench.run.request import RunRequest
+from galore_bench.run.worker import execute
+from galore_bench.spec.scenario import Scenario, selected_runs
 
 EXECUTORS = ("local", "slurm")
 
@@ -28,33 +35,27 @@ def parse_options(pairs: Iterable[str]) -> dict[str, Any]:
     return options
 
 
-def run_job(request: dict[str, Any]) -> str | None:
+def run_job(request: RunRequest) -> str | None:
     """Body of one job (every task of it): one run of the scenario; returns the record path on rank 0."""
     import torch
 
-    from galore_bench.measure.training import pick_device
-    from galore_bench.record import write_record
-    from galore_bench.run import ranks
-    from galore_bench.run.worker import execute
-
-    if request.get("threads"):
-        torch.set_num_threads(request["threads"])
-    scenario = load_scenario(request["scenario"])
-    run, out, spec = scenario.runs[request["run_index"]], Path(request["out"]), scenario.distributed
-    requested = request["mode"] or scenario.mode
+    if request.threads:
+        torch.set_num_threads(request.threads)
+    scenario, run = request.load()
+    spec = scenario.distributed
     if spec is None:
-        return str(write_record(execute(scenario, run, requested, request["steps"]), out))
-    if ranks.resolve_mode(requested, run, spec, pick_device()) == "simulate":
+        return str(store.write(execute(scenario, run, request.mode, request.steps), request.out))
+    if resolve_mode(scenario, run, request.mode, pick_device()) == "simulate":
         if _task_rank() != 0:  # a job sized for real ranks that resolved to simulate here: one record
             return None
-        return str(write_record(ranks.simulate_record(scenario, run), out))
+        return str(store.write(ranks.simulate_record(scenario, run), request.out))
     if "RANK" not in os.environ:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export()
     device = ranks.rank_device(int(os.environ["LOCAL_RANK"]))
     with ranks.process_group(spec, device) as backend:
-        path = ranks.run_ranked(scenario, run, backend, device, request["steps"], out)
+        path = ranks.run_ranked(scenario, run, backend, device, request.steps, request.out)
     return str(path) if path else None
 
 
@@ -70,12 +71,15 @@ def _task_rank() -> int:
         return 0
 
 
-def _tasks(scenario: Scenario, mode: str | None) -> int:
-    """Processes one job needs: world_size for a real distributed run, else one."""
+def _tasks(scenario: Scenario, mode: str | None, executor: str) -> int:
+    """Processes one job needs: world_size for a real distributed run, else one. A cluster's nodes have GPUs,
+    so 'auto' is resolved for one there; local jobs run on this machine's device."""
     spec = scenario.distributed
-    if spec is None or (mode or scenario.mode) == "simulate" or len(spec.world_sizes) > 1:
+    if spec is None:
         return 1
-    return spec.world_size
+    device = "cuda" if executor == "slurm" else pick_device()
+    modes = {resolve_mode(scenario, run, mode, device) for run in scenario.runs}
+    return 1 if modes == {"simulate"} else spec.world_size
 
 
 def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", mode: str | None = None,
@@ -84,23 +88,17 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
                     only: str | None = None) -> list[Path]:
     """Submit every run (or those `only` names), wait for them, return the record paths (a failed job leaves an
     error record)."""
-    from galore_bench.run.sweep import check_mode
-
-    check_mode(scenario, mode)
+    tasks = _tasks(scenario, mode, executor)  # refuses a mode the scenario cannot run, before any job
     try:
         import submitit
     except ImportError:
         raise UserError("submitit is not installed: pip install 'galore-bench[cluster]'") from None
-    from galore_bench.run.sweep import existing_record
-    from galore_bench.run.worker import died_record
-
     if executor not in EXECUTORS:
         raise UserError(f"--submitit {executor!r}: allowed one of {', '.join(EXECUTORS)}")
     out = out.resolve()
     runner = submitit.AutoExecutor(folder=out / ".submitit" / "%j", cluster=executor)
     options = dict(options or {})
     nodes = int(options.pop("nodes", 1))
-    tasks = _tasks(scenario, mode)
     if tasks % nodes:
         raise UserError(f"nodes={nodes} does not divide world_size {tasks}")
     parameters: dict[str, Any] = {"timeout_min": 60, "nodes": nodes, "tasks_per_node": tasks // nodes, **options}
@@ -110,12 +108,11 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
     jobs: list[tuple[Any, Any]] = []  # (run, submitted job or the existing record's path)
     paths: list[Path] = []
     for index, run in selected_runs(scenario, only):
-        done = existing_record(out, scenario, run.label) if skip_existing else None
+        done = store.finished(out, scenario.name, run.label) if skip_existing else None
         if done is not None:
             jobs.append((run, done))
             continue
-        request = {"scenario": str(Path(scenario.path).resolve()), "run_index": index, "mode": mode, "steps": steps,
-                   "out": str(out), "threads": threads}
+        request = RunRequest(str(Path(scenario.path).resolve()), index, out, mode, steps, threads)
         job = runner.submit(run_job, request)
         log(f"submitted {run.label}: {executor} job {job.job_id} ({tasks} task(s))")
         jobs.append((run, job))
@@ -130,7 +127,8 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
         except Exception as exc:  # noqa: BLE001 - a failed job is a result of the sweep
             found, error = None, f"{executor} job {job.job_id} failed: {exc}"
         if found is None:
-            found = died_record(scenario, run, mode or scenario.mode, error or "job failed", out)
+            died = died_record(scenario, run, mode or scenario.mode, error or "job failed")
+            found = store.write(died, out)
         paths.append(found)
     return paths
 

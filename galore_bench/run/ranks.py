@@ -24,12 +24,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from galore_bench import store
 from galore_bench.errors import UserError
 from galore_bench.measure import sharding, training
-from galore_bench.measure.tracker import CUDA_BLOCK, PHASE_CATEGORY, MemoryTracker
-from galore_bench.methods import use_plugins
-from galore_bench.record import DEFAULT_RESULTS, write_record
-from galore_bench.run.worker import child_io, close_record, new_record
+from galore_bench.measure.rank_tracker import RankTracker, local_shard
+from galore_bench.measure.tracker import CUDA_BLOCK
+from galore_bench.record import RunRecord
+from galore_bench.run import assemble
+from galore_bench.run.request import RunRequest
+from galore_bench.run.worker import child_io
 from galore_bench.spec.distributed import DistributedSpec
 from galore_bench.spec.scenario import RunSpec, Scenario, load_scenario
 from galore_bench.units import format_bytes
@@ -39,96 +42,21 @@ ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 Emit = Callable[..., None]
 
 
-def resolve_mode(requested: str, run: RunSpec, spec: DistributedSpec, device: str) -> str:
-    """A list of world sizes is a simulate-mode search; otherwise the single-device rule (worker.resolve_mode)."""
-    from galore_bench.run.worker import resolve_mode as single_device_mode
-
-    if len(spec.world_sizes) > 1 and requested == "auto":
-        return "simulate"
-    return single_device_mode(requested, run, device)
-
-
-# -- records --------------------------------------------------------------------------------------
-def _section(spec: DistributedSpec, world_size: int, backend: str | None, simulated: bool, how: str,
-             ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    worst = max(ranks, key=lambda r: r.get("peak_bytes") or 0) if ranks else {}
-    return {"world_size": world_size, "strategy": spec.strategy, "cpu_offload": spec.cpu_offload,
-            "fsdp_unit": spec.fsdp_unit if spec.strategy == "fsdp2" else None, "backend": backend,
-            "simulated": simulated, "how": how, "ranks": ranks,
-            "max_rank_peak_bytes": worst.get("peak_bytes"), "max_rank": worst.get("rank")}
-
-
-def simulate_record(scenario: Scenario, run: RunSpec) -> dict[str, Any]:
+def simulate_record(scenario: Scenario, run: RunSpec) -> RunRecord:
     """One trace, every world size asked for; the record stands at the smallest that fits the budget."""
     spec = scenario.distributed
     if spec is None:
         raise UserError(f"{scenario.path}: no [distributed] table")
     device = training.record_device("simulate", training.pick_device())
-    record, started = new_record(scenario, run, "simulate", device), time.perf_counter()
+    record, started = assemble.new_record(scenario, run, "simulate", device), time.perf_counter()
     try:
         plans = sharding.plans_for(spec.strategy, spec.world_sizes, spec.cpu_offload, spec.fsdp_unit)
         tracker, trainer = sharding.trace(scenario, run, plans)
-        budget = scenario.budget_bytes
-        candidates = [{**c, "fits": None if budget is None else c["peak_bytes"] <= budget} for c in tracker.results()]
-        fitting = [c for c in candidates if c["fits"]]
-        # the smallest world size that fits; without a budget the smallest asked for; if none fits, the largest
-        chosen = fitting[0] if fitting else candidates[0 if budget is None else -1]
-        n = chosen["world_size"]
-        ranks = [{"rank": r, "peak_bytes": chosen["peak_bytes"], "breakdown": chosen["breakdown"],
-                  "host_bytes": chosen["host_bytes"]} for r in range(n)]
-        section = _section(spec, n, None, True, sharding.HOW, ranks)
-        section.update(candidates=candidates, transient_bytes=chosen["transient_bytes"],
-                       gpus_needed=n if fitting else None, single_device_peak_bytes=tracker.peak)
-        record["distributed"] = section
-        record["memory"] = {"peak_bytes": chosen["peak_bytes"], "breakdown": dict(chosen["breakdown"]),
-                            "source": "tracker + sharding arithmetic (max over ranks)", "steady_state_from_step": 2}
-        record["model"]["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        record["method"]["implementation"] = trainer.info
-        record["status"] = "ok"
+        assemble.fill_simulated(record, spec, scenario.budget_bytes, tracker.results(), tracker.peak,
+                                sharding.HOW, trainer)
     except Exception as exc:  # noqa: BLE001 - a failing run is a result of the sweep
-        record["error"], record["traceback"] = f"{type(exc).__name__}: {exc}", traceback.format_exc()
-    return close_record(record, scenario, started)
-
-
-# -- real ranks -----------------------------------------------------------------------------------
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's own shard (its wrapper reports the global size, which this rank does not hold)."""
-    return getattr(tensor, "_local_tensor", tensor)
-
-
-class RankTracker(MemoryTracker):
-    """The tracker, counting DTensors (FSDP2 parameters, gradients, states) by their local shard.
-
-    DDP accumulates into its gradient buckets without firing post-accumulate-grad hooks, so with
-    `label_grads_before_step` every `.grad` is labelled as the optimizer phase begins.
-    """
-
-    def __init__(self, round_to: int = 1, device_type: str | None = None, label_grads_before_step: bool = False) -> None:
-        super().__init__(round_to=round_to, device_type=device_type)
-        self.label_grads_before_step = label_grads_before_step
-        self._params: list[torch.nn.Parameter] = []
-
-    def watch_model(self, model: torch.nn.Module) -> None:
-        super().watch_model(model)
-        self._params = [p for p in model.parameters() if p.requires_grad]
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        if name == "optimizer" and self.label_grads_before_step:
-            self.label([p.grad for p in self._params if p.grad is not None], "gradients")
-        with super().phase(name):
-            yield
-
-    def label(self, tensors: Any, category: str) -> None:
-        super().label([_local(t) for t in tensors], category)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = func(*args, **(kwargs or {}))
-        category = PHASE_CATEGORY.get(self._phase, "other")
-        for value in torch.utils._pytree.tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor):
-                self._add(_local(value).untyped_storage(), category)
-        return out
+        assemble.failed(record, exc, "cpu")
+    return assemble.close_record(record, scenario, started)
 
 
 def wrap(model: torch.nn.Module, spec: DistributedSpec, device: torch.device, world_size: int) -> torch.nn.Module:
@@ -163,7 +91,7 @@ def _fingerprint(model: torch.nn.Module) -> tuple[str, int]:
     """sha256 of this rank's parameter bytes (replicas must match) and how many bytes it holds."""
     digest, total = hashlib.sha256(), 0
     for param in model.parameters():
-        local = _local(param.detach()).contiguous().cpu()
+        local = local_shard(param.detach()).contiguous().cpu()
         digest.update(local.view(torch.uint8).numpy().tobytes() if local.numel() else b"")
         total += local.numel() * local.element_size()
     return digest.hexdigest(), total
@@ -186,7 +114,8 @@ def rank_steps(scenario: Scenario, run: RunSpec, spec: DistributedSpec, device: 
     result: dict[str, Any] = {"rank": rank, "status": "ok", "peak_bytes": tracker.peak, "breakdown": tracker.breakdown(),
               "steady_state_from_step": steady + 1, "losses": done["losses"], "step_seconds": done["step_times"],
               "weights_sha256": sha, "local_parameter_bytes": held,
-              "trainable_parameters": sum(_local(p).numel() for p in model.parameters() if p.requires_grad),
+              "trainable_parameters": sum(local_shard(p).numel() for p in model.parameters()
+                                          if p.requires_grad),
               "implementation": done["trainer_info"]}
     if done["cuda"]:
         result["cuda"] = done["cuda"]
@@ -246,80 +175,41 @@ def run_ranked(scenario: Scenario, run: RunSpec, backend: str, device: torch.dev
     if result["status"] != "ok":
         # The other ranks wait inside collectives this rank will never join: it reports the run from here and
         # leaves; the launcher (the runner, torchrun) then stops the rest. The marker tells the runner the path.
-        record = new_record(scenario, run, "measure", training.device_name(device.type))
-        _fill_measured(record, scenario, spec, [result], backend, device, world=world)
-        path = write_record(close_record(record, scenario, started), out)
+        record = assemble.new_record(scenario, run, "measure", training.device_name(device.type))
+        assemble.fill_ranks(record, scenario, spec, [result], backend, device, world=world)
+        path = store.write(assemble.close_record(record, scenario, started), out)
         print(f"{RECORD_MARKER}{path}", file=sys.stderr, flush=True)
         os._exit(3)
     gathered: list[Any] | None = [None] * world if rank == 0 else None
     dist.gather_object(result, gathered, dst=0)
     if gathered is None:
         return None
-    record = new_record(scenario, run, "measure", training.device_name(device.type))
-    _fill_measured(record, scenario, spec, gathered, backend, device)
-    return write_record(close_record(record, scenario, started), out)
-
-
-def _fill_measured(record: dict[str, Any], scenario: Scenario, spec: DistributedSpec, results: list[dict[str, Any]],
-                   backend: str, device: torch.device, world: int | None = None) -> None:
-    """The record from the ranks' results (all of them, or the one that failed and reports for the run)."""
-    world = world or len(results)
-    failed = [r for r in results if r["status"] != "ok"]
-    how = (f"{world} processes, {backend} process group, torch {spec.strategy}; each rank's own tracker "
-           "(DTensors counted by their local shard)"
-           + ("; CPU offload on a CPU device: the offloaded shards stay in the memory counted" if spec.cpu_offload
-              and device.type == "cpu" else ""))
-    keep = ("rank", "peak_bytes", "breakdown", "local_parameter_bytes", "weights_sha256", "status", "error")
-    ranks = [{k: r[k] for k in keep if k in r} | {"final_loss": (r.get("losses") or [None])[-1]} for r in results]
-    record["distributed"] = _section(spec, world, backend, False, how, ranks)
-    if failed:
-        record["status"] = "oom" if any(r["status"] == "oom" for r in failed) else "error"
-        record["error"] = "; ".join(f"rank {r['rank']}: {r['error']}" for r in failed)
-        record["traceback"] = next((r["traceback"] for r in failed if "traceback" in r), None)
-        return
-    worst = max(results, key=lambda r: r["peak_bytes"])
-    record["memory"] = {"peak_bytes": worst["peak_bytes"], "breakdown": dict(worst["breakdown"]),
-                        "source": "torch.cuda.memory_stats, max over ranks" if "cuda" in worst
-                        else "tracker, max over ranks", "steady_state_from_step": worst["steady_state_from_step"]}
-    first = results[0]
-    train = scenario.train
-    rate = training.throughput(first["step_seconds"], train.batch_size * train.seq_len * train.grad_accum, device.type)
-    if rate.get("tokens_per_second") is not None:
-        rate["tokens_per_second"] *= world  # every rank trains its own batch; tgs stays per rank
-    record["throughput"] = rate
-    record["quality"]["losses"] = first["losses"]
-    record["quality"]["final_loss"] = first["losses"][-1] if first["losses"] else None
-    sharded = spec.strategy == "fsdp2"
-    record["model"]["trainable_parameters"] = (sum(r["trainable_parameters"] for r in results) if sharded
-                                               else first["trainable_parameters"])
-    record["method"]["implementation"] = first["implementation"]
-    record["status"] = "ok"
+    record = assemble.new_record(scenario, run, "measure", training.device_name(device.type))
+    assemble.fill_ranks(record, scenario, spec, gathered, backend, device)
+    return store.write(assemble.close_record(record, scenario, started), out)
 
 
 # -- entry points ---------------------------------------------------------------------------------
-def simulate_main(request: dict[str, Any], conn: Any, stderr_path: str) -> None:
+def simulate_main(request: RunRequest, conn: Any, stderr_path: str) -> None:
     """Runner child for a simulated distributed run: no ranks, one trace, one record."""
-    child_io(stderr_path, request.get("threads"))
-    use_plugins(request.get("method_plugins"))
-    scenario = load_scenario(request["scenario"])
-    record = simulate_record(scenario, scenario.runs[request["run_index"]])
-    path = write_record(record, Path(request["out"]))
+    child_io(stderr_path, request.threads)
+    record = simulate_record(*request.load())
+    path = store.write(record, request.out)
     conn.send({"record": str(path), "status": record["status"]})
     conn.close()
 
 
-def rank_main(request: dict[str, Any], rank: int, world_size: int, port: int, conn: Any, stderr_path: str) -> None:
+def rank_main(request: RunRequest, rank: int, world_size: int, port: int, conn: Any,
+              stderr_path: str) -> None:
     """Runner child for one rank: sets the env contract torchrun would set, then runs its share."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    threads = max(1, (request.get("threads") or torch.get_num_threads()) // world_size)
-    child_io(stderr_path, threads)
-    use_plugins(request.get("method_plugins"))
-    scenario = load_scenario(request["scenario"])
-    run, device = scenario.runs[request["run_index"]], rank_device(rank)
-    assert scenario.distributed is not None
-    last = rank == world_size - 1
-    fault = request.get("fault") if last else None
+    child_io(stderr_path, max(1, (request.threads or torch.get_num_threads()) // world_size))
+    scenario, run = request.load()
+    device = rank_device(rank)
+    if scenario.distributed is None:
+        raise UserError(f"{scenario.path}: no [distributed] table")
+    fault = request.fault if rank == world_size - 1 else None
 
     def emit(**message: Any) -> None:
         if conn is not None:
@@ -331,7 +221,7 @@ def rank_main(request: dict[str, Any], rank: int, world_size: int, port: int, co
                 raise torch.OutOfMemoryError("fault injected by the test hook")
 
     with process_group(scenario.distributed, device) as backend:
-        path = run_ranked(scenario, run, backend, device, request.get("steps"), Path(request["out"]), emit)
+        path = run_ranked(scenario, run, backend, device, request.steps, request.out, emit)
     if conn is not None:
         conn.send({"record": str(path) if path else None})
         conn.close()
@@ -341,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     """`torchrun --nproc-per-node N -m galore_bench.run.ranks --scenario NAME`: every run, in order."""
     parser = argparse.ArgumentParser(prog="python -m galore_bench.run.ranks", description=main.__doc__)
     parser.add_argument("--scenario", required=True)
-    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--out", type=Path, default=store.DEFAULT_RESULTS)
     parser.add_argument("--label", action="append", help="only the run with this label (repeatable)")
     parser.add_argument("--mode", choices=("measure", "simulate"), default="measure")
     parser.add_argument("--steps", type=int, default=None)
@@ -354,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "simulate":  # no process group: rank 0 (or a plain process) writes the records
             if int(os.environ.get("RANK", "0")) == 0:
                 for run in runs:
-                    print(write_record(simulate_record(scenario, run), args.out))
+                    print(store.write(simulate_record(scenario, run), args.out))
             return 0
         device = rank_device(int(os.environ.get("LOCAL_RANK", "0")))
         with process_group(scenario.distributed, device) as backend:

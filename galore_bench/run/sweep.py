@@ -1,12 +1,12 @@
 """A sweep over a scenario's runs, each in its own worker process, with a progress bar and a results table."""
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +15,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from galore_bench.errors import UserError
+from galore_bench import store
+from galore_bench.measure import resolve_mode, training
 from galore_bench.methods import PLUGIN_ENV
-from galore_bench.record import load_record, reserved_of
-from galore_bench.run.worker import FAULT_ENV, died_record
+from galore_bench.record import reserved_of
+from galore_bench.run import ranks
+from galore_bench.run.assemble import died_record
+from galore_bench.run.request import RunRequest
+from galore_bench.run.worker import FAULT_ENV, child_main
 from galore_bench.spec.scenario import Scenario, selected_runs
-from galore_bench.units import format_bytes
+from galore_bench.units import CATEGORIES, format_bytes
 
-CATEGORY_COLUMNS = ("weights", "gradients", "optimizer_states", "activations", "other")
-
-
-def existing_record(out: Path, scenario: Scenario, label: str) -> Path | None:
-    """A finished ok record for this run, so an interrupted sweep can resume (--skip-existing)."""
-    folder_records = sorted(out.glob(f"*/{scenario.name}/{label}.*.json"))
-    for path in reversed(folder_records):
-        if json.loads(path.read_text()).get("status") == "ok":
-            return path
-    return None
-
-
+OnStep = Callable[[int, int], None]
 _CONTEXT: Any = None
 
 
@@ -46,36 +39,85 @@ def _context() -> Any:
     return _CONTEXT
 
 
-def _run_worker(request: dict[str, Any], on_step, target=None) -> tuple[Path | None, str]:
-    """Run one request in its own process, relay its step messages, return (record path, stderr tail)."""
-    from galore_bench.run.worker import child_main
-
+def _spawn(target: Callable[..., None], process_args: list[tuple[Any, ...]], on_step: OnStep,
+           name: str) -> tuple[Path | None, str]:
+    """One child per args tuple, each called as target(*args, conn, stderr_path), the first holding the pipe
+    (progress and the record's path). If one fails, the others get a moment, then are stopped.
+    Returns (the record path, what the failed ones wrote on stderr)."""
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
-    with tempfile.NamedTemporaryFile("w+", suffix=".stderr", delete=False) as err:
-        stderr_path = err.name
+    errs = []
+    for _ in process_args:
+        with tempfile.NamedTemporaryFile("w+", suffix=".stderr", delete=False) as err:
+            errs.append(err.name)
+    record: Path | None = None
+
+    def relay(message: dict[str, Any]) -> None:
+        nonlocal record
+        if "step" in message:
+            on_step(message["step"], message["of"])
+        if message.get("record"):
+            record = Path(message["record"])
+
     try:
-        proc = context.Process(target=target or child_main, args=(request, sender, stderr_path), daemon=True)
-        proc.start()
+        procs = [context.Process(target=target, daemon=True,
+                                 args=(*args, sender if i == 0 else None, errs[i]))
+                 for i, args in enumerate(process_args)]
+        for proc in procs:
+            proc.start()
         sender.close()
-        record = None
-        while True:
-            try:
-                message = receiver.recv()
-            except EOFError:
-                break
-            if "step" in message:
-                on_step(message["step"], message["of"])
-            if "record" in message:
-                record = Path(message["record"])
-        proc.join()
-        stderr = Path(stderr_path).read_text(errors="replace")
-        if record is None:
-            stderr = f"worker exited with code {proc.exitcode}\n{stderr}"
-        return record, stderr[-4000:]
+        _wait(procs, receiver, relay)
+        failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+        if record is None:  # a rank that failed on its own wrote the run's record and named it on stderr
+            record = _named_record([Path(errs[i]) for i, _ in failed])
+        who = [name] if len(procs) == 1 else [f"{name} {i}" for i in range(len(procs))]
+        stderr = "\n".join(f"{who[i]} exited with code {code}\n{_tail(errs[i], 2000)}" for i, code in failed)
+        if record is None and not failed:
+            stderr = _tail(errs[0], 4000)
+        return record, stderr
     finally:
         receiver.close()
-        os.unlink(stderr_path)
+        for path in errs:
+            os.unlink(path)
+
+
+def _tail(path: str, chars: int) -> str:
+    return Path(path).read_text(errors="replace")[-chars:]
+
+
+def _wait(procs: list[Any], receiver: Any, relay: Callable[[dict[str, Any]], None]) -> None:
+    """Relay messages until every child exited, one failed, or a minute after the first finished."""
+    closed, first_done = False, 0.0
+    while True:
+        if closed:
+            time.sleep(0.2)
+        else:
+            closed = _drain(receiver, relay, 0.2)
+        codes = [p.exitcode for p in procs]
+        if any(code not in (None, 0) for code in codes) or all(code is not None for code in codes):
+            break
+        if any(code == 0 for code in codes):  # a rank finished: the others have a minute to follow
+            first_done = first_done or time.monotonic()
+            if time.monotonic() - first_done > 60:
+                break
+    if not closed:
+        _drain(receiver, relay, 0.0)  # what a child sent just before it exited
+    deadline = time.monotonic() + 5  # the others of a failed group: give them a moment, then stop them
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _drain(receiver: Any, relay: Callable[[dict[str, Any]], None], timeout: float) -> bool:
+    """Relay every message waiting; True once the pipe is closed (every sender gone)."""
+    while receiver.poll(timeout):
+        try:
+            relay(receiver.recv())
+        except EOFError:
+            return True
+    return False
 
 
 def _free_port() -> int:
@@ -84,126 +126,58 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_ranks(request: dict[str, Any], world_size: int, on_step) -> tuple[Path | None, str]:
-    """One process per rank (torchrun's env contract); if a rank dies, the others are stopped, not left hanging."""
-    from galore_bench.run.ranks import rank_main
-
-    context = _context()
-    receiver, sender = context.Pipe(duplex=False)
-    errs = []
-    for _ in range(world_size):
-        with tempfile.NamedTemporaryFile("w+", suffix=".stderr", delete=False) as err:
-            errs.append(err.name)
-    port, record, procs = _free_port(), None, []
-    try:
-        for rank in range(world_size):
-            procs.append(context.Process(target=rank_main, daemon=True,
-                                         args=(request, rank, world_size, port, sender if rank == 0 else None, errs[rank])))
-            procs[-1].start()
-        sender.close()
-        closed, first_done = False, 0.0
-        while True:
-            while not closed and receiver.poll(0.2):
-                try:
-                    message = receiver.recv()
-                except EOFError:
-                    closed = True
-                    break
-                if "step" in message:
-                    on_step(message["step"], message["of"])
-                if message.get("record"):
-                    record = Path(message["record"])
-            if closed:
-                time.sleep(0.2)
-            codes = [p.exitcode for p in procs]
-            if any(code not in (None, 0) for code in codes) or all(code is not None for code in codes):
-                break
-            if any(code == 0 for code in codes):  # a rank finished: the others have a minute to follow
-                first_done = first_done or time.monotonic()
-                if time.monotonic() - first_done > 60:
-                    break
-        deadline = time.monotonic() + 5  # the others of a failed group: give them a moment, then stop them
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-        if record is None:  # a rank that failed on its own wrote the run's record and named it on stderr
-            record = _named_record([Path(errs[r]) for r, _ in failed])
-        stderr = "\n".join(f"rank {r} exited with code {code}\n{Path(errs[r]).read_text(errors='replace')[-2000:]}"
-                           for r, code in failed)
-        if record is None and not failed:
-            stderr = Path(errs[0]).read_text(errors="replace")[-4000:]
-        return record, stderr
-    finally:
-        receiver.close()
-        for path in errs:
-            os.unlink(path)
-
-
-def check_mode(scenario: Scenario, mode: str | None) -> None:
-    """Modes a distributed scenario cannot run, refused before any process starts."""
-    if scenario.distributed is not None and (mode or scenario.mode) == "estimate":
-        raise UserError(f"{scenario.path}: mode: got 'estimate', allowed simulate or measure with [distributed] "
-                        "(the closed form does not model sharding; simulate applies it to the traced step)")
-
-
 def _named_record(stderr_files: list[Path]) -> Path | None:
-    from galore_bench.run.ranks import RECORD_MARKER
-
     for path in stderr_files:
         for line in path.read_text(errors="replace").splitlines():
-            if line.startswith(RECORD_MARKER):
-                return Path(line[len(RECORD_MARKER):].strip())
+            if line.startswith(ranks.RECORD_MARKER):
+                return Path(line[len(ranks.RECORD_MARKER):].strip())
     return None
 
 
-def _dispatch(scenario: Scenario, index: int, request: dict[str, Any], on_step) -> tuple[Path | None, str]:
+def _dispatch(scenario: Scenario, request: RunRequest, on_step: OnStep) -> tuple[Path | None, str]:
     """A single-device run in one worker; a distributed one as ranks, or as one simulating worker."""
     spec = scenario.distributed
     if spec is None:
-        return _run_worker(request, on_step)
-    from galore_bench.measure import training
-    from galore_bench.run import ranks
-
-    mode = ranks.resolve_mode(request["mode"] or scenario.mode, scenario.runs[index], spec, training.pick_device())
+        return _spawn(child_main, [(request,)], on_step, "worker")
+    mode = resolve_mode(scenario, scenario.runs[request.run_index], request.mode, training.pick_device())
     if mode == "simulate":
-        return _run_worker(request, on_step, target=ranks.simulate_main)
+        return _spawn(ranks.simulate_main, [(request,)], on_step, "worker")
     if len(spec.world_sizes) > 1:
         return None, f"measure mode needs one world size, got {list(spec.world_sizes)} (a list is a simulate search)"
-    return _run_ranks(request, spec.world_size, on_step)
+    port, world = _free_port(), spec.world_size
+    return _spawn(ranks.rank_main, [(request, rank, world, port) for rank in range(world)], on_step, "rank")
 
 
 def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, steps: int | None = None,
                  skip_existing: bool = False, console: Console | None = None,
                  memory_snapshot: bool = False, only: str | None = None) -> list[Path]:
     """Run every run of the scenario (or those `only` names); a run that crashes still leaves an error record."""
-    check_mode(scenario, mode)
     chosen = selected_runs(scenario, only)
+    device = training.pick_device()
+    # a mode the scenario cannot run is refused here, before any process starts
+    modes = {index: resolve_mode(scenario, run, mode, device) for index, run in chosen}
     console = console or Console(stderr=True)
     paths: list[Path] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         sweep = progress.add_task(f"{scenario.name}", total=len(chosen))
         for index, run in chosen:
-            done = existing_record(out, scenario, run.label) if skip_existing else None
+            done = store.finished(out, scenario.name, run.label) if skip_existing else None
             if done is not None:
                 paths.append(done)
                 progress.advance(sweep)
                 continue
             task = progress.add_task(f"  {run.label}", total=None)
 
-            def on_step(step: int, total: int, task=task) -> None:
+            def on_step(step: int, total: int, task: Any = task) -> None:
                 progress.update(task, completed=step, total=total)
 
-            request = {"scenario": scenario.path, "run_index": index, "mode": mode, "steps": steps, "out": str(out),
-                       "fault": os.environ.get(FAULT_ENV), "threads": torch.get_num_threads(),
-                       "memory_snapshot": memory_snapshot, "method_plugins": os.environ.get(PLUGIN_ENV)}
-            path, stderr = _dispatch(scenario, index, request, on_step)
+            request = RunRequest(scenario.path, index, out, mode, steps, torch.get_num_threads(),
+                                 os.environ.get(FAULT_ENV), memory_snapshot, os.environ.get(PLUGIN_ENV))
+            path, stderr = _dispatch(scenario, request, on_step)
             if path is None:  # the worker died (killed, segfault): record that, keep going
-                path = died_record(scenario, run, mode or scenario.mode,
-                                   stderr.strip() or "worker died without a message", out)
+                error = stderr.strip() or "worker died without a message"
+                path = store.write(died_record(scenario, run, modes[index], error), out)
             paths.append(path)
             progress.update(task, visible=False)
             progress.advance(sweep)
@@ -212,8 +186,8 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
 
 def results_table(paths: list[Path], title: str = "results") -> Table:
     """Peak and breakdown per run, and whether it fits the budget."""
-    records = [load_record(path) for path in paths]
-    budgets = {record["budget"]["text"] for record in records} - {None}
+    records = [store.load(path) for path in paths]
+    budgets = {text for record in records if (text := record["budget"]["text"]) is not None}
     caption = (f"fits: peak <= budget ({', '.join(sorted(budgets))}); " if budgets else "") + \
         "reserved: the CUDA allocator's (GPU) or the caching-allocator model's (simulate)"
     table = Table(title=title, caption=caption)
@@ -225,13 +199,13 @@ def results_table(paths: list[Path], title: str = "results") -> Table:
         memory, breakdown = record["memory"], record["memory"].get("breakdown") or {}
         fits = record["budget"]["fits"]
         loss, ppl = record["quality"]["final_loss"], record["quality"].get("perplexity")
-        rate = record["throughput"].get("tokens_per_second")
+        rate = record["throughput"]["tokens_per_second"]
         status = record["status"] if record["status"] == "ok" else f"{record['status']}: {(record['error'] or '')[:60]}"
-        ranks = (record.get("distributed") or {}).get("world_size")
+        ranks = record["distributed"]["world_size"] if record["distributed"] else None
         reserved, source = reserved_of(record)
         reserved_text = "OOM" if source and "OOM" in source else format_bytes(reserved)
         table.add_row(record["run"] + (f" x{ranks}" if ranks else ""), record["mode"], status, format_bytes(memory.get("peak_bytes")),
-                      *(format_bytes(breakdown.get(c)) for c in CATEGORY_COLUMNS),
+                      *(format_bytes(breakdown.get(c)) for c in CATEGORIES),
                       "-" if fits is None else ("yes" if fits else "NO"), reserved_text,
                       "-" if loss is None else f"{loss:.3f}", "-" if ppl is None else f"{ppl:,.1f}",
                       "-" if rate is None else f"{rate:,.0f}")

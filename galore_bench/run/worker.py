@@ -7,36 +7,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from galore_bench.measure import training
+from galore_bench import store
+from galore_bench.measure import resolve_mode, training
 from galore_bench.measure.estimate import EstimateUnavailable, estimate_run
-from galore_bench.methods import REGISTRY, use_plugins
-from galore_bench.models import parameter_count
-from galore_bench.record import empty_record, record_path, write_record
-from galore_bench.spec.scenario import RunSpec, Scenario, load_scenario
-from galore_bench.units import format_bytes
+from galore_bench.methods import REGISTRY
+from galore_bench.record import RunRecord
+from galore_bench.run import assemble
+from galore_bench.run.request import RunRequest
+from galore_bench.spec.scenario import RunSpec, Scenario
 
 FAULT_ENV = "GALORE_BENCH_FAULT"  # test hook: "kill:<run label>" makes that run die mid-way (SIGKILL)
-CPU_MEASURE_MAX_PARAMS = 200_000_000  # beyond this, real CPU steps take minutes: auto simulates instead
-
-
-def resolve_mode(requested: str, run: RunSpec, device: str) -> str:
-    """auto: real steps when the device can hold and run them in reasonable time, else fake-tensor trace."""
-    if requested != "auto":
-        return requested
-    if device == "cuda":
-        return "measure"
-    return "measure" if parameter_count(run.model) <= CPU_MEASURE_MAX_PARAMS else "simulate"
 
 
 class _Reporter:
@@ -60,49 +49,28 @@ def _maybe_fault(run: RunSpec, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def execute(scenario: Scenario, run: RunSpec, mode: str, steps: int | None,
-            snapshot_dir: Path | None = None) -> dict[str, Any]:
+def execute(scenario: Scenario, run: RunSpec, mode: str | None, steps: int | None,
+            snapshot_dir: Path | None = None) -> RunRecord:
     """Run one method and return its record (status oom/error instead of raising).
 
     `snapshot_dir`: also write the CUDA caching allocator's memory snapshot (measure on CUDA only) beside the
     record there, for PyTorch's memory_viz.
     """
     device = training.pick_device()
-    mode = resolve_mode(mode, run, device)
-    record = new_record(scenario, run, mode, training.record_device(mode, device))
+    mode = resolve_mode(scenario, run, mode, device)
+    record = assemble.new_record(scenario, run, mode, training.record_device(mode, device))
     started = time.perf_counter()
     try:
-        if mode == "estimate":
-            _estimate(record, scenario, run)
+        if mode == "estimate":  # its memory section is completed by close_record
+            _estimate(cast(dict[str, Any], record), scenario, run)
         else:
-            snapshot = record_path(snapshot_dir, record).with_suffix(".snapshot.pickle") if snapshot_dir else None
+            snapshot = (store.record_path(snapshot_dir, record).with_suffix(".snapshot.pickle")
+                        if snapshot_dir else None)
             _train(record, scenario, run, mode, device, steps, snapshot)
         record["status"] = "ok"
-    except torch.OutOfMemoryError as exc:
-        record["status"] = "oom"
-        at = f" at {format_bytes(torch.cuda.max_memory_allocated())}" if device == "cuda" else ""
-        record["error"] = f"OOM{at}: {str(exc).splitlines()[0]}"
     except Exception as exc:  # noqa: BLE001 - a failing method is a result of the sweep, not the end of it
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc()
-    return close_record(record, scenario, started)
-
-
-def new_record(scenario: Scenario, run: RunSpec, mode: str, device: str) -> dict[str, Any]:
-    """The record skeleton of one run, with its model's size (single-device and distributed runs alike)."""
-    record = empty_record(scenario.to_dict(), {"label": run.label, "method": run.method, "options": run.options},
-                          mode, device)
-    record["model"].update(name=run.model_name, shape=dataclasses.asdict(run.model),
-                           parameters=parameter_count(run.model))
-    record["quality"]["data"] = scenario.data
-    return record
-
-
-def died_record(scenario: Scenario, run: RunSpec, mode: str, error: str, out: Path) -> Path:
-    """The record of a run whose process died (killed, segfault, a failed job): the sweep records it and goes on."""
-    record = new_record(scenario, run, mode, "unknown")
-    record["error"] = error
-    return write_record(record, out)
+        assemble.failed(record, exc, device)
+    return assemble.close_record(record, scenario, started)
 
 
 def child_io(stderr_path: str, threads: int | None) -> None:
@@ -111,17 +79,6 @@ def child_io(stderr_path: str, threads: int | None) -> None:
         os.dup2(err.fileno(), 2)
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
     torch.set_num_threads(threads or torch.get_num_threads())
-
-
-def close_record(record: dict[str, Any], scenario: Scenario, started: float) -> dict[str, Any]:
-    """Wall time, this process's host memory (for simulate: the cost of tracing here), the budget verdict."""
-    record["wall_seconds"] = time.perf_counter() - started
-    record["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak, budget = record["memory"].get("peak_bytes"), scenario.budget_bytes
-    if budget is not None:
-        ok = record["status"] == "ok" and peak is not None
-        record["budget"]["fits"] = False if record["status"] == "oom" else (peak <= budget if ok else None)
-    return record
 
 
 def _estimate_fields(scenario: Scenario, run: RunSpec, target: str = "gpu") -> dict[str, Any]:
@@ -148,15 +105,6 @@ def _estimate(record: dict[str, Any], scenario: Scenario, run: RunSpec) -> None:
                         "estimate": fields}
 
 
-def _cross_check(record: dict[str, Any], key: str, compute: Callable[[], Any]) -> Any:
-    """A figure computed beside the measurement: its failure is noted, never turns a finished run into an error."""
-    try:
-        return compute()
-    except Exception as exc:  # noqa: BLE001 - a cross-check's failure is recorded, never raised
-        record.setdefault("cross_check_errors", {})[key] = f"{type(exc).__name__}: {exc}"
-        return None
-
-
 def _special_steps(run: RunSpec, steps: int) -> dict[str, set[int]]:
     """Steps with a periodic extra cost, timed apart (the method's hook; GaLore: its SVD refreshes)."""
     periodic = REGISTRY[run.method].periodic_steps
@@ -177,7 +125,7 @@ def _evaluator(scenario: Scenario, run: RunSpec, device: str) -> Callable[[torch
     return evaluate
 
 
-def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, device: str,
+def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, device: str,
            steps: int | None, snapshot: Path | None = None) -> None:
     fake = mode == "simulate"
     traced, n_steps = training.simulation_plan(run) if fake else (run, max(2, steps or scenario.train.steps))
@@ -201,52 +149,39 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         torch.cuda.memory._dump_snapshot(str(snapshot))
         torch.cuda.memory._record_memory_history(enabled=None)
-    tracker, model = result["tracker"], result["model"]
-    breakdown = tracker.breakdown()
-    memory: dict[str, Any] = {"peak_bytes": tracker.peak, "breakdown": breakdown, "source": "tracker",
-                              "category_peaks": dict(tracker.category_peaks), "steady_state_from_step": 2}
     plan = REGISTRY[run.method].trace_plan
-    if fake and plan is not None:  # the last step had the periodic cost (GaLore: a refresh); step 2 is the plain one
-        memory.update({f"includes_{plan.extra_step}": True,
-                       f"peak_without_{plan.extra_step}_bytes": result["step_peaks"][1]})
+    memory = assemble.traced_memory(result, extra_step=plan.extra_step if fake and plan is not None else None)
     if fake:  # what a GPU would reserve (and whether the cap holds), from the same trace: a model, labelled
         from galore_bench.measure.allocator import replay
 
-        memory["allocator_model"] = _cross_check(record, "allocator_model",
-                                                 lambda: replay(tracker.events or [], scenario.budget_bytes))
-    if result["cuda"]:
-        allocated = result["cuda"]["allocated_bytes"]
-        breakdown["other"] += allocated - tracker.peak  # allocator blocks the tracker did not attribute
-        memory.update(peak_bytes=allocated, source="torch.cuda.memory_stats", cuda=result["cuda"],
-                      tracker_peak_bytes=tracker.peak)
-    elif not fake:
+        events = result["tracker"].events or []
+        memory["allocator_model"] = assemble.cross_check(record, "allocator_model",
+                                                         lambda: replay(events, scenario.budget_bytes))
+    elif not result["cuda"]:
         import psutil
 
         memory["process_rss_bytes"] = psutil.Process().memory_info().rss
     target = "gpu" if fake or device == "cuda" else "cpu"  # what 'auto' implementations resolved to
-    memory["estimate"] = _cross_check(record, "estimate", lambda: _estimate_beside(memory, scenario, run, target))
+    memory["estimate"] = assemble.cross_check(record, "estimate",
+                                              lambda: _estimate_beside(memory, scenario, run, target))
     if snapshot is not None:
-        memory["snapshot"] = snapshot.name if recording else None
-        memory["snapshot_note"] = ("open it at https://pytorch.org/memory_viz" if recording else
-                                   "not written: memory snapshots come from the CUDA allocator (measure mode on a GPU)")
-    record["memory"] = memory
-    record["model"]["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    record["method"]["implementation"] = result["trainer_info"]
-    if not fake:
-        train = scenario.train
-        tokens = train.batch_size * train.seq_len * train.grad_accum
-        speed = training.throughput(result["step_times"], tokens, device, _special_steps(run, n_steps))
-        speed.update(_cross_check(record, "flops", lambda: _flops(scenario, run, speed, record["device"])) or {})
-        record["throughput"] = speed
-        record["quality"]["losses"] = result["losses"]
-        record["quality"]["final_loss"] = result["losses"][-1] if result["losses"] else None
-        if scenario.data == "wiki":  # what the text and tokenizer were: packages, versions, hashes, split, counts
-            from galore_bench.data import data_info
+        memory.update(assemble.snapshot_fields(snapshot, recording))  # type: ignore[typeddict-item]
+    assemble.fill_trained(record, memory, result)
+    if fake:
+        return
+    tokens = assemble.tokens_per_step(scenario)
+    speed = training.throughput(result["step_times"], tokens, device, _special_steps(run, n_steps))
+    counted = lambda: _flops(scenario, run, speed, record["device"])
+    speed.update(assemble.cross_check(record, "flops", counted) or {})
+    provenance = None
+    if scenario.data == "wiki":  # what the text and tokenizer were: packages, versions, hashes, split, counts
+        from galore_bench.data import data_info
 
-            record["quality"]["data_provenance"] = _cross_check(record, "data_provenance", data_info)
-        final = _cross_check(record, "perplexity", lambda: {"step": n_steps, **evaluate(model)}) if evaluate else None
-        if final is not None:
-            record["quality"].update(perplexity=final["perplexity"], eval=final, evals=[*result["evals"], final])
+        provenance = assemble.cross_check(record, "data_provenance", data_info)
+    model = result["model"]
+    final = (assemble.cross_check(record, "perplexity", lambda: {"step": n_steps, **evaluate(model)})
+             if evaluate else None)
+    assemble.fill_steps(record, result, speed, final, provenance)
 
 
 def _flops(scenario: Scenario, run: RunSpec, speed: dict[str, Any], device_name: str) -> dict[str, Any]:
@@ -271,16 +206,14 @@ def _flops(scenario: Scenario, run: RunSpec, speed: dict[str, Any], device_name:
         "achieved_model_flops_per_second": utilisation["achieved_flops_per_second"]}}
 
 
-def child_main(request: dict[str, Any], conn: Any, stderr_path: str) -> None:
+def child_main(request: RunRequest, conn: Any, stderr_path: str) -> None:
     """Entry point of the run's own process (started from the runner's fork server)."""
     global _emit, _FAULT
-    child_io(stderr_path, request.get("threads"))
-    _emit, _FAULT = _Reporter(conn), request.get("fault")
-    use_plugins(request.get("method_plugins"))
-    scenario = load_scenario(request["scenario"])
-    run = scenario.runs[request["run_index"]]
-    record = execute(scenario, run, request["mode"] or scenario.mode, request.get("steps"),
-                     Path(request["out"]) if request.get("memory_snapshot") else None)
-    path = write_record(record, Path(request["out"]))
+    child_io(stderr_path, request.threads)
+    _emit, _FAULT = _Reporter(conn), request.fault
+    scenario, run = request.load()
+    snapshots = request.out if request.memory_snapshot else None
+    record = execute(scenario, run, request.mode, request.steps, snapshots)
+    path = store.write(record, request.out)
     _emit(record=str(path), status=record["status"])
     conn.close()

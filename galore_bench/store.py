@@ -1,0 +1,171 @@
+"""The record store: the only module that writes record files (atomically, never over another) and reads them.
+
+A results folder holds `<device>/<scenario>/<run>.<mode>.<stamp>.json`; files are found by name and folder,
+with no index file. `newest` is the one rule for "which record stands for a run" (report, compare, check and
+--skip-existing each pick their key and whether only ok records count).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
+from pathlib import Path
+from typing import Any, cast
+
+from galore_bench.errors import UserError
+from galore_bench.record import SCHEMA_VERSION, RunRecord, problems_in, upgraded
+
+DEFAULT_RESULTS = Path("results")
+# what every reader needs; a JSON file with none of them is not a record at all
+REQUIRED = ("scenario", "run", "method", "mode", "device", "status", "model", "train", "budget", "memory")
+Stored = tuple[Path, RunRecord]
+
+
+def record_path(out_dir: Path, record: RunRecord) -> Path:
+    stamp = record["created"].replace(":", "").replace("-", "")
+    return out_dir / record["device"] / record["scenario"] / f"{record['run']}.{record['mode']}.{stamp}.json"
+
+
+def write(record: RunRecord, out_dir: Path) -> Path:
+    """Write to a temporary file, then hard-link it into place: atomic, never over an existing file."""
+    problems = problems_in(dict(record)) + (
+        [] if record["schema_version"] == SCHEMA_VERSION else ["schema_version"]
+    )
+    if problems:  # a bug in the code that built it: every record written is one `load` reads back
+        raise ValueError(f"refusing to write an incomplete record: {'; '.join(problems)}")
+    target = record_path(out_dir, record)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle, indent=1, sort_keys=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        for attempt in range(100):
+            candidate = target if attempt == 0 else target.with_name(f"{target.stem}-{attempt}.json")
+            try:
+                os.link(tmp, candidate)
+                return candidate
+            except FileExistsError:
+                continue
+        raise OSError(f"could not find a free file name for {target}")
+    finally:
+        os.unlink(tmp)
+
+
+def load(path: Path) -> RunRecord:
+    """One record at the current schema version (older ones upgraded), or a UserError naming the file and
+    what is wrong: not JSON, not a record, a version this code cannot read, or each damaged field."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(raw, dict) or not {"schema_version", *REQUIRED} & raw.keys():
+        raise UserError(f"{path}: not a galore-bench result record (no schema_version, scenario or run)")
+    try:
+        record = upgraded(raw)
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    if missing := [key for key in REQUIRED if key not in record]:
+        raise UserError(f"{path}: not a galore-bench result record (missing {', '.join(missing)})")
+    if problems := problems_in(record):
+        raise UserError(f"{path}: " + "; ".join(problems))
+    return cast(RunRecord, record)
+
+
+def _is_foreign(path: Path) -> bool:
+    """A readable JSON file that is plainly not a record (none of a record's keys): a folder scan skips it.
+    One with some of them (an old or damaged record) is read and its problem reported, never skipped."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # unreadable: reported as a damaged record where it is read
+    return not (
+        isinstance(data, dict) and {"schema_version", "scenario", "run", "status", "memory"} & data.keys()
+    )
+
+
+def find(paths: Iterable[Path]) -> list[Path]:
+    """Record files under the given files/folders, in a stable order (foreign JSON in a folder is noted)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            for file in sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-")):
+                if _is_foreign(file):  # a summary or notes file beside the records
+                    print(
+                        f"galore-bench: note: skipped {file}: not a result record (none of its keys)",
+                        file=sys.stderr,
+                    )
+                else:
+                    found.append(file)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return found
+
+
+def load_all(paths: Iterable[Path]) -> list[Stored]:
+    """Every record under the given files/folders, each with its file."""
+    return [(file, load(file)) for file in find(paths)]
+
+
+def by_run(record: RunRecord) -> tuple[str, str]:
+    return record["scenario"], record["run"]
+
+
+def by_run_and_mode(record: RunRecord) -> tuple[str, str, str]:
+    """An engine's figures are only compared with the same engine's."""
+    return record["scenario"], record["run"], record["mode"]
+
+
+def by_run_mode_device(record: RunRecord) -> tuple[str, str, str, str]:
+    """A report shows a simulation and a measurement, or two devices, side by side."""
+    return record["scenario"], record["run"], record["mode"], record["device"]
+
+
+def newest(
+    records: Iterable[Stored],
+    key: Callable[[RunRecord], Hashable] = by_run,
+    *,
+    ok_only: bool = False,
+    mode: str | None = None,
+) -> dict[Any, Stored]:
+    """Per key, the record created last (ties: the later file name); only status ok ones when `ok_only`,
+    only one mode's when `mode` is given."""
+    chosen: dict[Any, Stored] = {}
+    for path, record in sorted(records, key=lambda pr: (pr[1]["created"], pr[0].name)):
+        if (not ok_only or record["status"] == "ok") and mode in (None, record["mode"]):
+            chosen[key(record)] = (path, record)
+    return chosen
+
+
+def finished(out: Path, scenario: str, run: str) -> Path | None:
+    """The newest ok record of a run in a results folder (any device), so an interrupted sweep can resume."""
+    files = sorted(out.glob(f"*/{scenario}/{run}.*.json"))
+    found = newest(((f, load(f)) for f in files), by_run, ok_only=True)
+    return found[(scenario, run)][0] if (scenario, run) in found else None
+
+
+def load_latest(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[Path], Counter[str]]:
+    """What a report shows: the newest record per (scenario, run, mode, device), ordered by scenario and model
+    size, their files, and how many older ones were left out per scenario."""
+    paths = list(paths)
+    stored = load_all(paths)
+    if not stored:
+        raise UserError(f"no result records under {', '.join(map(str, paths))}: run `galore-bench run` first")
+    latest = newest(stored, by_run_mode_device)
+    skipped = Counter(record["scenario"] for _, record in stored)
+    skipped.subtract(record["scenario"] for _, record in latest.values())
+    chosen = sorted(
+        latest.values(),
+        key=lambda pr: (pr[1]["scenario"], pr[1]["model"]["parameters"] or 0, pr[1]["created"]),
+    )
+    records = cast(
+        list[dict[str, Any]], [record for _, record in chosen]
+    )  # the report's tables take plain dicts
+    return records, [path for path, _ in chosen], skipped
