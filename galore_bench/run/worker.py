@@ -20,7 +20,7 @@ from galore_bench import store
 from galore_bench.measure import resolve_mode, training
 from galore_bench.measure.estimate import EstimateUnavailable, estimate_run
 from galore_bench.methods import REGISTRY
-from galore_bench.record import RunRecord
+from galore_bench.record import MemorySection, RunRecord
 from galore_bench.run import assemble
 from galore_bench.run.request import RunRequest
 from galore_bench.spec.scenario import RunSpec, Scenario
@@ -88,7 +88,7 @@ def _estimate_fields(scenario: Scenario, run: RunSpec, target: str = "gpu") -> d
             "peak_moment": result.moment, "moments": result.moments, "terms": result.terms, "target": target}
 
 
-def _estimate_beside(memory: dict[str, Any], scenario: Scenario, run: RunSpec, target: str) -> dict[str, Any] | None:
+def _estimate_beside(memory: MemorySection, scenario: Scenario, run: RunSpec, target: str) -> dict[str, Any] | None:
     """The estimate a simulate / measure run is checked against; a method without estimate terms has none,
     and the record says why (`estimate_unavailable`) instead of an error."""
     try:
