@@ -16,7 +16,8 @@ from galore_bench.cli import main
 from galore_bench.errors import UserError
 from galore_bench.record import SCHEMA_VERSION
 from galore_bench.report.charts import breakdown_figure, pareto_front
-from galore_bench.report.render import REFERENCE_ENV, render_report
+from galore_bench.report.provenance import REFERENCE_ENV
+from galore_bench.report.render import render_report
 
 GIB = 2**30
 W7B = 6_738_415_616 * 2  # LLaMA-7B weights in BF16: 12.55 GiB

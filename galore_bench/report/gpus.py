@@ -3,19 +3,18 @@
 One row per record: the smallest world size whose per-rank peak fits the budget, the per-GPU peak there
 and at every candidate, beside the LOMO paper's Table 2 GPU count where the method and size match, and
 a sentence explaining any difference from the numbers themselves.
-Run: python -m galore_bench.report.gpus results/ --out reports/cpu-simulate
+Run: galore-bench gpus results/ --out reports/cpu-simulate
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from galore_bench.errors import UserError
+from galore_bench.report.provenance import provenance, reference_dir
 from galore_bench.units import gib
 
 PAPER = "lomo_table2.csv"  # LOMO (arXiv 2306.09782) Table 2: GPUs and memory per GPU on RTX 3090s
@@ -99,17 +98,12 @@ def gpus_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def gpus_table(records: list[dict[str, Any]]) -> pd.DataFrame | None:
     """The GPUs-needed table for `galore-bench report`, when the records hold world-size searches."""
-    from galore_bench.report.render import reference_dir
-
     rows = fit_rows(records, paper_rows(reference_dir()))
     return gpus_frame(rows) if rows else None
 
 
-def render(paths: list[Path], out: Path) -> list[Path]:
-    """<scenario>_gpus.md and .csv per scenario that has world-size searches."""
-    from galore_bench.report.render import load_records, provenance, reference_dir
-
-    records, files, skipped = load_records(paths)
+def write_pages(records: list[dict[str, Any]], files: list[Path], skipped: dict[str, int], out: Path) -> list[Path]:
+    """<scenario>_gpus.md and .csv per scenario that has world-size searches, from loaded records and their files."""
     ref = reference_dir()
     papers = paper_rows(ref)
     rows = fit_rows(records, papers)
@@ -141,21 +135,3 @@ def render(paths: list[Path], out: Path) -> list[Path]:
         md_path.write_text("\n".join(md) + "\n")
         written += [md_path, csv_path]
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m galore_bench.report.gpus", description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", type=Path, help="record files or folders")
-    parser.add_argument("--out", type=Path, default=Path("reports/latest"))
-    args = parser.parse_args(argv)
-    try:
-        for path in render(args.results, args.out):
-            print(path)
-    except UserError as exc:
-        print(f"galore-bench: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,13 +2,12 @@
 
 Env contract (torchrun's): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. The runner sets them
 itself for its own rank processes; torchrun, submitit or SLURM set them for
-`python -m galore_bench.run.ranks --scenario NAME`. Rank 0 gathers each rank's numbers and writes the
-record. `simulate` never starts ranks: it traces one device and applies the sharding arithmetic
+`galore-bench ranks --scenario NAME` (torchrun: `-m galore_bench.cli ranks`). Rank 0 gathers each rank's
+numbers and writes the record. `simulate` never starts ranks: it traces one device and applies the sharding arithmetic
 (galore_bench.measure.sharding) for every world size asked for.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -27,8 +26,9 @@ import torch.distributed as dist
 from galore_bench.errors import UserError
 from galore_bench.measure import sharding, training
 from galore_bench.measure.tracker import CUDA_BLOCK, PHASE_CATEGORY, MemoryTracker
-from galore_bench.record import DEFAULT_RESULTS, write_record
+from galore_bench.record import write_record
 from galore_bench.run.worker import child_io, close_record, new_record
+from galore_bench.run.worker import resolve_mode as single_device_mode
 from galore_bench.spec.distributed import DistributedSpec
 from galore_bench.spec.scenario import RunSpec, Scenario, load_scenario
 from galore_bench.units import format_bytes
@@ -40,8 +40,6 @@ Emit = Callable[..., None]
 
 def resolve_mode(requested: str, run: RunSpec, spec: DistributedSpec, device: str) -> str:
     """A list of world sizes is a simulate-mode search; otherwise the single-device rule (worker.resolve_mode)."""
-    from galore_bench.run.worker import resolve_mode as single_device_mode
-
     if len(spec.world_sizes) > 1 and requested == "auto":
         return "simulate"
     return single_device_mode(requested, run, device)
@@ -332,38 +330,3 @@ def rank_main(request: dict[str, Any], rank: int, world_size: int, port: int, co
     if conn is not None:
         conn.send({"record": str(path) if path else None})
         conn.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`torchrun --nproc-per-node N -m galore_bench.run.ranks --scenario NAME`: every run, in order."""
-    parser = argparse.ArgumentParser(prog="python -m galore_bench.run.ranks", description=main.__doc__)
-    parser.add_argument("--scenario", required=True)
-    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
-    parser.add_argument("--label", action="append", help="only the run with this label (repeatable)")
-    parser.add_argument("--mode", choices=("measure", "simulate"), default="measure")
-    parser.add_argument("--steps", type=int, default=None)
-    args = parser.parse_args(argv)
-    try:
-        scenario = load_scenario(args.scenario)
-        if scenario.distributed is None:
-            raise UserError(f"{scenario.path}: no [distributed] table; use `galore-bench run`")
-        runs = [r for r in scenario.runs if not args.label or r.label in args.label]
-        if args.mode == "simulate":  # no process group: rank 0 (or a plain process) writes the records
-            if int(os.environ.get("RANK", "0")) == 0:
-                for run in runs:
-                    print(write_record(simulate_record(scenario, run), args.out))
-            return 0
-        device = rank_device(int(os.environ.get("LOCAL_RANK", "0")))
-        with process_group(scenario.distributed, device) as backend:
-            for run in runs:
-                path = run_ranked(scenario, run, backend, device, args.steps, args.out)
-                if path is not None:
-                    print(path, flush=True)
-    except UserError as exc:
-        print(f"galore-bench: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
