@@ -2,7 +2,7 @@
 
 Folders are matched run by run on (scenario, run label), taking the newest ok record of each, so a rerun after
 a code change compares against the run it replaces. `--fail-above PCT` turns it into a regression gate: exit 1
-when the peak or any memory category grew by more than PCT%, naming what grew. The console table is cli/compare.py's.
+when the peak or any memory category grew by more than PCT%, naming what grew. cli/compare.py prints it.
 """
 from __future__ import annotations
 
@@ -208,7 +208,9 @@ def mismatch_note(pairs: list) -> str | None:
         return None
     _, (_, ra), (_, rb) = pairs[0]
     differ = [what for what, get in COMPARED_FIELDS.items() if get(ra) != get(rb)]
-    return f"note: A is {_describe(ra)}, B is {_describe(rb)}: different {', '.join(differ)}" if differ else None
+    if not differ:
+        return None
+    return f"note: A is {_describe(ra)}, B is {_describe(rb)}: different {', '.join(differ)}"
 
 
 def gate_failures(rows: list[Delta], pairs: list, only_a: list[str], limit: float) -> list[str]:

@@ -1,8 +1,10 @@
-"""Command line: `galore-bench list | run | report | fit | compare | check | gpus | ranks`, one module per command.
+"""Command line: `galore-bench list | run | report | fit | compare | check | gpus | ranks`, a module each.
 
 Each command module has NAME, HELP, DESCRIPTION, add_arguments(parser), from_args(args) and a typed
 run(...) -> int that tests call without argparse. main() is the one place a UserError becomes exit 1.
+A command imports its stage (run/, measure/, report/, check/) inside run(), so `--help` loads only parsers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="galore-bench",
         description="Will this training recipe fit, how fast will it run, what does it cost in quality? "
-                    "Memory, throughput and perplexity of GaLore, LOMO and their baselines on LLaMA models.",
-        epilog=EPILOG)
+        "Memory, throughput and perplexity of GaLore, LOMO and their baselines on LLaMA models.",
+        epilog=EPILOG,
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         sub = commands.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
@@ -38,5 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"galore-bench: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("galore-bench: interrupted; finished records are kept (resume with --skip-existing)", file=sys.stderr)
+        print(
+            "galore-bench: interrupted; finished records are kept (resume with --skip-existing)",
+            file=sys.stderr,
+        )
         return 130

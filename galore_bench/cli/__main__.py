@@ -1,4 +1,5 @@
-"""`python -m galore_bench.cli`: what launchers that take a module (torchrun -m) run; same as `galore-bench`."""
+"""`python -m galore_bench.cli`, for launchers that take a module (torchrun -m); same as `galore-bench`."""
+
 import sys
 
 from galore_bench.cli import main

@@ -1,4 +1,5 @@
-"""`galore-bench compare A B`: the deltas of B against A, as a console table or md/csv/json; a gate with --fail-above."""
+"""`galore-bench compare A B`: B's deltas against A, as a table or md/csv/json; a gate with --fail-above."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,44 +8,67 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from galore_bench.cli.output import console as default_console
 from galore_bench.errors import UserError
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from galore_bench.check.compare import Delta
 
 NAME = "compare"
 HELP = "deltas between two records or results folders (memory, throughput, perplexity)"
-DESCRIPTION = ("Compare B against A (each a record file or a results folder; folders are matched by "
-               "scenario and run label, newest ok record of each): peak and per-category memory, tokens/s, "
-               "TGS and perplexity, as B - A and in % of A.")
+DESCRIPTION = (
+    "Compare B against A (each a record file or a results folder; folders are matched by "
+    "scenario and run label, newest ok record of each): peak and per-category memory, tokens/s, "
+    "TGS and perplexity, as B - A and in % of A."
+)
 FORMATS = ("md", "csv", "json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a", type=Path, help="baseline: a record file or a results folder")
     parser.add_argument("b", type=Path, help="new: a record file or a results folder")
-    parser.add_argument("--format", choices=FORMATS, default=None,
-                        help="print this format to stdout instead of the console table (or write it to --out)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write the comparison to this file (format from --format or the file's suffix)")
-    parser.add_argument("--fail-above", metavar="PCT", default=None,
-                        help="exit 1 when the peak or any memory category grew by more than PCT%% (e.g. 5 or 5%%)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="print this format to stdout instead of the console table (or write it to --out)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the comparison to this file (format from --format or the file's suffix)",
+    )
+    parser.add_argument(
+        "--fail-above",
+        metavar="PCT",
+        default=None,
+        help="exit 1 when the peak or any memory category grew by more than PCT%% (e.g. 5 or 5%%)",
+    )
 
 
 def from_args(args: argparse.Namespace) -> int:
-    return run(args.a, args.b, fmt=args.format, out=args.out, fail_above=args.fail_above,
-               console=default_console())
+    return run(
+        args.a, args.b, fmt=args.format, out=args.out, fail_above=args.fail_above, console=default_console()
+    )
 
 
-def run(a: Path, b: Path, *, fmt: str | None = None, out: Path | None = None,
-        fail_above: str | float | None = None, console: Console | None = None,
-        errors: Console | None = None) -> int:
+def run(
+    a: Path,
+    b: Path,
+    *,
+    fmt: str | None = None,
+    out: Path | None = None,
+    fail_above: str | float | None = None,
+    console: Console | None = None,
+    errors: Console | None = None,
+) -> int:
     """Print (or write) the deltas of B against A; 1 when `fail_above` is given and something grew past it."""
-    from galore_bench.check import compare  # pandas: not for --help or `list`
+    from galore_bench.check import compare
 
     limit = compare.parse_percent(fail_above) if fail_above is not None else None
     fmt = _output_format(fmt, out)
@@ -78,15 +102,19 @@ def _output_format(fmt: str | None, out: Path | None) -> str | None:
     if fmt is None and out is not None:
         fmt = Path(out).suffix.lstrip(".").lower()
         if fmt not in FORMATS:
-            raise UserError(f"--out: got {out}, allowed a file name ending in "
-                            f"{', '.join('.' + f for f in FORMATS)} (or give --format)")
+            raise UserError(
+                f"--out: got {out}, allowed a file name ending in "
+                f"{', '.join('.' + f for f in FORMATS)} (or give --format)"
+            )
     if fmt is not None and fmt not in FORMATS:
         raise UserError(f"--format: got {fmt!r}, allowed: {', '.join(FORMATS)}")
     return fmt
 
 
 def _console_table(rows: list[Delta], cells: Iterable[tuple], title: str) -> Table:
-    """The long table (`cells`: each row's text), worse values red and better ones green; labels are not markup."""
+    """The long table (`cells`: each row's text), worse red and better green; labels are text, not markup."""
+    from rich.table import Table
+
     table = Table(title=Text(title), title_justify="left")
     for column in ("scenario", "run", "quantity", "A", "B", "delta", "delta %"):
         table.add_column(column, justify="left" if column in ("scenario", "run", "quantity") else "right")

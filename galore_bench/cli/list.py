@@ -1,4 +1,5 @@
 """`galore-bench list`: the shipped scenarios, one line each, with the runs each holds."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,9 @@ def run(console: Console | None = None) -> int:
     for path in sorted(SCENARIO_DIR.glob("*.toml")):
         scenario = load_scenario(str(path))
         methods = ", ".join(r.label for r in scenario.runs)
-        console.print(f"[bold]{scenario.name:<16}[/bold] {scenario.model_name:>5}  {scenario.description}  "
-                      f"[dim]({methods})[/dim]", highlight=False)
+        console.print(
+            f"[bold]{scenario.name:<16}[/bold] {scenario.model_name:>5}  {scenario.description}  "
+            f"[dim]({methods})[/dim]",
+            highlight=False,
+        )
     return 0

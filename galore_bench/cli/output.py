@@ -1,4 +1,5 @@
-"""Where commands print: one console shape for every command, and notes on stderr that do not mix with piped output."""
+"""Where commands print: one console shape for all, and notes on stderr that do not mix with piped output."""
+
 from __future__ import annotations
 
 import sys

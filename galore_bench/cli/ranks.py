@@ -3,6 +3,7 @@
 `galore-bench run` starts the ranks itself; under torchrun each rank runs this command:
 `torchrun --nproc-per-node N -m galore_bench.cli ranks --scenario NAME` (torchrun's `-m` takes a module).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,22 +13,31 @@ from pathlib import Path
 
 from galore_bench.errors import UserError
 from galore_bench.record import DEFAULT_RESULTS, write_record
-from galore_bench.run.ranks import process_group, rank_device, run_ranked, simulate_record
 from galore_bench.spec.scenario import load_scenario
 
 NAME = "ranks"
 HELP = "one rank of a distributed scenario, under torchrun (`run` starts its ranks itself)"
-DESCRIPTION = ("`torchrun --nproc-per-node N -m galore_bench.cli ranks --scenario NAME`: every run, in order, "
-               "this process being the rank torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) names. Rank 0 writes "
-               "each record and prints its path.")
+DESCRIPTION = (
+    "`torchrun --nproc-per-node N -m galore_bench.cli ranks --scenario NAME`: every run, in order, "
+    "this process being the rank torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) names. Rank 0 writes "
+    "each record and prints its path."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scenario", required=True, help="a shipped scenario name or a .toml path with [distributed]")
-    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)")
+    parser.add_argument(
+        "--scenario", required=True, help="a shipped scenario name or a .toml path with [distributed]"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_RESULTS, help="results folder (default: results/)"
+    )
     parser.add_argument("--label", action="append", help="only the run with this label (repeatable)")
-    parser.add_argument("--mode", choices=("measure", "simulate"), default="measure",
-                        help="measure (default): real ranks; simulate: no process group, rank 0 traces one device")
+    parser.add_argument(
+        "--mode",
+        choices=("measure", "simulate"),
+        default="measure",
+        help="measure (default): real ranks; simulate: no process group, rank 0 traces one device",
+    )
     parser.add_argument("--steps", type=int, default=None, help="override the number of training steps")
 
 
@@ -35,9 +45,17 @@ def from_args(args: argparse.Namespace) -> int:
     return run(args.scenario, out=args.out, labels=args.label, mode=args.mode, steps=args.steps)
 
 
-def run(scenario: str, *, out: Path = DEFAULT_RESULTS, labels: Sequence[str] | None = None, mode: str = "measure",
-        steps: int | None = None) -> int:
-    """Run this rank's share of every run of `scenario` (or those `labels` name), printing each record written."""
+def run(
+    scenario: str,
+    *,
+    out: Path = DEFAULT_RESULTS,
+    labels: Sequence[str] | None = None,
+    mode: str = "measure",
+    steps: int | None = None,
+) -> int:
+    """This rank's share of every run of `scenario` (or those `labels` name), printing each record written."""
+    from galore_bench.run.ranks import process_group, rank_device, run_ranked, simulate_record
+
     loaded = load_scenario(scenario)
     if loaded.distributed is None:
         raise UserError(f"{loaded.path}: no [distributed] table; use `galore-bench run`")

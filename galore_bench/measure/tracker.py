@@ -18,6 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from galore_bench.optim import layerwise
+
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "other")
 # What a storage created during each phase is, until it is relabelled.
 PHASE_CATEGORY = {"forward": "activations", "backward": "other", "optimizer": "other", "data": "other"}
@@ -161,3 +163,6 @@ class MemoryTracker(TorchDispatchMode):
     def __exit__(self, *exc: object) -> None:
         _ACTIVE.remove(self)
         super().__exit__(*exc)
+
+
+layerwise.set_phase_context(optimizer_phase)  # optim/'s in-backward updates are labelled by the tracker

@@ -7,6 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
+from galore_bench.optim.layerwise import LayerwiseOptimizer
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -28,8 +29,6 @@ def layerwise_or_plain(model: torch.nn.Module, groups: list[dict[str, Any]], mak
                        info: dict[str, Any]) -> Trainer:
     """One optimizer over all groups, or one per parameter stepped inside backward (layer-wise)."""
     if opts.get("layerwise"):
-        from galore_bench.optim.layerwise import LayerwiseOptimizer
-
         info["layerwise"] = True
         return Trainer(model, LayerwiseOptimizer(groups, make), info=info)
     return Trainer(model, make(groups), info=info)

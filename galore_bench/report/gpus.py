@@ -102,8 +102,9 @@ def gpus_table(records: list[dict[str, Any]]) -> pd.DataFrame | None:
     return gpus_frame(rows) if rows else None
 
 
-def write_pages(records: list[dict[str, Any]], files: list[Path], skipped: dict[str, int], out: Path) -> list[Path]:
-    """<scenario>_gpus.md and .csv per scenario that has world-size searches, from loaded records and their files."""
+def write_pages(records: list[dict[str, Any]], files: list[Path], skipped: dict[str, int],
+                out: Path) -> list[Path]:
+    """<scenario>_gpus.md and .csv per scenario with world-size searches, from loaded records and files."""
     ref = reference_dir()
     papers = paper_rows(ref)
     rows = fit_rows(records, papers)

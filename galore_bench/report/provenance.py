@@ -3,6 +3,7 @@
 Its own module so that every page (render's per-scenario reports, gpus' tables) states the same provenance
 without one page importing another.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,23 +29,31 @@ def shown(path: Path) -> str:
 
 
 def commit_of(record: dict[str, Any]) -> str | None:
-    """The record's commit, marked when the code that ran had uncommitted changes (older records cannot say)."""
+    """The record's commit, marked when the code that ran had uncommitted changes (old records cannot say)."""
     env = record.get("env") or {}
     commit = env.get("git_commit")
     return f"{commit} + uncommitted changes" if commit and env.get("git_dirty") else commit
 
 
-def provenance(records: list[dict[str, Any]], files: list[Path], skipped: int, ref: Path, refs: dict) -> list[str]:
+def provenance(
+    records: list[dict[str, Any]], files: list[Path], skipped: int, ref: Path, refs: dict
+) -> list[str]:
     """Where the numbers come from: enough to rerun them or to tell two reports apart."""
+
     def values(get) -> str:
         return ", ".join(sorted({str(v) for v in map(get, records)})) or "-"
+
     packages = lambda name: lambda r: ((r.get("env") or {}).get("packages") or {}).get(name)
-    found = ", ".join(sorted(refs)) if refs else "not found: paper columns omitted (set GALORE_BENCH_REFERENCE)"
-    return [f"records used: {len(records)}" + (f" ({skipped} older duplicate(s) skipped)" if skipped else ""),
-            f"mode(s): {values(lambda r: r['mode'])}; device(s): {values(lambda r: r['device'])}",
-            f"git commit(s): {values(commit_of)}",
-            f"galore-bench: {values(packages('galore-bench'))}; torch: {values(packages('torch'))}",
-            f"record files: {', '.join(shown(f) for f in files)}",
-            f"paper references ({ref}): {found}",
-            f"generated: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
-            "units: GiB = 2^30 bytes, GB = 10^9 bytes; breakdowns are the composition at the peak"]
+    found = (
+        ", ".join(sorted(refs)) if refs else "not found: paper columns omitted (set GALORE_BENCH_REFERENCE)"
+    )
+    return [
+        f"records used: {len(records)}" + (f" ({skipped} older duplicate(s) skipped)" if skipped else ""),
+        f"mode(s): {values(lambda r: r['mode'])}; device(s): {values(lambda r: r['device'])}",
+        f"git commit(s): {values(commit_of)}",
+        f"galore-bench: {values(packages('galore-bench'))}; torch: {values(packages('torch'))}",
+        f"record files: {', '.join(shown(f) for f in files)}",
+        f"paper references ({ref}): {found}",
+        f"generated: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
+        "units: GiB = 2^30 bytes, GB = 10^9 bytes; breakdowns are the composition at the peak",
+    ]

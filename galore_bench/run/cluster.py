@@ -11,7 +11,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from galore_bench.errors import UserError
+from galore_bench.measure.training import pick_device
+from galore_bench.record import write_record
+from galore_bench.run import ranks
+from galore_bench.run.sweep import check_mode, existing_record
+from galore_bench.run.worker import died_record, execute
 from galore_bench.spec.scenario import Scenario, load_scenario, selected_runs
 
 EXECUTORS = ("local", "slurm")
@@ -30,13 +37,6 @@ def parse_options(pairs: Iterable[str]) -> dict[str, Any]:
 
 def run_job(request: dict[str, Any]) -> str | None:
     """Body of one job (every task of it): one run of the scenario; returns the record path on rank 0."""
-    import torch
-
-    from galore_bench.measure.training import pick_device
-    from galore_bench.record import write_record
-    from galore_bench.run import ranks
-    from galore_bench.run.worker import execute
-
     if request.get("threads"):
         torch.set_num_threads(request["threads"])
     scenario = load_scenario(request["scenario"])
@@ -84,16 +84,11 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
                     only: str | None = None) -> list[Path]:
     """Submit every run (or those `only` names), wait for them, return the record paths (a failed job leaves an
     error record)."""
-    from galore_bench.run.sweep import check_mode
-
     check_mode(scenario, mode)
     try:
         import submitit
     except ImportError:
         raise UserError("submitit is not installed: pip install 'galore-bench[cluster]'") from None
-    from galore_bench.run.sweep import existing_record
-    from galore_bench.run.worker import died_record
-
     if executor not in EXECUTORS:
         raise UserError(f"--submitit {executor!r}: allowed one of {', '.join(EXECUTORS)}")
     out = out.resolve()

@@ -3,8 +3,8 @@
 Env contract (torchrun's): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. The runner sets them
 itself for its own rank processes; torchrun, submitit or SLURM set them for
 `galore-bench ranks --scenario NAME` (torchrun: `-m galore_bench.cli ranks`). Rank 0 gathers each rank's
-numbers and writes the record. `simulate` never starts ranks: it traces one device and applies the sharding arithmetic
-(galore_bench.measure.sharding) for every world size asked for.
+numbers and writes the record. `simulate` never starts ranks: it traces one device and applies the sharding
+arithmetic (galore_bench.measure.sharding) for every world size asked for.
 """
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from galore_bench.errors import UserError
 from galore_bench.measure import sharding, training
@@ -133,12 +136,8 @@ def wrap(model: torch.nn.Module, spec: DistributedSpec, device: torch.device, wo
     if world_size == 1:
         return model
     if spec.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world_size,))
     options: dict[str, Any] = {"mesh": mesh}

@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from galore_bench.errors import UserError
-from galore_bench.run.worker import FAULT_ENV, died_record
+from galore_bench.measure import training
+from galore_bench.run import ranks
+from galore_bench.run.worker import FAULT_ENV, child_main, died_record
 from galore_bench.spec.scenario import Scenario, selected_runs
 
 
@@ -42,8 +44,6 @@ def _context() -> Any:
 
 def _run_worker(request: dict[str, Any], on_step, target=None) -> tuple[Path | None, str]:
     """Run one request in its own process, relay its step messages, return (record path, stderr tail)."""
-    from galore_bench.run.worker import child_main
-
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
     with tempfile.NamedTemporaryFile("w+", suffix=".stderr", delete=False) as err:
@@ -80,8 +80,6 @@ def _free_port() -> int:
 
 def _run_ranks(request: dict[str, Any], world_size: int, on_step) -> tuple[Path | None, str]:
     """One process per rank (torchrun's env contract); if a rank dies, the others are stopped, not left hanging."""
-    from galore_bench.run.ranks import rank_main
-
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
     errs = []
@@ -91,7 +89,7 @@ def _run_ranks(request: dict[str, Any], world_size: int, on_step) -> tuple[Path 
     port, record, procs = _free_port(), None, []
     try:
         for rank in range(world_size):
-            procs.append(context.Process(target=rank_main, daemon=True,
+            procs.append(context.Process(target=ranks.rank_main, daemon=True,
                                          args=(request, rank, world_size, port, sender if rank == 0 else None, errs[rank])))
             procs[-1].start()
         sender.close()
@@ -144,12 +142,10 @@ def check_mode(scenario: Scenario, mode: str | None) -> None:
 
 
 def _named_record(stderr_files: list[Path]) -> Path | None:
-    from galore_bench.run.ranks import RECORD_MARKER
-
     for path in stderr_files:
         for line in path.read_text(errors="replace").splitlines():
-            if line.startswith(RECORD_MARKER):
-                return Path(line[len(RECORD_MARKER):].strip())
+            if line.startswith(ranks.RECORD_MARKER):
+                return Path(line[len(ranks.RECORD_MARKER):].strip())
     return None
 
 
@@ -158,8 +154,6 @@ def _dispatch(scenario: Scenario, index: int, request: dict[str, Any], on_step) 
     spec = scenario.distributed
     if spec is None:
         return _run_worker(request, on_step)
-    from galore_bench.measure import training
-    from galore_bench.run import ranks
 
     mode = ranks.resolve_mode(request["mode"] or scenario.mode, scenario.runs[index], spec, training.pick_device())
     if mode == "simulate":

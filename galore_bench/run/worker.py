@@ -16,9 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
-from galore_bench.measure import training
+from galore_bench.data import data_info, evaluate_perplexity
+from galore_bench.measure import flops, training
+from galore_bench.measure.allocator import replay
+from galore_bench.measure.estimate import estimate_run
 from galore_bench.methods import REGISTRY
 from galore_bench.models import parameter_count
 from galore_bench.record import empty_record, record_path, write_record
@@ -125,8 +129,6 @@ def close_record(record: dict[str, Any], scenario: Scenario, started: float) -> 
 
 def _estimate_fields(scenario: Scenario, run: RunSpec, target: str = "gpu") -> dict[str, Any]:
     """The closed-form estimate as a record stores it (labelled an estimate; tests hold it to simulate)."""
-    from galore_bench.measure.estimate import estimate_run
-
     result = estimate_run(scenario, run, target)
     return {"peak_bytes": result.peak_bytes, "breakdown": result.breakdown, "category_peaks": result.category_peaks,
             "peak_moment": result.moment, "moments": result.moments, "terms": result.terms, "target": target}
@@ -157,8 +159,6 @@ def _special_steps(run: RunSpec, steps: int) -> dict[str, set[int]]:
 
 def _evaluator(scenario: Scenario, run: RunSpec, device: str) -> Callable[[torch.nn.Module], dict[str, Any]]:
     """Validation perplexity on held-out batches of the scenario's data (never the training batches)."""
-    from galore_bench.data import evaluate_perplexity
-
     batches = training.training_batches(scenario, run.model.vocab_size, split="validation")
     held_out = [b for _, b in zip(range(scenario.eval_batches), batches)]
     source = "wiki-offline validation split" if scenario.data == "wiki" else "synthetic (labelled; not real text)"
@@ -200,7 +200,6 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
     if fake and traced is not run:  # GaLore: step 3 refreshed every projector; step 2 alone is the plain step
         memory.update(includes_svd_refresh=True, peak_without_svd_refresh_bytes=result["step_peaks"][1])
     if fake:  # what a GPU would reserve (and whether the cap holds), from the same trace: a model, labelled
-        from galore_bench.measure.allocator import replay
 
         memory["allocator_model"] = _cross_check(record, "allocator_model",
                                                  lambda: replay(tracker.events or [], scenario.budget_bytes))
@@ -210,8 +209,6 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         memory.update(peak_bytes=allocated, source="torch.cuda.memory_stats", cuda=result["cuda"],
                       tracker_peak_bytes=tracker.peak)
     elif not fake:
-        import psutil
-
         memory["process_rss_bytes"] = psutil.Process().memory_info().rss
     target = "gpu" if fake or device == "cuda" else "cpu"  # what 'auto' implementations resolved to
     memory["estimate"] = _cross_check(record, "estimate", lambda: _estimate_fields(scenario, run, target))
@@ -231,7 +228,6 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
         record["quality"]["losses"] = result["losses"]
         record["quality"]["final_loss"] = result["losses"][-1] if result["losses"] else None
         if scenario.data == "wiki":  # what the text and tokenizer were: packages, versions, hashes, split, counts
-            from galore_bench.data import data_info
 
             record["quality"]["data_provenance"] = _cross_check(record, "data_provenance", data_info)
         final = _cross_check(record, "perplexity", lambda: {"step": n_steps, **evaluate(model)}) if evaluate else None
@@ -241,8 +237,6 @@ def _train(record: dict[str, Any], scenario: Scenario, run: RunSpec, mode: str, 
 
 def _flops(scenario: Scenario, run: RunSpec, speed: dict[str, Any], device_name: str) -> dict[str, Any]:
     """Counted FLOPs of the method's step, PaLM model FLOPs, and MFU against the device's peak (GPU only)."""
-    from galore_bench.measure import flops
-
     train = scenario.train
     counted = flops.count_step_flops(scenario, run)
     model = flops.hand_count(run.model, train.batch_size, train.seq_len, train.activation_checkpointing)
