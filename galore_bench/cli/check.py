@@ -50,14 +50,9 @@ def run(
     rules = load_budgets(budgets)
     if run_scenarios:
         for file, mode in dict.fromkeys((r.scenario_file, r.mode or "simulate") for r in rules):
-            labels = ",".join(
-                dict.fromkeys(
-                    r.run
-                    for r in rules  # only the runs a rule names, in its mode
-                    if (r.scenario_file, r.mode or "simulate") == (file, mode)
-                )
-            )
-            run_scenario(load_scenario(file), out=results[0], mode=mode, only=labels)
+            named = [r.run for r in rules if (r.scenario_file, r.mode or "simulate") == (file, mode)]
+            # only the runs a rule names, in its mode
+            run_scenario(load_scenario(file), out=results[0], mode=mode, only=",".join(dict.fromkeys(named)))
     records = read_records([p for p in results if p.exists() or not run_scenarios])
     verdicts = evaluate(rules, records)
     modes = {path: f"{rec.get('mode')}, {rec.get('device')}" for path, rec in records}
