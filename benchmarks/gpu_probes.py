@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from galore_bench.measure.allocator import replay, seeded_sequence
-from galore_bench.measure.tracker import CUDA_BLOCK, MemoryTracker
-from galore_bench.units import format_bytes
+from galore_bench.measure.tracker import MemoryTracker
+from galore_bench.units import CUDA_BLOCK, format_bytes
 
 BF16 = torch.bfloat16
 

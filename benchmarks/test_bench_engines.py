@@ -12,9 +12,8 @@ import pytest
 
 from galore_bench.measure import training
 from galore_bench.measure.estimate import estimate_run
-from galore_bench.measure.tracker import CUDA_BLOCK
 from galore_bench.spec.scenario import load_scenario
-from galore_bench.units import format_bytes
+from galore_bench.units import CUDA_BLOCK, format_bytes
 
 
 def _timed(fn):

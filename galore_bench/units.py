@@ -35,3 +35,11 @@ def format_bytes(n_bytes: float | None) -> str:
         if abs(n_bytes) >= size:
             return f"{n_bytes / size:.2f} {unit}"
     return f"{int(n_bytes)} B"
+
+
+CUDA_BLOCK = 512  # the caching allocator rounds every block up to a multiple of 512 bytes
+
+
+def allocator_bytes(nbytes: int, round_to: int = CUDA_BLOCK) -> int:
+    """What an allocator that hands out multiples of `round_to` bytes takes for `nbytes` (1: exact)."""
+    return -(-nbytes // round_to) * round_to if round_to > 1 else nbytes

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from galore_bench.check.compare import deltas, parse_percent, run_compare
+from galore_bench.check.compare import deltas, parse_percent
 from galore_bench.cli import main
+from galore_bench.cli.compare import run as run_compare
 from galore_bench.errors import UserError
 
 from fixtures.records import make_record

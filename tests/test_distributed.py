@@ -115,6 +115,24 @@ def test_simulated_fsdp2_shards_weights_and_states_by_world_size(write_scenario)
     assert dist["gpus_needed"] == 1 and record["memory"]["peak_bytes"] == _candidate(record, 1)["peak_bytes"]
 
 
+def test_ranks_and_gpus_commands_run_without_argparse_or_torchrun(write_scenario, tmp_path, capsys):
+    """`ranks` simulating outside torchrun is rank 0 and writes the record; `gpus` makes its search a page."""
+    from galore_bench.cli import gpus, main, ranks
+
+    body = distributed("fsdp2", "[1, 2, 4]") + '[[runs]]\nmethod = "adamw"\n'
+    assert ranks.run(str(write_scenario(body, "sim")), out=tmp_path / "results", mode="simulate") == 0
+    (printed,) = capsys.readouterr().out.split()
+    record = load_record(printed)
+    assert [c["breakdown"]["weights"] for c in record["distributed"]["candidates"]] == list(WEIGHTS.values())
+    assert gpus.run([tmp_path / "results"], out=tmp_path / "pages") == 0
+    page = (tmp_path / "pages" / "sim_gpus.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| tiny"))
+    assert row.split(" | ")[3] == str(record["distributed"]["gpus_needed"]) == "1"  # GPUs needed, as searched
+    assert main(["ranks", "--scenario", str(write_scenario(TINY_HEADER + '[[runs]]\nmethod = "sgd"\n'))]) == 1
+    assert main(["gpus", str(tmp_path / "results"), "--out", str(tmp_path / "through-argparse")]) == 0
+    assert "no [distributed] table; use `galore-bench run`" in capsys.readouterr().err
+
+
 def test_simulated_fsdp2_inference_shards_weights_and_gathers_no_gradients(write_scenario):
     """Inference freezes every parameter: no trainable count, no gradient in FSDP2's backward transient (there is
     no backward), and a cosine schedule (for the scenario's training runs) is simply not applied to it."""

@@ -290,10 +290,7 @@ def test_hooks_enter_the_tracker_phase(monkeypatch: pytest.MonkeyPatch) -> None:
         entered[0] += 1
         yield
 
-    monkeypatch.setitem(
-        sys.modules, "galore_bench.measure.tracker", types.SimpleNamespace(optimizer_phase=optimizer_phase)
-    )
-    monkeypatch.setattr(layerwise, "_phase_factory", layerwise._UNRESOLVED)
+    monkeypatch.setattr(layerwise, "_phase_factory", optimizer_phase)
     model = tiny_llama()
     n = len(list(model.parameters()))
     LOMO(model, lr=LR).step(lm_loss(model, batches(1)[0]))
@@ -304,7 +301,9 @@ def test_hooks_enter_the_tracker_phase(monkeypatch: pytest.MonkeyPatch) -> None:
     assert entered[0] == 2 * n
 
 
-def test_phase_context_falls_back_without_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "galore_bench.measure.tracker", None)  # makes the import fail
-    monkeypatch.setattr(layerwise, "_phase_factory", layerwise._UNRESOLVED)
+def test_phase_context_is_the_trackers_once_registered_else_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    from galore_bench.measure import tracker
+
+    assert layerwise._phase_factory is tracker.optimizer_phase  # registered when the tracker is imported
+    monkeypatch.setattr(layerwise, "_phase_factory", None)
     assert isinstance(layerwise.optimizer_phase_context(), contextlib.nullcontext)

@@ -125,7 +125,7 @@ def test_memory_snapshot_is_refused_with_a_note_without_cuda(write_scenario, tmp
 def test_results_table_shows_reserved_from_the_gpu_or_the_allocator_model(tmp_path):
     from rich.console import Console
 
-    from galore_bench.run.sweep import results_table
+    from galore_bench.cli.run import results_table
 
     simulated = make_record("galore", BREAKDOWN, allocator_model={"peak_reserved_bytes": int(20.44 * GIB),
                                                                     "out_of_memory": None})
@@ -163,7 +163,8 @@ def test_run_refuses_bad_arguments_before_any_run(write_scenario, tmp_path, caps
 
 
 def test_run_exits_1_when_a_run_crashed_but_not_for_an_out_of_memory(write_scenario, tmp_path, capsys, monkeypatch):
-    from galore_bench.cli import _exit_status, main
+    from galore_bench.cli import main
+    from galore_bench.cli.run import exit_status
 
     monkeypatch.setenv(FAULT_ENV, "kill:sgd")
     assert main(["run", "--scenario", str(write_scenario(TWO_RUNS, "dies")), "--out", str(tmp_path / "r")]) == 1
@@ -171,4 +172,4 @@ def test_run_exits_1_when_a_run_crashed_but_not_for_an_out_of_memory(write_scena
     assert "run sgd failed: worker exited with code -9" in err and "1 of 2 run(s) failed" in err
     assert len(list((tmp_path / "r").rglob("*.json"))) == 2  # the error record is kept beside the good one
     oom = write_record(tmp_path / "oom", make_record("adamw", BREAKDOWN, status="oom"))
-    assert _exit_status([oom]) == 0  # "OOM at 23.9 GiB" is a result
+    assert exit_status([oom]) == 0  # "OOM at 23.9 GiB" is a result

@@ -15,7 +15,6 @@ In your own tests: `assert_memory_budget(record, peak="22 GiB", gradients="1 GiB
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +71,8 @@ class Verdict:
     missing: str = ""  # "record" or "baseline" when the rule could not be checked for want of one
 
 
-def _fmt(field: str, value: float | None) -> str:
+def value_text(field: str, value: float | None) -> str:
+    """A limit or a measured value as the verdicts print it: bytes for memory fields."""
     if value is None:
         return "-"
     return format_bytes(value) if field in MEMORY_FIELDS else f"{value:.4g}"
@@ -203,7 +203,7 @@ def check_value(who: str, field: str, value: float | None, limit: float, kind: s
     if (value <= limit) if kind == "max" else (value >= limit):
         return None
     rel = ">" if kind == "max" else "<"
-    msg = f"{who}: {field} {_fmt(field, value)} {rel} budget {_fmt(field, limit)}{limit_note}"
+    msg = f"{who}: {field} {value_text(field, value)} {rel} budget {value_text(field, limit)}{limit_note}"
     if field in MEMORY_FIELDS:
         why = diagnose(breakdown, base_breakdown)
         return msg + f" (+{format_bytes(value - limit)}" + (f"; {why})" if why else ")")
@@ -313,41 +313,3 @@ def assert_memory_budget(record_or_breakdown: Any, peak: str | float | None = No
             failures.append(msg)
     if failures:
         raise AssertionError("\n".join(failures))
-
-
-def run_check(budgets: Path, results: list[Path], run: bool = False, console: Any = None) -> int:
-    """`galore-bench check`: optionally run the scenarios, print the verdict table; 1 on any violation."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(width=None if sys.stdout.isatty() else 160)
-    rules = load_budgets(budgets)
-    if run:
-        from galore_bench.run.sweep import run_scenario
-        for file, mode in dict.fromkeys((r.scenario_file, r.mode or "simulate") for r in rules):
-            labels = ",".join(dict.fromkeys(r.run for r in rules  # only the runs a rule names, in its mode
-                                            if (r.scenario_file, r.mode or "simulate") == (file, mode)))
-            run_scenario(load_scenario(file), out=results[0], mode=mode, only=labels)
-    records = store.load_all([p for p in results if p.exists() or not run])
-    verdicts = evaluate(rules, records)
-    modes = {path: f"{rec['mode']}, {rec['device']}" for path, rec in records}
-    table = Table(title=f"budgets: {budgets}")
-    for col in ("rule", "value", "limit", "verdict", "record"):
-        table.add_column(col, justify="right" if col in ("value", "limit") else "left")
-    for v in verdicts:
-        field = v.rule.field if v.rule.field in MEMORY_FIELDS else ""
-        verdict = "ok" if v.ok else f"no {v.missing}" if v.missing else "FAIL"
-        table.add_row(v.rule.name, _fmt(field or "x", v.value), _fmt(field or "x", v.limit),
-                      f"[green]{verdict}[/green]" if v.ok else f"[red]{verdict}[/red]",
-                      modes.get(v.record, "-") if v.record else "-")
-    console.print(table)
-    failed = [v for v in verdicts if not v.ok and not v.missing]
-    unchecked = [v for v in verdicts if v.missing]
-    for v in failed:
-        console.print(f"[red]{v.message}[/red]", highlight=False, soft_wrap=True)
-    for v in {v.message: v for v in unchecked}.values():  # one line per (scenario, run), not one per limit
-        where = f" under {', '.join(map(str, results))}" if v.missing == "record" else ""
-        console.print(f"[red]{v.message}{where}[/red]", highlight=False, soft_wrap=True)
-    console.print(f"{sum(v.ok for v in verdicts)} ok, {len(failed)} violation(s)"
-                  + (f", {len(unchecked)} rule(s) without a record or baseline" if unchecked else ""))
-    return 1 if failed or unchecked else 0

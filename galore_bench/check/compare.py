@@ -2,7 +2,7 @@
 
 Folders are matched run by run on (scenario, run label), taking the newest ok record of each, so a rerun after
 a code change compares against the run it replaces. `--fail-above PCT` turns it into a regression gate: exit 1
-when the peak or any memory category grew by more than PCT%, naming what grew.
+when the peak or any memory category grew by more than PCT%, naming what grew. cli/compare.py prints it.
 """
 from __future__ import annotations
 
@@ -13,9 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from galore_bench import store
 from galore_bench.errors import UserError
@@ -23,7 +20,6 @@ from galore_bench.record import Record, memory_values
 from galore_bench.report.tables import as_number, to_markdown
 from galore_bench.units import format_bytes
 
-COMPARE_FORMATS = ("md", "csv", "json")
 # quantity -> (record section, key, unit, whether a larger value is worse)
 SCALARS = {"tokens/s": ("throughput", "tokens_per_second", "tokens/s", False),
            "TGS": ("throughput", "tgs", "tokens/s", False),
@@ -167,17 +163,6 @@ def delta_frame(rows: list[Delta], readable: bool) -> pd.DataFrame:
                           "delta %": _percent_text(d.percent)} for d in rows])
 
 
-def _console_table(rows: list[Delta], title: str) -> Table:
-    table = Table(title=Text(title), title_justify="left")
-    for column in ("scenario", "run", "quantity", "A", "B", "delta", "delta %"):
-        table.add_column(column, justify="left" if column in ("scenario", "run", "quantity") else "right")
-    for d, cells in zip(rows, delta_frame(rows, readable=True).itertuples(index=False)):
-        worse = d.delta is not None and d.delta != 0 and (d.delta > 0) == d.worse_if_larger
-        style = "red" if worse else "green" if d.delta else ""
-        table.add_row(*(Text(str(c)) for c in cells[:-1]), Text(cells[-1], style=style))  # labels are not markup
-    return table
-
-
 def render(rows: list[Delta], fmt: str, pairs: list, only_a: list[str], only_b: list[str], a: Path, b: Path) -> str:
     """The comparison as markdown, CSV or JSON text (JSON keeps the raw numbers and the record files)."""
     if fmt == "csv":
@@ -206,43 +191,20 @@ def _describe(record: Record) -> str:
     return f"{record['scenario']}/{record['run']} ({(record.get('model') or {}).get('name')}, {record['mode']})"
 
 
-def run_compare(a: Path, b: Path, *, fmt: str | None = None, out: Path | None = None,
-                fail_above: str | float | None = None, console: Console | None = None,
-                errors: Console | None = None) -> int:
-    """Print (or write) the deltas of B against A; 1 when --fail-above is given and something grew past it."""
-    limit = parse_percent(fail_above) if fail_above is not None else None
-    if out is not None and Path(out).is_dir():
-        raise UserError(f"--out: got {out}, a folder; allowed a file path such as {Path(out) / 'compare.md'}")
-    if fmt is None and out is not None:
-        fmt = Path(out).suffix.lstrip(".").lower()
-        if fmt not in COMPARE_FORMATS:
-            raise UserError(f"--out: got {out}, allowed a file name ending in "
-                            f"{', '.join('.' + f for f in COMPARE_FORMATS)} (or give --format)")
-    if fmt is not None and fmt not in COMPARE_FORMATS:
-        raise UserError(f"--format: got {fmt!r}, allowed: {', '.join(COMPARE_FORMATS)}")
-    console, errors = console or Console(), errors or Console(stderr=True)
-    pairs, only_a, only_b = match_runs(Path(a), Path(b))
-    if len(pairs) == 1:  # two files pair up whatever they hold: say when they are not the same run
-        _, (_, ra), (_, rb) = pairs[0]
-        differ = [what for what, get in COMPARED_FIELDS.items() if get(ra) != get(rb)]
-        if differ:
-            errors.print(Text(f"note: A is {_describe(ra)}, B is {_describe(rb)}: different {', '.join(differ)}",
-                              style="yellow"), soft_wrap=True)
-    rows = [row for key, (_, ra), (_, rb) in pairs for row in deltas(key, ra, rb)]
-    if fmt is not None and out is None:  # formatted text goes to stdout alone, so it can be piped
-        console.out(render(rows, fmt, pairs, only_a, only_b, a, b), end="")
-    else:
-        console.print(_console_table(rows, f"B = {b} against A = {a} ({len(pairs)} run(s))"))
-        for side, names in (("A", only_a), ("B", only_b)):
-            if names:
-                console.print(Text(f"only in {side}: {', '.join(names)}"))
-        if fmt is not None and out is not None:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(render(rows, fmt, pairs, only_a, only_b, a, b))
-            console.print(Text(f"wrote {out}"))
-    failures = [] if limit is None else grown(rows, limit) + [
-        f"{key[0]}/{key[1]}: B is {rb['status']}, not ok ({(rb.get('error') or '').splitlines()[0][:120] if rb.get('error') else '-'})"
-        for key, _, (_, rb) in pairs if rb["status"] != "ok"] + [f"{name}: no record in B" for name in only_a]
-    for message in failures:
-        errors.print(Text(message, style="red"), soft_wrap=True)
-    return 1 if failures else 0
+def mismatch_note(pairs: list) -> str | None:
+    """Two files pair up whatever they hold: a sentence when they are not the same run, else None."""
+    if len(pairs) != 1:
+        return None
+    _, (_, ra), (_, rb) = pairs[0]
+    differ = [what for what, get in COMPARED_FIELDS.items() if get(ra) != get(rb)]
+    if not differ:
+        return None
+    return f"note: A is {_describe(ra)}, B is {_describe(rb)}: different {', '.join(differ)}"
+
+
+def gate_failures(rows: list[Delta], pairs: list, only_a: list[str], limit: float) -> list[str]:
+    """Why `--fail-above limit` fails: what grew past it, a B that is not ok, a run that B lacks."""
+    not_ok = [f"{key[0]}/{key[1]}: B is {rb['status']}, not ok "
+              f"({(rb.get('error') or '').splitlines()[0][:120] if rb.get('error') else '-'})"
+              for key, _, (_, rb) in pairs if rb["status"] != "ok"]
+    return grown(rows, limit) + not_ok + [f"{name}: no record in B" for name in only_a]

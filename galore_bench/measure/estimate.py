@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from galore_bench.errors import UserError
-from galore_bench.measure.tracker import CATEGORIES
 from galore_bench.methods import REGISTRY
 from galore_bench.methods.terms import EstimateTerms, Moment, ParamShape, StepBytes, blocks
 from galore_bench.models import ModelShape
+from galore_bench.units import CATEGORIES
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from galore_bench.measure import training
 from galore_bench.measure.allocator import replay
 from galore_bench.measure.estimate import estimate_run
 from galore_bench.spec.scenario import RunSpec, Scenario
@@ -49,8 +50,6 @@ TraceProgress = Callable[[str, int], None]
 def _traced(scenario: Scenario, run: RunSpec, batch: int, budget: int,
             tracing: TraceProgress | None = None) -> tuple[int, dict[str, Any]]:
     """Simulated peak at `batch`, and that trace through the caching-allocator model capped at `budget`."""
-    from galore_bench.measure import training
-
     if tracing is not None:  # seconds per trace at 7B: say what is being traced
         tracing(run.label, batch)
     planned, steps = training.simulation_plan(run)

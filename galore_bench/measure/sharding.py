@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from galore_bench.measure.tracker import CATEGORIES, PHASE_CATEGORY, MemoryTracker, allocator_bytes
+from galore_bench.measure import training
+from galore_bench.measure.tracker import PHASE_CATEGORY, MemoryTracker
+from galore_bench.units import CATEGORIES, CUDA_BLOCK, allocator_bytes
 
 SHARDED = ("weights", "gradients", "optimizer_states")
 PREFETCH_UNITS = 2  # FSDP2 holds the unit it computes and the next, prefetched one
@@ -246,9 +248,6 @@ class ShardingTracker(MemoryTracker):
 
 def trace(scenario: Any, run: Any, plans: list[Plan]) -> tuple[ShardingTracker, Any]:
     """Two fake-tensor steps of the real method code on one device, every plan's rank followed throughout."""
-    from galore_bench.measure import training
-    from galore_bench.measure.tracker import CUDA_BLOCK
-
     tracker = ShardingTracker(plans, round_to=CUDA_BLOCK)
     done = training.train_steps(scenario, run, fake=True, device="cpu", steps=training.SIMULATE_STEPS, tracker=tracker,
                               on_built=lambda trainer: tracker.configure(trainer.model))

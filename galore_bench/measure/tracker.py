@@ -18,18 +18,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from galore_bench.units import CATEGORIES
+from galore_bench.optim import layerwise
+from galore_bench.units import CATEGORIES, allocator_bytes
 
 # What a storage created during each phase is, until it is relabelled.
 PHASE_CATEGORY = {"forward": "activations", "backward": "other", "optimizer": "other", "data": "other"}
-CUDA_BLOCK = 512  # the caching allocator rounds every block up to a multiple of 512 bytes
-
 _ACTIVE: list[MemoryTracker] = []
-
-
-def allocator_bytes(nbytes: int, round_to: int = CUDA_BLOCK) -> int:
-    """What an allocator that hands out multiples of `round_to` bytes takes for `nbytes` (1: exact)."""
-    return -(-nbytes // round_to) * round_to if round_to > 1 else nbytes
 
 
 @contextlib.contextmanager
@@ -162,3 +156,6 @@ class MemoryTracker(TorchDispatchMode):
     def __exit__(self, *exc: object) -> None:
         _ACTIVE.remove(self)
         super().__exit__(*exc)
+
+
+layerwise.set_phase_context(optimizer_phase)  # optim/'s in-backward updates are labelled by the tracker

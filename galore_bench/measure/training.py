@@ -17,10 +17,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
-from galore_bench.measure.tracker import CUDA_BLOCK, MemoryTracker
+from galore_bench import data
+from galore_bench.measure.tracker import MemoryTracker
 from galore_bench.methods import REGISTRY, Trainer
 from galore_bench.models import DTYPES, build_model, causal_mask_skipped_under_fake_tensors, default_dtype
+from galore_bench.optim.relora import warmup_cosine_lr
 from galore_bench.spec.scenario import RunSpec, Scenario
+from galore_bench.units import CUDA_BLOCK
 
 ProgressFn = Callable[[int, int], None]
 EvaluateFn = Callable[[torch.nn.Module], dict[str, Any]]
@@ -65,8 +68,6 @@ def input_batches(scenario: Scenario, run: RunSpec, device: str, fake: bool) -> 
 
 def training_batches(scenario: Scenario, vocab_size: int, split: str = "train", seed_offset: int = 0):
     """The scenario's data: learnable synthetic tokens (labelled so) or the offline Wikipedia corpus."""
-    from galore_bench import data
-
     train = scenario.train
     if scenario.data == "wiki":
         return data.TokenBatches.from_corpus(split, train.seq_len, train.batch_size, seed=train.seed + seed_offset)
@@ -161,8 +162,6 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, 
     train = scenario.train
     # validation allows cosine for plain optimizers only; a forward-only run has none to schedule
     if train.lr_schedule == "cosine" and trainer.scheduler is None and trainer.optimizer is not None:
-        from galore_bench.optim.relora import warmup_cosine_lr
-
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
             trainer.optimizer, lambda step: warmup_cosine_lr(step, max(train.steps, 1), train.warmup_steps))
     return trainer

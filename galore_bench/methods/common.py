@@ -9,6 +9,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from galore_bench.methods.base import Option, Trainer
 from galore_bench.methods.terms import TORCH_STEP, ParamShape, adam_state, blocks
+from galore_bench.optim.layerwise import LayerwiseOptimizer
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -30,8 +31,6 @@ def layerwise_or_plain(model: torch.nn.Module, groups: list[dict[str, Any]], mak
                        info: dict[str, Any], trainer: type[Trainer] = Trainer) -> Trainer:
     """One optimizer over all groups, or one per parameter stepped inside backward (layer-wise)."""
     if opts.get("layerwise"):
-        from galore_bench.optim.layerwise import LayerwiseOptimizer
-
         info["layerwise"] = True
         return trainer(model, LayerwiseOptimizer(groups, make), info=info)
     return trainer(model, make(groups), info=info)

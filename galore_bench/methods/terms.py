@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from galore_bench.measure.tracker import CUDA_BLOCK, allocator_bytes
 from galore_bench.models import ModelShape, matrix_shapes
 from galore_bench.optim.galore import BNB_BLOCKSIZE, MIN_8BIT_SIZE
+from galore_bench.units import CUDA_BLOCK, allocator_bytes
 
 Options = dict[str, Any]
 

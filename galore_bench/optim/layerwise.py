@@ -7,36 +7,28 @@ set of gradients never exists (the GaLore paper's per-layer weight updates).
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["MAX_GRAD_ACCUMULATION", "LayerwiseOptimizer", "optimizer_phase_context"]
+__all__ = ["MAX_GRAD_ACCUMULATION", "LayerwiseOptimizer", "optimizer_phase_context", "set_phase_context"]
 
 MAX_GRAD_ACCUMULATION: int = 1
 """Largest gradient-accumulation factor layer-wise stepping supports: the update happens inside every backward."""
 
-_UNRESOLVED = object()
-_phase_factory: Any = _UNRESOLVED
+_phase_factory: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+
+
+def set_phase_context(factory: Callable[[], contextlib.AbstractContextManager[Any]] | None) -> None:
+    """The memory tracker registers its optimizer phase here: optim/ sits below measure/, so it is told."""
+    global _phase_factory
+    _phase_factory = factory
 
 
 def optimizer_phase_context() -> contextlib.AbstractContextManager[Any]:
-    """`galore_bench.measure.tracker.optimizer_phase()` when the tracker has it, else a no-op context.
-
-    Resolved once (on first use, so import order does not matter) because a failed import is slow per hook.
-    """
-    global _phase_factory
-    if _phase_factory is _UNRESOLVED:
-        try:
-            tracker = importlib.import_module("galore_bench.measure.tracker")
-            _phase_factory = getattr(tracker, "optimizer_phase", None)
-        except ImportError:
-            _phase_factory = None
-    if _phase_factory is None:
-        return contextlib.nullcontext()
-    return _phase_factory()
+    """The registered phase (the tracker's `optimizer_phase()`), else a no-op context."""
+    return contextlib.nullcontext() if _phase_factory is None else _phase_factory()
 
 
 ParamsOrGroups = Iterable[torch.Tensor] | Iterable[dict[str, Any]]

@@ -3,19 +3,17 @@
 One row per record: the smallest world size whose per-rank peak fits the budget, the per-GPU peak there
 and at every candidate, beside the LOMO paper's Table 2 GPU count where the method and size match, and
 a sentence explaining any difference from the numbers themselves.
-Run: python -m galore_bench.report.gpus results/ --out reports/cpu-simulate
+Run: galore-bench gpus results/ --out reports/cpu-simulate
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from galore_bench import store
 from galore_bench.errors import UserError
+from galore_bench.report.provenance import provenance
 from galore_bench.report.references import paper_table, provenance_line
 from galore_bench.units import gib
 
@@ -101,11 +99,9 @@ def gpus_table(records: list[dict[str, Any]], paper: pd.DataFrame | None) -> pd.
     return gpus_frame(rows) if rows else None
 
 
-def render(paths: list[Path], out: Path) -> list[Path]:
-    """<scenario>_gpus.md and .csv per scenario that has world-size searches."""
-    from galore_bench.report.render import provenance
-
-    records, files, skipped = store.load_latest(paths)
+def write_pages(records: list[dict[str, Any]], files: list[Path], skipped: dict[str, int],
+                out: Path) -> list[Path]:
+    """<scenario>_gpus.md and .csv per scenario with world-size searches, from loaded records and files."""
     papers = paper_rows(paper_table(PAPER))
     rows = fit_rows(records, papers)
     if not rows:
@@ -136,21 +132,3 @@ def render(paths: list[Path], out: Path) -> list[Path]:
         md_path.write_text("\n".join(md) + "\n")
         written += [md_path, csv_path]
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m galore_bench.report.gpus", description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", type=Path, help="record files or folders")
-    parser.add_argument("--out", type=Path, default=Path("reports/latest"))
-    args = parser.parse_args(argv)
-    try:
-        for path in render(args.results, args.out):
-            print(path)
-    except UserError as exc:
-        print(f"galore-bench: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

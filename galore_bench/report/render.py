@@ -28,6 +28,7 @@ from galore_bench.report.galore import (
 )
 from galore_bench.report.gpus import gpus_table
 from galore_bench.report.html import HtmlSection, HtmlTable, render_html
+from galore_bench.report.provenance import commit_of, provenance, shown
 from galore_bench.report.references import load_references, provenance_line
 from galore_bench.report.tables import (
     breakdown_table,
@@ -42,44 +43,14 @@ from galore_bench.report.tables import (
 FORMATS = ("md", "csv", "png", "svg", "html")
 
 
-def _shown(path: Path) -> str:
-    """A record file as the reader can find it: relative to the working folder when it is below it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _commit(record: dict[str, Any]) -> str | None:
-    """The record's commit, marked when the code that ran had uncommitted changes (older records cannot say)."""
-    env = record.get("env") or {}
-    commit = env.get("git_commit")
-    return f"{commit} + uncommitted changes" if commit and env.get("git_dirty") else commit
-
-
-def provenance(records: list[dict[str, Any]], files: list[Path], skipped: int, paper_line: str) -> list[str]:
-    """Where the numbers come from: enough to rerun them or to tell two reports apart."""
-    def values(get) -> str:
-        return ", ".join(sorted({str(v) for v in map(get, records)})) or "-"
-    packages = lambda name: lambda r: ((r.get("env") or {}).get("packages") or {}).get(name)
-    return [f"records used: {len(records)}" + (f" ({skipped} older duplicate(s) skipped)" if skipped else ""),
-            f"mode(s): {values(lambda r: r['mode'])}; device(s): {values(lambda r: r['device'])}",
-            f"git commit(s): {values(_commit)}",
-            f"galore-bench: {values(packages('galore-bench'))}; torch: {values(packages('torch'))}",
-            f"record files: {', '.join(_shown(f) for f in files)}",
-            paper_line,
-            f"generated: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
-            "units: GiB = 2^30 bytes, GB = 10^9 bytes; breakdowns are the composition at the peak"]
-
-
 def runs_table(records: list[dict[str, Any]], labels: list[str], files: list[Path]) -> pd.DataFrame:
     """Per-run provenance for the HTML page: each table row's run label leads to its record file here."""
     packages = lambda r: (r.get("env") or {}).get("packages") or {}
     return pd.DataFrame([{"run": label, "method": r["method"]["name"], "model": r["model"]["name"],
                           "mode": r["mode"], "device": r["device"], "status": r["status"], "created": r.get("created"),
-                          "git commit": _commit(r),
+                          "git commit": commit_of(r),
                           "galore-bench": packages(r).get("galore-bench"), "torch": packages(r).get("torch"),
-                          "record file": _shown(f)} for r, label, f in zip(records, labels, files)])
+                          "record file": shown(f)} for r, label, f in zip(records, labels, files)])
 
 
 SECTIONS = {

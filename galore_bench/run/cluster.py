@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from galore_bench import store
 from galore_bench.errors import UserError
 from galore_bench.measure import resolve_mode
@@ -37,8 +39,6 @@ def parse_options(pairs: Iterable[str]) -> dict[str, Any]:
 
 def run_job(request: RunRequest) -> str | None:
     """Body of one job (every task of it): one run of the scenario; returns the record path on rank 0."""
-    import torch
-
     if request.threads:
         torch.set_num_threads(request.threads)
     scenario, run = request.load()

@@ -2,13 +2,12 @@
 
 Env contract (torchrun's): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. The runner sets them
 itself for its own rank processes; torchrun, submitit or SLURM set them for
-`python -m galore_bench.run.ranks --scenario NAME`. Rank 0 gathers each rank's numbers and writes the
-record. `simulate` never starts ranks: it traces one device and applies the sharding arithmetic
-(galore_bench.measure.sharding) for every world size asked for.
+`galore-bench ranks --scenario NAME` (torchrun: `-m galore_bench.cli ranks`). Rank 0 gathers each rank's
+numbers and writes the record. `simulate` never starts ranks: it traces one device and applies the sharding
+arithmetic (galore_bench.measure.sharding) for every world size asked for.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -23,19 +22,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from galore_bench import store
 from galore_bench.errors import UserError
 from galore_bench.measure import sharding, training
 from galore_bench.measure.rank_tracker import RankTracker, local_shard
-from galore_bench.measure.tracker import CUDA_BLOCK
 from galore_bench.record import RunRecord
 from galore_bench.run import assemble
 from galore_bench.run.request import RunRequest
 from galore_bench.run.worker import child_io
 from galore_bench.spec.distributed import DistributedSpec
-from galore_bench.spec.scenario import RunSpec, Scenario, load_scenario
-from galore_bench.units import format_bytes
+from galore_bench.spec.scenario import RunSpec, Scenario
+from galore_bench.units import CUDA_BLOCK, format_bytes
 
 RECORD_MARKER = "galore-bench record: "  # a failing rank names the record it wrote on stderr
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -64,12 +65,8 @@ def wrap(model: torch.nn.Module, spec: DistributedSpec, device: torch.device, wo
     if world_size == 1:
         return model
     if spec.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world_size,))
     options: dict[str, Any] = {"mesh": mesh}
@@ -225,38 +222,3 @@ def rank_main(request: RunRequest, rank: int, world_size: int, port: int, conn: 
     if conn is not None:
         conn.send({"record": str(path) if path else None})
         conn.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`torchrun --nproc-per-node N -m galore_bench.run.ranks --scenario NAME`: every run, in order."""
-    parser = argparse.ArgumentParser(prog="python -m galore_bench.run.ranks", description=main.__doc__)
-    parser.add_argument("--scenario", required=True)
-    parser.add_argument("--out", type=Path, default=store.DEFAULT_RESULTS)
-    parser.add_argument("--label", action="append", help="only the run with this label (repeatable)")
-    parser.add_argument("--mode", choices=("measure", "simulate"), default="measure")
-    parser.add_argument("--steps", type=int, default=None)
-    args = parser.parse_args(argv)
-    try:
-        scenario = load_scenario(args.scenario)
-        if scenario.distributed is None:
-            raise UserError(f"{scenario.path}: no [distributed] table; use `galore-bench run`")
-        runs = [r for r in scenario.runs if not args.label or r.label in args.label]
-        if args.mode == "simulate":  # no process group: rank 0 (or a plain process) writes the records
-            if int(os.environ.get("RANK", "0")) == 0:
-                for run in runs:
-                    print(store.write(simulate_record(scenario, run), args.out))
-            return 0
-        device = rank_device(int(os.environ.get("LOCAL_RANK", "0")))
-        with process_group(scenario.distributed, device) as backend:
-            for run in runs:
-                path = run_ranked(scenario, run, backend, device, args.steps, args.out)
-                if path is not None:
-                    print(path, flush=True)
-    except UserError as exc:
-        print(f"galore-bench: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

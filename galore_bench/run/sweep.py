@@ -1,4 +1,4 @@
-"""A sweep over a scenario's runs, each in its own worker process, with a progress bar and a results table."""
+"""A sweep over a scenario's runs, each in its own worker process, with a progress bar."""
 from __future__ import annotations
 
 import multiprocessing
@@ -13,18 +13,15 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from galore_bench import store
 from galore_bench.measure import resolve_mode, training
 from galore_bench.methods import PLUGIN_ENV
-from galore_bench.record import reserved_of
 from galore_bench.run import ranks
 from galore_bench.run.assemble import died_record
 from galore_bench.run.request import RunRequest
 from galore_bench.run.worker import FAULT_ENV, child_main
 from galore_bench.spec.scenario import Scenario, selected_runs
-from galore_bench.units import CATEGORIES, format_bytes
 
 OnStep = Callable[[int, int], None]
 _CONTEXT: Any = None
@@ -184,32 +181,4 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
     return paths
 
 
-def results_table(paths: list[Path], title: str = "results") -> Table:
-    """Peak and breakdown per run, and whether it fits the budget."""
-    records = [store.load(path) for path in paths]
-    budgets = {text for record in records if (text := record["budget"]["text"]) is not None}
-    caption = (f"fits: peak <= budget ({', '.join(sorted(budgets))}); " if budgets else "") + \
-        "reserved: the CUDA allocator's (GPU) or the caching-allocator model's (simulate)"
-    table = Table(title=title, caption=caption)
-    headers = ("run", "mode", "status", "peak", "weights", "grads", "opt states", "activ.", "other", "fits", "reserved",
-               "loss", "ppl", "tokens/s")
-    for name in headers:
-        table.add_column(name, justify="left" if name in ("run", "mode", "status") else "right")
-    for record in records:
-        memory, breakdown = record["memory"], record["memory"].get("breakdown") or {}
-        fits = record["budget"]["fits"]
-        loss, ppl = record["quality"]["final_loss"], record["quality"].get("perplexity")
-        rate = record["throughput"]["tokens_per_second"]
-        status = record["status"] if record["status"] == "ok" else f"{record['status']}: {(record['error'] or '')[:60]}"
-        ranks = record["distributed"]["world_size"] if record["distributed"] else None
-        reserved, source = reserved_of(record)
-        reserved_text = "OOM" if source and "OOM" in source else format_bytes(reserved)
-        table.add_row(record["run"] + (f" x{ranks}" if ranks else ""), record["mode"], status, format_bytes(memory.get("peak_bytes")),
-                      *(format_bytes(breakdown.get(c)) for c in CATEGORIES),
-                      "-" if fits is None else ("yes" if fits else "NO"), reserved_text,
-                      "-" if loss is None else f"{loss:.3f}", "-" if ppl is None else f"{ppl:,.1f}",
-                      "-" if rate is None else f"{rate:,.0f}")
-    return table
-
-
-__all__ = ["results_table", "run_scenario"]
+__all__ = ["run_scenario"]

@@ -14,10 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+import psutil
 import torch
 
 from galore_bench import store
-from galore_bench.measure import resolve_mode, training
+from galore_bench.data import data_info, evaluate_perplexity
+from galore_bench.measure import flops, resolve_mode, training
+from galore_bench.measure.allocator import replay
 from galore_bench.measure.estimate import EstimateUnavailable, estimate_run
 from galore_bench.methods import REGISTRY
 from galore_bench.record import MemorySection, RunRecord
@@ -113,8 +116,6 @@ def _special_steps(run: RunSpec, steps: int) -> dict[str, set[int]]:
 
 def _evaluator(scenario: Scenario, run: RunSpec, device: str) -> Callable[[torch.nn.Module], dict[str, Any]]:
     """Validation perplexity on held-out batches of the scenario's data (never the training batches)."""
-    from galore_bench.data import evaluate_perplexity
-
     batches = training.training_batches(scenario, run.model.vocab_size, split="validation")
     held_out = [b for _, b in zip(range(scenario.eval_batches), batches)]
     source = "wiki-offline validation split" if scenario.data == "wiki" else "synthetic (labelled; not real text)"
@@ -152,14 +153,11 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
     plan = REGISTRY[run.method].trace_plan
     memory = assemble.traced_memory(result, extra_step=plan.extra_step if fake and plan is not None else None)
     if fake:  # what a GPU would reserve (and whether the cap holds), from the same trace: a model, labelled
-        from galore_bench.measure.allocator import replay
 
         events = result["tracker"].events or []
         memory["allocator_model"] = assemble.cross_check(record, "allocator_model",
                                                          lambda: replay(events, scenario.budget_bytes))
     elif not result["cuda"]:
-        import psutil
-
         memory["process_rss_bytes"] = psutil.Process().memory_info().rss
     target = "gpu" if fake or device == "cuda" else "cpu"  # what 'auto' implementations resolved to
     memory["estimate"] = assemble.cross_check(record, "estimate",
@@ -175,7 +173,6 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
     speed.update(assemble.cross_check(record, "flops", counted) or {})
     provenance = None
     if scenario.data == "wiki":  # what the text and tokenizer were: packages, versions, hashes, split, counts
-        from galore_bench.data import data_info
 
         provenance = assemble.cross_check(record, "data_provenance", data_info)
     model = result["model"]
@@ -186,8 +183,6 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
 
 def _flops(scenario: Scenario, run: RunSpec, speed: dict[str, Any], device_name: str) -> dict[str, Any]:
     """Counted FLOPs of the method's step, PaLM model FLOPs, and MFU against the device's peak (GPU only)."""
-    from galore_bench.measure import flops
-
     train = scenario.train
     counted = flops.count_step_flops(scenario, run)
     model = flops.hand_count(run.model, train.batch_size, train.seq_len, train.activation_checkpointing)

@@ -1,0 +1,140 @@
+"""`galore-bench fit`: does each run fit a memory budget, and what is the largest batch that does?"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from galore_bench.cli.output import console as default_console
+from galore_bench.errors import UserError
+from galore_bench.spec.scenario import Scenario, load_scenario
+from galore_bench.units import format_bytes, parse_bytes
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+NAME = "fit"
+HELP = "will each run fit a memory budget, and what is the largest batch that does? (instant estimate)"
+DESCRIPTION = (
+    "For every run of a scenario: the estimated peak at its batch size, whether it fits the budget, "
+    "and the largest per-device batch that fits (bisection on the closed-form estimate). --confirm "
+    "re-checks with the simulate engine at that batch and one above, and replays that trace through "
+    "the caching-allocator model: reserved bytes under the budget, and the largest batch it holds."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scenario", required=True, help="a shipped scenario name (see `list`) or a .toml path"
+    )
+    parser.add_argument(
+        "--budget", default=None, help="memory per device, e.g. '24 GiB' (default: the scenario's)"
+    )
+    parser.add_argument(
+        "--confirm", action="store_true", help="confirm with simulate (seconds per run for 7B)"
+    )
+
+
+def from_args(args: argparse.Namespace) -> int:
+    return run(args.scenario, budget=args.budget, confirm=args.confirm)
+
+
+def run(scenario: str, *, budget: str | None = None, confirm: bool = False) -> int:
+    """Print the fit table of `scenario` (a shipped name or a .toml path) for `budget` (or the scenario's)."""
+    from galore_bench.measure.largest_batch import fit_rows
+
+    loaded = load_scenario(scenario)
+    text = budget or loaded.budget_text
+    if text is None:
+        raise UserError(f"{loaded.path}: device.budget: not set; give --budget such as '24 GiB'")
+    try:
+        budget_bytes = parse_bytes(text)
+    except ValueError:
+        budget_bytes = 0
+    if budget_bytes <= 0:
+        raise UserError(f"--budget: got {text!r}, allowed a size > 0 such as '24 GiB'")
+    console = default_console()
+    with console.status("estimating", spinner="dots") as status:
+        rows = fit_rows(
+            loaded,
+            budget_bytes,
+            confirm=confirm,
+            tracing=lambda label, batch: status.update(f"simulate: tracing {label} at batch {batch}"),
+        )
+    console.print(fit_table(loaded, rows, text, budget_bytes, confirm))
+    if loaded.distributed is not None:  # the estimate is per device, unsharded
+        spread = loaded.distributed
+        console.print(
+            f"note: one device, unsharded: {Path(loaded.path).name}'s [distributed] table "
+            f"({spread.strategy}, world size {', '.join(map(str, spread.world_sizes))}) is not applied "
+            f"here; `galore-bench run --scenario {scenario}` simulates the per-rank peaks",
+            highlight=False,
+            markup=False,
+        )
+    return 0
+
+
+def fit_table(
+    scenario: Scenario, rows: list[dict[str, Any]], budget_text: str, budget: int, confirm: bool
+) -> Table:
+    """One row per run: the estimate at its batch and at the largest that fits; with `confirm`, simulate's."""
+    from rich.table import Table
+
+    train = scenario.train
+    table = Table(
+        title=f"{scenario.name}: fit in {budget_text} (estimate; seq {train.seq_len}, {train.dtype})",
+        caption="estimate = closed-form bytes; simulate = the real step traced on fake tensors; reserved = "
+        "that trace through a model of the CUDA caching allocator, capped at the budget",
+    )
+    columns = [
+        "run",
+        "model",
+        f"peak @ batch {train.batch_size}",
+        "fits",
+        "largest batch",
+        "estimate @ largest",
+    ]
+    columns += (
+        ["simulate @ largest", "simulate @ largest+1", "reserved @ largest (model)", "confirmed"]
+        if confirm
+        else []
+    )
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("run", "model", "fits", "confirmed") else "right")
+    for row in rows:
+        cells = [
+            row["run"],
+            row["model"],
+            format_bytes(row["estimate_bytes"]),
+            "yes" if row["fits"] else "NO",
+            str(row["largest_batch"]) if row["largest_batch"] else "none",
+            format_bytes(row["estimate_at_largest_bytes"]),
+        ]
+        if confirm:
+            cells += _confirmation(row, budget)
+        table.add_row(*cells)
+    return table
+
+
+def _confirmation(row: dict[str, Any], budget: int) -> list[str]:
+    """Simulate at the largest batch and one above, the allocator model's reserved bytes, and the verdict."""
+    at, above = row["simulate_at_largest_bytes"], row["simulate_above_largest_bytes"]
+    model = row.get("allocator_model_at_largest")
+    ok = (at is None or at <= budget) and above is not None and above > budget
+    reserved = (
+        "-"
+        if model is None
+        else "OOM"
+        if model["out_of_memory"]
+        else format_bytes(model["peak_reserved_bytes"])
+    )
+    held = row.get("largest_batch_reserved")
+    verdict = (
+        "no (estimate off at the boundary)"
+        if not ok
+        else f"no (allocator model: out of memory at the cap; it holds batch {held or 'none'})"
+        if model and model["out_of_memory"]
+        else "yes"
+    )
+    return [format_bytes(at), format_bytes(above), reserved, verdict]

@@ -1,0 +1,17 @@
+"""Where commands print: one console shape for all, and notes on stderr that do not mix with piped output."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+
+def console() -> Console:
+    """The terminal's width, or 160 columns when piped, so a wide table keeps its columns in a log."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def note(text: str) -> None:
+    """A remark that does not stop the command (an option with no effect here)."""
+    print(f"galore-bench: note: {text}", file=sys.stderr)
