@@ -94,7 +94,8 @@ def test_adamw_matches_galore_torch_across_refresh(dtype):
     moved = (ours_model.model.layers[0].self_attn.q_proj.weight - w_start).abs().max().item()
     assert moved > 1e-3
     for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
-        assert torch.equal(p, q), f"{name}: {ulp_distance(p.bfloat16(), q.bfloat16()).max().item()} bf16 steps apart"
+        apart = ulp_distance(p.bfloat16(), q.bfloat16()).max().item()
+        assert torch.equal(p, q), f"{name}: {apart} bf16 steps from galore-torch"
 
 
 def test_state_shapes_follow_table1():
@@ -245,7 +246,7 @@ def test_randomized_refresh_finds_the_exact_subspace(shape):
     full.project(g, 0)
     before = torch.get_rng_state()
     rand.project(g, 0)
-    assert torch.equal(torch.get_rng_state(), before)  # its own generator: the training's random stream is untouched
+    assert torch.equal(torch.get_rng_state(), before)  # own generator: training's random stream untouched
     assert rand.side == full.side and rand.ortho_matrix.shape == full.ortho_matrix.shape
     a, b = (x.ortho_matrix.T if x.side == "right" else x.ortho_matrix for x in (full, rand))
     torch.testing.assert_close(b.T @ b, torch.eye(r), atol=1e-5, rtol=0)

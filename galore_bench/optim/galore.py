@@ -6,7 +6,9 @@ and, unlike galore-torch 1.0 with bitsandbytes >= 0.45, also updates parameters 
 small enough for bitsandbytes to keep in 32 bits.
 
 Parameter groups follow galore-torch: a group holding 'rank', 'update_proj_gap', 'scale' and
-'proj_type' is projected, any other group gets plain AdamW. Per-parameter state: 'step' (int),
+'proj_type' is projected, any other group gets plain AdamW. A projected group may also hold 'svd'
+("full", the default and galore-torch's, or "randomized"), 'svd_oversample' and 'svd_power_iters'.
+Per-parameter state: 'step' (int),
 'projector' (a GaLoreProjector, projected params only) and the moment tensors ('exp_avg'/'exp_avg_sq',
 or bitsandbytes' 'state1'/'state2'/'absmax1'/'absmax2'), so a memory tracker that scans
 ``optimizer.state[p].values()`` for tensors, plus ``state['projector'].ortho_matrix``, sees every byte.
@@ -30,8 +32,8 @@ __all__ = ["BNB_BLOCKSIZE", "MIN_8BIT_SIZE", "GaLoreAdamW", "GaLoreAdamW8bit", "
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep 32-bit optimizer state
 BNB_BLOCKSIZE = 256  # bitsandbytes' blockwise optimizer kernels quantize in blocks of 256 values
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
-SVD_KINDS = ("full", "randomized")  # how a projector refresh finds its basis; full is the paper's (and galore-torch's)
-SVD_OVERSAMPLE = 8  # randomized refresh: sketch width rank + 8 (measured in reports/cpu-measure/galore_refresh.md)
+SVD_KINDS = ("full", "randomized")  # how a refresh finds its basis; full is the paper's (and galore-torch's)
+SVD_OVERSAMPLE = 8  # randomized refresh: sketch width rank + 8 (reports/cpu-measure/galore_refresh.md)
 SVD_POWER_ITERS = 2  # randomized refresh: power iterations that sharpen the sketch
 # bnb's signed/unsigned dynamic quantization maps per device: constants, so one copy serves every
 # optimizer (layer-wise builds one optimizer per parameter; a copy each would be 2 KiB x parameters)
@@ -49,8 +51,8 @@ class GaLoreProjector:
     """
 
     def __init__(self, rank: int, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
-                 svd: str = "full", svd_oversample: int = SVD_OVERSAMPLE, svd_power_iters: int = SVD_POWER_ITERS,
-                 seed: int = 0):
+                 svd: str = "full", svd_oversample: int = SVD_OVERSAMPLE,
+                 svd_power_iters: int = SVD_POWER_ITERS, seed: int = 0):
         if rank < 1 or update_proj_gap < 1:
             raise ValueError(f"rank and update_proj_gap must be >= 1, got {rank} and {update_proj_gap}")
         if proj_type not in PROJ_TYPES:
@@ -175,7 +177,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         loss = _run_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            lr, eps, weight_decay, correct_bias = group["lr"], group["eps"], group["weight_decay"], group["correct_bias"]
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            correct_bias = group["correct_bias"]
             projected = "rank" in group
             for p in group["params"]:
                 grad = p.grad
@@ -200,7 +203,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
                 denom = exp_avg_sq.sqrt().add_(eps)
-                step_size = lr * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step) if correct_bias else lr
+                step_size = lr
+                if correct_bias:
+                    step_size = step_size * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
                 update = exp_avg / denom
                 if projector is not None:
                     update = projector.project_back(update)

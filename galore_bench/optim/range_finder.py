@@ -1,9 +1,10 @@
-"""A randomized range finder for GaLore's projector refresh (Halko, Martinsson and Tropp 2011, Alg. 4.4 + 5.1).
+"""A randomized range finder for GaLore's projector refresh (Halko, Martinsson, Tropp 2011, Alg. 4.4, 5.1).
 
-The full SVD of an m x n gradient costs O(m n min(m, n)); GaLore keeps only r of its singular vectors. Sketching
-the gradient with r + oversample random directions, sharpening the sketch with a few power iterations and taking
-the SVD of the small projected matrix costs O(m n (r + oversample) (2 + 2 * power_iters)) instead.
+The full SVD of an m x n gradient costs O(m n min(m, n)); GaLore keeps only r of its singular vectors.
+Sketching the gradient with r + oversample random directions, sharpening the sketch with a few power
+iterations and taking the SVD of the small projected matrix costs O(m n (r + oversample) (2 + 2 power_iters)).
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,12 +13,17 @@ __all__ = ["top_left_singular_vectors"]
 
 
 def _orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of `matrix`'s column space (reduced QR): keeps power iterations from collapsing."""
+    """An orthonormal basis of `matrix`'s column space (reduced QR), so power iterations do not collapse."""
     return torch.linalg.qr(matrix).Q
 
 
-def top_left_singular_vectors(matrix: torch.Tensor, rank: int, oversample: int, power_iters: int,
-                              generator: torch.Generator | None = None) -> torch.Tensor:
+def top_left_singular_vectors(
+    matrix: torch.Tensor,
+    rank: int,
+    oversample: int,
+    power_iters: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """An m x rank orthonormal basis close to the top-`rank` left singular vectors of `matrix` (m x n).
 
     Falls back to the exact SVD when the sketch would be as wide as the matrix (nothing to save).
