@@ -10,6 +10,7 @@ Run: python -m pytest -q benchmarks/test_bench_galore.py -p no:cacheprovider --b
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -65,7 +66,8 @@ class Side:
         if impl == "ours":
             kind: Callable[..., torch.optim.Optimizer] = GaLoreAdamW8bit if eight_bit else GaLoreAdamW
         else:
-            kind = galore_torch.GaLoreAdamW8bit if eight_bit else galore_torch.GaLoreAdamW
+            kind = galore_torch.GaLoreAdamW8bit if eight_bit else functools.partial(
+                galore_torch.GaLoreAdamW, no_deprecation_warning=True)
         groups = projected_groups(self.model, OPTS)
         if layerwise:  # the optimizers the backward hooks would step, stepped here on fixed gradients
             self.optimizers = list(LayerwiseOptimizer(groups, lambda g: kind(g, lr=1e-3)).optimizers.values())
