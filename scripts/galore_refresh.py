@@ -26,7 +26,8 @@ import torch
 from galore_bench.data import TokenBatches, evaluate_perplexity
 from galore_bench.methods.galore import GALORE_OPTIONS, projected_groups
 from galore_bench.models import ModelShape, build_model
-from galore_bench.optim.galore import SVD_OVERSAMPLE, SVD_POWER_ITERS, GaLoreAdamW, GaLoreProjector
+from galore_bench.optim.galore import GaLoreAdamW
+from galore_bench.optim.projector import SVD_OVERSAMPLE, SVD_POWER_ITERS, GaLoreProjector
 
 # The ppl_cpu scenario's model and data (hidden 128, 4 layers, the 32k tokenizer, offline Wikipedia).
 SMALL = ModelShape(128, 344, 4, 4, 32000, source="ppl_cpu scenario model")
