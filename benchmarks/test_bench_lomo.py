@@ -25,9 +25,9 @@ LR = 1e-4
 # name -> (hidden, intermediate, layers, vocab): a "tiny-ish" model, and a deep narrow one where the
 # reference's per-hook parameter scan (n hooks x n parameters) is a larger share of the step.
 SHAPES = {"h256-l4": (256, 688, 4, 1024), "h64-l16": (64, 128, 16, 256)}
-# Targets, ours / reference in one run (measured 0.86-0.93 and 0.40-0.45): no slower where the step is matmuls,
-# clearly faster where the reference's quadratic scan shows.
-TARGET_RATIO = {"h256-l4": 1.3, "h64-l16": 0.8}
+# Targets, ours / reference in one run (measured 0.86-0.93 and 0.40-0.45): no slower where the step is
+# matmuls, at most half the time where the reference's quadratic scan shows.
+TARGET_RATIO = {"h256-l4": 1.0, "h64-l16": 0.5}
 MIN_PAIRS = 6
 
 
@@ -126,4 +126,5 @@ def test_bench_ratio(benchmark, shape: str) -> None:
     print(
         f"\n[{shape}] LOMO step median ours {ours * 1e3:.1f} ms / reference {ref * 1e3:.1f} ms = {ratio:.3f}"
     )
-    assert ratio < TARGET_RATIO[shape], f"{shape}: ours / reference = {ratio:.3f}, target < {TARGET_RATIO[shape]}"
+    target = TARGET_RATIO[shape]
+    assert ratio <= target, f"{shape}: ours / reference = {ratio:.3f}, target <= {target}"

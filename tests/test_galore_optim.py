@@ -94,10 +94,8 @@ def test_adamw_matches_galore_torch_across_refresh(dtype):
     moved = (ours_model.model.layers[0].self_attn.q_proj.weight - w_start).abs().max().item()
     assert moved > 1e-3
     for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
-        if dtype == torch.float32:
-            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
-        else:
-            assert ulp_distance(p, q).max().item() <= 1, name
+        apart = ulp_distance(p.bfloat16(), q.bfloat16()).max().item()
+        assert torch.equal(p, q), f"{name}: {apart} bf16 steps from galore-torch"
 
 
 def test_state_shapes_follow_table1():
@@ -190,9 +188,10 @@ def test_8bit_tracks_fp32_on_toy_regression():
     assert abs(int8[-1] - fp32[-1]) < 0.05 * fp32[0]
 
 
+@pytest.mark.parametrize("svd", ["full", "randomized"])
 @pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
 @pytest.mark.parametrize("where", ["inside", "outside"])
-def test_step_under_fake_tensor_mode(cls, where):
+def test_step_under_fake_tensor_mode(cls, where, svd):
     mode = FakeTensorMode()
     if where == "inside":  # everything, optimizer included, built inside the mode
         with mode:
@@ -204,8 +203,8 @@ def test_step_under_fake_tensor_mode(cls, where):
         real = [torch.randn(128, 256, dtype=torch.bfloat16), torch.randn(16, 64, dtype=torch.bfloat16),
                 torch.randn(64, dtype=torch.bfloat16)]
         params = [nn.Parameter(mode.from_tensor(t)) for t in real]
-    groups = [{"params": params[:2], "rank": 32, "update_proj_gap": 1, "scale": 0.25, "proj_type": "std"},
-              {"params": params[2:]}]
+    groups = [{"params": params[:2], "rank": 32, "update_proj_gap": 1, "scale": 0.25, "proj_type": "std",
+               "svd": svd}, {"params": params[2:]}]
     opt = cls(groups) if where == "outside" else None
     with mode:
         opt = opt or cls(groups)
@@ -230,3 +229,78 @@ def test_step_under_fake_tensor_mode(cls, where):
     for p, basis in ((big, (128, 32)), (small, (16, 16))):
         ortho = opt.state[p]["projector"].ortho_matrix
         assert isinstance(ortho, FakeTensor) and tuple(ortho.shape) == basis and ortho.dtype == torch.bfloat16
+
+
+def low_rank_plus_noise(m: int, n: int, r: int, seed: int = 0) -> torch.Tensor:
+    """A matrix whose top-r subspace is well separated: r strong directions (sigma 10..1), weak noise."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, r, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(n, r, generator=gen)).Q
+    return (u * torch.linspace(10, 1, r)) @ v.T + 1e-3 * torch.randn(m, n, generator=gen)
+
+
+@pytest.mark.parametrize("shape", [(48, 160), (160, 48)])  # wide: left basis P; tall: right basis Q
+def test_randomized_refresh_finds_the_exact_subspace(shape):
+    g, r = low_rank_plus_noise(*shape, r=6), 6
+    full, rand = GaLoreProjector(r, svd="full"), GaLoreProjector(r, svd="randomized")
+    full.project(g, 0)
+    before = torch.get_rng_state()
+    rand.project(g, 0)
+    assert torch.equal(torch.get_rng_state(), before)  # own generator: training's random stream untouched
+    assert rand.side == full.side and rand.ortho_matrix.shape == full.ortho_matrix.shape
+    a, b = (x.ortho_matrix.T if x.side == "right" else x.ortho_matrix for x in (full, rand))
+    torch.testing.assert_close(b.T @ b, torch.eye(r), atol=1e-5, rtol=0)
+    # sine of the largest principal angle between the two spans (Davis-Kahan: ~ noise / gap, here ~1e-3)
+    sin_max = (1 - torch.linalg.svdvals(a.T @ b).min() ** 2).clamp(min=0).sqrt()
+    assert sin_max < 1e-2
+    again = GaLoreProjector(r, svd="randomized")
+    again.project(g, 0)
+    assert torch.equal(again.ortho_matrix, rand.ortho_matrix)  # seeded: a rerun is reproducible
+
+
+def test_randomized_refresh_falls_back_to_the_exact_svd_when_the_sketch_is_full_width():
+    g = torch.randn(12, 40)
+    full, rand = GaLoreProjector(6, svd="full"), GaLoreProjector(6, svd="randomized", svd_oversample=6)
+    full.project(g, 0)
+    rand.project(g, 0)  # 6 + 6 >= 12 rows: nothing to save, the exact SVD runs
+    assert torch.equal(full.ortho_matrix, rand.ortho_matrix)
+
+
+def test_refresh_options_come_from_the_param_group_and_are_checked():
+    w = nn.Parameter(torch.randn(32, 96))
+    group = {"params": [w], "rank": 4, "update_proj_gap": 10, "scale": 0.25, "proj_type": "std",
+             "svd": "randomized", "svd_oversample": 3, "svd_power_iters": 1}
+    for cls in (GaLoreAdamW, GaLoreAdamW8bit):
+        opt = cls([group])
+        w.grad = low_rank_plus_noise(32, 96, r=4)
+        opt.step()
+        projector = opt.state[w]["projector"]
+        assert (projector.svd, projector.svd_oversample, projector.svd_power_iters) == ("randomized", 3, 1)
+    assert GaLoreAdamW([{**group, "svd": "full"}]).param_groups[0]["svd"] == "full"
+    with pytest.raises(ValueError, match="svd must be one of"):
+        GaLoreProjector(4, svd="eigh")
+    with pytest.raises(ValueError, match="svd_oversample and svd_power_iters"):
+        GaLoreProjector(4, svd="randomized", svd_power_iters=-1)
+
+
+def test_randomized_refresh_trains_like_the_full_svd_on_toy_regression():
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    y = x @ (torch.randn(64, 8) @ torch.randn(8, 128)) / 8
+    final = {}
+    for svd in ("full", "randomized"):
+        torch.manual_seed(1)
+        model = nn.Linear(64, 128)
+        opt = GaLoreAdamW([{"params": [model.weight], "rank": 32, "update_proj_gap": 10, "scale": 0.25,
+                            "proj_type": "std", "svd": svd}, {"params": [model.bias]}], lr=0.1)
+        for _ in range(100):
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        final[svd] = loss.item()
+    start = y.pow(2).mean().item()
+    assert final["full"] < 0.15 * start and final["randomized"] < 0.15 * start
+    # measured 0.64 vs 0.90 of 8.3: Adam rescales every kept direction, so the sketch's weaker tail directions
+    # (rank 32 of 64 here) cost a little; both converge
+    assert abs(final["randomized"] - final["full"]) < 0.05 * start

@@ -1,12 +1,14 @@
 """GaLore (Zhao et al. 2024): Adam on a low-rank projection of each weight's gradient.
 
 Our own implementation. ``GaLoreAdamW`` follows galore-torch 1.0's update op for op, so the two agree
-numerically; ``GaLoreAdamW8bit`` keeps the low-rank Adam moments as bitsandbytes blockwise 8-bit states
+bit for bit; ``GaLoreAdamW8bit`` keeps the low-rank Adam moments as bitsandbytes blockwise 8-bit states
 and, unlike galore-torch 1.0 with bitsandbytes >= 0.45, also updates parameters whose low-rank state is
 small enough for bitsandbytes to keep in 32 bits.
 
 Parameter groups follow galore-torch: a group holding 'rank', 'update_proj_gap', 'scale' and
-'proj_type' is projected, any other group gets plain AdamW. Per-parameter state: 'step' (int),
+'proj_type' is projected, any other group gets plain AdamW. A projected group may also hold 'svd'
+("full", the default and galore-torch's, or "randomized"), 'svd_oversample' and 'svd_power_iters'.
+Per-parameter state: 'step' (int),
 'projector' (a GaLoreProjector, projected params only) and the moment tensors ('exp_avg'/'exp_avg_sq',
 or bitsandbytes' 'state1'/'state2'/'absmax1'/'absmax2'), so a memory tracker that scans
 ``optimizer.state[p].values()`` for tensors, plus ``state['projector'].ortho_matrix``, sees every byte.
@@ -23,74 +25,15 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from galore_bench.optim.projector import SVD_OVERSAMPLE, SVD_POWER_ITERS, GaLoreProjector
+
 __all__ = ["BNB_BLOCKSIZE", "MIN_8BIT_SIZE", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreProjector"]
 
 MIN_8BIT_SIZE = 4096  # bitsandbytes' default: smaller tensors keep 32-bit optimizer state
 BNB_BLOCKSIZE = 256  # bitsandbytes' blockwise optimizer kernels quantize in blocks of 256 values
-PROJ_TYPES = ("std", "reverse_std", "left", "right")
 # bnb's signed/unsigned dynamic quantization maps per device: constants, so one copy serves every
 # optimizer (layer-wise builds one optimizer per parameter; a copy each would be 2 KiB x parameters)
 _QMAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-class GaLoreProjector:
-    """Holds one weight's projection basis and refreshes it from an SVD every `update_proj_gap` steps.
-
-    'std' projects away the larger dimension: for a rows >= cols gradient G the basis Q (r x cols) holds
-    right singular vectors and the low-rank gradient is G Q^T; otherwise P (rows x r) holds left singular
-    vectors and it is P^T G. The SVD runs in fp32; the basis is kept in the gradient's dtype.
-    """
-
-    def __init__(self, rank: int, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std"):
-        if rank < 1 or update_proj_gap < 1:
-            raise ValueError(f"rank and update_proj_gap must be >= 1, got {rank} and {update_proj_gap}")
-        if proj_type not in PROJ_TYPES:
-            raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
-        self.rank = rank
-        self.update_proj_gap = update_proj_gap
-        self.scale = scale
-        self.proj_type = proj_type
-        self.side: str | None = None  # 'left' (P^T G) or 'right' (G Q^T), fixed at each refresh
-        self.ortho_matrix: torch.Tensor | None = None
-
-    def _pick_side(self, grad: torch.Tensor) -> str:
-        if self.proj_type in ("left", "right"):
-            return self.proj_type
-        tall = grad.shape[0] >= grad.shape[1]
-        return ("right" if tall else "left") if self.proj_type == "std" else ("left" if tall else "right")
-
-    def _basis(self, grad: torch.Tensor) -> torch.Tensor:
-        """Top-`rank` singular vectors of `grad` (fp32 SVD), in the gradient's dtype."""
-        matrix = grad if grad.dtype == torch.float32 else grad.float()
-        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-        basis = vh[: self.rank, :] if self.side == "right" else u[:, : self.rank]
-        # A contiguous copy, so the basis does not keep the whole U / Vh factor alive.
-        return basis.contiguous() if basis.dtype == grad.dtype else basis.to(grad.dtype)
-
-    def project(self, grad: torch.Tensor, step: int) -> torch.Tensor:
-        """Low-rank gradient; the basis is recomputed at steps 0, T, 2T, ... (moments are not rotated)."""
-        if grad.dim() != 2:
-            raise ValueError(f"GaLore projects 2-D weights only, got shape {tuple(grad.shape)}")
-        if self.ortho_matrix is None or step % self.update_proj_gap == 0:
-            self.side = self._pick_side(grad)
-            self.ortho_matrix = self._basis(grad)
-        if self.side == "right":
-            return torch.matmul(grad, self.ortho_matrix.t())
-        return torch.matmul(self.ortho_matrix.t(), grad)
-
-    def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
-        """Lift a low-rank update to the full weight shape, multiplied by `scale` (alpha in the paper).
-
-        The update is cast to the basis' dtype first (8-bit states update an fp32 low-rank buffer).
-        """
-        if self.ortho_matrix is None:
-            raise RuntimeError("project_back() called before project()")
-        low_rank = low_rank.to(self.ortho_matrix.dtype)
-        if self.side == "right":
-            full = torch.matmul(low_rank, self.ortho_matrix)
-        else:
-            full = torch.matmul(self.ortho_matrix, low_rank)
-        return full * self.scale
 
 
 def _check_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
@@ -105,8 +48,11 @@ def _projector(state: dict[str, Any], group: dict[str, Any]) -> GaLoreProjector 
     if "rank" not in group:
         return None
     if "projector" not in state:
-        state["projector"] = GaLoreProjector(group["rank"], update_proj_gap=group["update_proj_gap"],
-                                             scale=group["scale"], proj_type=group["proj_type"])
+        state["projector"] = GaLoreProjector(
+            group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
+            proj_type=group["proj_type"], svd=group.get("svd", "full"),
+            svd_oversample=group.get("svd_oversample", SVD_OVERSAMPLE),
+            svd_power_iters=group.get("svd_power_iters", SVD_POWER_ITERS))
     return state["projector"]
 
 
@@ -132,19 +78,30 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One AdamW step; projected params run Adam on the low-rank gradient and apply scale * P N."""
+        """One AdamW step; projected params run Adam on the low-rank gradient and apply scale * P N.
+
+        The ops per tensor are galore-torch's, in its order (so the result is bit-identical); settings are
+        read once per group rather than once per parameter.
+        """
         loss = _run_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            correct_bias = group["correct_bias"]
+            projected = "rank" in group
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("GaLoreAdamW does not support sparse gradients")
                 state = self.state[p]
-                step = state.setdefault("step", 0)
-                projector = _projector(state, group)
-                grad = p.grad if projector is None else projector.project(p.grad, step)
+                if not state:
+                    state["step"] = 0
+                step = state["step"]
+                projector = _projector(state, group) if projected else None
+                if projector is not None:
+                    grad = projector.project(grad, step)
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(grad)
                     state["exp_avg_sq"] = torch.zeros_like(grad)
@@ -154,16 +111,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
                 exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = exp_avg_sq.sqrt().add_(group["eps"])
-                step_size = group["lr"]
-                if group["correct_bias"]:
+                denom = exp_avg_sq.sqrt().add_(eps)
+                step_size = lr
+                if correct_bias:
                     step_size = step_size * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
                 update = exp_avg / denom
                 if projector is not None:
                     update = projector.project_back(update)
                 p.add_(update, alpha=-step_size)
-                if group["weight_decay"] > 0.0:  # decoupled, applied after the update (galore-torch order)
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+                if weight_decay > 0.0:  # decoupled, applied after the update (galore-torch order)
+                    p.add_(p, alpha=-lr * weight_decay)
         return loss
 
 
