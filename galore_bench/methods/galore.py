@@ -28,6 +28,7 @@ from galore_bench.methods.terms import (
 from galore_bench.models import ModelShape
 from galore_bench.optim.galore import GaLoreAdamW, GaLoreAdamW8bit, GaLoreProjector
 from galore_bench.optim.lowrank import DEFAULT_TARGETS
+from galore_bench.optim.projector import SVD_OVERSAMPLE, SVD_POWER_ITERS
 
 
 def projected_groups(model: torch.nn.Module, opts: dict[str, Any]) -> list[dict[str, Any]]:
@@ -39,8 +40,8 @@ def projected_groups(model: torch.nn.Module, opts: dict[str, Any]) -> list[dict[
             continue
         module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
         (projected if param.ndim == 2 and module in DEFAULT_TARGETS else regular).append(param)
-    galore = {"rank": opts["rank"], "update_proj_gap": opts["update_proj_gap"], "scale": opts["scale"],
-              "proj_type": opts["proj_type"]}
+    galore = {key: opts[key] for key in ("rank", "update_proj_gap", "scale", "proj_type", "svd", "svd_oversample",
+                                         "svd_power_iters")}
     return [{"params": regular}, {"params": projected, **galore}]
 
 
@@ -158,6 +159,10 @@ GALORE_OPTIONS = {
     "beta2": Option(float, 0.999, "Adam beta2", minimum=0.0),
     "eps": Option(float, 1e-6, "Adam epsilon (the galore-torch default; the paper prints 1e-8)", minimum=0.0),
     "layerwise": LAYERWISE_OPTION,
+    "svd": Option(str, "full", "projector refresh: the 'full' SVD (the paper's; galore-torch's update bit for bit) "
+                  "or a 'randomized' range finder (cheaper at large shapes)", choices=("full", "randomized")),
+    "svd_oversample": Option(int, SVD_OVERSAMPLE, "randomized refresh: sketch columns beyond the rank", minimum=0),
+    "svd_power_iters": Option(int, SVD_POWER_ITERS, "randomized refresh: power iterations that sharpen the sketch", minimum=0),
 }
 
 METHOD = MethodDef(
