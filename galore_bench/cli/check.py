@@ -76,7 +76,7 @@ def verdict_table(verdicts: list[Verdict], modes: dict[Path, str], title: str) -
     """One row per limit: the value, the limit, the verdict, and the mode and device of its record."""
     from rich.table import Table
 
-    from galore_bench.check.budgets import MEMORY_FIELDS, value_text
+    from galore_bench.check.rules import MEMORY_FIELDS, value_text
 
     table = Table(title=title)
     for column in ("rule", "value", "limit", "verdict", "record"):
