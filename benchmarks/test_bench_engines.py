@@ -40,7 +40,8 @@ def _three_way(scenario_name: str, measure: bool) -> list[dict]:
                                                                      round_to=CUDA_BLOCK))
             row.update(measure=real["tracker"].peak, measure_s=t_real)
         rows.append(row)
-    header = f"{'run':<22} {'estimate':>11} {'simulate':>11} {'measure':>11} {'est/sim':>8} {'sim/meas':>8}  seconds e/s/m"
+    header = (f"{'run':<22} {'estimate':>11} {'simulate':>11} {'measure':>11} {'est/sim':>8} {'sim/meas':>8}"
+              "  seconds e/s/m")
     lines = [header]
     for r in rows:
         meas = r.get("measure")

@@ -22,7 +22,8 @@ def test_7b_4090_simulates_within_time_and_memory(tmp_path, benchmark):
         assert record["memory"]["breakdown"]["weights"] == 6_738_415_616 * 2
         assert record["wall_seconds"] <= 60, (record["run"], record["wall_seconds"])
         assert record["host_peak_rss_bytes"] <= 2 * 2**30, (record["run"], record["host_peak_rss_bytes"])
-        rows.append(f"{record['run']:<22} {record['wall_seconds']:6.1f} s  RSS {format_bytes(record['host_peak_rss_bytes'])}"
+        rows.append(f"{record['run']:<22} {record['wall_seconds']:6.1f} s"
+                    f"  RSS {format_bytes(record['host_peak_rss_bytes'])}"
                     f"  peak {format_bytes(record['memory']['peak_bytes'])}  fits 24 GiB: {record['budget']['fits']}")
         benchmark.extra_info[record["run"]] = {"wall_s": record["wall_seconds"], "rss": record["host_peak_rss_bytes"],
                                                "peak": record["memory"]["peak_bytes"]}

@@ -8,7 +8,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
 
-GALORE_CONFIGS = "GaLore repository configs/llama_*.json (arXiv 2403.03507, Table 5; ../shared/reference/llama_configs.csv)"
+GALORE_CONFIGS = ("GaLore repository configs/llama_*.json "
+                  "(arXiv 2403.03507, Table 5; ../shared/reference/llama_configs.csv)")
 
 
 @dataclass(frozen=True, slots=True)

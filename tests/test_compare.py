@@ -195,7 +195,8 @@ def test_clear_errors(tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.Ca
         run_compare(tmp_path / "broken.json", b)
     write(tmp_path / "x" / "lomo.json", record("lomo", parts=split(1, 0, 0, 0, 0)))
     write(tmp_path / "y" / "sgd.json", record("sgd", parts=split(1, 0, 0, 0, 0)))
-    with pytest.raises(UserError, match=r"no common runs: .*x has smoke_cpu/lomo \(measure\); .*y has smoke_cpu/sgd \(measure\)"):
+    with pytest.raises(UserError, match=r"no common runs: .*x has smoke_cpu/lomo \(measure\); "
+                                        r".*y has smoke_cpu/sgd \(measure\)"):
         run_compare(tmp_path / "x", tmp_path / "y")
     write(tmp_path / "z" / "oom.json", record(parts=split(1, 0, 0, 0, 0), status="oom"))
     with pytest.raises(UserError, match="1 record.s., none with status ok"):

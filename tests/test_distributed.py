@@ -110,7 +110,8 @@ def test_simulated_fsdp2_shards_weights_and_states_by_world_size(write_scenario)
         assert breakdown["optimizer_states"] == 2 * weights + STEP_SCALARS  # exp_avg + exp_avg_sq
     assert _candidate(record, 1)["strategy"] == "single"  # one rank: no wrapper, nothing gathered
     assert _candidate(record, 1)["peak_bytes"] == dist["single_device_peak_bytes"]
-    assert _candidate(record, 2)["transient_bytes"]["backward"] > _candidate(record, 2)["transient_bytes"]["forward"] > 0
+    transient = _candidate(record, 2)["transient_bytes"]
+    assert transient["backward"] > transient["forward"] > 0
     # the smallest world size that fits 1 GiB is 1; the record stands there
     assert dist["gpus_needed"] == 1 and record["memory"]["peak_bytes"] == _candidate(record, 1)["peak_bytes"]
 
@@ -136,7 +137,8 @@ def test_ranks_and_gpus_commands_run_without_argparse_or_torchrun(write_scenario
 def test_simulated_fsdp2_inference_shards_weights_and_gathers_no_gradients(write_scenario):
     """Inference freezes every parameter: no trainable count, no gradient in FSDP2's backward transient (there is
     no backward), and a cosine schedule (for the scenario's training runs) is simply not applied to it."""
-    body = TINY_HEADER.replace("[device]", '[device]\nmode = "simulate"').replace("[train]", '[train]\nlr_schedule = "cosine"')
+    body = (TINY_HEADER.replace("[device]", '[device]\nmode = "simulate"')
+            .replace("[train]", '[train]\nlr_schedule = "cosine"'))
     body += '[distributed]\nstrategy = "fsdp2"\nworld_size = [1, 2, 4]\n[[runs]]\nmethod = "inference"\n'
     scenario = load_scenario(str(write_scenario(body, "inf")))
     record = simulate_record(scenario, scenario.runs[0])

@@ -133,7 +133,8 @@ def test_peak_flops_lookup(name, dtype, expected):
 def test_peak_table_cites_a_source_for_every_figure():
     with_figures = [e for e in PEAK_FLOPS.values() if any(x is not None for x in (e.bf16, e.fp16, e.fp32))]
     assert len(with_figures) == 12
-    assert all("NVIDIA" in e.source and any(w in e.source for w in ("datasheet", "whitepaper", "product brief")) for e in with_figures)
+    assert all("NVIDIA" in e.source and any(w in e.source for w in ("datasheet", "whitepaper", "product brief"))
+               for e in with_figures)
 
 
 def test_cpu_and_unknown_devices_get_a_reason():

@@ -66,7 +66,8 @@ def test_validation_perplexity_is_held_out_and_computed_independently(write_scen
     vocab = "" if data == "synthetic" else "vocab_size = 32000\n"
     body = TINY_HEADER.replace('size = "tiny"', 'hidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 1\n'
                                'num_attention_heads = 2\n' + vocab) if data == "wiki" else TINY_HEADER
-    scenario = load_scenario(str(write_scenario(body + f'[eval]\ndata = "{data}"\nbatches = 2\n[[runs]]\nmethod = "sgd"\n')))
+    body += f'[eval]\ndata = "{data}"\nbatches = 2\n[[runs]]\nmethod = "sgd"\n'
+    scenario = load_scenario(str(write_scenario(body)))
     run = scenario.runs[0]
     held_out = [b for _, b in zip(range(2), training_batches(scenario, run.model.vocab_size, split="validation"))]
     training = [b for _, b in zip(range(50), training_batches(scenario, run.model.vocab_size))]

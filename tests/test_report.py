@@ -274,7 +274,8 @@ def test_table11_flags_each_reading_and_explains_adafactor(tmp_path: Path):
     render_report([write_records(tmp_path / "results", [adamw, plain, moment, measured, *others])], out, {"csv"})
     table = pd.read_csv(out / "galore_table11_vs_galore_table11.csv").set_index("run").fillna({"flag": "", "cause": ""})
     assert list(table.index) == ["adamw [simulate, simulated-cpu]", "adafactor [simulate, simulated-cpu]",
-                                 "adafactor-first-moment [simulate, simulated-cpu]", "galore8bit-layerwise [measure, cuda]"]
+                                 "adafactor-first-moment [simulate, simulated-cpu]",
+                                 "galore8bit-layerwise [measure, cuda]"]
     row = table.loc["adamw [simulate, simulated-cpu]"]
     assert row["peak diff %"] == pytest.approx(2.0) and np.isnan(row["reserved GB"]) and row["flag"] == ""
     row = table.loc["adafactor [simulate, simulated-cpu]"]

@@ -21,7 +21,8 @@ BROKEN = [  # (body, field, got, allowed-fragment)
     ('[model]\nsize = "tiny"\n[[runs]]\nmethod = "adamw"\nbetaa = 0.9\n', "runs[0].betaa", "'betaa'", "beta1"),
     ('[model]\nsize = "tiny"\n[[runs]]\nmethod = "adamw"\nlayerwise = "yes"\n', "runs[0].layerwise", "'yes'", "a bool"),
     ('[model]\nsize = "tiny"\n', "runs", "None", "a non-empty array"),
-    ('[model]\nsize = "tiny"\n[[runs]]\nmethod = "adamw"\n[[runs]]\nmethod = "adamw"\n', "runs", "'adamw'", "distinct run labels"),
+    ('[model]\nsize = "tiny"\n[[runs]]\nmethod = "adamw"\n[[runs]]\nmethod = "adamw"\n',
+     "runs", "'adamw'", "distinct run labels"),
     ('[model]\nhidden_size = 64\n' + GOOD_RUN, "model", "['hidden_size']", "model.size or all of"),
     ('[model]\nsize = "tiny"\n[train]\ngrad_accum = 2\n[[runs]]\nmethod = "adamw"\nlayerwise = true\n',
      "runs[0] (adamw) train.grad_accum", "'2'", "1 with layer-wise updates"),
@@ -45,7 +46,8 @@ def test_false_bool_is_valid(write_scenario):
 
 
 def test_rank_larger_than_matrix(write_scenario):
-    path = write_scenario('[model]\nsize = "tiny"\n[[runs]]\nmethod = "galore"\nrank = 65\n[[runs]]\nmethod = "lora"\nrank = 0\n')
+    path = write_scenario('[model]\nsize = "tiny"\n[[runs]]\nmethod = "galore"\nrank = 65\n'
+                          '[[runs]]\nmethod = "lora"\nrank = 0\n')
     with pytest.raises(UserError) as info:
         load_scenario(str(path))
     assert f"{path}: runs[0].rank: got 65, allowed an int from 1 to 64 (the smallest matrix side" in str(info.value)

@@ -83,7 +83,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path):
     text = (outside / "report" / "lomo_7b.md").read_text()
     assert "- paper references (galore_bench/report/reference): " in text and str(tmp_path) not in text
     table = text.split("## Against LOMO Table 1", 1)[1].split("\n## ", 1)[0]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in table.splitlines() if line.startswith("|")]
     paper = {(row[0], row[2]): row[rows[0].index("paper GiB")] for row in rows[2:]}
     assert paper["adamw", "optimizer_states"] == "75.31"  # LOMO Table 1, AdamW with checkpointing
     assert paper["lomo", "peak"] == "14.58"  # LOMO's printed total with checkpointing

@@ -92,7 +92,8 @@ def match_runs(a: Path, b: Path) -> tuple[list[tuple[tuple[str, str], store.Stor
     common = sorted(ok_a & side_b.keys())
     modes = Counter((scenario, run) for scenario, run, _ in common)
     label = lambda k: (k[0], k[1] if modes[(k[0], k[1])] < 2 else f"{k[1]} [{k[2]}]")
-    name = lambda keys: ", ".join(f"{k[0]}/{k[1]} ({k[2]})" for k in sorted(keys)[:8]) + (" ..." if len(keys) > 8 else "")
+    name = lambda keys: (", ".join(f"{k[0]}/{k[1]} ({k[2]})" for k in sorted(keys)[:8])
+                         + (" ..." if len(keys) > 8 else ""))
     if not common:
         raise UserError(f"no common runs: {a} has {name(ok_a)}; {b} has {name(side_b)} "
                         "(runs are matched by scenario, run label and mode)")

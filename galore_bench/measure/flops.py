@@ -70,7 +70,8 @@ def hand_count(shape: ModelShape, batch_size: int, seq_len: int,
     forward = terms["layer_weights_forward"] + terms["lm_head_forward"] + terms["attention_forward"]
     backward = 2 * (terms["layer_weights_forward"] + terms["lm_head_forward"]) + terms["attention_backward"]
     down_proj = 2 * tokens * L * h * shape.intermediate_size
-    recompute = terms["layer_weights_forward"] - down_proj + terms["attention_forward"] if activation_checkpointing else 0
+    recompute = (terms["layer_weights_forward"] - down_proj + terms["attention_forward"]
+                 if activation_checkpointing else 0)
     total = forward + backward + recompute
     n_mfu = parameter_count(shape) - shape.vocab_size * h
     model_per_token = 6 * n_mfu + 12 * L * h * s

@@ -53,7 +53,8 @@ def _traced(scenario: Scenario, run: RunSpec, batch: int, budget: int,
     if tracing is not None:  # seconds per trace at 7B: say what is being traced
         tracing(run.label, batch)
     planned, steps = training.simulation_plan(run)
-    tracker = training.train_steps(with_batch(scenario, batch), planned, fake=True, device="cpu", steps=steps)["tracker"]
+    tracker = training.train_steps(with_batch(scenario, batch), planned, fake=True, device="cpu",
+                                   steps=steps)["tracker"]
     return tracker.peak, replay(tracker.events or [], budget)
 
 

@@ -1,11 +1,12 @@
 """Who holds the memory: a dispatch-mode tracker that sees every tensor storage created and freed.
 
 Keeps both the composition at the peak (what must fit at once) and each category's own maximum over the
-window (what the papers' tables list per category). Works on real tensors (CPU or CUDA) and under FakeTensorMode, so one breakdown method serves both the
-`measure` and the `simulate` engines. Each storage is counted once (views share it), by its byte size,
-optionally rounded up to the CUDA caching allocator's 512-byte blocks. A storage gets a category
-when it appears (from the current phase) and is relabelled when its role is known: a gradient
-when autograd accumulates it into `.grad`, an optimizer state when the optimizer keeps it.
+window (what the papers' tables list per category). Works on real tensors (CPU or CUDA) and under
+FakeTensorMode, so one breakdown method serves both the `measure` and the `simulate` engines. Each
+storage is counted once (views share it), by its byte size, optionally rounded up to the CUDA caching
+allocator's 512-byte blocks. A storage gets a category when it appears (from the current phase) and is
+relabelled when its role is known: a gradient when autograd accumulates it into `.grad`, an optimizer
+state when the optimizer keeps it.
 """
 from __future__ import annotations
 

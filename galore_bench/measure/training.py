@@ -73,7 +73,8 @@ def training_batches(scenario: Scenario, vocab_size: int, split: str = "train", 
         return data.TokenBatches.from_corpus(split, train.seq_len, train.batch_size, seed=train.seed + seed_offset)
     n_batches = max(8, train.steps * train.grad_accum)
     return data.synthetic_batches(vocab_size, train.batch_size, train.seq_len,
-                                  seed=train.seed + seed_offset + (1000 if split != "train" else 0), n_batches=n_batches)
+                                  seed=train.seed + seed_offset + (1000 if split != "train" else 0),
+                                  n_batches=n_batches)
 
 
 def nvml_used_bytes() -> int | None:
@@ -124,7 +125,8 @@ def _moves_in_place_are_noops(active: bool) -> Iterator[None]:
     def to(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
         device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
         tensors = [*module.parameters(), *module.buffers()]
-        if all((device is None or t.device == device) and (dtype is None or t.dtype == dtype or not t.is_floating_point())
+        if all((device is None or t.device == device)
+               and (dtype is None or t.dtype == dtype or not t.is_floating_point())
                for t in tensors):
             return module
         return original(module, *args, **kwargs)

@@ -162,7 +162,8 @@ GALORE_OPTIONS = {
     "svd": Option(str, "full", "projector refresh: the 'full' SVD (the paper's; galore-torch's update bit for bit) "
                   "or a 'randomized' range finder (cheaper at large shapes)", choices=("full", "randomized")),
     "svd_oversample": Option(int, SVD_OVERSAMPLE, "randomized refresh: sketch columns beyond the rank", minimum=0),
-    "svd_power_iters": Option(int, SVD_POWER_ITERS, "randomized refresh: power iterations that sharpen the sketch", minimum=0),
+    "svd_power_iters": Option(int, SVD_POWER_ITERS, "randomized refresh: power iterations that sharpen the sketch",
+                              minimum=0),
 }
 
 METHOD = MethodDef(

@@ -51,7 +51,8 @@ METHOD = MethodDef(
     summary="LOMO: fused-backward SGD, one live gradient",
     build=build,
     options={
-        "clip_grad_norm": Option(float, 0.0, "max global gradient norm, 0 = off (on costs a 2nd backward)", minimum=0.0),
+        "clip_grad_norm": Option(float, 0.0, "max global gradient norm, 0 = off (on costs a 2nd backward)",
+                                 minimum=0.0),
         "clip_grad_value": Option(float, 0.0, "clip each gradient element to +-value, 0 = off", minimum=0.0),
         "loss_scale": Option(float, 0.0, "static fp16 loss scale, 0 = off", minimum=0.0),
     },

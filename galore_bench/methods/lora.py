@@ -116,13 +116,15 @@ RELORA = MethodDef(
     options={**LORA_OPTIONS,
              "reset_every": Option(int, 200, "steps between merge-and-restart", minimum=2),
              "restart_warmup": Option(int, 10, "linear re-warm-up steps after each restart", minimum=0),
-             "prune_ratio": Option(float, 0.999, "fraction of adapter optimizer state zeroed at a restart", minimum=0.0)},
+             "prune_ratio": Option(float, 0.999, "fraction of adapter optimizer state zeroed at a restart",
+                                   minimum=0.0)},
     estimate=_terms(adapters),
     incompatible=lambda strategy, opts: (
         "ReLoRA merges B@A into the frozen base weight at each restart, which FSDP2 holds as shards: "
         "the merge would need a gather of both; use strategy ddp" if strategy == "fsdp2" else None))
 
-LOW_RANK = MethodDef(name="lowrank", summary="low-rank baseline: every projected weight factorised W = B A, all trained",
+LOW_RANK = MethodDef(name="lowrank",
+                     summary="low-rank baseline: every projected weight factorised W = B A, all trained",
                      build=build_low_rank, prepare=prepare_low_rank, uses_rank=True,
                      options={"rank": Option(int, 128, "factor rank r", minimum=1), "impl": IMPL_OPTION},
                      paper="arXiv 2403.03507, Table 2", estimate=_terms(factors))

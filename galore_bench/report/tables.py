@@ -29,7 +29,8 @@ LOMO_CAUSES = {  # (method or "*", quantity) -> why ours differs from LOMO Table
     "pure-BF16 SGD without momentum keeps no state",
     ("lomo", "gradients"): "LOMO updates each parameter as soon as its gradient exists: the paper counts the one live "
     "gradient (0.24 GiB = 32000x4096 x 2 B); at our peak none is stored (one in flight counts as 'other')",
-    ("*", "gradients"): "the peak falls inside backward, before every gradient exists (one in flight counts as 'other')",
+    ("*", "gradients"): "the peak falls inside backward, before every gradient exists "
+    "(one in flight counts as 'other')",
     ("*", "activations"): "our own maximum is at the end of forward: with checkpointing, the saved layer inputs "
     "(32 x 8x512x4096 x 2 B = 1 GiB) plus the loss's logits-sized tensors that transformers materialises (bf16 "
     "logits, their fp32 upcast, the fp32 log-softmax output: 0.25 + 0.5 + 0.5 GiB); recomputed activations in "
@@ -105,7 +106,8 @@ def breakdown_table(records: list[dict[str, Any]], labels: list[str]) -> pd.Data
         row = {"run": label, "method": record["method"]["name"], "model": record["model"]["name"],
                "status": record["status"], "peak GiB": per_unit(peak, GIB)}
         for cat in CATEGORIES:
-            row.update({f"{cat} GiB": per_unit(parts.get(cat), GIB), f"{cat} %": per_unit(parts.get(cat), per_unit(peak, 100))})
+            row.update({f"{cat} GiB": per_unit(parts.get(cat), GIB),
+                        f"{cat} %": per_unit(parts.get(cat), per_unit(peak, 100))})
         if floors:
             row["x inference"] = per_unit(peak, floors.get(_setting(record)))
         rows.append(row)
@@ -209,7 +211,8 @@ def to_markdown(df: pd.DataFrame) -> str:
     """A pipe table; numeric columns right-aligned, 2 decimals (no `tabulate` dependency)."""
     numeric = [pd.api.types.is_float_dtype(df[c]) or pd.api.types.is_integer_dtype(df[c]) for c in df.columns]
     lines = ["| " + " | ".join(df.columns) + " |", "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
-    lines += ["| " + " | ".join(cell_text(v).replace("|", "\\|") for v in row) + " |" for row in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(cell_text(v).replace("|", "\\|") for v in row) + " |"
+              for row in df.itertuples(index=False)]
     return "\n".join(lines)
 
 

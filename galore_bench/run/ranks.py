@@ -108,12 +108,12 @@ def rank_steps(scenario: Scenario, run: RunSpec, spec: DistributedSpec, device: 
                               progress=lambda step, total: emit(step=step, of=total))
     model = done["model"]
     sha, held = _fingerprint(model)
-    result: dict[str, Any] = {"rank": rank, "status": "ok", "peak_bytes": tracker.peak, "breakdown": tracker.breakdown(),
-              "steady_state_from_step": steady + 1, "losses": done["losses"], "step_seconds": done["step_times"],
-              "weights_sha256": sha, "local_parameter_bytes": held,
-              "trainable_parameters": sum(local_shard(p).numel() for p in model.parameters()
-                                          if p.requires_grad),
-              "implementation": done["trainer_info"]}
+    result: dict[str, Any] = {
+        "rank": rank, "status": "ok", "peak_bytes": tracker.peak, "breakdown": tracker.breakdown(),
+        "steady_state_from_step": steady + 1, "losses": done["losses"], "step_seconds": done["step_times"],
+        "weights_sha256": sha, "local_parameter_bytes": held,
+        "trainable_parameters": sum(local_shard(p).numel() for p in model.parameters() if p.requires_grad),
+        "implementation": done["trainer_info"]}
     if done["cuda"]:
         result["cuda"] = done["cuda"]
         result["tracker_peak_bytes"], result["peak_bytes"] = tracker.peak, done["cuda"]["allocated_bytes"]
@@ -199,8 +199,8 @@ def simulate_main(request: RunRequest, conn: Any, stderr_path: str) -> None:
 def rank_main(request: RunRequest, rank: int, world_size: int, port: int, conn: Any,
               stderr_path: str) -> None:
     """Runner child for one rank: sets the env contract torchrun would set, then runs its share."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     child_io(stderr_path, max(1, (request.threads or torch.get_num_threads()) // world_size))
     scenario, run = request.load()
     device = rank_device(rank)

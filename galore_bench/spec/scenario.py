@@ -198,7 +198,8 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: ModelShap
                     invalid.add(name)
                 else:
                     resolved[name] = float(value) if options[name].kind is float else value
-        if method.uses_rank and run_model is not None and isinstance(resolved.get("rank"), int) and "rank" not in invalid:
+        if (method.uses_rank and run_model is not None and isinstance(resolved.get("rank"), int)
+                and "rank" not in invalid):
             smallest = min(min(s) for s in matrix_shapes(run_model).values())
             if resolved["rank"] > smallest:
                 given = "rank" in run
@@ -254,7 +255,8 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     if isinstance(eval_every, int) and eval_every and not eval_batches:
         problems.add("eval.every", eval_every, "0 unless eval.batches > 0 (there is nothing to evaluate on)")
     if isinstance(eval_batches, int) and eval_batches and distributed is not None:
-        problems.add("eval.batches", eval_batches, "0 with [distributed] (perplexity is measured on single-device runs)")
+        problems.add("eval.batches", eval_batches,
+                     "0 with [distributed] (perplexity is measured on single-device runs)")
     if problems.lines:
         raise UserError(f"{len(problems.lines)} problem(s) in scenario {path}:\n" + "\n".join(problems.lines))
     if model is None:  # unreachable: a missing model always adds a problem above
