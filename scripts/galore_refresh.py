@@ -209,18 +209,7 @@ def write_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path)
     speed = [r for r in rows if r["part"] == "speed"]
     refreshes = [r for r in rows if r["part"] == "training-refresh"]
     losses = [r for r in rows if r["part"] == "loss"]
-    cols = [
-        "matrix",
-        "shape",
-        "rank",
-        "svd",
-        "oversample",
-        "power_iters",
-        "seconds",
-        "ratio_to_full",
-        "sin_max_angle",
-        "energy_kept",
-    ]
+    cols = FIELDS[FIELDS.index("matrix") : FIELDS.index("energy_kept") + 1]  # the speed part's columns
     lines = [
         "# GaLore projector refresh: randomized range finder vs full SVD",
         "",
