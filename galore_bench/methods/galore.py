@@ -75,14 +75,19 @@ def layout(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
     return model_parameters(shape, lambda name, rows, cols: [ParamShape(name, (rows, cols), projected=True)])
 
 
+def projected_side(p: ParamShape, proj_type: str = "std") -> str:
+    """'left' (basis rows x r) or 'right' (r x cols): std projects the shorter side, like the optimizer."""
+    tall = p.shape[0] >= p.shape[1]
+    if proj_type in ("left", "right"):
+        return proj_type
+    return ("right" if tall else "left") if proj_type == "std" else ("left" if tall else "right")
+
+
 def projected_sizes(p: ParamShape, rank: int | None, proj_type: str = "std") -> tuple[int, int]:
-    """(projector, one moment) elements of a GaLore matrix: std projects the shorter side, like the optimizer."""
+    """(projector, one moment) elements of a GaLore matrix."""
     rows, cols = p.shape
     r = min(rank or 0, rows, cols)
-    tall = rows >= cols
-    side = proj_type if proj_type in ("left", "right") else (
-        ("right" if tall else "left") if proj_type == "std" else ("left" if tall else "right"))
-    return (r * cols, rows * r) if side == "right" else (rows * r, r * cols)
+    return (r * cols, rows * r) if projected_side(p, proj_type) == "right" else (rows * r, r * cols)
 
 
 def _sizes(p: ParamShape, opts: dict[str, Any]) -> tuple[int, int]:
@@ -107,12 +112,36 @@ def update_temporaries(p: ParamShape, opts: dict[str, Any], e: int, eight_bit: b
 
 
 def svd_refresh_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
-    """A projector refresh: the gradient in fp32, the SVD's U, S and Vh, the new basis and the projected gradient."""
+    """One projector refresh: the randomized range finder's where its sketch is narrower than the matrix
+    (else range_finder.py takes the exact SVD too), the full SVD's otherwise."""
+    sketch_width = opts.get("rank", 0) + opts.get("svd_oversample", SVD_OVERSAMPLE)
+    if opts.get("svd", "full") == "randomized" and sketch_width < min(p.shape):
+        return randomized_refresh_bytes(p, opts, e)
+    return full_svd_refresh_bytes(p, opts, e)
+
+
+def full_svd_refresh_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
+    """The gradient in fp32, the SVD's U, S and Vh, the new basis and the projected gradient."""
     rows, cols = p.shape
     k = min(rows, cols)
     projector, moment = _sizes(p, opts)
     return ((blocks(rows * cols * 4) if e < 4 else 0) + blocks(rows * k * 4) + blocks(k * 4) + blocks(k * cols * 4)
             + blocks(projector * e) + blocks(moment * e))
+
+
+def randomized_refresh_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
+    """range_finder.py's peak, traced: the fp32 gradient, the sketch (other side x w, held throughout),
+    the basis (kept side x w), an R or small U (w x w), and the larger of the small SVD's moment (basis^T G
+    and its Vh, both w x other, and S) and a QR's (G @ basis and its Q). The new basis comes after."""
+    rows, cols = p.shape
+    right = projected_side(p, opts.get("proj_type", "std")) == "right"
+    kept, other = (cols, rows) if right else (rows, cols)
+    width = opts.get("rank", 0) + opts.get("svd_oversample", SVD_OVERSAMPLE)
+    sketch, basis, square = blocks(other * width * 4), blocks(kept * width * 4), blocks(width * width * 4)
+    small_svd = 2 * sketch + blocks(width * 4)
+    # a power iteration's QR: G @ basis and its Q; without one, only the first sketch's G @ sketch and its Q
+    qr = (2 if opts.get("svd_power_iters", SVD_POWER_ITERS) > 0 else 1) * basis
+    return (blocks(rows * cols * 4) if e < 4 else 0) + sketch + basis + square + max(small_svd, qr)
 
 
 def svd_refresh(step: StepBytes, eight_bit: bool) -> dict[str, Moment]:
@@ -122,10 +151,11 @@ def svd_refresh(step: StepBytes, eight_bit: bool) -> dict[str, Moment]:
     if step.layerwise:  # inside backward, at the first projected weight reached: the last layer's down_proj
         first = next(p for p in projected if p.name == f"{step.shape.num_hidden_layers - 1}.down_proj")
         return {"svd_refresh": Moment(blocks(first.numel * e), step.saved, svd_refresh_bytes(first, opts, e))}
-    # the largest matrix's SVD, while the previous (LM head) update is still referenced; the 8-bit kernel
-    largest = max(projected, key=lambda p: p.numel)  # updates the head in place: nothing is left
+    # the largest refresh, while the previous (LM head) update is still referenced; the 8-bit kernel
+    # updates the head in place: nothing is left
+    largest = max(svd_refresh_bytes(p, opts, e) for p in projected)
     left = 0 if eight_bit else step.head_gradient
-    return {"svd_refresh": Moment(step.gradients, 0, svd_refresh_bytes(largest, opts, e) + left)}
+    return {"svd_refresh": Moment(step.gradients, 0, largest + left)}
 
 
 def _terms(eight_bit: bool) -> EstimateTerms:
