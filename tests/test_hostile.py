@@ -45,6 +45,14 @@ def test_a_label_that_would_be_a_path_is_refused_at_validation(write_scenario, t
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_label_that_is_a_path_is_refused_before_a_submitit_job_too(write_scenario, tmp_path, capsys):
+    path = write_scenario(HEAD + '[[runs]]\nmethod = "sgd"\nlabel = "../../../escape"\n')
+    before = files_under(tmp_path)
+    assert estimate(path, tmp_path / "out", "--submitit", "local") == 1
+    assert files_under(tmp_path) == before and not (tmp_path.parent / "escape").exists()
+    assert "runs[0].label: got '../../../escape'" in capsys.readouterr().err
+
+
 def test_a_scenario_file_name_that_cannot_name_records_is_refused(write_scenario):
     path = write_scenario(HEAD + '[[runs]]\nmethod = "sgd"\n', name=".hidden")
     with pytest.raises(UserError, match=r"\.hidden\.toml: scenario name: got '\.hidden', allowed a name of"):
