@@ -4,8 +4,14 @@ A leaf module: every stage raises UserError (exit 1, no traceback) and validates
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+
+NAME_MAX = 100  # a record's file name adds its mode, a time stamp and a suffix: well under 255 bytes in all
+_NAME = re.compile(r"[A-Za-z0-9_+=@-][A-Za-z0-9._+=@-]*")
+SAFE_NAME = (f"a name of letters, digits and . _ - + = @ (not starting with a dot, no '..', "
+             f"at most {NAME_MAX} characters)")
 
 
 class UserError(Exception):
@@ -16,6 +22,18 @@ def type_name(kind: type) -> str:
     """'an int', 'a float': how error messages name an allowed type."""
     return {"int": "an int", "float": "a number", "bool": "a bool (true/false)", "str": "a string"}.get(
         kind.__name__, f"a {kind.__name__}")
+
+
+def is_safe_name(value: Any) -> bool:
+    """Whether `value` can be one part of a file name (a run label, a scenario or device name): a separator,
+    NUL, a leading dot or '..' would put a record or a report outside its folder, or hide it."""
+    return (isinstance(value, str) and len(value) <= NAME_MAX and _NAME.fullmatch(value) is not None
+            and ".." not in value)
+
+
+def one_of(value: Any, allowed: Any) -> bool:
+    """`value in allowed` for a string key: a list or table (unhashable) in a scenario is simply not one."""
+    return isinstance(value, str) and value in allowed
 
 
 class Problems:

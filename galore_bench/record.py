@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypedDict, cast
 
+from galore_bench.errors import SAFE_NAME, is_safe_name, one_of
 from galore_bench.units import CATEGORIES
 
 SCHEMA_VERSION = 2
@@ -155,11 +156,11 @@ Record = Mapping[str, Any]
 SECTIONS = ("method", "model", "train", "budget", "memory", "throughput", "quality", "env")
 # (key, what its value must be) of the fields every reader relies on; load reports the first one wrong
 _TOP: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "scenario": (lambda v: isinstance(v, str), "a string"),
+    "scenario": (is_safe_name, SAFE_NAME),  # it names a report's files (store.write checks run and device too)
     "run": (lambda v: isinstance(v, str), "a string"),
-    "mode": (lambda v: v in RECORD_MODES, "one of " + ", ".join(RECORD_MODES)),
+    "mode": (lambda v: one_of(v, RECORD_MODES), "one of " + ", ".join(RECORD_MODES)),
     "device": (lambda v: isinstance(v, str), "a string"),
-    "status": (lambda v: v in STATUSES, "one of " + ", ".join(STATUSES)),
+    "status": (lambda v: one_of(v, STATUSES), "one of " + ", ".join(STATUSES)),
     "created": (lambda v: isinstance(v, str), "a timestamp string"),
     **{key: (lambda v: isinstance(v, dict), "an object") for key in SECTIONS},
     "distributed": (lambda v: v is None or isinstance(v, dict), "an object or null"),

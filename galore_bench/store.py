@@ -7,7 +7,9 @@ with no index file. `newest` is the one rule for "which record stands for a run"
 
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
 import sys
 import tempfile
@@ -16,7 +18,7 @@ from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
-from galore_bench.errors import UserError
+from galore_bench.errors import SAFE_NAME, UserError, is_safe_name
 from galore_bench.record import SCHEMA_VERSION, RunRecord, problems_in, upgraded
 
 DEFAULT_RESULTS = Path("results")
@@ -30,19 +32,45 @@ def record_path(out_dir: Path, record: RunRecord) -> Path:
     return out_dir / record["device"] / record["scenario"] / f"{record['run']}.{record['mode']}.{stamp}.json"
 
 
+def inside(folder: Path, name: Path | str) -> Path:
+    """folder / name, refused (UserError) when it resolves outside the folder: a name taken from a scenario
+    or a record (validated where read) never places a file elsewhere, by '..', a root or a symlink."""
+    path = Path(folder) / name
+    if not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise UserError(f"{path}: refusing to write outside {folder} (a name that is a path?)")
+    return path
+
+
+def _non_finite(value: Any, where: str = "") -> list[str]:
+    """'field: got nan, ...' for each NaN or infinity in a record: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{where}: got {value!r}, allowed a finite number (or null)"]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [line for key, item in items
+            for line in _non_finite(item, f"{where}.{key}" if where else str(key))]
+
+
 def write(record: RunRecord, out_dir: Path) -> Path:
-    """Write to a temporary file, then hard-link it into place: atomic, never over an existing file."""
+    """Write to a temporary file, then hard-link it into place: atomic, never over an existing file, always
+    under out_dir, strict JSON (a NaN is refused, not written as the non-standard `NaN`)."""
     problems = problems_in(dict(record)) + (
         [] if record["schema_version"] == SCHEMA_VERSION else ["schema_version"]
     )
+    problems += [f"{key}: got {record.get(key)!r}, allowed {SAFE_NAME}"  # they name its folder and file
+                 for key in ("device", "run") if not is_safe_name(record.get(key))]
+    try:
+        target = inside(out_dir, record_path(Path(), record))  # before the names' own problems: where it goes
+    except (TypeError, AttributeError):  # a name of the wrong type: among the problems
+        pass
+    problems += _non_finite(dict(record))
     if problems:  # a bug in the code that built it: every record written is one `load` reads back
         raise ValueError(f"refusing to write an incomplete record: {'; '.join(problems)}")
-    target = record_path(out_dir, record)
+    text = json.dumps(record, indent=1, sort_keys=False, allow_nan=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(record, handle, indent=1, sort_keys=False)
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         for attempt in range(100):
@@ -144,11 +172,17 @@ def newest(
     return chosen
 
 
-def finished(out: Path, scenario: str, run: str) -> Path | None:
-    """The newest ok record of a run in a results folder (any device), so an interrupted sweep can resume."""
-    files = sorted(out.glob(f"*/{scenario}/{run}.*.json"))
-    found = newest(((f, load(f)) for f in files), by_run, ok_only=True)
-    return found[(scenario, run)][0] if (scenario, run) in found else None
+def finished(out: Path, scenario: str, run: str, mode: str) -> Path | None:
+    """The newest ok record of exactly this run in this mode in a results folder (any device), so an
+    interrupted sweep resumes the set it was asked for; a damaged record there is noted and run again."""
+    stored: list[Stored] = []
+    for file in sorted(out.glob(f"*/{glob.escape(scenario)}/{glob.escape(run)}.{glob.escape(mode)}.*.json")):
+        try:
+            stored.append((file, load(file)))
+        except UserError as exc:  # its message starts with the file
+            print(f"galore-bench: note: skipped {exc}", file=sys.stderr)
+    found = newest(stored, by_run_and_mode, ok_only=True)
+    return found[(scenario, run, mode)][0] if (scenario, run, mode) in found else None
 
 
 def load_latest(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[Path], Counter[str]]:

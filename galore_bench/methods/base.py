@@ -1,6 +1,7 @@
 """What every method adapter provides: its options, its limits, its estimate terms, and a trainer for one update."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +25,11 @@ class Option:
     def problem(self, value: Any) -> str | None:
         """The 'allowed ...' text when `value` is not acceptable, else None."""
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            value = float(value) if abs(value) < 2**1023 else math.inf  # a 400-digit int: no float holds it
         if not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
             return type_name(self.kind)
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf: no optimizer takes them
+            return "a finite number" + (f" >= {self.minimum:g}" if self.minimum is not None else "")
         if self.choices is not None and value not in self.choices:
             return "one of " + ", ".join(map(str, self.choices))
         if self.minimum is not None and isinstance(value, (int, float)) and value < self.minimum:

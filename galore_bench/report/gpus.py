@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from galore_bench import store
 from galore_bench.errors import UserError
 from galore_bench.report.provenance import provenance
 from galore_bench.report.references import paper_table, provenance_line
@@ -109,12 +110,12 @@ def write_pages(records: list[dict[str, Any]], files: list[Path], skipped: dict[
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for scenario in sorted({r["scenario"] for r in rows}):
+        csv_path, md_path = (store.inside(out, f"{scenario}_gpus.{ext}") for ext in ("csv", "md"))
         mine = [r for r in rows if r["scenario"] == scenario]
         used = [(rec, f) for rec, f in zip(records, files) if rec["scenario"] == scenario]
         budget = next(rec["budget"]["text"] for rec, _ in used)
         frame = gpus_frame(mine)
         head, table = list(frame.columns), frame.values.tolist()
-        csv_path = out / f"{scenario}_gpus.csv"
         frame.to_csv(csv_path, index=False)
         info = provenance([rec for rec, _ in used], [f for _, f in used], skipped.get(scenario, 0),
                           provenance_line([PAPER] if papers else []))
@@ -128,7 +129,6 @@ def write_pages(records: list[dict[str, Any]], files: list[Path], skipped: dict[
               *["| " + " | ".join(str(c) for c in row) + " |" for row in table], "",
               "- The paper prints GiB as 'GB' (its Table 1: 6.74e9 x 2 B = 12.55 'GB'); its 30B is LLaMA-33B, as ours.",
               "- The paper trains with DeepSpeed ZeRO-3 and fp16 mixed precision; ours is PyTorch FSDP2 in pure BF16."]
-        md_path = out / f"{scenario}_gpus.md"
         md_path.write_text("\n".join(md) + "\n")
         written += [md_path, csv_path]
     return written

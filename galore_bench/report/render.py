@@ -139,14 +139,16 @@ def render_report(record_paths: list[Path], out: Path, formats: set[str], *,
             )
         charts: list[tuple[str, Path]] = []
         for name, (caption, fig) in figures.items():
-            paths = [out / f"{scenario}_{name}.{ext}" for ext in ("png", "svg") if ext in formats]
+            paths = [store.inside(out, f"{scenario}_{name}.{ext}") for ext in ("png", "svg")
+                     if ext in formats]
             report_charts.save(fig, paths)
             written += paths
             charts += [(caption, paths[0])] if paths else []
         for name, df in tables.items():
             if "csv" in formats:
-                df.to_csv(out / f"{scenario}_{name}.csv", index=False, float_format="%.6f")
-                written.append(out / f"{scenario}_{name}.csv")
+                csv = store.inside(out, f"{scenario}_{name}.csv")
+                df.to_csv(csv, index=False, float_format="%.6f")
+                written.append(csv)
             if console is not None:
                 console.print(rich_table(f"{scenario}: {SECTIONS[name][0]}", df))
         failed = [f"{label}: {r['status']}: {((r.get('error') or '').strip() or '-').splitlines()[0][:200]}"
@@ -159,10 +161,10 @@ def render_report(record_paths: list[Path], out: Path, formats: set[str], *,
                 heading, notes = SECTIONS[name]
                 lines += [f"## {heading}", "", to_markdown(df), ""] + [f"- {n}" for n in notes] + [""] * bool(notes)
             lines += ["## Runs that did not finish", "", *(f"- {line}" for line in failed), ""] if failed else []
-            (out / f"{scenario}.md").write_text("\n".join(lines))
-            written.append(out / f"{scenario}.md")
+            (md := store.inside(out, f"{scenario}.md")).write_text("\n".join(lines))
+            written.append(md)
         if "html" in formats:
-            images = [(caption, (out / f"{scenario}_{name}.png").read_bytes() if "png" in formats
+            images = [(caption, store.inside(out, f"{scenario}_{name}.png").read_bytes() if "png" in formats
                        else report_charts.png_bytes(fig)) for name, (caption, fig) in figures.items()]
             items = [item for item in items if not item.startswith("record files:")]  # in the runs table
             sections.append(HtmlSection(scenario, items, _html_table("Runs and their record files", [],

@@ -71,15 +71,19 @@ def _task_rank() -> int:
         return 0
 
 
-def _tasks(scenario: Scenario, mode: str | None, executor: str) -> int:
-    """Processes one job needs: world_size for a real distributed run, else one. A cluster's nodes have GPUs,
-    so 'auto' is resolved for one there; local jobs run on this machine's device."""
+def _modes(scenario: Scenario, mode: str | None, executor: str) -> dict[str, str]:
+    """Each run's engine by label. A cluster's nodes have GPUs, so 'auto' is resolved for one there; local
+    jobs run on this machine's device."""
+    device = "cuda" if executor == "slurm" else pick_device()
+    return {run.label: resolve_mode(scenario, run, mode, device) for run in scenario.runs}
+
+
+def _tasks(scenario: Scenario, modes: dict[str, str]) -> int:
+    """Processes one job needs: world_size for a real distributed run, else one."""
     spec = scenario.distributed
     if spec is None:
         return 1
-    device = "cuda" if executor == "slurm" else pick_device()
-    modes = {resolve_mode(scenario, run, mode, device) for run in scenario.runs}
-    return 1 if modes == {"simulate"} else spec.world_size
+    return 1 if set(modes.values()) == {"simulate"} else spec.world_size
 
 
 def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", mode: str | None = None,
@@ -88,7 +92,8 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
                     only: str | None = None) -> list[Path]:
     """Submit every run (or those `only` names), wait for them, return the record paths (a failed job leaves an
     error record)."""
-    tasks = _tasks(scenario, mode, executor)  # refuses a mode the scenario cannot run, before any job
+    modes = _modes(scenario, mode, executor)  # refuses a mode the scenario cannot run, before any job
+    tasks = _tasks(scenario, modes)
     try:
         import submitit
     except ImportError:
@@ -108,7 +113,7 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
     jobs: list[tuple[Any, Any]] = []  # (run, submitted job or the existing record's path)
     paths: list[Path] = []
     for index, run in selected_runs(scenario, only):
-        done = store.finished(out, scenario.name, run.label) if skip_existing else None
+        done = store.finished(out, scenario.name, run.label, modes[run.label]) if skip_existing else None
         if done is not None:
             jobs.append((run, done))
             continue
@@ -127,7 +132,7 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
         except Exception as exc:  # noqa: BLE001 - a failed job is a result of the sweep
             found, error = None, f"{executor} job {job.job_id} failed: {exc}"
         if found is None:
-            died = died_record(scenario, run, mode or scenario.mode, error or "job failed")
+            died = died_record(scenario, run, modes[run.label], error or "job failed")
             found = store.write(died, out)
         paths.append(found)
     return paths

@@ -159,7 +159,7 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
     with Progress(*columns, console=console, transient=False) as progress:
         sweep = progress.add_task(f"{scenario.name}", total=len(chosen))
         for index, run in chosen:
-            done = store.finished(out, scenario.name, run.label) if skip_existing else None
+            done = store.finished(out, scenario.name, run.label, modes[index]) if skip_existing else None
             if done is not None:
                 paths.append(done)
                 progress.advance(sweep)

@@ -10,7 +10,7 @@ from typing import Any
 
 import tomllib
 
-from galore_bench.errors import Problems, UserError, type_name
+from galore_bench.errors import SAFE_NAME, Problems, UserError, is_safe_name, one_of, type_name
 from galore_bench.methods import REGISTRY, TrainSettings
 from galore_bench.models import DTYPES, ZOO, ModelShape, matrix_shapes
 from galore_bench.spec.distributed import DistributedSpec, parse_distributed
@@ -126,7 +126,7 @@ def _parse_model(problems: Problems, table: dict[str, Any]) -> tuple[str, ModelS
     problems.unknown_keys("model.", table, ["size", *dims])
     if "size" in table:
         size = table["size"]
-        if size not in ZOO:
+        if not one_of(size, ZOO):
             problems.add("model.size", size, "one of " + ", ".join(ZOO))
             return str(size), None
         extra = [k for k in table if k != "size"]
@@ -154,7 +154,7 @@ def _parse_train(problems: Problems, table: dict[str, Any]) -> TrainSettings:
         value, kind = table[f.name], type(getattr(defaults, f.name))
         if f.name in ("dtype", "lr_schedule"):
             allowed = DTYPES if f.name == "dtype" else LR_SCHEDULES
-            if value not in allowed:
+            if not one_of(value, allowed):
                 problems.add(f"train.{f.name}", value, "one of " + ", ".join(allowed))
                 continue
         elif not _check_typed(problems, f"train.{f.name}", value, kind,
@@ -176,7 +176,7 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: ModelShap
             problems.add(f"{where}.method", run.get("method") if isinstance(run, dict) else run,
                          "one of " + ", ".join(REGISTRY))
             continue
-        method = REGISTRY.get(run["method"])
+        method = REGISTRY.get(run["method"]) if isinstance(run["method"], str) else None
         if method is None:
             problems.add(f"{where}.method", run["method"], "one of " + ", ".join(REGISTRY))
             continue
@@ -184,7 +184,7 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: ModelShap
         problems.unknown_keys(f"{where}.", run, ["method", "model", *options])
         run_model_name, run_model = model_name, model
         if "model" in run:
-            if run["model"] not in ZOO:
+            if not one_of(run["model"], ZOO):
                 problems.add(f"{where}.model", run["model"], "one of " + ", ".join(ZOO))
                 continue
             run_model_name, run_model = run["model"], ZOO[run["model"]]
@@ -211,6 +211,9 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: ModelShap
         if run_model is None:
             continue
         label = run_label(method.name, resolved, run.get("model"))
+        if not is_safe_name(label):  # it names the record's file
+            problems.add(f"{where}.label", label, SAFE_NAME)
+            continue
         specs.append(RunSpec(method.name, resolved, label, run_model_name, run_model))
     labels = [s.label for s in specs]
     for label in sorted({x for x in labels if labels.count(x) > 1}):
@@ -221,6 +224,8 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: ModelShap
 def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     """Validate a parsed TOML document; raise UserError listing every problem."""
     problems = Problems(path)
+    if not is_safe_name(path.stem):  # it names the folder of the records and the report's files
+        problems.add("scenario name", path.stem, SAFE_NAME + ": rename the file")
     problems.unknown_keys("", raw, ["description", "model", "train", "device", "eval", "runs", "distributed"])
     model_name, model = _parse_model(problems, problems.table(raw, "model"))
     train = _parse_train(problems, problems.table(raw, "train"))
