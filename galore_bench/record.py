@@ -94,6 +94,7 @@ class QualitySection(_QualityRequired, total=False):
     eval: dict[str, Any]
     evals: list[dict[str, Any]]
     data_provenance: dict[str, Any] | None
+    non_finite: list[str]  # fields of a diverged run that were NaN or infinite, written as null
 
 
 class EnvSection(TypedDict):

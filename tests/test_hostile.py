@@ -197,3 +197,16 @@ def test_records_are_strict_json(one_record, tmp_path):
 
     for file in store.find([out]):
         json.loads(file.read_text(), parse_constant=refuse)
+
+
+def test_a_diverged_run_keeps_its_record_with_null_losses_named(write_scenario, tmp_path):
+    """SGD at lr 1e30 overflows from step 2 on: the run is still a result (its memory was measured), written as
+    strict JSON with each NaN / infinite loss null and named, not an error record."""
+    path = write_scenario(HEAD.replace("steps = 2", "steps = 3") + '[[runs]]\nmethod = "sgd"\nlr = 1e30\n')
+    assert main(["run", "--scenario", str(path), "--mode", "measure", "--out", str(tmp_path / "r")]) == 0
+    (file,) = store.find([tmp_path / "r"])
+    record = json.loads(file.read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
+    quality = record["quality"]
+    assert record["status"] == "ok" and record["memory"]["peak_bytes"] > 0
+    assert quality["losses"][0] > 0 and quality["losses"][1:] == [None, None] and quality["final_loss"] is None
+    assert quality["non_finite"] == ["final_loss", "losses.1", "losses.2"]

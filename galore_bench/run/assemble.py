@@ -6,6 +6,7 @@ processes hand them here and write what comes back through galore_bench.store.
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import resource
 import subprocess
@@ -170,6 +171,23 @@ def fill_steps(record: RunRecord, result: dict[str, Any], speed: dict[str, Any],
     if final is not None:
         quality["perplexity"], quality["eval"] = final["perplexity"], final
         quality["evals"] = [*result["evals"], final]
+    if diverged := non_finite_to_null(quality):
+        quality["non_finite"] = diverged
+
+
+def non_finite_to_null(section: Any, where: str = "") -> list[str]:
+    """A diverged run's NaN or infinite losses are a result, but JSON has no such numbers: each becomes null in
+    place, and the fields are returned so the record can name them (store.write refuses any that are left)."""
+    items = list(section.items()) if isinstance(section, dict) else list(enumerate(section))
+    found = []
+    for key, value in items:
+        field = f"{where}.{key}" if where else str(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            section[key] = None
+            found.append(field)
+        elif isinstance(value, (dict, list)):
+            found += non_finite_to_null(value, field)
+    return found
 
 
 def tokens_per_step(scenario: Scenario) -> int:
@@ -221,6 +239,7 @@ def fill_ranks(record: RunRecord, scenario: Scenario, spec: DistributedSpec, res
     keep = ("rank", "peak_bytes", "breakdown", "local_parameter_bytes", "weights_sha256", "status", "error")
     ranks = [{k: r[k] for k in keep if k in r} | {"final_loss": (r.get("losses") or [None])[-1]}
              for r in results]
+    non_finite_to_null(ranks)  # a diverged rank's loss: null (the record's quality names the fields)
     record["distributed"] = distributed_section(spec, world, backend, False, how, ranks)
     if failures:
         record["status"] = "oom" if any(r["status"] == "oom" for r in failures) else "error"
