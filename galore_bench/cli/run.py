@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +20,8 @@ from galore_bench.spec.scenario import MODES, load_scenario
 from galore_bench.store import DEFAULT_RESULTS
 from galore_bench.store import load as load_record
 from galore_bench.units import CATEGORIES, format_bytes
+
+PROBE_BYTES = 1 << 20  # a record with its breakdowns is tens of KiB; a snapshot more: refuse a smaller file limit
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -155,6 +160,7 @@ def _refuse_bad_arguments(
     """Refuse, before any run starts, what would fail late; say so when an option would have no effect."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: got {out}, a file; allowed a folder (created if missing)")
+    _refuse_unwritable(out)
     if steps is not None and steps < 2:
         raise UserError(
             f"--steps: got {steps}, allowed an int >= 2 (step 1 creates the optimizer states; "
@@ -176,6 +182,24 @@ def _refuse_bad_arguments(
             f"--steps has no effect in {mode} mode (it sets measure mode's steps; "
             "simulate traces the steps the peak needs)"
         )
+
+
+def _refuse_unwritable(out: Path) -> None:
+    """A record that cannot be written would fail only after its run's work is done: try the folder first."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < PROBE_BYTES:
+        raise UserError(f"--out: the file size limit (ulimit -f) is {limit} bytes; allowed at least {PROBE_BYTES}")
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"--out: got {out}, a symlink to a missing {os.readlink(out)}; allowed a folder")
+    probe = out / f".galore-bench-probe-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(bytes(PROBE_BYTES))
+    except OSError as exc:
+        raise UserError(f"--out: cannot write into {out} ({exc.strerror or exc}); allowed a writable folder") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def exit_status(paths: list[Path]) -> int:

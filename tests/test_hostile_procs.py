@@ -1,0 +1,75 @@
+"""Hostile and careless use of `run` (issue 23, causes 4, 5, 7, 8): an output folder that cannot be written,
+a scenario edited mid-sweep, a parent killed by SIGTERM / SIGKILL, rich markup in user text."""
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+import pytest
+
+from galore_bench.cli import main
+
+HEAD = '[model]\nsize = "tiny"\n[train]\nbatch_size = 2\nseq_len = 32\ndtype = "fp32"\nsteps = 2\n'
+SGD = HEAD + '[[runs]]\nmethod = "sgd"\n'
+
+
+def estimate(path: Path, out: Path, *extra: str) -> int:
+    return main(["run", "--scenario", str(path), "--mode", "estimate", "--out", str(out), *extra])
+
+
+def no_run_started(monkeypatch) -> None:
+    """Make any run that starts fail the test: the refusal must come before the work."""
+    from galore_bench.run import sweep
+
+    def started(*args, **kwargs):
+        raise AssertionError("a run started before --out was checked")
+
+    monkeypatch.setattr(sweep, "run_scenario", started)
+
+
+# -- 7. an output folder that cannot be written: one message before any run starts ----------------------------
+def test_a_dangling_symlink_out_is_one_message_before_any_run(write_scenario, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "missing")
+    no_run_started(monkeypatch)
+    assert estimate(write_scenario(SGD), out) == 1
+    err = capsys.readouterr().err
+    assert err.count("galore-bench: error: --out: ") == 1 and "symlink to a missing" in err, err
+    assert "Traceback" not in err and not (tmp_path / "missing").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_an_unwritable_out_is_one_message_before_any_run(write_scenario, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "locked"
+    out.mkdir()
+    out.chmod(0o500)
+    no_run_started(monkeypatch)
+    try:
+        assert estimate(write_scenario(SGD), out) == 1
+    finally:
+        out.chmod(0o700)
+    err = capsys.readouterr().err
+    assert "galore-bench: error: --out: cannot write into" in err and "Traceback" not in err, err
+    assert list(out.iterdir()) == []  # the probe is gone too
+
+
+def test_an_out_under_a_file_is_one_message(write_scenario, tmp_path, capsys, monkeypatch):
+    (tmp_path / "plain").write_text("x")
+    no_run_started(monkeypatch)
+    assert estimate(write_scenario(SGD), tmp_path / "plain" / "out") == 1
+    err = capsys.readouterr().err
+    assert "galore-bench: error: --out: cannot write into" in err and "Traceback" not in err, err
+
+
+def test_a_small_file_size_limit_is_one_message_before_any_run(write_scenario, tmp_path, capsys, monkeypatch):
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    no_run_started(monkeypatch)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        status = estimate(write_scenario(SGD), tmp_path / "out")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err
+    assert status == 1 and "galore-bench: error: --out: the file size limit (ulimit -f) is 4096 bytes" in err, err
+    assert not list((tmp_path / "out").rglob("*.json"))
