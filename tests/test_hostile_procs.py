@@ -73,3 +73,26 @@ def test_a_small_file_size_limit_is_one_message_before_any_run(write_scenario, t
     err = capsys.readouterr().err
     assert status == 1 and "galore-bench: error: --out: the file size limit (ulimit -f) is 4096 bytes" in err, err
     assert not list((tmp_path / "out").rglob("*.json"))
+
+
+# -- 5. the scenario file edited during a sweep: the runs still to come are the ones validated ----------------
+def test_editing_the_scenario_mid_sweep_changes_no_remaining_run(write_scenario, tmp_path, monkeypatch):
+    from galore_bench import store
+    from galore_bench.run import sweep
+
+    path = write_scenario(HEAD + '[[runs]]\nmethod = "sgd"\n[[runs]]\nmethod = "adamw"\nlr = 0.001\n')
+    dispatch, started = sweep._dispatch, []
+
+    def edit_after_the_first(scenario, request, on_step):
+        if started:  # the first run is done: someone edits the file (the second run's method and lr)
+            path.write_text(HEAD + '[[runs]]\nmethod = "sgd"\n[[runs]]\nmethod = "lomo"\nlr = 0.5\n')
+        started.append(request.run_index)
+        return dispatch(scenario, request, on_step)
+
+    monkeypatch.setattr(sweep, "_dispatch", edit_after_the_first)
+    out = tmp_path / "out"
+    assert estimate(path, out) == 0
+    records = [store.load(p) for p in store.find([out])]
+    assert started == [0, 1] and sorted(r["run"] for r in records) == ["adamw", "sgd"]
+    adamw = next(r for r in records if r["run"] == "adamw")
+    assert adamw["method"]["name"] == "adamw" and adamw["method"]["lr"] == 0.001

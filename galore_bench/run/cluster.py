@@ -117,7 +117,8 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
         if done is not None:
             jobs.append((run, done))
             continue
-        request = RunRequest(str(Path(scenario.path).resolve()), index, out, mode, steps, threads)
+        request = RunRequest(str(Path(scenario.path).resolve()), index, out, mode, steps, threads,
+                             validated=scenario)  # a queued job runs what was validated, not a later edit
         job = runner.submit(run_job, request)
         log(f"submitted {run.label}: {executor} job {job.job_id} ({tasks} task(s))")
         jobs.append((run, job))

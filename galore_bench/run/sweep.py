@@ -170,7 +170,8 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
                 progress.update(task, completed=step, total=total)
 
             request = RunRequest(scenario.path, index, out, mode, steps, torch.get_num_threads(),
-                                 os.environ.get(FAULT_ENV), memory_snapshot, os.environ.get(PLUGIN_ENV))
+                                 os.environ.get(FAULT_ENV), memory_snapshot, os.environ.get(PLUGIN_ENV),
+                                 validated=scenario)
             path, stderr = _dispatch(scenario, request, on_step)
             if path is None:  # the worker died (killed, segfault): record that, keep going
                 error = stderr.strip() or "worker died without a message"
