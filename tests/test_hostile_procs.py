@@ -2,10 +2,16 @@
 a scenario edited mid-sweep, a parent killed by SIGTERM / SIGKILL, rich markup in user text."""
 from __future__ import annotations
 
+import json
 import os
 import resource
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from galore_bench.cli import main
@@ -96,3 +102,42 @@ def test_editing_the_scenario_mid_sweep_changes_no_remaining_run(write_scenario,
     assert started == [0, 1] and sorted(r["run"] for r in records) == ["adamw", "sgd"]
     adamw = next(r for r in records if r["run"] == "adamw")
     assert adamw["method"]["name"] == "adamw" and adamw["method"]["lr"] == 0.001
+
+
+# -- 4. a parent killed by SIGTERM / SIGKILL takes its workers along; nothing false is recorded ---------------
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_a_killed_sweep_leaves_no_worker_no_false_record_no_temp_file(write_scenario, tmp_path, signal_name):
+    runs = "".join(f'[[runs]]\nmethod = "sgd"\nlabel = "sgd{i}"\n' for i in range(3))
+    path = write_scenario(HEAD.replace("steps = 2", "steps = 100000") + runs)
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": str(Path(__file__).parents[1])}
+    parent = subprocess.Popen([sys.executable, "-m", "galore_bench.cli", "run", "--scenario", str(path),
+                               "--mode", "measure", "--out", str(out)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, workers = time.monotonic() + 60, []
+    while time.monotonic() < deadline and parent.poll() is None:  # a worker started and is stepping
+        workers = descendants(parent.pid)
+        if len(workers) >= 2 and any(p.cpu_percent(0.05) > 0 for p in workers[1:]):
+            break
+        time.sleep(0.2)
+    assert parent.poll() is None and len(workers) >= 2, parent.stderr.read() if parent.stderr else ""
+    time.sleep(1.0)
+    workers = descendants(parent.pid)
+    parent.send_signal(getattr(signal, signal_name))
+    parent.wait(timeout=20)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"left running after {signal_name}: {alive}"
+    time.sleep(1.0)  # an orphan that noticed late would write now
+    records = [json.loads(p.read_text()) for p in out.rglob("*.json")] if out.exists() else []
+    assert not [(r["run"], r["error"]) for r in records if r["status"] != "ok"]  # e.g. BrokenPipeError
+    assert list(scratch.iterdir()) == []  # no stderr temp file left behind
+    if signal_name == "SIGTERM":  # a clean stop, as after Ctrl-C
+        assert parent.returncode == 130 and b"interrupted" in (parent.stderr.read() if parent.stderr else b"")

@@ -160,7 +160,6 @@ def _refuse_bad_arguments(
     """Refuse, before any run starts, what would fail late; say so when an option would have no effect."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: got {out}, a file; allowed a folder (created if missing)")
-    _refuse_unwritable(out)
     if steps is not None and steps < 2:
         raise UserError(
             f"--steps: got {steps}, allowed an int >= 2 (step 1 creates the optimizer states; "
@@ -182,6 +181,7 @@ def _refuse_bad_arguments(
             f"--steps has no effect in {mode} mode (it sets measure mode's steps; "
             "simulate traces the steps the peak needs)"
         )
+    _refuse_unwritable(out)
 
 
 def _refuse_unwritable(out: Path) -> None:
@@ -191,15 +191,19 @@ def _refuse_unwritable(out: Path) -> None:
         raise UserError(f"--out: the file size limit (ulimit -f) is {limit} bytes; allowed at least {PROBE_BYTES}")
     if out.is_symlink() and not out.exists():
         raise UserError(f"--out: got {out}, a symlink to a missing {os.readlink(out)}; allowed a folder")
+    created = [folder for folder in (out, *out.parents) if not folder.exists() and not folder.is_symlink()]
     probe = out / f".galore-bench-probe-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(bytes(PROBE_BYTES))
     except OSError as exc:
         raise UserError(f"--out: cannot write into {out} ({exc.strerror or exc}); allowed a writable folder") from None
-    finally:
+    finally:  # the check leaves nothing behind: a refusal that follows writes nothing either
         with contextlib.suppress(OSError):
             probe.unlink()
+        with contextlib.suppress(OSError):
+            for folder in created:
+                folder.rmdir()
 
 
 def exit_status(paths: list[Path]) -> int:

@@ -33,7 +33,7 @@ from galore_bench.measure.rank_tracker import RankTracker, local_shard
 from galore_bench.record import RunRecord
 from galore_bench.run import assemble
 from galore_bench.run.request import RunRequest
-from galore_bench.run.worker import child_io
+from galore_bench.run.worker import InheritedFile, child_io, send_or_leave
 from galore_bench.spec.distributed import DistributedSpec
 from galore_bench.spec.scenario import RunSpec, Scenario
 from galore_bench.units import CUDA_BLOCK, format_bytes
@@ -187,21 +187,21 @@ def run_ranked(scenario: Scenario, run: RunSpec, backend: str, device: torch.dev
 
 
 # -- entry points ---------------------------------------------------------------------------------
-def simulate_main(request: RunRequest, conn: Any, stderr_path: str) -> None:
+def simulate_main(request: RunRequest, conn: Any, stderr: InheritedFile | str) -> None:
     """Runner child for a simulated distributed run: no ranks, one trace, one record."""
-    child_io(stderr_path, request.threads)
+    child_io(stderr, request.threads)
     record = simulate_record(*request.load())
     path = store.write(record, request.out)
-    conn.send({"record": str(path), "status": record["status"]})
+    send_or_leave(conn, {"record": str(path), "status": record["status"]})
     conn.close()
 
 
 def rank_main(request: RunRequest, rank: int, world_size: int, port: int, conn: Any,
-              stderr_path: str) -> None:
+              stderr: InheritedFile | str) -> None:
     """Runner child for one rank: sets the env contract torchrun would set, then runs its share."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    child_io(stderr_path, max(1, (request.threads or torch.get_num_threads()) // world_size))
+    child_io(stderr, max(1, (request.threads or torch.get_num_threads()) // world_size))
     scenario, run = request.load()
     device = rank_device(rank)
     if scenario.distributed is None:
@@ -210,7 +210,7 @@ def rank_main(request: RunRequest, rank: int, world_size: int, port: int, conn: 
 
     def emit(**message: Any) -> None:
         if conn is not None:
-            conn.send(message)
+            send_or_leave(conn, message)
         if message.get("step", 0) >= 1:  # test hooks (worker.FAULT_ENV): the last rank dies or runs out mid-run
             if fault == f"kill:{run.label}":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -220,5 +220,5 @@ def rank_main(request: RunRequest, rank: int, world_size: int, port: int, conn: 
     with process_group(scenario.distributed, device) as backend:
         path = run_ranked(scenario, run, backend, device, request.steps, request.out, emit)
     if conn is not None:
-        conn.send({"record": str(path) if path else None})
+        send_or_leave(conn, {"record": str(path) if path else None})
         conn.close()

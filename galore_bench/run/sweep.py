@@ -1,14 +1,17 @@
 """A sweep over a scenario's runs, each in its own worker process, with a progress bar."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from rich.console import Console
@@ -20,7 +23,7 @@ from galore_bench.methods import PLUGIN_ENV
 from galore_bench.run import ranks
 from galore_bench.run.assemble import died_record
 from galore_bench.run.request import RunRequest
-from galore_bench.run.worker import FAULT_ENV, child_main
+from galore_bench.run.worker import FAULT_ENV, InheritedFile, child_main
 from galore_bench.spec.scenario import Scenario, selected_runs
 
 OnStep = Callable[[int, int], None]
@@ -38,15 +41,14 @@ def _context() -> Any:
 
 def _spawn(target: Callable[..., None], process_args: list[tuple[Any, ...]], on_step: OnStep,
            name: str) -> tuple[Path | None, str]:
-    """One child per args tuple, each called as target(*args, conn, stderr_path), the first holding the pipe
-    (progress and the record's path). If one fails, the others get a moment, then are stopped.
-    Returns (the record path, what the failed ones wrote on stderr)."""
+    """One child per args tuple, each called as target(*args, conn, stderr), the first holding the pipe
+    (progress and the record's path). If one fails, the others get a moment, then are stopped; if this
+    process is interrupted, all are stopped. Returns (the record path, what the failed ones wrote on stderr)."""
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
-    errs = []
-    for _ in process_args:
-        with tempfile.NamedTemporaryFile("w+", suffix=".stderr", delete=False) as err:
-            errs.append(err.name)
+    # no name on disk: nothing to remove, even when this process is killed by SIGKILL
+    errs: list[BinaryIO] = [tempfile.TemporaryFile() for _ in process_args]  # noqa: SIM115 - closed below
+    procs: list[Any] = []
     record: Path | None = None
 
     def relay(message: dict[str, Any]) -> None:
@@ -58,7 +60,7 @@ def _spawn(target: Callable[..., None], process_args: list[tuple[Any, ...]], on_
 
     try:
         procs = [context.Process(target=target, daemon=True,
-                                 args=(*args, sender if i == 0 else None, errs[i]))
+                                 args=(*args, sender if i == 0 else None, InheritedFile(errs[i].fileno())))
                  for i, args in enumerate(process_args)]
         for proc in procs:
             proc.start()
@@ -66,20 +68,35 @@ def _spawn(target: Callable[..., None], process_args: list[tuple[Any, ...]], on_
         _wait(procs, receiver, relay)
         failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
         if record is None:  # a rank that failed on its own wrote the run's record and named it on stderr
-            record = _named_record([Path(errs[i]) for i, _ in failed])
+            record = _named_record([errs[i] for i, _ in failed])
         who = [name] if len(procs) == 1 else [f"{name} {i}" for i in range(len(procs))]
-        stderr = "\n".join(f"{who[i]} exited with code {code}\n{_tail(errs[i], 2000)}" for i, code in failed)
+        stderr = "\n".join(f"{who[i]} exited with code {code}{_signal_name(code)}\n{_tail(errs[i], 2000)}"
+                           for i, code in failed)
         if record is None and not failed:
             stderr = _tail(errs[0], 4000)
         return record, stderr
     finally:
+        for proc in procs:  # none is left when this process stops early (Ctrl-C, SIGTERM)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
         receiver.close()
-        for path in errs:
-            os.unlink(path)
+        for err in errs:
+            err.close()
 
 
-def _tail(path: str, chars: int) -> str:
-    return Path(path).read_text(errors="replace")[-chars:]
+def _signal_name(code: int | None) -> str:
+    """What killed a child, and whether that was an interruption (Ctrl-C, `timeout`, `scancel`)."""
+    if code is None or code >= 0:
+        return ""
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    return f" (killed by {name}{': interrupted' if -code in (signal.SIGINT, signal.SIGTERM) else ''})"
+
+
+def _tail(err: BinaryIO, chars: int) -> str:
+    size = os.fstat(err.fileno()).st_size
+    start = max(0, size - 4 * chars)  # the child moves the shared offset: read by position
+    return os.pread(err.fileno(), size - start, start).decode(errors="replace")[-chars:]
 
 
 def _wait(procs: list[Any], receiver: Any, relay: Callable[[dict[str, Any]], None]) -> None:
@@ -123,9 +140,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _named_record(stderr_files: list[Path]) -> Path | None:
-    for path in stderr_files:
-        for line in path.read_text(errors="replace").splitlines():
+def _named_record(stderr_files: list[BinaryIO]) -> Path | None:
+    for err in stderr_files:
+        for line in _tail(err, 1 << 20).splitlines():
             if line.startswith(ranks.RECORD_MARKER):
                 return Path(line[len(ranks.RECORD_MARKER):].strip())
     return None
@@ -145,6 +162,20 @@ def _dispatch(scenario: Scenario, request: RunRequest, on_step: OnStep) -> tuple
     return _spawn(ranks.rank_main, [(request, rank, world, port) for rank in range(world)], on_step, "rank")
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`timeout`, `scancel`, `kill`) stops a sweep as Ctrl-C does: its children stopped, finished
+    records kept, the run in progress left without a record (resume with --skip-existing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, steps: int | None = None,
                  skip_existing: bool = False, console: Console | None = None,
                  memory_snapshot: bool = False, only: str | None = None) -> list[Path]:
@@ -156,7 +187,7 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
     console = console or Console(stderr=True)
     paths: list[Path] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with _sigterm_as_interrupt(), Progress(*columns, console=console, transient=False) as progress:
         sweep = progress.add_task(f"{scenario.name}", total=len(chosen))
         for index, run in chosen:
             done = store.finished(out, scenario.name, run.label, modes[index]) if skip_existing else None

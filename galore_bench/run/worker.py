@@ -5,12 +5,16 @@ interpreter would spend ~8 s importing them per run); reports each step and the 
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import dataclasses
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable
+from multiprocessing import forkserver, reduction
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,7 +42,42 @@ class _Reporter:
         self.conn = conn
 
     def __call__(self, **message: Any) -> None:
-        self.conn.send(message)
+        send_or_leave(self.conn, message)
+
+
+def send_or_leave(conn: Any, message: dict[str, Any]) -> None:
+    """A pipe the sweep no longer reads means the sweep is gone: leave quietly, never record that as the
+    run's error (a BrokenPipeError record would count as a failed run in reports and compare)."""
+    try:
+        conn.send(message)
+    except OSError:  # BrokenPipeError, ConnectionResetError
+        os._exit(0)
+
+
+class InheritedFile:
+    """An open file handed to a fork-server child as a descriptor: the parent's stderr capture has no name
+    on disk, so a parent killed by SIGKILL leaves no temp file behind."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:  # multiprocessing sends the descriptor with the process
+        return _inherited, (reduction.DupFd(self.fd),)
+
+
+def _inherited(dup: Any) -> InheritedFile:
+    return InheritedFile(dup.detach())
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel kills this child when its parent (the fork server, which exits with the sweep) dies,
+    so a sweep stopped by SIGKILL leaves no orphan running; elsewhere the pipe check above is the guard."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the kernel was told
+        os._exit(0)
 
 
 _emit: Callable[..., None] = lambda **message: None
@@ -76,10 +115,31 @@ def execute(scenario: Scenario, run: RunSpec, mode: str | None, steps: int | Non
     return assemble.close_record(record, scenario, started)
 
 
-def child_io(stderr_path: str, threads: int | None) -> None:
-    """A run's own process: stderr into the file the parent reads back, the thread count it was given."""
-    with open(stderr_path, "w") as err:
-        os.dup2(err.fileno(), 2)
+def _remove_forkserver_folder() -> None:
+    """At the fork server's exit (its sweep ended or was killed by SIGKILL): the socket folder multiprocessing
+    made for it, which a killed sweep can no longer remove. Runs in the fork server only (it preloads this)."""
+    server = forkserver._forkserver
+    address = getattr(server, "_forkserver_address", None)
+    if getattr(server, "_forkserver_pid", None) is not None or not isinstance(address, str):
+        return  # the sweep's own process (it knows the server's pid), or no server started
+    folder = os.path.dirname(address)
+    if os.path.basename(folder).startswith("pymp-"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+atexit.register(_remove_forkserver_folder)
+
+
+def child_io(stderr: InheritedFile | str, threads: int | None) -> None:
+    """A run's own process: dies with its parent, stderr into the file the parent reads back (a handed-over
+    descriptor, or a path), the thread count it was given."""
+    die_with_parent()
+    if isinstance(stderr, InheritedFile):
+        os.dup2(stderr.fd, 2)
+        os.close(stderr.fd)
+    else:
+        with open(stderr, "w") as err:
+            os.dup2(err.fileno(), 2)
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
     torch.set_num_threads(threads or torch.get_num_threads())
 
@@ -201,10 +261,10 @@ def _flops(scenario: Scenario, run: RunSpec, speed: dict[str, Any], device_name:
         "achieved_model_flops_per_second": utilisation["achieved_flops_per_second"]}}
 
 
-def child_main(request: RunRequest, conn: Any, stderr_path: str) -> None:
+def child_main(request: RunRequest, conn: Any, stderr: InheritedFile | str) -> None:
     """Entry point of the run's own process (started from the runner's fork server)."""
     global _emit, _FAULT
-    child_io(stderr_path, request.threads)
+    child_io(stderr, request.threads)
     _emit, _FAULT = _Reporter(conn), request.fault
     scenario, run = request.load()
     snapshots = request.out if request.memory_snapshot else None
