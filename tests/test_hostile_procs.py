@@ -2,6 +2,7 @@
 a scenario edited mid-sweep, a parent killed by SIGTERM / SIGKILL, rich markup in user text."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import resource
@@ -141,3 +142,118 @@ def test_a_killed_sweep_leaves_no_worker_no_false_record_no_temp_file(write_scen
     assert list(scratch.iterdir()) == []  # no stderr temp file left behind
     if signal_name == "SIGTERM":  # a clean stop, as after Ctrl-C
         assert parent.returncode == 130 and b"interrupted" in (parent.stderr.read() if parent.stderr else b"")
+
+
+# -- 8. rich markup in user text is printed as text: '[/x]' crashes nothing, '[x=y]' does not vanish ---------
+MARKUP = "[x=y] and [/x]"
+
+
+def rendered(renderable) -> str:
+    from rich.console import Console
+
+    shown = Console(file=io.StringIO(), width=300)
+    shown.print(renderable)
+    return shown.file.getvalue()
+
+
+@pytest.fixture
+def tiny_record(write_scenario, tmp_path) -> Path:
+    from galore_bench import store
+
+    out = tmp_path / "results"
+    assert estimate(write_scenario(SGD, "tiny_sgd"), out) == 0
+    [file] = store.find([out])
+    return file
+
+
+def test_run_prints_a_description_and_an_out_folder_holding_markup(write_scenario, tmp_path, capsys):
+    path = write_scenario(f'description = "{MARKUP}"\n' + SGD)
+    assert estimate(path, tmp_path / "out[/x]") == 0  # a folder 'x]' inside 'out['
+    shown = capsys.readouterr().out
+    assert f"case: {MARKUP}" in shown and "under " + str(tmp_path / "out[/x]") in shown
+
+
+def test_the_results_table_shows_a_record_error_holding_markup(tiny_record):
+    from galore_bench.cli.run import results_table
+
+    record = json.loads(tiny_record.read_text())
+    record.update(status="error", error=f"boom {MARKUP}", device=MARKUP)
+    tiny_record.write_text(json.dumps(record))
+    shown = rendered(results_table([tiny_record], title=MARKUP))
+    assert shown.count(MARKUP) == 2 and f"error: boom {MARKUP}" in shown
+
+
+def test_the_progress_bar_shows_names_holding_markup(tiny_record, monkeypatch):
+    import dataclasses
+
+    from rich.console import Console
+
+    from galore_bench.run import sweep
+    from galore_bench.spec.scenario import load_scenario
+
+    scenario = load_scenario(str(tiny_record.parents[2].parent / "tiny_sgd.toml"))
+    run = dataclasses.replace(scenario.runs[0], label="[/x]")
+    scenario = dataclasses.replace(scenario, name=MARKUP, runs=(run,))
+    monkeypatch.setattr(sweep, "_dispatch", lambda *args: (tiny_record, ""))  # no worker: only the bar
+    bar = Console(file=io.StringIO(), width=200, force_terminal=False)
+    assert sweep.run_scenario(scenario, out=tiny_record.parents[2], mode="estimate", console=bar) == [tiny_record]
+    assert MARKUP in bar.file.getvalue()
+
+
+def test_list_shows_a_description_holding_markup(monkeypatch):
+    import dataclasses
+
+    from rich.console import Console
+
+    from galore_bench.cli import list as list_command
+
+    smoke = list_command.load_scenario("smoke_cpu")
+    monkeypatch.setattr(list_command, "shipped_scenarios", lambda: ["smoke_cpu"])
+    monkeypatch.setattr(list_command, "load_scenario", lambda name: dataclasses.replace(smoke, description=MARKUP))
+    shown = Console(file=io.StringIO(), width=300)
+    assert list_command.run(shown) == 0
+    assert MARKUP in shown.file.getvalue()
+
+
+def test_check_shows_file_names_holding_markup(tiny_record, tmp_path):
+    from rich.console import Console
+
+    from galore_bench.cli import check
+
+    budgets = tmp_path / f"budgets{MARKUP}.toml"  # a file 'x].toml' in a folder 'budgets[x=y] and ['
+    budgets.parent.mkdir()
+    budgets.write_text(f'[[budget]]\nscenario = "{tiny_record.parents[2].parent / "tiny_sgd.toml"}"\n'
+                       'run = "sgd"\npeak = "1 GiB"\n')
+    missing = tmp_path / "none[/x]"
+    missing.mkdir(parents=True)
+    shown = Console(file=io.StringIO(), width=400)
+    assert check.run(budgets, [missing], console=shown) == 1  # no record there: named, with the folder
+    text = shown.file.getvalue()
+    assert "".join(str(budgets).split()) in "".join(text.split())  # the title wraps
+    assert f"under {missing}" in text
+
+
+def test_fit_shows_names_holding_markup():
+    import dataclasses
+
+    from galore_bench.cli.fit import fit_table
+    from galore_bench.spec.scenario import load_scenario
+
+    scenario = dataclasses.replace(load_scenario("smoke_cpu"), name=MARKUP)
+    row = {"run": "[/x]", "model": MARKUP, "estimate_bytes": 1 << 20, "fits": True, "largest_batch": 4,
+           "estimate_at_largest_bytes": 2 << 20}
+    shown = rendered(fit_table(scenario, [row], "1 GiB", 1 << 30, confirm=False))
+    assert f"{MARKUP}: fit in 1 GiB" in shown and "[/x]" in shown and shown.count(MARKUP) == 2
+
+
+def test_compare_shows_folder_names_holding_markup(tiny_record, tmp_path):
+    from rich.console import Console
+
+    from galore_bench.cli import compare
+
+    a = tiny_record.parents[2]
+    (tmp_path / "B[").mkdir()
+    b = a.rename(tmp_path / "B[/x]")
+    shown = Console(file=io.StringIO(), width=400)
+    assert compare.run(b, b, console=shown, errors=shown) == 0
+    assert shown.file.getvalue().count(str(b)) == 2  # B and A in the title

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.text import Text
 
 from galore_bench.cli.output import console as default_console
 from galore_bench.spec.scenario import load_scenario
@@ -61,10 +62,10 @@ def run(
     failed = [v for v in verdicts if not v.ok and not v.missing]
     unchecked = [v for v in verdicts if v.missing]
     for v in failed:
-        console.print(f"[red]{v.message}[/red]", highlight=False, soft_wrap=True)
+        console.print(Text(v.message, style="red"), highlight=False, soft_wrap=True)
     for v in {v.message: v for v in unchecked}.values():  # one line per (scenario, run), not one per limit
         where = f" under {', '.join(map(str, results))}" if v.missing == "record" else ""
-        console.print(f"[red]{v.message}{where}[/red]", highlight=False, soft_wrap=True)
+        console.print(Text(v.message + where, style="red"), highlight=False, soft_wrap=True)
     console.print(
         f"{sum(v.ok for v in verdicts)} ok, {len(failed)} violation(s)"
         + (f", {len(unchecked)} rule(s) without a record or baseline" if unchecked else "")
@@ -78,17 +79,17 @@ def verdict_table(verdicts: list[Verdict], modes: dict[Path, str], title: str) -
 
     from galore_bench.check.rules import MEMORY_FIELDS, value_text
 
-    table = Table(title=title)
+    table = Table(title=Text(title))  # a file name, a record's mode and device: text, never markup
     for column in ("rule", "value", "limit", "verdict", "record"):
         table.add_column(column, justify="right" if column in ("value", "limit") else "left")
     for v in verdicts:
         field = v.rule.field if v.rule.field in MEMORY_FIELDS else "x"
         verdict = "ok" if v.ok else f"no {v.missing}" if v.missing else "FAIL"
         table.add_row(
-            v.rule.name,
+            Text(v.rule.name),
             value_text(field, v.value),
             value_text(field, v.limit),
-            f"[green]{verdict}[/green]" if v.ok else f"[red]{verdict}[/red]",
-            modes.get(v.record, "-") if v.record else "-",
+            Text(verdict, style="green" if v.ok else "red"),
+            Text(modes.get(v.record, "-") if v.record else "-"),
         )
     return table

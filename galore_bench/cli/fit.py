@@ -80,10 +80,11 @@ def fit_table(
 ) -> Table:
     """One row per run: the estimate at its batch and at the largest that fits; with `confirm`, simulate's."""
     from rich.table import Table
+    from rich.text import Text
 
     train = scenario.train
     table = Table(
-        title=f"{scenario.name}: fit in {budget_text} (estimate; seq {train.seq_len}, {train.dtype})",
+        title=Text(f"{scenario.name}: fit in {budget_text} (estimate; seq {train.seq_len}, {train.dtype})"),
         caption="estimate = closed-form bytes; simulate = the real step traced on fake tensors; reserved = "
         "that trace through a model of the CUDA caching allocator, capped at the budget",
     )
@@ -113,7 +114,7 @@ def fit_table(
         ]
         if confirm:
             cells += _confirmation(row, budget)
-        table.add_row(*cells)
+        table.add_row(*map(Text, cells))  # run and model names are text, never markup
     return table
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 
 from galore_bench.spec.scenario import load_scenario, shipped_scenarios
 
@@ -26,9 +27,9 @@ def run(console: Console | None = None) -> int:
     for name in shipped_scenarios():
         scenario = load_scenario(name)
         methods = ", ".join(r.label for r in scenario.runs)
-        console.print(
-            f"[bold]{scenario.name:<16}[/bold] {scenario.model_name:>5}  {scenario.description}  "
-            f"[dim]({methods})[/dim]",
+        console.print(  # the scenario's own text is escaped: a '[/x]' in a description is text, not markup
+            f"[bold]{escape(f'{scenario.name:<16}')}[/bold] {escape(f'{scenario.model_name:>5}')}  "
+            f"{escape(scenario.description)}  [dim]({escape(methods)})[/dim]",
             highlight=False,
         )
     return 0

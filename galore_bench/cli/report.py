@@ -48,5 +48,5 @@ def run(
 
     console = console or default_console()
     written = render_report(results or [DEFAULT_RESULTS], out, parse_formats(formats), console=console)
-    console.print(f"{len(written)} file(s) under {out}")
+    console.print(f"{len(written)} file(s) under {out}", markup=False, highlight=False)
     return 0

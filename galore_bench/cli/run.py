@@ -143,7 +143,7 @@ def run(
         )
     shown = console()
     shown.print(results_table(paths, title=f"{loaded.name}: {loaded.description}"))
-    shown.print(f"{len(paths)} record(s) under {out}")
+    shown.print(f"{len(paths)} record(s) under {out}", markup=False, highlight=False)
     return exit_status(paths)
 
 
@@ -227,13 +227,14 @@ def exit_status(paths: list[Path]) -> int:
 def results_table(paths: list[Path], title: str = "results") -> Table:
     """Peak and breakdown per run, and whether it fits the budget."""
     from rich.table import Table
+    from rich.text import Text
 
     records = [load_record(path) for path in paths]
     budgets = {text for record in records if (text := record["budget"]["text"]) is not None}
     caption = (
         f"fits: peak <= budget ({', '.join(sorted(budgets))}); " if budgets else ""
     ) + "reserved: the CUDA allocator's (GPU) or the caching-allocator model's (simulate)"
-    table = Table(title=title, caption=caption)
+    table = Table(title=Text(title), caption=Text(caption))  # a description, a record's text: never markup
     headers = (
         "run",
         "mode",
@@ -265,7 +266,7 @@ def results_table(paths: list[Path], title: str = "results") -> Table:
         ranks = record["distributed"]["world_size"] if record["distributed"] else None
         reserved, source = reserved_of(record)
         reserved_text = "OOM" if source and "OOM" in source else format_bytes(reserved)
-        table.add_row(
+        table.add_row(*map(Text, (
             record["run"] + (f" x{ranks}" if ranks else ""),
             record["mode"],
             status,
@@ -276,5 +277,5 @@ def results_table(paths: list[Path], title: str = "results") -> Table:
             "-" if loss is None else f"{loss:.3f}",
             "-" if ppl is None else f"{ppl:,.1f}",
             "-" if rate is None else f"{rate:,.0f}",
-        )
+        )))
     return table

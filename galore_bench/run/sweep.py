@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from galore_bench import store
@@ -188,14 +189,14 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
     paths: list[Path] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with _sigterm_as_interrupt(), Progress(*columns, console=console, transient=False) as progress:
-        sweep = progress.add_task(f"{scenario.name}", total=len(chosen))
+        sweep = progress.add_task(escape(scenario.name), total=len(chosen))  # user text, not markup
         for index, run in chosen:
             done = store.finished(out, scenario.name, run.label, modes[index]) if skip_existing else None
             if done is not None:
                 paths.append(done)
                 progress.advance(sweep)
                 continue
-            task = progress.add_task(f"  {run.label}", total=None)
+            task = progress.add_task(f"  {escape(run.label)}", total=None)
 
             def on_step(step: int, total: int, task: Any = task) -> None:
                 progress.update(task, completed=step, total=total)
