@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.text import Text
+
 from galore_bench.cli.output import console as default_console
 from galore_bench.errors import UserError
 from galore_bench.spec.scenario import Scenario, load_scenario
@@ -80,7 +82,6 @@ def fit_table(
 ) -> Table:
     """One row per run: the estimate at its batch and at the largest that fits; with `confirm`, simulate's."""
     from rich.table import Table
-    from rich.text import Text
 
     train = scenario.train
     table = Table(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from rich.text import Text
 
 from galore_bench.cli.output import console, note
 from galore_bench.errors import UserError
@@ -227,7 +228,6 @@ def exit_status(paths: list[Path]) -> int:
 def results_table(paths: list[Path], title: str = "results") -> Table:
     """Peak and breakdown per run, and whether it fits the budget."""
     from rich.table import Table
-    from rich.text import Text
 
     records = [load_record(path) for path in paths]
     budgets = {text for record in records if (text := record["budget"]["text"]) is not None}
