@@ -58,3 +58,28 @@ def test_a_damaged_record_is_one_message_in_report_compare_and_check(tmp_path, c
         err = one_message(capsys, argv)
         assert "damaged.simulate.20260101T000000Z.json: " in err and ".".join(path) in err, err
     assert not (tmp_path / "report").exists()
+
+
+# -- 11. budget limits: finite numbers >= 0 below 2**63; a bare grow_max is a fraction no larger than 1 ----------
+BAD_LIMITS = ["grow_max = nan", "grow_max = inf", 'grow_max = "nan%"', 'grow_max = "1e400%"', "grow_max = 5",
+              "grow_max = -0.1", 'peak = "nan GiB"', 'peak = "-5 GiB"', 'gradients = "-1 GiB"', 'peak = "1e400 GiB"',
+              f'peak = "{BIG} B"', "tgs_min = nan", "tgs_min = -5", "perplexity_max = inf", f"tgs_min = {BIG}"]
+
+
+@pytest.mark.parametrize("line", BAD_LIMITS, ids=[line[:30] for line in BAD_LIMITS])
+def test_a_budget_limit_that_is_not_a_finite_number_at_least_0_is_refused(tmp_path, capsys, line):
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text(f'[[budget]]\nscenario = "lomo_7b"\nrun = "*"\nbaseline = "{RECORDS}"\n{line}\n')
+    err = one_message(capsys, ["check", "--budgets", str(budgets), str(RECORDS)])
+    key = line.split(" =")[0]
+    assert f"budgets.toml: budget[0].{key}: got " in err and len(err) < 400, err
+    if key == "grow_max":
+        assert '"500%"' in err  # says how to write a large growth on purpose
+
+
+@pytest.mark.parametrize("grow,fraction", [('"5%"', 0.05), ("0.05", 0.05), ('"500%"', 5.0), ("1", 1.0)])
+def test_grow_max_as_a_percentage_or_a_fraction_up_to_1(tmp_path, grow, fraction):
+    from galore_bench.check.rules import load_budgets
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text(f'[[budget]]\nscenario = "lomo_7b"\nrun = "*"\nbaseline = "{RECORDS}"\ngrow_max = {grow}\n')
+    assert {rule.grow for rule in load_budgets(budgets)} == {fraction}

@@ -11,6 +11,9 @@
     baseline = "results/baseline"     # a folder of records or one record file
     grow_max = "2%"                   # peak and every category: at most baseline * (1 + 2%)
 
+A bare grow_max number is a fraction (0.02 = 2%) and is refused above 1: `grow_max = 5` is far likelier a
+mistyped "5%" than a wish to allow 500%, which is written "500%". Every limit is a finite number >= 0.
+
 In your own tests: `assert_memory_budget(record, peak="22 GiB", gradients="1 GiB")`.
 """
 from __future__ import annotations
@@ -65,10 +68,37 @@ def value_text(field: str, value: float | None) -> str:
     return format_bytes(value) if field in MEMORY_FIELDS else f"{value:.4g}"
 
 
+LARGEST = 2.0**63  # no byte count, throughput or loss a record holds reaches it; 10**400 overflows a float
+
+
 def _number(value: Any) -> float:
+    """A finite number in [0, 2**63]; TypeError or ValueError otherwise (NaN passes every comparison)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(value)
+    if isinstance(value, int) and abs(value) > LARGEST or not 0 <= float(value) <= LARGEST:
+        raise ValueError(value)
     return float(value)
+
+
+def _size(value: Any) -> float:
+    try:
+        return _number(float(parse_bytes(value)))
+    except OverflowError:  # '1e400 GiB': an infinite float rounded
+        raise ValueError(value) from None
+
+
+def _grow(value: Any) -> float:
+    """grow_max as a fraction: "2%" -> 0.02, or a bare fraction 0.02 (refused above 1, see the docstring)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        return _number(float(value.strip()[:-1])) / 100
+    if _number(value) > 1:
+        raise ValueError(value)
+    return float(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def load_budgets(path: Path | str) -> list[Rule]:
@@ -81,7 +111,7 @@ def load_budgets(path: Path | str) -> list[Rule]:
     problems: list[str] = []
 
     def bad(where: str, got: Any, allowed: str) -> None:
-        problems.append(f"{path}: {where}: got {got!r}, allowed {allowed}")
+        problems.append(f"{path}: {where}: got {_shown(got)}, allowed {allowed}")
 
     for key in (k for k in raw if k != "budget"):
         bad(key, key, "[[budget]] tables only")
@@ -116,25 +146,20 @@ def load_budgets(path: Path | str) -> list[Rule]:
         for key in (k for k in (*MEMORY_FIELDS, *SCALAR_FIELDS) if k in table):
             value = table[key]
             try:
-                limits[key] = float(parse_bytes(value) if key in MEMORY_FIELDS else _number(value))
+                limits[key] = _size(value) if key in MEMORY_FIELDS else _number(value)
             except (TypeError, ValueError):
-                bad(f"{at}.{key}", value, f"a size: a number and a unit ({ALLOWED_UNITS})"
-                    if key in MEMORY_FIELDS else "a number")
+                bad(f"{at}.{key}", value, f"a size: a number >= 0 and a unit ({ALLOWED_UNITS}), below 2**63 bytes"
+                    if key in MEMORY_FIELDS else "a finite number >= 0")
                 continue
             if key in ("peak", "reserved") and limits[key] <= 0:  # a category may be held to 0 B (LOMO's gradients)
                 bad(f"{at}.{key}", value, "a size > 0 (no run fits in 0 bytes)")
         grow = baseline = None
         if "grow_max" in table:
-            text = str(table["grow_max"]).strip()
             try:
-                if isinstance(table["grow_max"], bool):
-                    raise TypeError(table["grow_max"])
-                grow = float(text[:-1]) / 100 if text.endswith("%") else float(table["grow_max"])
-                if grow < 0:
-                    raise ValueError(grow)
+                grow = _grow(table["grow_max"])
             except (TypeError, ValueError):
-                bad(f"{at}.grow_max", table["grow_max"],
-                    "a percentage >= 0 such as \"2%\", or a fraction >= 0 such as 0.02")
+                bad(f"{at}.grow_max", table["grow_max"], "a finite percentage >= 0 such as \"2%\", or a "
+                    "fraction from 0 to 1 such as 0.02 (write \"500%\" for 5: a bare 5 is likelier a mistyped 5%)")
             if "baseline" not in table:
                 bad(f"{at}.grow_max", table["grow_max"], "only with a baseline = \"folder or record\"")
         if "baseline" in table:
