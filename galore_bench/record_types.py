@@ -9,6 +9,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from galore_bench.errors import shown
+
 BIGGEST = 2**63  # no byte, token or parameter count reaches it; 10**400 would overflow every float it meets
 
 
@@ -95,5 +97,6 @@ def type_problems(record: dict[str, Any]) -> list[str]:
 
 
 def _short(value: Any) -> str:
-    text = repr(value) if not isinstance(value, int) or abs(value) < BIGGEST else f"an int of {len(str(value))} digits"
-    return text if len(text) <= 60 else text[:57] + "..."
+    if isinstance(value, int) and abs(value) >= BIGGEST:
+        return f"an int of {len(str(abs(value)))} digits"
+    return shown(value, 60)

@@ -33,6 +33,10 @@ DAMAGE = [  # (field path, value written there); "BIG" becomes a 400-digit numbe
 ]
 
 
+def run_argv(path: Path, mode: str) -> list[str]:
+    return ["run", "--scenario", str(path), "--mode", mode, "--out", str(path.parent / "o")]
+
+
 def damaged_folder(tmp_path: Path, path: tuple[str, ...], value: object) -> Path:
     source = sorted((RECORDS / "lomo_7b").glob("*.json"))
     record = json.loads(source[0].read_text())
@@ -83,3 +87,120 @@ def test_grow_max_as_a_percentage_or_a_fraction_up_to_1(tmp_path, grow, fraction
     budgets = tmp_path / "budgets.toml"
     budgets.write_text(f'[[budget]]\nscenario = "lomo_7b"\nrun = "*"\nbaseline = "{RECORDS}"\ngrow_max = {grow}\n')
     assert {rule.grow for rule in load_budgets(budgets)} == {fraction}
+
+
+# -- 9. sizes beyond any real training are refused at validation; auto never measures what the host cannot hold
+TOO_LARGE = [("model", "num_hidden_layers = 1025", "model.num_hidden_layers", "to 1,024"),
+             ("model", "hidden_size = 65600", "model.hidden_size", "to 65,536"),
+             ("model", "vocab_size = 10000001", "model.vocab_size", "to 10,000,000"),
+             ("train", "batch_size = 100000\nseq_len = 100000", "train.batch_size * train.seq_len",
+              "at most 1,000,000,000 tokens"),
+             ("train", f"steps = {BIG}", "train.steps", "to 1,000,000")]
+SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+@pytest.mark.parametrize("table,line,field,bound", TOO_LARGE, ids=[t[2] for t in TOO_LARGE])
+def test_a_size_beyond_any_real_training_is_refused_with_its_bound(write_scenario, capsys, table, line, field,
+                                                                   bound):
+    shape = {k: v for k, v in SHAPE.items() if k not in line}
+    model = "\n".join(f"{k} = {v}" for k, v in shape.items()) + (f"\n{line}" if table == "model" else "")
+    train = line if table == "train" else ""
+    path = write_scenario(f"[model]\n{model}\n[train]\n{train}\n[[runs]]\nmethod = \"sgd\"\n")
+    err = one_message(capsys, run_argv(path, "estimate"))
+    assert f"{field}: got " in err and bound in err and len(err) < 500, err
+    assert not (path.parent / "o").exists()
+
+
+HUGE_BATCH = '[model]\nsize = "tiny"\n[train]\nbatch_size = 1000\nseq_len = 1000000\n[[runs]]\nmethod = "sgd"\n'
+
+
+
+def test_auto_simulates_on_a_cpu_what_the_host_memory_cannot_hold(write_scenario):
+    import psutil
+
+    from galore_bench.measure import host_bytes_needed, resolve_mode
+    from galore_bench.spec.scenario import load_scenario
+    scenario = load_scenario(str(write_scenario(HUGE_BATCH)))
+    run = scenario.runs[0]
+    assert host_bytes_needed(scenario, run) > psutil.virtual_memory().total  # a tiny model, a billion tokens
+    assert resolve_mode(scenario, run, None, "cpu") == "simulate"
+    small = load_scenario(str(write_scenario(HUGE_BATCH.replace("1000000", "32").replace("1000", "2"))))
+    assert resolve_mode(small, small.runs[0], None, "cpu") == "measure"  # what the host holds is measured
+
+
+def test_a_forced_measure_that_cannot_fit_the_host_is_refused_up_front(write_scenario, capsys):
+    from galore_bench.measure import host_bytes_needed
+    from galore_bench.spec.scenario import load_scenario
+    path = write_scenario(HUGE_BATCH)
+    scenario = load_scenario(str(path))
+    need = host_bytes_needed(scenario, scenario.runs[0])
+    err = one_message(capsys, run_argv(path, "measure"))
+    assert "needs about" in err and f"({need:,} bytes, estimated)" in err and "--mode simulate" in err, err
+    assert not (path.parent / "o").exists()
+
+
+# -- 13. pathological parse input: deep nesting, thousands of digits, FIFOs, submitit options ----------------
+DEEP = ["a = " + "[" * 1000 + "]" * 1000, "a = " + "{b = " * 1000 + "1" + "}" * 1000, "a = 1" + "0" * 5000]
+
+
+@pytest.mark.parametrize("document", DEEP, ids=["deep-array", "deep-table", "5000-digits"])
+def test_pathological_toml_is_one_message_for_scenarios_and_budgets(tmp_path, capsys, document):
+    path = tmp_path / "deep.toml"
+    path.write_text(document)
+    one_message(capsys, ["run", "--scenario", str(path), "--mode", "estimate", "--out", str(tmp_path / "o")])
+    err = one_message(capsys, ["check", "--budgets", str(path), str(RECORDS)])
+    assert len(err) < 500, err
+
+
+def test_a_huge_record_nesting_is_one_message(tmp_path, capsys):
+    folder = tmp_path / "r" / "d" / "s"
+    folder.mkdir(parents=True)
+    (folder / "x.simulate.1.json").write_text('{"scenario": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert "nested too deeply" in one_message(capsys, ["compare", str(tmp_path / "r"), str(RECORDS)])
+
+
+@pytest.mark.parametrize("budget", ["1" + "0" * 400 + " GiB", "9000 PiB", "99999999999999999999 TiB"])
+def test_fit_budget_beyond_2_63_bytes_is_one_message(capsys, budget):
+    err = one_message(capsys, ["fit", "--scenario", "7b_4090", "--budget", budget])
+    assert "--budget: got " in err and len(err) < 500, err
+
+
+def test_a_fifo_named_json_is_refused_not_waited_on(tmp_path, capsys):
+    import os
+    shutil.copytree(RECORDS / "lomo_7b", tmp_path / "r" / "d" / "lomo_7b")
+    os.mkfifo(tmp_path / "r" / "d" / "lomo_7b" / "pipe.simulate.1.json")
+    assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "out")]) == 0  # skipped in a folder
+    assert "Traceback" not in capsys.readouterr().err
+    pipe = tmp_path / "r" / "d" / "lomo_7b" / "pipe.simulate.1.json"
+    err = one_message(capsys, ["compare", str(pipe), str(RECORDS)])
+    assert "not a regular file" in err
+
+
+@pytest.mark.parametrize("option,says", [("nodes=0", "nodes=0: allowed a whole number"),
+                                         ("nodes=x", "allowed a whole number"), ("=3", "expected KEY=VALUE"),
+                                         ("a b=1", "expected KEY=VALUE")])
+def test_a_bad_cluster_option_is_one_message(option, says):
+    from galore_bench.errors import UserError
+    from galore_bench.run.cluster import parse_options
+    with pytest.raises(UserError, match=says):
+        parse_options([option])
+    assert parse_options(["mem_gb=1.5", "timeout_min=30", "slurm_partition=gpu"]) == {
+        "mem_gb": 1.5, "timeout_min": 30, "slurm_partition": "gpu"}  # numbers typed as submitit checks them
+
+
+def test_an_option_submitit_refuses_is_one_message(write_scenario, tmp_path, capsys):
+    pytest.importorskip("submitit")
+    path = write_scenario('[model]\nsize = "tiny"\n[train]\nsteps = 1\n[[runs]]\nmethod = "sgd"\n')
+    for option in ("timeout_min=abc", "bogus=1"):
+        err = one_message(capsys, ["run", "--scenario", str(path), "--mode", "estimate", "--out",
+                                   str(tmp_path / "o"), "--submitit", "local", "--cluster-option", option])
+        assert "--cluster-option" in err, err
+
+
+# -- 14. output: a long list of problems is cut; markdown and CSV cells cannot carry HTML or formulas --------
+def test_a_message_lists_at_most_50_problems_and_counts_the_rest(write_scenario, capsys):
+    runs = "".join(f'[[runs]]\nmethod = "nope{i}"\n' for i in range(5000))
+    path = write_scenario('[model]\nsize = "tiny"\n' + runs)
+    err = one_message(capsys, run_argv(path, "estimate"))
+    assert err.count("runs[") == 50 and "... and 4,950 more" in err and err.startswith(
+        "galore-bench: error: 5000 problem(s)"), err[-300:]

@@ -65,8 +65,9 @@ def _side(path: Path) -> tuple[Side, bool]:
     if path.is_file():
         record = store.load(path)
         return {store.by_run_and_mode(record): (path, record)}, True
-    if not path.is_dir():
-        raise UserError(f"{path}: no such file or folder")
+    if not path.is_dir():  # a FIFO named *.json exists but is neither
+        what = "not a regular file or folder" if path.exists() else "no such file or folder"
+        raise UserError(f"{path}: {what}")
     stored = store.load_all([path])
     if not stored:
         raise UserError(f"{path}: no result records in this folder")

@@ -24,7 +24,7 @@ from typing import Any
 
 import tomllib
 
-from galore_bench.errors import UserError
+from galore_bench.errors import UserError, listed, shown
 from galore_bench.spec.scenario import load_scenario, shipped_scenarios
 from galore_bench.units import ALLOWED_UNITS, CATEGORIES, format_bytes, parse_bytes
 
@@ -81,10 +81,7 @@ def _number(value: Any) -> float:
 
 
 def _size(value: Any) -> float:
-    try:
-        return _number(float(parse_bytes(value)))
-    except OverflowError:  # '1e400 GiB': an infinite float rounded
-        raise ValueError(value) from None
+    return _number(float(parse_bytes(value)))
 
 
 def _grow(value: Any) -> float:
@@ -96,22 +93,19 @@ def _grow(value: Any) -> float:
     return float(value)
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
-
-
 def load_budgets(path: Path | str) -> list[Rule]:
     """Parse and validate a budgets file; every problem is reported at once as a UserError."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # TOMLDecodeError, UnicodeDecodeError, an int of 4300+ digits
         raise UserError(f"{path}: not a readable budgets TOML file ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a budgets file: nested too deeply to read") from None
     problems: list[str] = []
 
     def bad(where: str, got: Any, allowed: str) -> None:
-        problems.append(f"{path}: {where}: got {_shown(got)}, allowed {allowed}")
+        problems.append(f"{path}: {where}: got {shown(got)}, allowed {allowed}")
 
     for key in (k for k in raw if k != "budget"):
         bad(key, key, "[[budget]] tables only")
@@ -178,7 +172,7 @@ def load_budgets(path: Path | str) -> list[Rule]:
                 for fld in GROW_FIELDS:
                     rules.append(Rule(scenario, label, fld, None, grow, baseline, src, mode, scenario_file or ""))
     if problems:
-        raise UserError(f"{len(problems)} problem(s) in budgets file:\n  " + "\n  ".join(problems))
+        raise UserError(f"{len(problems)} problem(s) in budgets file:\n  " + listed(problems, "\n  "))
     return rules
 
 
