@@ -204,3 +204,47 @@ def test_a_message_lists_at_most_50_problems_and_counts_the_rest(write_scenario,
     err = one_message(capsys, run_argv(path, "estimate"))
     assert err.count("runs[") == 50 and "... and 4,950 more" in err and err.startswith(
         "galore-bench: error: 5000 problem(s)"), err[-300:]
+
+
+HOSTILE_TEXT = '=HYPERLINK("http://x")<img src=x onerror=alert(1)>&amp;'
+
+
+def test_record_text_is_neither_html_in_markdown_nor_a_formula_in_csv(tmp_path):
+    import csv
+
+    source = min((RECORDS / "lomo_7b").glob("*.json"))
+    record = json.loads(source.read_text())
+    record["run"], record["model"]["name"] = HOSTILE_TEXT, "@SUM(A1)"
+    folder = tmp_path / "records" / "d" / "lomo_7b"
+    folder.mkdir(parents=True)
+    (folder / source.name).write_text(json.dumps(record))
+    assert main(["report", str(tmp_path / "records"), "--out", str(tmp_path / "hostile"), "--format", "md,csv"]) == 0
+    assert main(["report", str(source), "--out", str(tmp_path / "plain"), "--format", "md,csv"]) == 0
+    md = (tmp_path / "hostile" / "lomo_7b.md").read_text()
+    assert "<img" not in md and "&lt;img src=x onerror=alert(1)>&amp;amp;" in md
+    for table in (tmp_path / "hostile").glob("*.csv"):
+        with table.open() as handle, (tmp_path / "plain" / table.name).open() as plain_handle:
+            rows, plain = list(csv.reader(handle)), list(csv.reader(plain_handle))
+        cells = [(cell, before) for row, plain_row in zip(rows, plain) for cell, before in zip(row, plain_row)]
+        assert not [cell for cell, _ in cells if cell[:1] in "=+-@" and not _is_number(cell)], table.name
+        assert any(cell == "'" + HOSTILE_TEXT for cell, _ in cells), table.name
+        assert [c for c, b in cells if _is_number(b)] == [b for _, b in cells if _is_number(b)]  # numbers as were
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def test_csv_safe_prefixes_only_text_that_would_be_a_formula():
+    import pandas as pd
+
+    from galore_bench.report.tables import csv_safe
+    frame = pd.DataFrame({"label": ["=1+1", "+x", "-x", "@x", "-1.5", "ok", "-", "- (0.35 GB)", "- (1)+cmd"],
+                          "n": [-1.0, 2, 3, 4, 5, 6, 7, 8, 9]})
+    assert csv_safe(frame)["label"].tolist() == ["'=1+1", "'+x", "'-x", "'@x", "-1.5", "ok", "-", "- (0.35 GB)",
+                                                 "'- (1)+cmd"]
+    assert csv_safe(frame)["n"].tolist() == frame["n"].tolist()
