@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from galore_bench.errors import UserError
+from galore_bench.measure.estimate import estimate_run
 from galore_bench.models import DTYPES, parameter_count
 from galore_bench.units import format_bytes
 
@@ -54,8 +55,6 @@ def resolve_mode(scenario: Scenario, run: RunSpec, requested: str | None, device
 def host_bytes_needed(scenario: Scenario, run: RunSpec) -> int:
     """What real steps of the run hold in host memory: the closed-form estimate for a CPU run, or, for a
     method without estimate terms, weights and gradients in the run's dtype plus two fp32 optimizer states."""
-    from galore_bench.measure.estimate import estimate_run  # the engines import this package
-
     try:
         return estimate_run(scenario, run, target="cpu").peak_bytes
     except UserError:  # EstimateUnavailable: a plugin method
