@@ -30,6 +30,13 @@ def _is_parts(value: Any) -> bool:
     return isinstance(value, dict) and all(_is_number(v) for v in value.values())
 
 
+def _is_candidates(value: Any) -> bool:
+    """A world-size search: each candidate's strategy, world size and peak (report.gpus indexes them)."""
+    return isinstance(value, list) and all(
+        isinstance(c, dict) and isinstance(c.get("strategy"), str) and _is_count(c.get("world_size"))
+        and _is_count(c.get("peak_bytes")) for c in value)
+
+
 Check = tuple[Callable[[Any], bool], str]
 COUNT: Check = (_is_count, "an int below 2**63")
 NUMBER: Check = (_is_number, "a finite number")
@@ -39,6 +46,7 @@ REASON: Check = (lambda v: isinstance(v, (bool, str)), "false or a string (why i
 TABLE: Check = (lambda v: isinstance(v, dict), "an object")
 PARTS: Check = (_is_parts, "an object of finite numbers (bytes per category)")
 NUMBERS: Check = (_is_numbers, "a list of finite numbers")
+CANDIDATES: Check = (_is_candidates, "a list of objects with strategy, world_size and peak_bytes")
 
 # field path -> (check, allowed); every one may also be null or absent, except where REQUIRED says otherwise
 FIELDS: dict[tuple[str, ...], Check] = {
@@ -54,9 +62,11 @@ FIELDS: dict[tuple[str, ...], Check] = {
     ("memory", "cuda"): TABLE, ("memory", "cuda", "reserved_bytes"): COUNT,
     ("throughput", "tokens_per_second"): NUMBER, ("throughput", "tgs"): NUMBER, ("throughput", "mfu"): NUMBER,
     ("quality", "final_loss"): NUMBER, ("quality", "perplexity"): NUMBER, ("quality", "losses"): NUMBERS,
-    ("env", "git_commit"): TEXT, ("env", "git_dirty"): FLAG,
+    ("env", "git_commit"): TEXT, ("env", "git_dirty"): FLAG, ("env", "packages"): TABLE,
     ("distributed", "world_size"): COUNT, ("distributed", "strategy"): TEXT, ("distributed", "fsdp_unit"): TEXT,
-    ("distributed", "cpu_offload"): FLAG,
+    ("distributed", "cpu_offload"): FLAG, ("distributed", "candidates"): CANDIDATES,
+    ("distributed", "gpus_needed"): COUNT, ("distributed", "max_rank_peak_bytes"): COUNT,
+    ("distributed", "transient_bytes"): PARTS,
 }
 REQUIRED = {("method", "name"), ("model", "name"), ("memory", "allocator_model", "peak_reserved_bytes")}
 

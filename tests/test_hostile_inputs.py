@@ -2,16 +2,25 @@
 sizes, pathological parse input and output that a spreadsheet or markdown viewer would misread."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from galore_bench.cli import main
 
 RECORDS = Path(__file__).resolve().parents[1] / "reports" / "cpu-simulate" / "records" / "simulated-cpu"
 BIG = "1" + "0" * 400  # json reads it as an int no float can hold
+BIG_INT = int(BIG)
 
 
 def one_message(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
@@ -248,3 +257,79 @@ def test_csv_safe_prefixes_only_text_that_would_be_a_formula():
     assert csv_safe(frame)["label"].tolist() == ["'=1+1", "'+x", "'-x", "'@x", "-1.5", "ok", "-", "- (0.35 GB)",
                                                  "'- (1)+cmd"]
     assert csv_safe(frame)["n"].tolist() == frame["n"].tolist()
+
+
+# -- properties: generated damage to a real record, generated budget files ----------------------------------
+def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    """Every field path in a record (a list by its first item)."""
+    items = value.items() if isinstance(value, dict) else [(0, value[0])] if isinstance(value, list) and value \
+        else []
+    return [path for key, item in items for path in [(*prefix, key), *_paths(item, (*prefix, key))]]
+
+
+RECORD = json.loads(min((RECORDS / "lomo_7b").glob("*.json")).read_text())
+WRONG_VALUES = (st.none() | st.booleans() | st.integers(-3, 3) | st.floats() | st.sampled_from(["BIG", "12", ""])
+                | st.text(max_size=6) | st.lists(st.integers(), max_size=2) | st.dictionaries(st.text(max_size=3),
+                                                                                          st.integers(), max_size=2))
+EXAMPLES = settings(max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "25")), deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _answers(argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+@EXAMPLES
+@given(st.lists(st.tuples(st.sampled_from(_paths(RECORD)), WRONG_VALUES), min_size=1, max_size=3))
+def test_generated_record_damage_is_read_or_refused_with_one_message(damage):
+    with tempfile.TemporaryDirectory() as folder:
+        record = json.loads(json.dumps(RECORD))
+        for path, value in damage:
+            node: Any = record
+            for key in path[:-1]:
+                node = node[key] if isinstance(node, dict) and key in node or isinstance(node, list) and node \
+                    else None
+            if isinstance(node, (dict, list)) and (isinstance(node, dict) or node):
+                node[path[-1] if isinstance(node, dict) else 0] = value
+        root = Path(folder)
+        (root / "r" / "d" / "lomo_7b").mkdir(parents=True)
+        (root / "r" / "d" / "lomo_7b" / "x.simulate.1.json").write_text(json.dumps(record).replace('"BIG"', BIG))
+        (root / "b.toml").write_text('[[budget]]\nscenario = "lomo_7b"\nrun = "*"\npeak = "100 GiB"\n')
+        for argv in (["report", str(root / "r"), "--out", str(root / "out"), "--format", "md,csv"],
+                     ["compare", str(root / "r"), str(root / "r")], ["check", "--budgets", str(root / "b.toml"),
+                                                                     str(root / "r")]):
+            code, message = _answers(argv)
+            assert code in (0, 1) and "Traceback" not in message, message
+            assert code == 0 or message.startswith("galore-bench: error: ") or argv[0] == "check", message
+
+
+def toml_value(value: Any) -> str:
+    """One TOML value, inline: JSON's strings, lists and keys are TOML's; NaN and infinities are spelled."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(toml_value, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+BUDGET_KEYS = st.sampled_from(["peak", "reserved", "gradients", "tgs_min", "perplexity_max", "grow_max", "run",
+                               "mode", "baseline", "scenario"])
+
+
+@EXAMPLES
+@given(st.dictionaries(BUDGET_KEYS, WRONG_VALUES | st.sampled_from(["2%", "1 GiB", "nan%", "1e400 GiB"]),
+                       min_size=1, max_size=4))
+def test_a_generated_budget_file_is_checked_or_refused_with_one_message(table):
+    with tempfile.TemporaryDirectory() as folder:
+        budgets = Path(folder) / "b.toml"
+        body = {"scenario": "lomo_7b", **{k: (BIG_INT if v == "BIG" else v) for k, v in table.items()
+                                          if v is not None}}
+        budgets.write_text("[[budget]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in body.items()))
+        code, message = _answers(["check", "--budgets", str(budgets), str(RECORDS)])
+        assert code in (0, 1) and "Traceback" not in message, message
+        assert len(message) < 5000, message[:500]

@@ -158,9 +158,9 @@ def load_budgets(path: Path | str) -> list[Rule]:
                 bad(f"{at}.grow_max", table["grow_max"], "only with a baseline = \"folder or record\"")
         if "baseline" in table:
             baseline = Path(str(table["baseline"]))
-            if not baseline.exists() and (path.parent / baseline).exists():
+            if not _exists(baseline) and _exists(path.parent / baseline):
                 baseline = path.parent / baseline
-            if not baseline.exists():
+            if not _exists(baseline):
                 bad(f"{at}.baseline", str(table["baseline"]), "an existing record file or results folder")
         if not any(k in table for k in (*MEMORY_FIELDS, *SCALAR_FIELDS, "grow_max")):
             bad(at, sorted(table), "at least one limit: " + ", ".join((*MEMORY_FIELDS, *SCALAR_FIELDS, "grow_max")))
@@ -176,12 +176,20 @@ def load_budgets(path: Path | str) -> list[Rule]:
     return rules
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists, False for a name the system refuses (too long, a NUL): it names no file either way."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _scenario_file(scenario: Any, budgets_path: Path, known: list[str]) -> str | None:
     """A shipped scenario's name, or a .toml path (as given, else beside the budgets file); None if neither."""
     if scenario in known:
         return str(scenario)
     if isinstance(scenario, str) and scenario.endswith(".toml"):
         for candidate in (Path(scenario), budgets_path.parent / scenario):
-            if candidate.is_file():
+            if _exists(candidate) and candidate.is_file():
                 return str(candidate)
     return None
