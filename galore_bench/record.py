@@ -183,8 +183,8 @@ def problems_in(record: dict[str, Any]) -> list[str]:
     for name, section in _SECTION_TYPES.items():
         if isinstance(value := record.get(name), dict):
             missing += [f"{name}.{key}" for key in sorted(section.__required_keys__ - value.keys())]
-    found += [f"{key}: missing (a damaged record?)" for key in missing]
-    return found + type_problems(record)  # the types inside the sections
+    found += type_problems(record)  # the types inside the sections
+    return found + [f"{key}: missing (a damaged record?)" for key in missing]
 
 
 # -- version 1 -> 2 -----------------------------------------------------------------------------------

@@ -289,11 +289,10 @@ def test_generated_record_damage_is_read_or_refused_with_one_message(damage):
         record = json.loads(json.dumps(RECORD))
         for path, value in damage:
             node: Any = record
-            for key in path[:-1]:
-                node = node[key] if isinstance(node, dict) and key in node or isinstance(node, list) and node \
-                    else None
-            if isinstance(node, (dict, list)) and (isinstance(node, dict) or node):
-                node[path[-1] if isinstance(node, dict) else 0] = value
+            for key in path[:-1]:  # an earlier damage may have replaced a parent: then this one is dropped
+                node = node.get(key) if isinstance(node, dict) else node[0] if isinstance(node, list) and node else None
+            if isinstance(node, dict) or isinstance(node, list) and node and path[-1] == 0:
+                node[path[-1]] = value
         root = Path(folder)
         (root / "r" / "d" / "lomo_7b").mkdir(parents=True)
         (root / "r" / "d" / "lomo_7b" / "x.simulate.1.json").write_text(json.dumps(record).replace('"BIG"', BIG))
