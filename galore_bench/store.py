@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
-from galore_bench.errors import SAFE_NAME, UserError, is_safe_name, listed
+from galore_bench.errors import SAFE_NAME, UserError, is_safe_name, listed, shown
 from galore_bench.record import SCHEMA_VERSION, RunRecord, problems_in, upgraded
 
 DEFAULT_RESULTS = Path("results")
@@ -88,7 +88,7 @@ def write(record: RunRecord, out_dir: Path) -> Path:
 def load(path: Path) -> RunRecord:
     """One record at the current schema version (older ones upgraded), or a UserError naming the file and
     what is wrong: not JSON, not a record, a version this code cannot read, or each damaged field."""
-    if not Path(path).is_file():  # a FIFO or device named *.json would block the read forever
+    if kind_of(Path(path)) != "file":  # a FIFO or device named *.json would block the read forever
         raise UserError(f"{path}: not a regular file (a record is a plain JSON file)")
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -125,11 +125,23 @@ def _is_foreign(path: Path) -> bool:
     )
 
 
+def kind_of(path: Path) -> str:
+    """'folder', 'file' (regular), 'other' (a FIFO, a device) or 'missing'; a UserError for a name the system
+    refuses (over 255 bytes, a NUL), which would otherwise be an OSError traceback."""
+    try:
+        return ("folder" if path.is_dir() else "file" if path.is_file() else "other" if path.exists()
+                else "missing")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{shown(str(path), 80)}: not a usable path ({exc.__class__.__name__}: "
+                        f"{getattr(exc, 'strerror', None) or exc})") from None
+
+
 def find(paths: Iterable[Path]) -> list[Path]:
     """Record files under the given files/folders, in a stable order (foreign JSON in a folder is noted)."""
     found: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir():
+        kind = kind_of(path)
+        if kind == "folder":
             regular = (p for p in path.rglob("*.json") if p.is_file())  # a FIFO would block the scan
             for file in sorted(p for p in regular if not p.name.startswith(".tmp-")):
                 if _is_foreign(file):  # a summary or notes file beside the records
@@ -139,9 +151,9 @@ def find(paths: Iterable[Path]) -> list[Path]:
                     )
                 else:
                     found.append(file)
-        elif path.is_file():
+        elif kind == "file":
             found.append(path)
-        elif path.exists():
+        elif kind == "other":
             raise UserError(f"{path}: not a regular file or folder (a FIFO or device would block the read)")
         else:
             raise UserError(f"{path}: no such file or folder")

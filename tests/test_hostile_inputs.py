@@ -185,6 +185,15 @@ def test_a_fifo_named_json_is_refused_not_waited_on(tmp_path, capsys):
     assert "not a regular file" in err
 
 
+@pytest.mark.parametrize("command", ["run", "report", "compare", "check"])
+def test_a_path_argument_the_system_refuses_is_one_message(tmp_path, capsys, command):
+    name = "x" * 300 + (".toml" if command == "run" else ".json")
+    argv = {"run": ["run", "--scenario", name, "--out", str(tmp_path / "o")],
+            "report": ["report", name, "--out", str(tmp_path / "o")], "compare": ["compare", name, str(RECORDS)],
+            "check": ["check", "--budgets", name, str(RECORDS)]}[command]
+    assert len(one_message(capsys, argv)) < 1000  # the name is shown once or twice, not a traceback
+
+
 @pytest.mark.parametrize("option,says", [("nodes=0", "nodes=0: allowed a whole number"),
                                          ("nodes=x", "allowed a whole number"), ("=3", "expected KEY=VALUE"),
                                          ("a b=1", "expected KEY=VALUE")])

@@ -62,11 +62,11 @@ class Delta:
 def _side(path: Path) -> tuple[Side, bool]:
     """(scenario, run, mode) -> (file, record) for one side, and whether the side was a single file."""
     path = Path(path)
-    if path.is_file():
+    if (kind := store.kind_of(path)) == "file":
         record = store.load(path)
         return {store.by_run_and_mode(record): (path, record)}, True
-    if not path.is_dir():  # a FIFO named *.json exists but is neither
-        what = "not a regular file or folder" if path.exists() else "no such file or folder"
+    if kind != "folder":  # a FIFO named *.json exists but is neither
+        what = "not a regular file or folder" if kind == "other" else "no such file or folder"
         raise UserError(f"{path}: {what}")
     stored = store.load_all([path])
     if not stored:

@@ -87,10 +87,14 @@ def shipped_scenarios() -> list[str]:
 def find_scenario(name_or_path: str) -> Traversable:
     """A user's .toml file by path, or a shipped scenario by name."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise UserError(f"{name_or_path}: no such scenario file")
-        return path
+    try:
+        if path.suffix == ".toml" or path.exists():
+            if not path.is_file():
+                raise UserError(f"{name_or_path}: no such scenario file")
+            return path
+    except (OSError, ValueError) as exc:  # a name over 255 bytes, a NUL
+        raise UserError(f"{shown(name_or_path, 80)}: not a usable path "
+                        f"({getattr(exc, 'strerror', None) or exc})") from None
     shipped = SHIPPED_SCENARIOS / f"{name_or_path}.toml"
     if not shipped.is_file():
         known = ", ".join(shipped_scenarios())
