@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+LISTED_MAX = 50  # problems printed in one message; the rest are counted (500,000 lines help no one)
 NAME_MAX = 100  # a record's file name adds its mode, a time stamp and a suffix: well under 255 bytes in all
 _NAME = re.compile(r"[A-Za-z0-9_+=@-][A-Za-z0-9._+=@-]*")
 SAFE_NAME = (f"a name of letters, digits and . _ - + = @ (not starting with a dot, no '..', "
@@ -36,6 +37,19 @@ def one_of(value: Any, allowed: Any) -> bool:
     return isinstance(value, str) and value in allowed
 
 
+def shown(value: Any, width: int = 80) -> str:
+    """repr(value), cut to `width` characters with its full length said: a 400-digit number or a pasted file
+    in a scenario would otherwise fill the terminal."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width - 20]}... ({len(text):,} characters)"
+
+
+def listed(lines: list[str], separator: str = "\n") -> str:
+    """The first LISTED_MAX lines joined, and how many more there are."""
+    more = f"{separator}... and {len(lines) - LISTED_MAX:,} more" if len(lines) > LISTED_MAX else ""
+    return separator.join(lines[:LISTED_MAX]) + more
+
+
 class Problems:
     """Collects `file: field: got X, allowed Y` lines so the user sees them all at once."""
 
@@ -43,7 +57,7 @@ class Problems:
         self.path, self.lines = path, list[str]()
 
     def add(self, where: str, got: Any, allowed: str) -> None:
-        self.lines.append(f"{self.path}: {where}: got {got!r}, allowed {allowed}")
+        self.lines.append(f"{self.path}: {where}: got {shown(got)}, allowed {allowed}")
 
     def unknown_keys(self, where: str, table: dict[str, Any], allowed: list[str]) -> None:
         for key in table:

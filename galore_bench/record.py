@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypedDict, cast
 
 from galore_bench.errors import SAFE_NAME, is_safe_name, one_of
+from galore_bench.record_types import type_problems
 from galore_bench.units import CATEGORIES
 
 SCHEMA_VERSION = 2
@@ -168,18 +169,6 @@ _TOP: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _is_bytes(value: Any) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool))
-
-
-def _is_parts(value: Any) -> bool:
-    return value is None or (isinstance(value, dict) and all(_is_bytes(v) or isinstance(v, float)
-                                                             for v in value.values()))
-
-
-_MEMORY = {"peak_bytes": (_is_bytes, "an int (bytes) or null"),
-           "breakdown": (_is_parts, "an object of bytes per category, or null"),
-           "category_peaks": (_is_parts, "an object of bytes per category, or null")}
 _SECTION_TYPES: dict[str, Any] = {  # TypedDict classes, for their __required_keys__
     "model": ModelSection, "budget": BudgetSection, "memory": MemorySection, "throughput": ThroughputSection,
     "quality": QualitySection, "env": EnvSection, "distributed": DistributedSection}
@@ -190,13 +179,11 @@ def problems_in(record: dict[str, Any]) -> list[str]:
     damaged = lambda key: " (a damaged record?)" if key in SECTIONS else ""
     found = [f"{key}: got {record.get(key)!r}, allowed {allowed}{damaged(key)}"
              for key, (ok, allowed) in _TOP.items() if not ok(record.get(key))]
-    if isinstance(memory := record.get("memory"), dict):
-        found += [f"memory.{key}: got {memory.get(key)!r}, allowed {allowed}"
-                  for key, (ok, allowed) in _MEMORY.items() if not ok(memory.get(key))]
     missing = sorted(RunRecord.__required_keys__ - record.keys())
     for name, section in _SECTION_TYPES.items():
         if isinstance(value := record.get(name), dict):
             missing += [f"{name}.{key}" for key in sorted(section.__required_keys__ - value.keys())]
+    found += type_problems(record)  # the types inside the sections
     return found + [f"{key}: missing (a damaged record?)" for key in missing]
 
 

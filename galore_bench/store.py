@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
-from galore_bench.errors import SAFE_NAME, UserError, is_safe_name
+from galore_bench.errors import SAFE_NAME, UserError, is_safe_name, listed, shown
 from galore_bench.record import SCHEMA_VERSION, RunRecord, problems_in, upgraded
 
 DEFAULT_RESULTS = Path("results")
@@ -88,10 +88,14 @@ def write(record: RunRecord, out_dir: Path) -> Path:
 def load(path: Path) -> RunRecord:
     """One record at the current schema version (older ones upgraded), or a UserError naming the file and
     what is wrong: not JSON, not a record, a version this code cannot read, or each damaged field."""
+    if kind_of(Path(path)) != "file":  # a FIFO or device named *.json would block the read forever
+        raise UserError(f"{path}: not a regular file (a record is a plain JSON file)")
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UserError(f"{path}: not a readable JSON file ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a result record (nested too deeply to read)") from None
     if not isinstance(raw, dict) or not {"schema_version", *REQUIRED} & raw.keys():
         raise UserError(f"{path}: not a galore-bench result record (no schema_version, scenario or run)")
     try:
@@ -100,8 +104,12 @@ def load(path: Path) -> RunRecord:
         raise UserError(f"{path}: {exc}") from None
     if missing := [key for key in REQUIRED if key not in record]:
         raise UserError(f"{path}: not a galore-bench result record (missing {', '.join(missing)})")
-    if problems := problems_in(record):
-        raise UserError(f"{path}: " + "; ".join(problems))
+    try:
+        problems = problems_in(record)
+    except RecursionError:  # nesting the parser took but the type walk cannot
+        problems = ["nested too deeply to be a result record"]
+    if problems:
+        raise UserError(f"{path}: " + listed(problems, "; "))
     return cast(RunRecord, record)
 
 
@@ -110,19 +118,32 @@ def _is_foreign(path: Path) -> bool:
     One with some of them (an old or damaged record) is read and its problem reported, never skipped."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False  # unreadable: reported as a damaged record where it is read
     return not (
         isinstance(data, dict) and {"schema_version", "scenario", "run", "status", "memory"} & data.keys()
     )
 
 
+def kind_of(path: Path) -> str:
+    """'folder', 'file' (regular), 'other' (a FIFO, a device) or 'missing'; a UserError for a name the system
+    refuses (over 255 bytes, a NUL), which would otherwise be an OSError traceback."""
+    try:
+        return ("folder" if path.is_dir() else "file" if path.is_file() else "other" if path.exists()
+                else "missing")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{shown(str(path), 80)}: not a usable path ({exc.__class__.__name__}: "
+                        f"{getattr(exc, 'strerror', None) or exc})") from None
+
+
 def find(paths: Iterable[Path]) -> list[Path]:
     """Record files under the given files/folders, in a stable order (foreign JSON in a folder is noted)."""
     found: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir():
-            for file in sorted(p for p in path.rglob("*.json") if not p.name.startswith(".tmp-")):
+        kind = kind_of(path)
+        if kind == "folder":
+            regular = (p for p in path.rglob("*.json") if p.is_file())  # a FIFO would block the scan
+            for file in sorted(p for p in regular if not p.name.startswith(".tmp-")):
                 if _is_foreign(file):  # a summary or notes file beside the records
                     print(
                         f"galore-bench: note: skipped {file}: not a result record (none of its keys)",
@@ -130,8 +151,10 @@ def find(paths: Iterable[Path]) -> list[Path]:
                     )
                 else:
                     found.append(file)
-        elif path.is_file():
+        elif kind == "file":
             found.append(path)
+        elif kind == "other":
+            raise UserError(f"{path}: not a regular file or folder (a FIFO or device would block the read)")
         else:
             raise UserError(f"{path}: no such file or folder")
     return found

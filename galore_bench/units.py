@@ -20,7 +20,10 @@ def parse_bytes(text: str) -> int:
     match = _PATTERN.match(str(text))
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot parse {text!r} as a size; write a number and a unit ({ALLOWED_UNITS})")
-    return round(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not size < 2**63:  # 400 digits read as an infinite float; no device holds 8 EiB
+        raise ValueError(f"cannot take {text!r} as a size; sizes are below 2**63 bytes (8 EiB)")
+    return round(size)
 
 
 def gib(n_bytes: float) -> float:

@@ -104,9 +104,8 @@ def test_a_damaged_field_names_the_file_and_the_field(tmp_path):
     path.write_text(json.dumps(damaged))
     with pytest.raises(UserError) as caught:
         store.load(path)
-    assert str(caught.value) == (f"{path}: memory.breakdown: got {{'weights': '12 GiB'}}, allowed an "
-                                 "object of bytes per category, or null; "
-                                 "quality.data: missing (a damaged record?)")
+    assert str(caught.value) == (f"{path}: memory.breakdown.weights: got '12 GiB', allowed a finite number "
+                                 "(bytes); quality.data: missing (a damaged record?)")
 
 
 def test_every_committed_record_loads_at_version_2():

@@ -17,7 +17,7 @@ import pandas as pd
 from galore_bench import store
 from galore_bench.errors import UserError
 from galore_bench.record import Record, memory_values
-from galore_bench.report.tables import as_number, to_markdown
+from galore_bench.report.tables import as_number, csv_safe, md_text, to_markdown
 from galore_bench.units import format_bytes
 
 # quantity -> (record section, key, unit, whether a larger value is worse)
@@ -62,11 +62,12 @@ class Delta:
 def _side(path: Path) -> tuple[Side, bool]:
     """(scenario, run, mode) -> (file, record) for one side, and whether the side was a single file."""
     path = Path(path)
-    if path.is_file():
+    if (kind := store.kind_of(path)) == "file":
         record = store.load(path)
         return {store.by_run_and_mode(record): (path, record)}, True
-    if not path.is_dir():
-        raise UserError(f"{path}: no such file or folder")
+    if kind != "folder":  # a FIFO named *.json exists but is neither
+        what = "not a regular file or folder" if kind == "other" else "no such file or folder"
+        raise UserError(f"{path}: {what}")
     stored = store.load_all([path])
     if not stored:
         raise UserError(f"{path}: no result records in this folder")
@@ -167,7 +168,7 @@ def delta_frame(rows: list[Delta], readable: bool) -> pd.DataFrame:
 def render(rows: list[Delta], fmt: str, pairs: list, only_a: list[str], only_b: list[str], a: Path, b: Path) -> str:
     """The comparison as markdown, CSV or JSON text (JSON keeps the raw numbers and the record files)."""
     if fmt == "csv":
-        return delta_frame(rows, readable=False).to_csv(index=False)
+        return csv_safe(delta_frame(rows, readable=False)).to_csv(index=False)
     files = [{"scenario": k[0], "run": k[1], "a": str(pa), "b": str(pb), "a_mode": ra["mode"], "b_mode": rb["mode"],
               "a_device": ra["device"], "b_device": rb["device"]} for k, (pa, ra), (pb, rb) in pairs]
     if fmt == "json":
@@ -177,8 +178,8 @@ def render(rows: list[Delta], fmt: str, pairs: list, only_a: list[str], only_b: 
         return json.dumps(out, indent=1) + "\n"
     lines = [f"# Compare: A = {a}, B = {b}", "", "delta = B - A; delta % is relative to A", "",
              to_markdown(delta_frame(rows, readable=True)), "", "## Record files", ""]
-    lines += [f"- {f['scenario']}/{f['run']}: A {f['a']} ({f['a_mode']}, {f['a_device']}); "
-              f"B {f['b']} ({f['b_mode']}, {f['b_device']})" for f in files]
+    lines += [md_text(f"- {f['scenario']}/{f['run']}: A {f['a']} ({f['a_mode']}, {f['a_device']}); "
+                      f"B {f['b']} ({f['b_mode']}, {f['b_device']})") for f in files]
     lines += [f"- only in A: {', '.join(only_a)}"] * bool(only_a) + [f"- only in B: {', '.join(only_b)}"] * bool(only_b)
     return "\n".join(lines) + "\n"
 

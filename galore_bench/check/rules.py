@@ -11,6 +11,9 @@
     baseline = "results/baseline"     # a folder of records or one record file
     grow_max = "2%"                   # peak and every category: at most baseline * (1 + 2%)
 
+A bare grow_max number is a fraction (0.02 = 2%) and is refused above 1: `grow_max = 5` is far likelier a
+mistyped "5%" than a wish to allow 500%, which is written "500%". Every limit is a finite number >= 0.
+
 In your own tests: `assert_memory_budget(record, peak="22 GiB", gradients="1 GiB")`.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import tomllib
 
-from galore_bench.errors import UserError
+from galore_bench.errors import UserError, listed, shown
 from galore_bench.spec.scenario import load_scenario, shipped_scenarios
 from galore_bench.units import ALLOWED_UNITS, CATEGORIES, format_bytes, parse_bytes
 
@@ -65,9 +68,28 @@ def value_text(field: str, value: float | None) -> str:
     return format_bytes(value) if field in MEMORY_FIELDS else f"{value:.4g}"
 
 
+LARGEST = 2.0**63  # no byte count, throughput or loss a record holds reaches it; 10**400 overflows a float
+
+
 def _number(value: Any) -> float:
+    """A finite number in [0, 2**63]; TypeError or ValueError otherwise (NaN passes every comparison)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(value)
+    if isinstance(value, int) and abs(value) > LARGEST or not 0 <= float(value) <= LARGEST:
+        raise ValueError(value)
+    return float(value)
+
+
+def _size(value: Any) -> float:
+    return _number(float(parse_bytes(value)))
+
+
+def _grow(value: Any) -> float:
+    """grow_max as a fraction: "2%" -> 0.02, or a bare fraction 0.02 (refused above 1, see the docstring)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        return _number(float(value.strip()[:-1])) / 100
+    if _number(value) > 1:
+        raise ValueError(value)
     return float(value)
 
 
@@ -76,12 +98,14 @@ def load_budgets(path: Path | str) -> list[Rule]:
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # TOMLDecodeError, UnicodeDecodeError, an int of 4300+ digits
         raise UserError(f"{path}: not a readable budgets TOML file ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a budgets file: nested too deeply to read") from None
     problems: list[str] = []
 
     def bad(where: str, got: Any, allowed: str) -> None:
-        problems.append(f"{path}: {where}: got {got!r}, allowed {allowed}")
+        problems.append(f"{path}: {where}: got {shown(got)}, allowed {allowed}")
 
     for key in (k for k in raw if k != "budget"):
         bad(key, key, "[[budget]] tables only")
@@ -116,32 +140,27 @@ def load_budgets(path: Path | str) -> list[Rule]:
         for key in (k for k in (*MEMORY_FIELDS, *SCALAR_FIELDS) if k in table):
             value = table[key]
             try:
-                limits[key] = float(parse_bytes(value) if key in MEMORY_FIELDS else _number(value))
+                limits[key] = _size(value) if key in MEMORY_FIELDS else _number(value)
             except (TypeError, ValueError):
-                bad(f"{at}.{key}", value, f"a size: a number and a unit ({ALLOWED_UNITS})"
-                    if key in MEMORY_FIELDS else "a number")
+                bad(f"{at}.{key}", value, f"a size: a number >= 0 and a unit ({ALLOWED_UNITS}), below 2**63 bytes"
+                    if key in MEMORY_FIELDS else "a finite number >= 0")
                 continue
             if key in ("peak", "reserved") and limits[key] <= 0:  # a category may be held to 0 B (LOMO's gradients)
                 bad(f"{at}.{key}", value, "a size > 0 (no run fits in 0 bytes)")
         grow = baseline = None
         if "grow_max" in table:
-            text = str(table["grow_max"]).strip()
             try:
-                if isinstance(table["grow_max"], bool):
-                    raise TypeError(table["grow_max"])
-                grow = float(text[:-1]) / 100 if text.endswith("%") else float(table["grow_max"])
-                if grow < 0:
-                    raise ValueError(grow)
+                grow = _grow(table["grow_max"])
             except (TypeError, ValueError):
-                bad(f"{at}.grow_max", table["grow_max"],
-                    "a percentage >= 0 such as \"2%\", or a fraction >= 0 such as 0.02")
+                bad(f"{at}.grow_max", table["grow_max"], "a finite percentage >= 0 such as \"2%\", or a "
+                    "fraction from 0 to 1 such as 0.02 (write \"500%\" for 5: a bare 5 is likelier a mistyped 5%)")
             if "baseline" not in table:
                 bad(f"{at}.grow_max", table["grow_max"], "only with a baseline = \"folder or record\"")
         if "baseline" in table:
             baseline = Path(str(table["baseline"]))
-            if not baseline.exists() and (path.parent / baseline).exists():
+            if not _exists(baseline) and _exists(path.parent / baseline):
                 baseline = path.parent / baseline
-            if not baseline.exists():
+            if not _exists(baseline):
                 bad(f"{at}.baseline", str(table["baseline"]), "an existing record file or results folder")
         if not any(k in table for k in (*MEMORY_FIELDS, *SCALAR_FIELDS, "grow_max")):
             bad(at, sorted(table), "at least one limit: " + ", ".join((*MEMORY_FIELDS, *SCALAR_FIELDS, "grow_max")))
@@ -153,8 +172,16 @@ def load_budgets(path: Path | str) -> list[Rule]:
                 for fld in GROW_FIELDS:
                     rules.append(Rule(scenario, label, fld, None, grow, baseline, src, mode, scenario_file or ""))
     if problems:
-        raise UserError(f"{len(problems)} problem(s) in budgets file:\n  " + "\n  ".join(problems))
+        raise UserError(f"{len(problems)} problem(s) in budgets file:\n  " + listed(problems, "\n  "))
     return rules
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, False for a name the system refuses (too long, a NUL): it names no file either way."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _scenario_file(scenario: Any, budgets_path: Path, known: list[str]) -> str | None:
@@ -163,6 +190,6 @@ def _scenario_file(scenario: Any, budgets_path: Path, known: list[str]) -> str |
         return str(scenario)
     if isinstance(scenario, str) and scenario.endswith(".toml"):
         for candidate in (Path(scenario), budgets_path.parent / scenario):
-            if candidate.is_file():
+            if _exists(candidate) and candidate.is_file():
                 return str(candidate)
     return None

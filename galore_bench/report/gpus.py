@@ -16,6 +16,7 @@ from galore_bench import store
 from galore_bench.errors import UserError
 from galore_bench.report.provenance import provenance
 from galore_bench.report.references import paper_table, provenance_line
+from galore_bench.report.tables import csv_safe, md_text
 from galore_bench.units import gib
 
 PAPER = "lomo_table2"  # LOMO (arXiv 2306.09782) Table 2: GPUs and memory per GPU on RTX 3090s
@@ -116,7 +117,7 @@ def write_pages(records: list[dict[str, Any]], files: list[Path], skipped: dict[
         budget = next(rec["budget"]["text"] for rec, _ in used)
         frame = gpus_frame(mine)
         head, table = list(frame.columns), frame.values.tolist()
-        frame.to_csv(csv_path, index=False)
+        csv_safe(frame).to_csv(csv_path, index=False)
         info = provenance([rec for rec, _ in used], [f for _, f in used], skipped.get(scenario, 0),
                           provenance_line([PAPER] if papers else []))
         first = mine[0]
@@ -126,7 +127,7 @@ def write_pages(records: list[dict[str, Any]], files: list[Path], skipped: dict[
               + "; world size 1 = one device, no wrapper",
               f"- how: {(used[0][0].get('distributed') or {}).get('how')}", "",
               "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |",
-              *["| " + " | ".join(str(c) for c in row) + " |" for row in table], "",
+              *["| " + " | ".join(md_text(str(c)).replace("|", "\\|") for c in row) + " |" for row in table], "",
               "- The paper prints GiB as 'GB' (its Table 1: 6.74e9 x 2 B = 12.55 'GB'); its 30B is LLaMA-33B, as ours.",
               "- The paper trains with DeepSpeed ZeRO-3 and fp16 mixed precision; ours is PyTorch FSDP2 in pure BF16."]
         md_path.write_text("\n".join(md) + "\n")

@@ -33,8 +33,10 @@ from galore_bench.report.references import load_references, provenance_line
 from galore_bench.report.tables import (
     breakdown_table,
     cell_text,
+    csv_safe,
     fit_table,
     lomo_table,
+    md_text,
     rich_table,
     speed_table,
     to_markdown,
@@ -147,7 +149,7 @@ def render_report(record_paths: list[Path], out: Path, formats: set[str], *,
         for name, df in tables.items():
             if "csv" in formats:
                 csv = store.inside(out, f"{scenario}_{name}.csv")
-                df.to_csv(csv, index=False, float_format="%.6f")
+                csv_safe(df).to_csv(csv, index=False, float_format="%.6f")
                 written.append(csv)
             if console is not None:
                 console.print(rich_table(f"{scenario}: {SECTIONS[name][0]}", df))
@@ -155,12 +157,13 @@ def render_report(record_paths: list[Path], out: Path, formats: set[str], *,
                   for r, label in zip(group, labels) if r["status"] != "ok"]
         items = provenance(group, sources, skipped[scenario], provenance_line(list(refs)))
         if "md" in formats:
-            lines = [f"# Memory report: {scenario}", "", *(f"- {item}" for item in items), ""]
+            lines = [f"# Memory report: {scenario}", "", *(f"- {md_text(item)}" for item in items), ""]
             lines += [f"![{caption}]({path.name})\n" for caption, path in charts]
             for name, df in tables.items():
                 heading, notes = SECTIONS[name]
                 lines += [f"## {heading}", "", to_markdown(df), ""] + [f"- {n}" for n in notes] + [""] * bool(notes)
-            lines += ["## Runs that did not finish", "", *(f"- {line}" for line in failed), ""] if failed else []
+            unfinished = [f"- {md_text(line)}" for line in failed]
+            lines += ["## Runs that did not finish", "", *unfinished, ""] if failed else []
             (md := store.inside(out, f"{scenario}.md")).write_text("\n".join(lines))
             written.append(md)
         if "html" in formats:

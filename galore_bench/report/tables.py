@@ -8,6 +8,7 @@ where tables go.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pandas as pd
@@ -207,13 +208,38 @@ def cell_text(value: Any) -> str:
     return ("yes" if value else "NO") if isinstance(value, bool) else str(value)
 
 
+def md_text(text: str) -> str:
+    """Text from a record as markdown shows it, never as HTML: '<' and '&' escaped (no tag or entity can
+    start without them; a lone '>' stays, as in our own '>5%' flags)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;")
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     """A pipe table; numeric columns right-aligned, 2 decimals (no `tabulate` dependency)."""
     numeric = [pd.api.types.is_float_dtype(df[c]) or pd.api.types.is_integer_dtype(df[c]) for c in df.columns]
     lines = ["| " + " | ".join(df.columns) + " |", "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
-    lines += ["| " + " | ".join(cell_text(v).replace("|", "\\|") for v in row) + " |"
+    lines += ["| " + " | ".join(md_text(cell_text(v)).replace("|", "\\|") for v in row) + " |"
               for row in df.itertuples(index=False)]
     return "\n".join(lines)
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as the start of a formula
+OUR_DASH = re.compile(r"-( \([0-9.]+ [A-Za-z]+\))?")  # '-' and '- (0.35 GB)': our 'not run' cells, no payload
+
+
+def csv_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with each text cell that a spreadsheet would run as a formula ('=HYPERLINK(...)', a label
+    '@cmd') prefixed with "'"; numbers, text that reads as a number ('-1.5') and OUR_DASH stay as they are."""
+    def safe(value: Any) -> Any:
+        if not isinstance(value, str) or not value.startswith(FORMULA_STARTS) or OUR_DASH.fullmatch(value):
+            return value
+        try:
+            float(value)
+            return value
+        except ValueError:
+            return "'" + value
+
+    return df.apply(lambda column: column if pd.api.types.is_numeric_dtype(column) else column.map(safe))
 
 
 def rich_table(title: str, df: pd.DataFrame) -> Table:

@@ -7,6 +7,7 @@ task gets torchrun's env contract from submitit (TorchDistributedEnvironment) an
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,18 @@ EXECUTORS = ("local", "slurm")
 
 
 def parse_options(pairs: Iterable[str]) -> dict[str, Any]:
-    """KEY=VALUE strings (submitit parameter names: timeout_min, slurm_partition, nodes...) to a dict."""
+    """KEY=VALUE strings (submitit parameter names: timeout_min, slurm_partition, nodes...) to a dict; a
+    number is passed as an int or float, as submitit checks each parameter's type."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--cluster-option {pair!r}: expected KEY=VALUE, e.g. slurm_partition=gpu")
-        options[key] = int(value) if value.isdigit() else value
+        if not sep or not key.isidentifier():
+            raise UserError(f"--cluster-option {pair[:80]!r}: expected KEY=VALUE, e.g. slurm_partition=gpu")
+        number = re.fullmatch(r"[0-9]{1,15}(\.[0-9]{0,15})?", value)
+        options[key] = value if number is None else float(value) if number.group(1) else int(value)
+    nodes = options.get("nodes", 1)
+    if not (isinstance(nodes, int) and 1 <= nodes <= 100_000):
+        raise UserError(f"--cluster-option nodes={nodes!r:.80}: allowed a whole number from 1 to 100,000")
     return options
 
 
@@ -109,7 +115,10 @@ def submit_scenario(scenario: Scenario, *, out: Path, executor: str = "local", m
     parameters: dict[str, Any] = {"timeout_min": 60, "nodes": nodes, "tasks_per_node": tasks // nodes, **options}
     if executor == "slurm" and tasks > 1:
         parameters.setdefault("gpus_per_node", tasks // nodes)
-    runner.update_parameters(name=f"galore-bench-{scenario.name}", **parameters)
+    try:
+        runner.update_parameters(name=f"galore-bench-{scenario.name}", **parameters)
+    except (AssertionError, NameError, TypeError, ValueError) as exc:  # submitit's checks of each parameter
+        raise UserError(f"--cluster-option: {str(exc).splitlines()[0][:200]}") from None
     jobs: list[tuple[Any, Any]] = []  # (run, submitted job or the existing record's path)
     paths: list[Path] = []
     for index, run in selected_runs(scenario, only):

@@ -10,7 +10,7 @@ from typing import Any
 
 import tomllib
 
-from galore_bench.errors import SAFE_NAME, Problems, UserError, is_safe_name, one_of, type_name
+from galore_bench.errors import SAFE_NAME, Problems, UserError, is_safe_name, listed, one_of, shown, type_name
 from galore_bench.methods import REGISTRY, TrainSettings
 from galore_bench.models import DTYPES, ZOO, ModelShape, matrix_shapes
 from galore_bench.spec.distributed import DistributedSpec, parse_distributed
@@ -87,10 +87,14 @@ def shipped_scenarios() -> list[str]:
 def find_scenario(name_or_path: str) -> Traversable:
     """A user's .toml file by path, or a shipped scenario by name."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise UserError(f"{name_or_path}: no such scenario file")
-        return path
+    try:
+        if path.suffix == ".toml" or path.exists():
+            if not path.is_file():
+                raise UserError(f"{name_or_path}: no such scenario file")
+            return path
+    except (OSError, ValueError) as exc:  # a name over 255 bytes, a NUL
+        raise UserError(f"{shown(name_or_path, 80)}: not a usable path "
+                        f"({getattr(exc, 'strerror', None) or exc})") from None
     shipped = SHIPPED_SCENARIOS / f"{name_or_path}.toml"
     if not shipped.is_file():
         known = ", ".join(shipped_scenarios())
@@ -103,11 +107,22 @@ def load_scenario(name_or_path: str) -> Scenario:
     path = Path(str(source))  # a shipped one installed as files: its real path, which a run's process reloads
     try:
         raw = tomllib.loads(source.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not a readable UTF-8 text file ({exc})") from None
+    except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4300 digits
+        raise UserError(f"{path}: not valid TOML: {shown(str(exc), 200)}") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a scenario: nested too deeply to read") from None
     return parse_scenario(raw, path)
+
+
+# Generous bounds no real training reaches: beyond them even the closed-form estimate takes minutes and
+# gigabytes (it lists every layer's tensors), and a 400-digit number overflows the first float it meets.
+LARGEST = {"hidden_size": 65536, "intermediate_size": 262144, "num_hidden_layers": 1024,
+           "num_attention_heads": 65536, "vocab_size": 10**7, "batch_size": 10**9, "seq_len": 10**9,
+           "steps": 10**6, "grad_accum": 10**6, "warmup_steps": 10**6, "seed": 2**63 - 1,
+           "batches": 10**6, "every": 10**6}
+MAX_TOKENS = 10**9  # train.batch_size * train.seq_len: tokens in one micro-batch
 
 
 def _check_typed(problems: Problems, where: str, value: Any, kind: type, minimum: float | None) -> bool:
@@ -117,6 +132,9 @@ def _check_typed(problems: Problems, where: str, value: Any, kind: type, minimum
         problems.add(where, value, type_name(kind))
     elif minimum is not None and value < minimum:
         problems.add(where, value, f"{type_name(kind)} >= {minimum:g}")
+        ok = False
+    elif (top := LARGEST.get(where.rsplit(".", 1)[-1])) is not None and value > top:
+        problems.add(where, value, f"{type_name(kind)} from {minimum:g} to {top:,} (no real run is larger)")
         ok = False
     return ok
 
@@ -161,7 +179,11 @@ def _parse_train(problems: Problems, table: dict[str, Any]) -> TrainSettings:
                               None if kind is bool else 0 if f.name in ("seed", "warmup_steps") else 1):
             continue
         values[f.name] = value
-    return dataclasses.replace(defaults, **values)
+    settings = dataclasses.replace(defaults, **values)
+    if settings.batch_size * settings.seq_len > MAX_TOKENS:
+        problems.add("train.batch_size * train.seq_len", settings.batch_size * settings.seq_len,
+                     f"at most {MAX_TOKENS:,} tokens in one micro-batch (more than any real training)")
+    return settings
 
 
 def _parse_runs(problems: Problems, runs: Any, model_name: str, model: ModelShape | None,
@@ -263,7 +285,7 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
         problems.add("eval.batches", eval_batches,
                      "0 with [distributed] (perplexity is measured on single-device runs)")
     if problems.lines:
-        raise UserError(f"{len(problems.lines)} problem(s) in scenario {path}:\n" + "\n".join(problems.lines))
+        raise UserError(f"{len(problems.lines)} problem(s) in scenario {path}:\n" + listed(problems.lines))
     if model is None:  # unreachable: a missing model always adds a problem above
         raise UserError(f"{path}: model: no model")
     return Scenario(path.stem, str(path), description, model_name, model, train, budget, budget_text,
