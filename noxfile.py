@@ -1,4 +1,4 @@
-"""nox sessions: tests, lint, typecheck, budgets, bench.
+"""nox sessions: tests, lint, typecheck, budgets, bench, properties.
 
 `nox -s tests` builds a fresh venv (CPU torch pinned by constraints/cpu.txt);
 `NOX_REUSE=1 nox -s tests` reuses the current environment instead (no install step).
@@ -49,3 +49,13 @@ def budgets(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     install(session)
     session.run("pytest", "benchmarks", "--benchmark-enable", *session.posargs)
+
+
+@nox.session(venv_backend=BACKEND)
+def properties(session: nox.Session) -> None:
+    """The hostile-input property tests with many more examples than CI draws (HYPOTHESIS_EXAMPLES, default 500)."""
+    install(session)
+    examples = session.posargs[0] if session.posargs else "500"
+    session.run("pytest", "-q", "tests/test_hostile_properties.py", "tests/test_hostile_inputs.py", "-k", "generated",
+                env={"HYPOTHESIS_EXAMPLES": examples})
+
