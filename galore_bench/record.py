@@ -123,7 +123,7 @@ class DistributedSection(_DistributedRequired, total=False):
     """A simulated world-size search also keeps every candidate and the smallest that fits (gpus_needed)."""
 
     candidates: list[dict[str, Any]]
-    transient_bytes: int
+    transient_bytes: dict[str, int]  # per unit or phase: what FSDP2 gathers and frees around it
     gpus_needed: int | None
     single_device_peak_bytes: int
 

@@ -179,6 +179,13 @@ def by_run_mode_device(record: RunRecord) -> tuple[str, str, str, str]:
     return record["scenario"], record["run"], record["mode"], record["device"]
 
 
+def _written_order(path: Path) -> tuple[str, int]:
+    """Of two records created in the same second, `write` named the later one `<stem>-N.json`: order by the stem,
+    then by N (a plain name sort puts `x-1.json` before `x.json`)."""
+    stem, dash, count = path.stem.rpartition("-")
+    return (stem, int(count)) if dash and count.isdigit() else (path.stem, 0)
+
+
 def newest(
     records: Iterable[Stored],
     key: Callable[[RunRecord], Hashable] = by_run,
@@ -189,7 +196,7 @@ def newest(
     """Per key, the record created last (ties: the later file name); only status ok ones when `ok_only`,
     only one mode's when `mode` is given."""
     chosen: dict[Any, Stored] = {}
-    for path, record in sorted(records, key=lambda pr: (pr[1]["created"], pr[0].name)):
+    for path, record in sorted(records, key=lambda pr: (pr[1]["created"], _written_order(pr[0]))):
         if (not ok_only or record["status"] == "ok") and mode in (None, record["mode"]):
             chosen[key(record)] = (path, record)
     return chosen

@@ -1,7 +1,7 @@
 """`galore-bench compare A B`: what changed between two records or two results folders, and by how much.
 
-Folders are matched run by run on (scenario, run label), taking the newest ok record of each, so a rerun after
-a code change compares against the run it replaces. `--fail-above PCT` turns it into a regression gate: exit 1
+Folders are matched run by run on (scenario, run label, mode), taking the newest ok record of each, so a rerun
+after a code change compares against the run it replaces. `--fail-above PCT` turns it into a regression gate: exit 1
 when the peak or any memory category grew by more than PCT%, naming what grew. cli/compare.py prints it.
 """
 from __future__ import annotations

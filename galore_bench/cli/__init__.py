@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"galore-bench: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path the system refuses (too long, no permission) or a full disk: one message
+        print(f"galore-bench: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "galore-bench: interrupted; finished records are kept (resume with --skip-existing)",

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run",
         action="store_true",
-        help="first run each referenced scenario in simulate mode into the (first) results folder",
+        help="first run the runs the rules name, each in its rule's mode (simulate by default), "
+        "into the (first) results folder",
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from galore_bench import store
 from galore_bench.errors import UserError
-from galore_bench.spec.scenario import load_scenario
+from galore_bench.spec.scenario import load_scenario, selected_runs
 from galore_bench.store import DEFAULT_RESULTS
 
 NAME = "ranks"
@@ -60,7 +60,7 @@ def run(
     loaded = load_scenario(scenario)
     if loaded.distributed is None:
         raise UserError(f"{loaded.path}: no [distributed] table; use `galore-bench run`")
-    runs = [r for r in loaded.runs if not labels or r.label in labels]
+    runs = [r for _, r in selected_runs(loaded, ",".join(labels) if labels else None)]  # unknown labels refused
     if mode == "simulate":  # no process group: rank 0 (or a plain process) writes the records
         if int(os.environ.get("RANK", "0")) == 0:
             for each in runs:

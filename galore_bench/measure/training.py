@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +46,8 @@ def pick_device() -> str:
 
 def device_name(device: str) -> str:
     if device == "cuda":
-        return torch.cuda.get_device_name().replace(" ", "-")
+        # a folder name: every run of spaces, slashes or other characters outside the safe set becomes one '-'
+        return re.sub(r"[^A-Za-z0-9._+=@-]+", "-", torch.cuda.get_device_name()).strip("-") or "cuda"
     return "cpu"
 
 

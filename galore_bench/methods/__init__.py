@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from galore_bench.errors import UserError
 from galore_bench.methods import adafactor, adam8bit, adamw, galore, inference, lomo, lora, sgd
@@ -64,6 +65,14 @@ def _definitions(source: str, found: object) -> tuple[MethodDef, ...]:
     return defs
 
 
+def _load_entry_point(point: importlib.metadata.EntryPoint) -> Any:
+    try:
+        return point.load()
+    except Exception as exc:  # an installed package's broken plugin: one message naming it
+        raise UserError(f"entry point {point.name} ({ENTRY_POINT_GROUP}): cannot load method plugin "
+                        f"{point.value}: {exc}") from exc
+
+
 class Registry(Mapping[str, MethodDef]):
     """name -> MethodDef: the shipped methods, then entry-point plugins, then the modules GALORE_BENCH_METHODS
     names now (re-read whenever the variable changes, so setting or clearing it after import counts)."""
@@ -78,7 +87,7 @@ class Registry(Mapping[str, MethodDef]):
         if spec not in self._imported:
             try:
                 module = _import(spec)
-            except ImportError as exc:
+            except Exception as exc:  # a plugin's own bug is the user's input too: one message, not a traceback
                 raise UserError(f"{PLUGIN_ENV}: cannot import method plugin {spec}: {exc}") from exc
             self._imported[spec] = _definitions(spec, module)
         return self._imported[spec]
@@ -87,7 +96,7 @@ class Registry(Mapping[str, MethodDef]):
         specs = os.environ.get(PLUGIN_ENV) or ""
         if specs == self._built_for:
             return
-        sources = [("entry point " + point.name, _definitions(point.name, point.load()))
+        sources = [("entry point " + point.name, _definitions(point.name, _load_entry_point(point)))
                    for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
         sources += [(spec, self._plugin(spec)) for spec in filter(None, (s.strip() for s in specs.split(",")))]
         methods = {m.name: m for m in self._shipped}

@@ -239,7 +239,7 @@ def fill_ranks(record: RunRecord, scenario: Scenario, spec: DistributedSpec, res
     keep = ("rank", "peak_bytes", "breakdown", "local_parameter_bytes", "weights_sha256", "status", "error")
     ranks = [{k: r[k] for k in keep if k in r} | {"final_loss": (r.get("losses") or [None])[-1]}
              for r in results]
-    non_finite_to_null(ranks)  # a diverged rank's loss: null (the record's quality names the fields)
+    non_finite_to_null(ranks)  # a diverged rank's loss: null (strict JSON)
     record["distributed"] = distributed_section(spec, world, backend, False, how, ranks)
     if failures:
         record["status"] = "oom" if any(r["status"] == "oom" for r in failures) else "error"

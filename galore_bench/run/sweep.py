@@ -154,8 +154,7 @@ def _dispatch(scenario: Scenario, request: RunRequest, on_step: OnStep) -> tuple
     spec = scenario.distributed
     if spec is None:
         return _spawn(child_main, [(request,)], on_step, "worker")
-    mode = resolve_mode(scenario, scenario.runs[request.run_index], request.mode, training.pick_device())
-    if mode == "simulate":
+    if request.mode == "simulate":  # resolved by the sweep, once, before any process started
         return _spawn(ranks.simulate_main, [(request,)], on_step, "worker")
     if len(spec.world_sizes) > 1:
         return None, f"measure mode needs one world size, got {list(spec.world_sizes)} (a list is a simulate search)"
@@ -201,7 +200,7 @@ def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, step
             def on_step(step: int, total: int, task: Any = task) -> None:
                 progress.update(task, completed=step, total=total)
 
-            request = RunRequest(scenario.path, index, out, mode, steps, torch.get_num_threads(),
+            request = RunRequest(scenario.path, index, out, modes[index], steps, torch.get_num_threads(),
                                  os.environ.get(FAULT_ENV), memory_snapshot, os.environ.get(PLUGIN_ENV),
                                  validated=scenario)
             path, stderr = _dispatch(scenario, request, on_step)

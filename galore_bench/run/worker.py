@@ -99,7 +99,8 @@ def execute(scenario: Scenario, run: RunSpec, mode: str | None, steps: int | Non
     record there, for PyTorch's memory_viz.
     """
     device = training.pick_device()
-    mode = resolve_mode(scenario, run, mode, device)
+    if mode not in ("estimate", "simulate", "measure"):  # the sweep resolves it; a bare call may ask for auto
+        mode = resolve_mode(scenario, run, mode, device)
     record = assemble.new_record(scenario, run, mode, training.record_device(mode, device))
     started = time.perf_counter()
     try:
@@ -192,6 +193,7 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
     traced, n_steps = training.simulation_plan(run) if fake else (run, max(2, steps or scenario.train.steps))
     if not fake and n_steps != scenario.train.steps:  # the LR schedule and the data length follow --steps
         scenario = dataclasses.replace(scenario, train=dataclasses.replace(scenario.train, steps=n_steps))
+        record["train"]["steps"] = n_steps  # the record says how many steps ran
     if device == "cuda" and scenario.budget_bytes and not fake:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, scenario.budget_bytes / total))
