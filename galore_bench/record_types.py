@@ -93,9 +93,12 @@ def _out_of_range(value: Any, where: str) -> list[str]:
 def type_problems(record: dict[str, Any]) -> list[str]:
     """'field: got X, allowed Y' for each field a reader uses that holds the wrong type or an unusable number."""
     found = _out_of_range(record, "")
+    named = {line.split(": got ", 1)[0] for line in found}  # one message per field, not one per check
     for path, (ok, allowed) in FIELDS.items():
         present, value = _at(record, path)
         where = ".".join(path)
+        if where in named:
+            continue
         if ok is _is_parts and isinstance(value, dict):  # name the category
             found += [f"{where}.{key}: got {_short(part)}, allowed {NUMBER[1]} (bytes)"
                       for key, part in value.items() if not _is_number(part)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import sys
 import tempfile
@@ -41,15 +40,6 @@ def inside(folder: Path, name: Path | str) -> Path:
     return path
 
 
-def _non_finite(value: Any, where: str = "") -> list[str]:
-    """'field: got nan, ...' for each NaN or infinity in a record: JSON has no such numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return [f"{where}: got {value!r}, allowed a finite number (or null)"]
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    return [line for key, item in items
-            for line in _non_finite(item, f"{where}.{key}" if where else str(key))]
-
-
 def write(record: RunRecord, out_dir: Path) -> Path:
     """Write to a temporary file, then hard-link it into place: atomic, never over an existing file, always
     under out_dir, strict JSON (a NaN is refused, not written as the non-standard `NaN`)."""
@@ -62,7 +52,6 @@ def write(record: RunRecord, out_dir: Path) -> Path:
         target = inside(out_dir, record_path(Path(), record))  # before the names' own problems: where it goes
     except (TypeError, AttributeError):  # a name of the wrong type: among the problems
         pass
-    problems += _non_finite(dict(record))
     if problems:  # a bug in the code that built it: every record written is one `load` reads back
         raise ValueError(f"refusing to write an incomplete record: {'; '.join(problems)}")
     text = json.dumps(record, indent=1, sort_keys=False, allow_nan=False)

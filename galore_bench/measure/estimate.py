@@ -28,10 +28,8 @@ from typing import Any
 from galore_bench.errors import UserError
 from galore_bench.methods import REGISTRY
 from galore_bench.methods.terms import EstimateTerms, Moment, ParamShape, StepBytes, blocks
-from galore_bench.models import ModelShape
+from galore_bench.models import DTYPES, ModelShape
 from galore_bench.units import CATEGORIES
-
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 class EstimateUnavailable(UserError):
@@ -104,7 +102,7 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     what 'auto' implementations resolve to. Raises EstimateUnavailable for a method without estimate terms.
     """
     terms = terms_of(method)
-    e = DTYPE_BYTES[dtype]
+    e = DTYPES[dtype].itemsize  # bytes per value
     params = terms.layout(shape, options)
     weights = sum(blocks(p.numel * e) for p in params)
     act = activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing,
