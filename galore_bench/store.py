@@ -23,6 +23,9 @@ from galore_bench.record import SCHEMA_VERSION, RunRecord, problems_in, upgraded
 DEFAULT_RESULTS = Path("results")
 # what every reader needs; a JSON file with none of them is not a record at all
 REQUIRED = ("scenario", "run", "method", "mode", "device", "status", "model", "train", "budget", "memory")
+# a JSON file with none of these is not a record at all (a summary or notes beside them), the one rule for
+# both a folder scan (skips it with a note) and a named file (refused as "not a record")
+MARKERS = frozenset({"schema_version", "scenario", "run", "status", "memory"})
 Stored = tuple[Path, RunRecord]
 
 
@@ -85,7 +88,7 @@ def load(path: Path) -> RunRecord:
         raise UserError(f"{path}: not a readable JSON file ({exc})") from None
     except RecursionError:
         raise UserError(f"{path}: not a result record (nested too deeply to read)") from None
-    if not isinstance(raw, dict) or not {"schema_version", *REQUIRED} & raw.keys():
+    if not isinstance(raw, dict) or not MARKERS & raw.keys():
         raise UserError(f"{path}: not a galore-bench result record (no schema_version, scenario or run)")
     try:
         record = upgraded(raw)
@@ -109,9 +112,7 @@ def _is_foreign(path: Path) -> bool:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return False  # unreadable: reported as a damaged record where it is read
-    return not (
-        isinstance(data, dict) and {"schema_version", "scenario", "run", "status", "memory"} & data.keys()
-    )
+    return not (isinstance(data, dict) and MARKERS & data.keys())
 
 
 def kind_of(path: Path) -> str:
