@@ -1,20 +1,22 @@
-"""The result record: one run's JSON, typed (schema version 2), its upgrade from version 1, its accessors.
+"""The result record: one run's JSON, typed (schema version 3), its upgrades from versions 1 and 2, its accessors.
 
-Version 2 is a full schema: every key below is present in every record (null where a run did not get that
-far), so readers index it directly. Older files are upgraded one version at a time as they are read (the
-asv pattern); galore_bench.store is the only module that reads and writes the files.
+Version 2 is a full schema (version 3 adds `memory.readings`: allocated, reserved, device_total): every key
+below is present in every record (null where a run did not get that far), so readers index it directly. Older
+files are upgraded one version at a time as they are read (the asv pattern); galore_bench.store is the only
+module that reads and writes the files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal, TypedDict
 
+from galore_bench import readings as readings_of_engines
 from galore_bench.errors import SAFE_NAME, is_safe_name, one_of
 from galore_bench.record_types import type_problems
 from galore_bench.units import CATEGORIES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("ok", "oom", "error")
 RECORD_MODES = ("estimate", "simulate", "measure")
 Status = Literal["ok", "oom", "error"]
@@ -54,6 +56,9 @@ class _MemoryRequired(TypedDict):
     estimate: EstimateSection | None
     allocator_model: dict[str, Any] | None  # simulate: the caching-allocator model replayed over the trace
     cuda: dict[str, Any] | None  # measure on a GPU: torch.cuda.memory_stats readings
+    # allocated / reserved / device_total, each {"bytes", "kind": measured|model|estimate, "source"}
+    # (galore_bench.readings); None for a distributed record (its per-rank peaks are in distributed.ranks)
+    readings: dict[str, dict[str, Any]] | None
 
 
 class MemorySection(_MemoryRequired, total=False):
@@ -80,6 +85,7 @@ class ThroughputSection(_ThroughputRequired, total=False):
     step_seconds_median: float | None
     step_seconds: list[float]
     flops: dict[str, Any]
+    tracker_overhead: dict[str, Any]  # measure: tracked / untracked step time, the steps each came from
 
 
 class _QualityRequired(TypedDict):
@@ -193,7 +199,7 @@ _V1_TOP: dict[str, Any] = {"traceback": None, "cross_check_errors": {}, "distrib
                            "wall_seconds": None, "host_peak_rss_bytes": None}
 _V1_SECTIONS: dict[str, dict[str, Any]] = {
     "memory": {"category_peaks": None, "source": None, "steady_state_from_step": None, "estimate": None,
-               "allocator_model": None, "cuda": None},
+               "allocator_model": None, "cuda": None},  # readings: version 3 (upgrade_2_to_3)
     "method": {"implementation": None},
     "quality": {"final_loss": None, "perplexity": None, "losses": [], "data": None},
     "throughput": {"tokens_per_second": None, "tgs": None, "mfu": None},
@@ -202,24 +208,55 @@ _V1_SECTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def upgrade_1_to_2(raw: dict[str, Any]) -> RunRecord:
+def upgrade_1_to_2(raw: dict[str, Any]) -> dict[str, Any]:
     """Fill every field version 1 could lack with null (its empty value), so version 2 readers index directly.
     Nothing is derived or guessed: a v1 record that never knew a value says so with null."""
-    record = {**raw, "schema_version": 2}
+    record: dict[str, Any] = {**raw, "schema_version": 2}
     for key, empty in _V1_TOP.items():
         record.setdefault(key, _fresh(empty))
     record.setdefault("env", {})
     for section, fields in _V1_SECTIONS.items():
         if isinstance(record.get(section), dict):
             record[section] = {**{k: _fresh(v) for k, v in fields.items()}, **record[section]}
-    return cast(RunRecord, record)
+    return record
 
 
 def _fresh(value: Any) -> Any:
     return type(value)() if isinstance(value, (dict, list)) else value
 
 
-UPGRADES: dict[int, Callable[[dict[str, Any]], Any]] = {1: upgrade_1_to_2}  # version n -> n + 1
+# -- version 2 -> 3 -----------------------------------------------------------------------------------
+def upgrade_2_to_3(raw: dict[str, Any]) -> dict[str, Any]:
+    """Add `memory.readings` from what the version 2 record itself holds (the CUDA allocator's counters, the
+    allocator model's replay, the estimate's or CPU tracker's peak), each source saying it came from a v2 record;
+    a figure the record never held stays null."""
+    record = {**raw, "schema_version": 3}
+    memory = record.get("memory")
+    if isinstance(memory, dict) and "readings" not in memory:
+        found = _v2_readings(record, memory)
+        for value in (found or {}).values():
+            value["source"] += " (from a schema 2 record: peak over every step)"
+        record["memory"] = {**memory, "readings": found}
+    return record
+
+
+def _v2_readings(record: dict[str, Any], memory: dict[str, Any]) -> dict[str, Any] | None:
+    peak = memory.get("peak_bytes")
+    if record.get("distributed") is not None:
+        return None
+    if isinstance(cuda := memory.get("cuda"), dict) and cuda.get("allocated_bytes"):
+        return readings_of_engines.measured_cuda(cuda)
+    model = memory.get("allocator_model")
+    if isinstance(model, dict) and isinstance(model.get("peak_allocated_bytes"), int):
+        return readings_of_engines.simulated(model)
+    if isinstance(peak, int) and record.get("mode") == "estimate":
+        return readings_of_engines.estimated(peak)
+    if isinstance(peak, int) and record.get("mode") == "measure":
+        return readings_of_engines.measured_cpu(peak)
+    return None
+
+
+UPGRADES: dict[int, Callable[[dict[str, Any]], Any]] = {1: upgrade_1_to_2, 2: upgrade_2_to_3}  # n -> n + 1
 
 
 def upgraded(raw: dict[str, Any]) -> dict[str, Any]:
@@ -264,21 +301,31 @@ def reserved_of(record: Record) -> tuple[int | None, str | None]:
     return None, None
 
 
+def reading_of(record: Record, name: str) -> dict[str, Any] | None:
+    """One of the three readings (allocated, reserved, device_total): bytes, kind and source; None if absent."""
+    found = (record["memory"].get("readings") or {}).get(name)
+    return found if found and found.get("bytes") is not None else None
+
+
 def memory_value(record: Record, field: str) -> int | None:
-    """One memory figure by the name budgets and compare use: peak, reserved, a category, 'max <category>'."""
+    """One memory figure by the name budgets and compare use: peak, a reading (allocated, reserved,
+    device_total), a category, 'max <category>'."""
     if field == "peak":
         return peak_of(record)
     if field == "reserved":
         return reserved_of(record)[0]
+    if field in readings_of_engines.READINGS:
+        return (reading_of(record, field) or {}).get("bytes")
     if field.startswith("max "):
         return category_peaks_of(record).get(field[4:])
     return breakdown_of(record).get(field)
 
 
 def memory_values(record: Record) -> dict[str, int | None]:
-    """Peak, each category at the peak, each category's own maximum (if recorded), and reserved (if known)."""
+    """Peak, each category at the peak, each category's own maximum (if recorded), and each reading (if known)."""
     names = ["peak", *CATEGORIES, *(f"max {cat}" for cat in CATEGORIES if cat in category_peaks_of(record))]
     values = {name: memory_value(record, name) for name in names}
-    if (reserved := reserved_of(record)[0]) is not None:
-        values["reserved"] = reserved
+    for name in readings_of_engines.READINGS:
+        if (value := memory_value(record, name)) is not None:
+            values[name] = value
     return values

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from galore_bench.errors import shown
+from galore_bench.readings import READINGS
 
 BIGGEST = 2**63  # no byte, token or parameter count reaches it; 10**400 would overflow every float it meets
 
@@ -59,7 +60,10 @@ FIELDS: dict[tuple[str, ...], Check] = {
     ("memory", "peak_bytes"): COUNT, ("memory", "breakdown"): PARTS, ("memory", "category_peaks"): PARTS,
     ("memory", "allocator_model"): TABLE, ("memory", "allocator_model", "peak_reserved_bytes"): COUNT,
     ("memory", "allocator_model", "out_of_memory"): REASON,
-    ("memory", "cuda"): TABLE, ("memory", "cuda", "reserved_bytes"): COUNT,
+    ("memory", "cuda"): TABLE, ("memory", "cuda", "reserved_bytes"): COUNT, ("memory", "readings"): TABLE,
+    **{("memory", "readings", name): TABLE for name in READINGS},
+    **{("memory", "readings", name, "bytes"): COUNT for name in READINGS},
+    **{("memory", "readings", name, "source"): TEXT for name in READINGS},
     ("throughput", "tokens_per_second"): NUMBER, ("throughput", "tgs"): NUMBER, ("throughput", "mfu"): NUMBER,
     ("quality", "final_loss"): NUMBER, ("quality", "perplexity"): NUMBER, ("quality", "losses"): NUMBERS,
     ("env", "git_commit"): TEXT, ("env", "git_dirty"): FLAG, ("env", "packages"): TABLE,

@@ -20,6 +20,7 @@ from galore_bench.record import (
     problems_in,
     reserved_of,
     upgrade_1_to_2,
+    upgrade_2_to_3,
 )
 from galore_bench.run.assemble import new_record
 from galore_bench.spec.scenario import load_scenario
@@ -74,7 +75,7 @@ def test_record_written_atomically_and_never_overwritten(tmp_path):
     first = store.write(record, tmp_path)
     second = store.write(record, tmp_path)  # same timestamp: must not replace the first
     assert first != second and first.exists() and second.exists()
-    assert store.load(first) == record and record["schema_version"] == SCHEMA_VERSION == 2
+    assert store.load(first) == record and record["schema_version"] == SCHEMA_VERSION == 3
     assert not list(tmp_path.rglob(".tmp-*"))
 
 
@@ -88,8 +89,8 @@ def test_an_incomplete_record_is_never_written(tmp_path):
 
 def test_other_schema_versions_are_clear_errors(tmp_path):
     path = tmp_path / "newer.json"
-    path.write_text(json.dumps({**_record(), "schema_version": 3}))
-    with pytest.raises(UserError, match="newer.json: schema_version: got 3, allowed 2 .*update galore-bench"):
+    path.write_text(json.dumps({**_record(), "schema_version": 4}))
+    with pytest.raises(UserError, match="newer.json: schema_version: got 4, allowed 3 .*update galore-bench"):
         store.load(path)
     path.write_text(json.dumps({**_record(), "schema_version": 0}))
     with pytest.raises(UserError, match="re-run the scenario"):
@@ -108,11 +109,11 @@ def test_a_damaged_field_names_the_file_and_the_field(tmp_path):
                                  "(bytes); quality.data: missing (a damaged record?)")
 
 
-def test_every_committed_record_loads_at_version_2():
+def test_every_committed_record_loads_at_version_3():
     files = sorted(REPORTS.glob("*/records/**/*.json"))
     stored = store.load_all(sorted(REPORTS.glob("*/records")))
     assert len(files) == 68 and len(stored) == len(files)  # 68 committed: 8 measured on CPU, 60 simulated
-    assert {record["schema_version"] for _, record in stored} == {2}
+    assert {record["schema_version"] for _, record in stored} == {3}
 
 
 def test_a_version_1_record_upgrades_with_its_missing_fields_filled():
@@ -129,7 +130,7 @@ def test_a_version_1_record_upgrades_with_its_missing_fields_filled():
     assert record["distributed"] == raw["distributed"]  # present in this one: kept as it was
     assert peak_of(record) == raw["memory"]["peak_bytes"] == 15_090_087_936
     assert breakdown_of(record) == raw["memory"]["breakdown"]
-    assert problems_in(dict(record)) == [] and raw["schema_version"] == 1  # the input is left as it was
+    assert problems_in(upgrade_2_to_3(dict(record))) == [] and raw["schema_version"] == 1  # input left as it was
     measured = json.loads((REPORTS / "cpu-measure/records/cpu/ppl_cpu/adamw.measure.20261123T181215Z.json")
                           .read_text())
     assert upgrade_1_to_2(measured)["distributed"] is None  # a single-device v1 record had no such key
@@ -161,3 +162,20 @@ def test_memory_accessors_read_one_record_the_same_way():
     assert reserved_of(record) == (200, "allocator model")
     record["memory"]["cuda"] = {"reserved_bytes": 180}
     assert reserved_of(record) == (180, "measured") and memory_value(record, "reserved") == 180
+
+
+def test_a_version_2_record_gains_readings_from_its_own_fields_only():
+    """Simulate: allocated and reserved are the allocator model's (as that record holds them), device_total the
+    labelled estimate; a CPU measurement: allocated is the tracker's exact peak, no reserved or device total."""
+    model = {"peak_reserved_bytes": 40 << 20, "peak_allocated_bytes": 30 << 20, "out_of_memory": None}
+    simulated = upgrade_2_to_3(make_record("adamw", {"weights": 29 << 20}, allocator_model=model))
+    found = simulated["memory"]["readings"]
+    assert simulated["schema_version"] == 3 and problems_in(simulated) == []
+    assert (found["allocated"]["bytes"], found["allocated"]["kind"]) == (30 << 20, "model")
+    assert found["reserved"]["bytes"] == 40 << 20
+    total = found["device_total"]
+    assert total["kind"] == "estimate" and total["bytes"] == (40 << 20) + total["context_bytes"] + (20 << 20)
+    assert "schema 2 record" in found["allocated"]["source"]
+    cpu = upgrade_2_to_3(make_record("adamw", {"weights": 1000}, mode="measure", device="cpu"))["memory"]["readings"]
+    assert cpu["allocated"]["bytes"] == 1000 and cpu["reserved"]["bytes"] is None
+    assert cpu["device_total"]["bytes"] is None

@@ -9,7 +9,8 @@ from typing import Any
 
 from galore_bench import store
 from galore_bench.check.rules import MEMORY_FIELDS, SCALAR_FIELDS, Rule, load_budgets, value_text
-from galore_bench.record import RunRecord, breakdown_of, memory_value, reserved_of
+from galore_bench.readings import READINGS
+from galore_bench.record import RunRecord, breakdown_of, memory_value
 from galore_bench.units import format_bytes, parse_bytes
 
 __all__ = ["Rule", "Verdict", "assert_memory_budget", "evaluate", "load_budgets", "value_text"]
@@ -91,9 +92,9 @@ def evaluate(rules: list[Rule], records: list[store.Stored] | list[RunRecord]) -
         path, rec = chosen[(rule.scenario, rule.run)]
         limit, note = rule.limit, ""
         model = rec["memory"]["allocator_model"] or {}
-        if rule.field == "reserved" and model.get("out_of_memory"):  # its reserved peak stopped at the cap
-            verdicts.append(Verdict(rule, None, limit, False, f"{who}: reserved: the caching-allocator model runs "
-                                                              f"out of memory ({model['out_of_memory']})", path))
+        if rule.field in READINGS and model.get("out_of_memory"):  # its peaks stopped at the cap
+            verdicts.append(Verdict(rule, None, limit, False, f"{who}: {rule.field}: the caching-allocator model "
+                                                              f"runs out of memory ({model['out_of_memory']})", path))
             continue
         if rule.field in SCALAR_FIELDS:
             section, key, kind = SCALAR_FIELDS[rule.field]
@@ -148,9 +149,9 @@ def assert_memory_budget(record_or_breakdown: Any, peak: str | float | None = No
             raise TypeError(f"assert_memory_budget: unknown field {fld!r}; allowed {', '.join(MEMORY_FIELDS)}")
         bytes_limit = float(parse_bytes(limit) if isinstance(limit, str) else limit)
         value: float | None
-        if fld == "reserved":  # only a record says what the GPU reserves (its reading or the allocator model's)
+        if fld in READINGS:  # only a record holds the readings (allocated, reserved, device_total)
             is_record = isinstance(record_or_breakdown, dict) and "memory" in record_or_breakdown
-            value = reserved_of(record_or_breakdown)[0] if is_record else None
+            value = memory_value(record_or_breakdown, fld) if is_record else None
         else:
             value = value_peak if fld == "peak" else breakdown.get(fld)
         msg = check_value(name, fld, value, bytes_limit, "max", breakdown, base)

@@ -5,6 +5,8 @@
     run = "galore8bit-layerwise"      # or "*" for every run of the scenario
     peak = "22 GiB"                   # also any memory category: optimizer_states = "2 GiB", ...
     reserved = "24 GiB"               # what the GPU reserves: measured on CUDA, else the allocator model's
+    allocated = "23 GiB"              # the allocator's block peak (torch.cuda.max_memory_allocated, or the model's)
+    device_total = "24 GiB"           # what nvidia-smi shows: NVML on a GPU, else reserved + a published estimate
     tgs_min = 100.0
     perplexity_max = 40.0
     mode = "simulate"                 # optional: only records of this mode count (default: any)
@@ -25,11 +27,12 @@ from typing import Any
 import tomllib
 
 from galore_bench.errors import UserError, listed, shown
+from galore_bench.readings import READINGS
 from galore_bench.spec.scenario import load_scenario, shipped_scenarios
 from galore_bench.units import ALLOWED_UNITS, CATEGORIES, format_bytes, parse_bytes
 
 GROW_FIELDS = ("peak", *CATEGORIES)  # what grow_max holds to the baseline
-MEMORY_FIELDS = (*GROW_FIELDS, "reserved")
+MEMORY_FIELDS = (*GROW_FIELDS, *READINGS)  # a reading: allocated, reserved or device_total (galore_bench.readings)
 # budget key -> (record section, record key, "max"/"min")
 SCALAR_FIELDS = {
     "tgs_min": ("throughput", "tgs", "min"),
@@ -145,7 +148,7 @@ def load_budgets(path: Path | str) -> list[Rule]:
                 bad(f"{at}.{key}", value, f"a size: a number >= 0 and a unit ({ALLOWED_UNITS}), below 2**63 bytes"
                     if key in MEMORY_FIELDS else "a finite number >= 0")
                 continue
-            if key in ("peak", "reserved") and limits[key] <= 0:  # a category may be held to 0 B (LOMO's gradients)
+            if key in ("peak", *READINGS) and limits[key] <= 0:  # a category may be held to 0 B (LOMO's gradients)
                 bad(f"{at}.{key}", value, "a size > 0 (no run fits in 0 bytes)")
         grow = baseline = None
         if "grow_max" in table:

@@ -164,15 +164,19 @@ def seeded_sequence(n: int = 600, seed: int = 0) -> list[tuple[int, int]]:
     return events
 
 
-def replay(events: Iterable[tuple[int, int]], capacity: int | None = None) -> dict[str, Any]:
+def replay(events: Iterable[tuple[int, int]], capacity: int | None = None,
+           steady_from: int | None = None) -> dict[str, Any]:
     """Run (key, bytes) allocations and (key, 0) frees through the model; what the allocator would report.
 
     Keys are the tracker's storage ids; an id may come back after its storage was freed. Zero-byte
-    storages take no block (as on CUDA).
+    storages take no block (as on CUDA). `steady_from` (an event index) starts the peaks anew there, as
+    `torch.cuda.reset_peak_memory_stats` does where a measured run's steady state begins (step 2).
     """
     allocator = CachingAllocator(capacity)
     oom = None
-    for key, nbytes in events:
+    for index, (key, nbytes) in enumerate(events):
+        if index == steady_from:
+            allocator.peak_allocated, allocator.peak_reserved = allocator.allocated, allocator.reserved
         try:
             if nbytes > 0:
                 allocator.malloc(key, nbytes)
@@ -183,4 +187,5 @@ def replay(events: Iterable[tuple[int, int]], capacity: int | None = None) -> di
             break
     return {"peak_reserved_bytes": allocator.peak_reserved, "peak_allocated_bytes": allocator.peak_allocated,
             "segments": allocator.segments, "alloc_retries": allocator.alloc_retries,
-            "capacity_bytes": capacity, "out_of_memory": oom, "model": DESCRIPTION}
+            "capacity_bytes": capacity, "out_of_memory": oom, "model": DESCRIPTION,
+            "steady_from_event": steady_from}

@@ -48,6 +48,7 @@ class MemoryTracker(TorchDispatchMode):
         self.device_type = device_type
         # (storage id, bytes) per allocation and (storage id, 0) per free, in order: for allocator.replay
         self.events: list[tuple[int, int]] | None = [] if record_events else None
+        self.steady_from_event: int | None = None  # where reset_peak began the steady state, in `events`
         self._live: dict[int, tuple[weakref.ref, int, str]] = {}
         self.totals = dict.fromkeys(CATEGORIES, 0)
         self.current = 0
@@ -103,6 +104,8 @@ class MemoryTracker(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         """Start a new peak window (used to measure the steady state from step 2 on)."""
+        if self.events is not None:
+            self.steady_from_event = len(self.events)
         self.peak = self.current
         self.peak_breakdown = dict(self.totals)
         self.category_peaks = dict(self.totals)

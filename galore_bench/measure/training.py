@@ -184,7 +184,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
                 evaluate: EvaluateFn | None = None, evaluate_every: int = 0,
                 tracker: MemoryTracker | None = None, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                 batches: Iterator[torch.Tensor] | None = None, steady_from: int = 1,
-                on_built: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
+                on_built: Callable[[Trainer], None] | None = None, track_steps: int | None = None) -> dict[str, Any]:
     """Run `steps` real training steps and return what was measured (memory, losses, step times).
 
     Storage sizes are rounded like the CUDA caching allocator when simulating (the GPU is what a
@@ -193,6 +193,8 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
     `evaluate(model)` runs every `evaluate_every` steps with the tracker paused (not part of the step).
     Distributed runs pass their own `tracker`, the `wrap`per (DDP, FSDP2), each rank's `batches` and the step
     their steady state starts at; `on_built(trainer)` sees the trainer before the first step.
+    `track_steps`: only the first n steps run under the tracker (memory); the rest run without it, so their
+    times are the step's own and not the tracker's Python dispatch (`tracked_steps` says which were tracked).
     """
     on_cuda = torch.device(device).type == "cuda"
     if tracker is None:
@@ -206,15 +208,21 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
     timer, losses, evals, step_peaks = _StepTimer(torch.device(device).type), [], [], list[int]()
     cuda_peak: dict[str, Any] = {}
     mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
-    with mode, tracker, causal_mask_skipped_under_fake_tensors():
+    tracked_steps = list(range(steps if track_steps is None else min(track_steps, steps)))
+    with mode, causal_mask_skipped_under_fake_tensors(), contextlib.ExitStack() as tracking:
+        tracking.enter_context(tracker)
+        tracking.callback(tracker.unwatch)  # untracked steps must not label (and so count) new gradients
         for step in range(steps):
+            if step == len(tracked_steps):
+                tracking.close()
             if step == min(steady_from, steps - 1):
                 tracker.reset_peak()
                 if on_cuda:
                     torch.cuda.reset_peak_memory_stats(device)
             with timer:
                 step_loss = one_step(trainer, tracker, batches, scenario.train.grad_accum, step)
-            tracker.label(trainer.state_tensors(), "optimizer_states")
+            if step in tracked_steps:
+                tracker.label(trainer.state_tensors(), "optimizer_states")
             step_peaks.append(tracker.peak)
             if not fake:
                 losses.append(step_loss)
@@ -232,7 +240,8 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
     tracker.unwatch()
     return {"tracker": tracker, "losses": losses, "step_times": timer.times, "cuda": cuda_peak,
             "trainer_info": trainer.info, "model": trainer.model, "evals": evals, "trainer": trainer,
-            "step_peaks": step_peaks}
+            "step_peaks": step_peaks, "tracked_steps": tracked_steps,
+            "device_type": "fake" if fake else torch.device(device).type}
 
 
 def one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.Tensor], grad_accum: int,
@@ -257,15 +266,19 @@ def one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.T
 
 
 def throughput(step_times: list[float], tokens_per_step: int, device: str,
-               special_steps: dict[str, set[int]] | None = None) -> dict[str, Any]:
+               special_steps: dict[str, set[int]] | None = None, tracked: list[int] | None = None) -> dict[str, Any]:
     """Tokens/s and TGS: median and spread over the steps after the first (warm-up: kernels, state creation).
 
     Steps named in `special_steps` (e.g. GaLore's SVD refreshes) are left out of the median and reported
-    as their own figure, so a periodic cost neither hides in nor distorts the typical step.
+    as their own figure, so a periodic cost neither hides in nor distorts the typical step. Steps in `tracked`
+    ran under the memory tracker: they are left out too (its dispatch slows every operator), and the median
+    of those after warm-up over the untracked median is kept as the tracker's measured overhead.
     """
     special = special_steps or {}
     excluded = set().union(*special.values()) if special else set()
-    timed = [t for i, t in enumerate(step_times) if i >= 1 and i not in excluded]
+    under_tracker = set(tracked or ())
+    timed_steps = [i for i in range(1, len(step_times)) if i not in excluded | under_tracker]
+    timed = [step_times[i] for i in timed_steps]
     if not timed:  # every step after warm-up was special: no typical step to report
         return {"tokens_per_second": None, "tgs": None, "mfu": None, "step_seconds": step_times,
                 **{f"{name}_steps": sorted(steps) for name, steps in special.items()}}
@@ -274,10 +287,21 @@ def throughput(step_times: list[float], tokens_per_step: int, device: str,
     result: dict[str, Any] = {
         "tokens_per_second": rate, "tgs": rate, "mfu": None, "device_kind": device,
         "label": "CPU throughput (not a GPU figure)" if device == "cpu" else f"{device} throughput",
-        "timed_steps": len(timed), "step_seconds_median": median, "step_seconds": step_times,
-        "step_seconds_spread": (max(timed) - min(timed)) if len(timed) > 1 else 0.0}
+        "timed_steps": len(timed), "timed_step_indices": timed_steps, "step_seconds_median": median,
+        "step_seconds": step_times, "step_seconds_spread": (max(timed) - min(timed)) if len(timed) > 1 else 0.0}
     for name, steps in special.items():
         times = [step_times[i] for i in sorted(steps) if 1 <= i < len(step_times)]
         result[f"{name}_step_seconds_median"] = statistics.median(times) if times else None
         result[f"{name}_steps"] = sorted(steps)
+    if tracked is not None:
+        result["tracker_overhead"] = tracker_overhead(step_times, under_tracker - excluded, timed_steps)
     return result
+
+
+def tracker_overhead(step_times: list[float], tracked: set[int], untracked: list[int]) -> dict[str, Any]:
+    """Median tracked step time over median untracked step time (warm-up step 0 left out of both)."""
+    tracked_steps = sorted(i for i in tracked if 1 <= i < len(step_times))
+    ratio = (statistics.median(step_times[i] for i in tracked_steps)
+             / statistics.median(step_times[i] for i in untracked)) if tracked_steps and untracked else None
+    return {"ratio": ratio, "tracked_steps": tracked_steps, "untracked_steps": untracked,
+            "what": "median step time with the memory tracker on / off, same run (a measured ratio)"}

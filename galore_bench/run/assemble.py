@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import torch
 
+from galore_bench import readings
 from galore_bench.measure import training
 from galore_bench.models import parameter_count
 from galore_bench.record import SCHEMA_VERSION, DistributedSection, EnvSection, MemorySection, RunRecord
@@ -59,7 +60,8 @@ def _git(*args: str) -> str | None:
 def empty_memory(**measured: Any) -> MemorySection:
     """A memory section with every field, null where not measured, then what `measured` gives."""
     memory = {"peak_bytes": None, "breakdown": None, "category_peaks": None, "source": None,
-              "steady_state_from_step": None, "estimate": None, "allocator_model": None, "cuda": None}
+              "steady_state_from_step": None, "estimate": None, "allocator_model": None, "cuda": None,
+              "readings": None}
     return cast(MemorySection, memory | measured)
 
 
@@ -136,7 +138,9 @@ def traced_memory(result: dict[str, Any], extra_step: str | None) -> MemorySecti
     if cuda:
         breakdown["other"] += cuda["allocated_bytes"] - tracker.peak  # blocks the tracker did not label
         measured |= {"peak_bytes": cuda["allocated_bytes"], "source": "torch.cuda.memory_stats", "cuda": cuda,
-                     "tracker_peak_bytes": tracker.peak}
+                     "tracker_peak_bytes": tracker.peak, "readings": readings.measured_cuda(cuda)}
+    elif result.get("device_type") == "cpu":  # a real CPU step (simulate fills its readings from the replay)
+        measured["readings"] = readings.measured_cpu(tracker.peak)
     return empty_memory(breakdown=breakdown, category_peaks=dict(tracker.category_peaks),
                         steady_state_from_step=2, **measured)
 

@@ -21,7 +21,7 @@ from typing import Any, cast
 import psutil
 import torch
 
-from galore_bench import store
+from galore_bench import readings, store
 from galore_bench.data import data_info, evaluate_perplexity
 from galore_bench.measure import flops, resolve_mode, training
 from galore_bench.measure.allocator import replay
@@ -32,6 +32,7 @@ from galore_bench.run import assemble
 from galore_bench.run.request import RunRequest
 from galore_bench.spec.scenario import RunSpec, Scenario
 
+MEMORY_STEPS = 2  # measure's tracked steps: step 1 creates the optimizer states, step 2 is the steady peak
 FAULT_ENV = "GALORE_BENCH_FAULT"  # test hook: "kill:<run label>" makes that run die mid-way (SIGKILL)
 
 
@@ -166,7 +167,7 @@ def _estimate(record: dict[str, Any], scenario: Scenario, run: RunSpec) -> None:
     fields = _estimate_fields(scenario, run)
     record["memory"] = {"peak_bytes": fields["peak_bytes"], "breakdown": fields["breakdown"],
                         "category_peaks": fields["category_peaks"], "source": "estimate (closed-form formulas)",
-                        "estimate": fields}
+                        "estimate": fields, "readings": readings.estimated(fields["peak_bytes"])}
 
 
 def _special_steps(run: RunSpec, steps: int) -> dict[str, set[int]]:
@@ -190,7 +191,9 @@ def _evaluator(scenario: Scenario, run: RunSpec, device: str) -> Callable[[torch
 def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, device: str,
            steps: int | None, snapshot: Path | None = None) -> None:
     fake = mode == "simulate"
-    traced, n_steps = training.simulation_plan(run) if fake else (run, max(2, steps or scenario.train.steps))
+    # measure: the tracker on for the memory window (warm-up + steady step), then at least one step timed without it
+    traced, n_steps = (training.simulation_plan(run) if fake
+                       else (run, max(MEMORY_STEPS + 1, steps or scenario.train.steps)))
     if not fake and n_steps != scenario.train.steps:  # the LR schedule and the data length follow --steps
         scenario = dataclasses.replace(scenario, train=dataclasses.replace(scenario.train, steps=n_steps))
         record["train"]["steps"] = n_steps  # the record says how many steps ran
@@ -207,7 +210,8 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
     if recording:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     result = training.train_steps(scenario, traced, fake=fake, device=device if not fake else "cpu", steps=n_steps,
-                                progress=progress, evaluate=evaluate, evaluate_every=scenario.eval_every)
+                                  progress=progress, evaluate=evaluate, evaluate_every=scenario.eval_every,
+                                  track_steps=None if fake else MEMORY_STEPS)
     if recording and snapshot is not None:
         snapshot.parent.mkdir(parents=True, exist_ok=True)
         torch.cuda.memory._dump_snapshot(str(snapshot))
@@ -216,9 +220,11 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
     memory = assemble.traced_memory(result, extra_step=plan.extra_step if fake and plan is not None else None)
     if fake:  # what a GPU would reserve (and whether the cap holds), from the same trace: a model, labelled
 
-        events = result["tracker"].events or []
-        memory["allocator_model"] = assemble.cross_check(record, "allocator_model",
-                                                         lambda: replay(events, scenario.budget_bytes))
+        tracker = result["tracker"]
+        memory["allocator_model"] = assemble.cross_check(
+            record, "allocator_model",
+            lambda: replay(tracker.events or [], scenario.budget_bytes, steady_from=tracker.steady_from_event))
+        memory["readings"] = readings.simulated(memory["allocator_model"])
     elif not result["cuda"]:
         memory["process_rss_bytes"] = psutil.Process().memory_info().rss
     target = "gpu" if fake or device == "cuda" else "cpu"  # what 'auto' implementations resolved to
@@ -230,7 +236,8 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
     if fake:
         return
     tokens = assemble.tokens_per_step(scenario)
-    speed = training.throughput(result["step_times"], tokens, device, _special_steps(run, n_steps))
+    speed = training.throughput(result["step_times"], tokens, device, _special_steps(run, n_steps),
+                                tracked=result["tracked_steps"])
     counted = lambda: _flops(scenario, run, speed, record["device"])
     speed.update(assemble.cross_check(record, "flops", counted) or {})
     provenance = None
