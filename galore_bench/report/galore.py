@@ -1,5 +1,5 @@
 """Report tables for the GaLore paper (arXiv 2403.03507): Tables 2 and 6 (estimated weights + optimizer states
-and perplexity, 60M-1B), Table 11 (measured 1B peaks with and without per-layer updates) and Table 3 (7B 8-bit).
+and perplexity, 60M-1B) and Table 3 (7B 8-bit); Table 11 (measured 1B peaks) is in report.table11.
 
 Same rules as report_tables: a paper column only where the run's setting matches, a value more than 5% off
 flagged with what is known about the difference.
@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from galore_bench.record import breakdown_of, peak_of, reserved_of
+from galore_bench.record import breakdown_of, peak_of
 from galore_bench.report.tables import as_number, cell_text, paper_diff, per_unit
 from galore_bench.units import GB, GIB
 
@@ -121,67 +121,6 @@ def table2_grid(table: pd.DataFrame) -> pd.DataFrame:
                 row[size] = "; ".join(dict.fromkeys(cells)) or "-"
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-TABLE11_NAMES = {"adamw": "adamw", "adafactor": "adafactor", "adam8bit": "adam8bit", "galore8bit": "galore_8bit"}
-TABLE11_NOTES = [
-    ("The paper measured LLaMA-1B on one A100 and does not say which reading it printed (PyTorch's allocated or "
-     "reserved bytes, or nvidia-smi's, which adds the CUDA context); ours are the allocated peak and the reserved "
-     "bytes (the caching-allocator model's in simulate, the GPU's when measured), both in GB = 1e9 bytes."),
-    ("Each reading more than 5% off the paper's is flagged. The paper printed one reading, so a row within 5% "
-     "on one reading and off on the other says which reading it agrees with."),
-    "tokens/s: ours only from a measured run (a simulation has no speed); the paper's A100 rate is not our GPU's."]
-TABLE11_RANK = 512  # the paper's 1B rank
-READING_CAUSE = ("the paper does not say which reading it printed, nor its PyTorch and bitsandbytes versions; "
-                 "a GPU run of this scenario (--mode measure) gives the real reading to set beside it")
-
-
-def _table11_cause(record: dict[str, Any], off: list[str], ok: list[str], ours_gb: float, paper_gb: float) -> str:
-    """Why a Table 11 reading is off: Adafactor's missing first moment when ours is far lower, the reading that
-    does agree when there is one, else what the paper leaves unsaid."""
-    method = record["method"]
-    if method["name"] == "adafactor" and not method.get("beta1") and ours_gb < 0.75 * paper_gb:
-        moment = 4 * ((record.get("model") or {}).get("parameters") or 0) / GB
-        return (f"our Adafactor keeps no first moment (the GaLore scripts' beta1 0); an fp32 first moment "
-                f"(beta1 > 0) would add {moment:.2f} GB: the paper does not print its setting")
-    if ok:
-        return f"the paper's figure agrees with our {ok[0]} reading, not the {off[0]} one"
-    return READING_CAUSE
-
-
-def _table11_match(record: dict[str, Any], paper: pd.DataFrame) -> pd.Series | None:
-    """The paper's row at its setting only: 1B, BF16, token batch 256, no checkpointing, GaLore at rank 512."""
-    train, method = record["train"], record["method"]
-    name = TABLE11_NAMES.get(method["name"])
-    if (record["model"]["name"] != "1b" or record["status"] != "ok" or train.get("dtype") != "bf16" or name is None
-            or train.get("activation_checkpointing") or train.get("batch_size", 0) * train.get("seq_len", 0) != 256
-            or (name == "galore_8bit" and method.get("rank") != TABLE11_RANK)):
-        return None
-    per_layer = "yes" if method.get("layerwise") else "no"
-    match = paper[(paper["optimizer"] == name) & (paper["per_layer_update"] == per_layer)]
-    return match.iloc[0] if len(match) else None
-
-
-def table11_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame) -> pd.DataFrame | None:
-    """GaLore Table 11 (LLaMA-1B, token batch 256): peak memory with and without per-layer updates, and speed."""
-    rows = []
-    for record, label in zip(records, labels):
-        ref, peak = _table11_match(record, paper), peak_of(record)
-        if ref is None or not peak:
-            continue
-        theirs, reserved = float(ref["memory"]), reserved_of(record)[0]
-        peak_diff, peak_off = paper_diff(peak / GB, theirs)
-        reserved_diff, reserved_off = paper_diff(per_unit(reserved, GB), theirs)
-        readings = {"allocated": peak_off, **({"reserved": reserved_off} if reserved is not None else {})}
-        off = [name for name, is_off in readings.items() if is_off]
-        ok = [name for name, is_off in readings.items() if not is_off]
-        rows.append({"run": label, "optimizer": ref["optimizer"], "per-layer update": ref["per_layer_update"],
-                     "peak GB": peak / GB, "reserved GB": per_unit(reserved, GB), "paper GB": theirs,
-                     "peak diff %": peak_diff, "reserved diff %": reserved_diff,
-                     "tokens/s": as_number((record.get("throughput") or {}).get("tokens_per_second")),
-                     "paper tokens/s": float(ref["throughput"]), "flag": ", ".join(off),
-                     "cause": _table11_cause(record, off, ok, peak / GB, theirs) if off else ""})
-    return pd.DataFrame(rows) if rows else None
 
 
 TABLE3_NAMES = {"adam8bit": "adam_8bit", "galore8bit": "galore_8bit"}

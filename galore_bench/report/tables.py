@@ -15,7 +15,7 @@ import pandas as pd
 from rich.table import Table
 from rich.text import Text
 
-from galore_bench.record import breakdown_of, category_peaks_of, peak_of, reserved_of
+from galore_bench.record import breakdown_of, category_peaks_of, peak_of, reading_of, reserved_of
 from galore_bench.units import CATEGORIES, GB, GIB
 
 FLAG_PERCENT = 5.0
@@ -169,9 +169,33 @@ def speed_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFram
     return pd.DataFrame(rows).dropna(axis=1, how="all") if rows else None
 
 
+def reading_bytes(record: dict[str, Any]) -> dict[str, int | None]:
+    """allocated, reserved and device_total in bytes (None where the record has none); a record without readings
+    (written by hand) shows its peak as allocated."""
+    allocated = reading_of(record, "allocated")
+    total = reading_of(record, "device_total")
+    return {"allocated": allocated["bytes"] if allocated else peak_of(record), "reserved": reserved_of(record)[0],
+            "device_total": total["bytes"] if total else None}
+
+
 def _reserved(record: dict[str, Any]) -> dict[str, Any]:
     reserved, source = reserved_of(record)
-    return {"reserved GiB": per_unit(reserved, GIB), "reserved from": source} if source else {}
+    if not source:
+        return {}
+    found = reading_bytes(record)
+    return {"allocated GiB": per_unit(found["allocated"], GIB), "reserved GiB": per_unit(reserved, GIB),
+            "reserved from": source, "device total GiB": per_unit(found["device_total"], GIB)}
+
+
+def _best_reading(record: dict[str, Any], theirs: float) -> str:
+    """The reading (or the tracker's peak) nearest a paper figure in GB, with its difference."""
+    candidates = {"peak": peak_of(record), **reading_bytes(record)}
+    diffs = {name: paper_diff(per_unit(value, GB), theirs)[0] for name, value in candidates.items()}
+    known = {name: diff for name, diff in diffs.items() if diff is not None}
+    if not known:
+        return "-"
+    name = min(known, key=lambda n: abs(known[n]))
+    return f"{name.replace('_', ' ')} ({known[name]:+.1f}%)"
 
 
 def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -194,6 +218,7 @@ def fit_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFr
             theirs = float(match.iloc[0]["memory"])
             diff, flagged = paper_diff(row["peak GB"], theirs)
             row.update({"paper GB": theirs, "paper kind": match.iloc[0]["kind"], "diff %": diff,
+                        "compared with": "peak", "best reading": _best_reading(record, theirs),
                         "flag": ">5%" if flagged else "", "cause": FIT_CAUSES[item] if flagged else ""})
         rows.append(row)
     return pd.DataFrame(rows) if rows else None
