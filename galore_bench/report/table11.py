@@ -63,6 +63,9 @@ def _explained(record: dict[str, Any], best: tuple[str, float] | None, readings:
                diffs: dict[str, float | None], theirs: float, sibling: dict[str, Any] | None) -> str:
     """What accounts for the paper's figure: the reading within 5%, else a setting with its figures."""
     method = record["method"]
+    setting = (f"setting: rank {REPOSITORY_RANK} (the GaLore repository's 1B script; Table 11 says {TABLE11_RANK}): "
+               f"{sibling['figures']}; best {SHOWN[sibling['best'][0]]} ({sibling['best'][1]:+.1f}%)"
+               if sibling is not None else "")
     if best is not None and abs(best[1]) <= FLAG_PERCENT:
         name, diff = best
         text = f"reading: {SHOWN[name]} ({diff:+.1f}%)"
@@ -71,15 +74,13 @@ def _explained(record: dict[str, Any], best: tuple[str, float] | None, readings:
             text += (f" = reserved {(readings['reserved'] or 0) / GB:.2f} + CUDA context "
                      f"{total['context_bytes'] / GB:.2f} + cuBLAS workspace {total['workspace_bytes'] / GB:.2f} GB "
                      "(published figures, an estimate)")
-        return text
+        return text + (f"; or {setting}" if setting else "")  # the paper's figure fits either: both are shown
     if method["name"] == "adafactor" and not method.get("beta1"):
         moment = 4 * ((record.get("model") or {}).get("parameters") or 0) / GB
         return (f"setting: our Adafactor keeps no first moment (the GaLore scripts' beta1 0); an fp32 first moment "
                 f"(beta1 > 0) adds {moment:.2f} GB (the -first-moment rows): the paper does not print its setting")
-    if sibling is not None:
-        return (f"setting: rank {REPOSITORY_RANK} (the GaLore repository's 1B script; Table 11 says "
-                f"{TABLE11_RANK}): {sibling['figures']}; best {SHOWN[sibling['best'][0]]} "
-                f"({sibling['best'][1]:+.1f}%)")
+    if setting:
+        return setting
     return f"not explained: the nearest reading is {_figures(readings, diffs)} of the paper's {theirs:.2f} GB"
 
 
