@@ -47,14 +47,16 @@ def test_sweep_trains_and_writes_valid_records(write_scenario, tmp_path):
         assert record["throughput"]["tokens_per_second"] > 0
 
 
-def test_records_written_by_a_sweep_are_schema_2_with_every_field(write_scenario, tmp_path):
+def test_records_written_by_a_sweep_are_schema_3_with_every_field(write_scenario, tmp_path):
     scenario = load_scenario(str(write_scenario(TWO_RUNS, "fields")))
     for mode in ("estimate", "simulate"):
         path = run_scenario(scenario, out=tmp_path / mode, mode=mode, only="adamw")[0]
         record = json.loads(path.read_text())  # the file itself, not an upgraded copy
-        assert record["schema_version"] == 2 and record["mode"] == mode and record["status"] == "ok"
-        assert problems_in(record) == []  # every v2 field present: estimate's memory section completed too
+        assert record["schema_version"] == 3 and record["mode"] == mode and record["status"] == "ok"
+        assert problems_in(record) == []  # every v3 field present: estimate's memory section completed too
         assert record["memory"]["cuda"] is None and record["distributed"] is None
+        kinds = {reading["kind"] for reading in record["memory"]["readings"].values()}
+        assert kinds == ({"estimate"} if mode == "estimate" else {"model", "estimate"})
 
 
 def test_a_run_request_crosses_into_a_child_process_as_one_frozen_value(tmp_path):

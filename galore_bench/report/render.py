@@ -59,7 +59,9 @@ SECTIONS = {
     "speed": ("Throughput and quality (TGS = tokens per device per second)",
               ["A rate measured on a cpu device says nothing about a GPU's."]),
     "vs_lomo_table1": ("Against LOMO Table 1 (LLaMA-7B, batch 8 x 512; paper in GiB, printed 'GB')",
-                       ["The paper's `params` is our `weights`; it has no `other` column.",
+                       [("Compared with: each category's own maximum and the peak, the tracker's (storage bytes), "
+                         "not an allocator reading: the paper lists category sizes and their sum."),
+                        "The paper's `params` is our `weights`; it has no `other` column.",
                         "The paper trains in mixed precision (fp16 + fp32 master copy); our runs are pure BF16.",
                         "The paper's totals without checkpointing are 1.00 more than the sum of their parts."]),
     "vs_galore_table2": ("Against GaLore Table 2: perplexity and memory (GB = 1e9 bytes)", TABLE2_NOTES),
