@@ -121,3 +121,28 @@ def test_measure_times_only_steps_the_tracker_did_not_run(write_scenario, monkey
     parts = record["memory"]["breakdown"]  # (the states: two fp32 moments plus a 4-byte step count per tensor)
     assert parts["gradients"] == parts["weights"]
     assert 0 < parts["optimizer_states"] - 2 * parts["weights"] <= 4 * 64
+
+
+def test_measured_device_total_is_nvmls_used_bytes_of_this_gpu(monkeypatch):
+    """On a GPU the device total is NVML's `used` for the device torch runs on (found by UUID: NVML ignores
+    CUDA_VISIBLE_DEVICES); without NVML the reading is null, never a guess. NVML and CUDA faked here."""
+    import sys
+    import types
+
+    from galore_bench import readings
+
+    asked: list[str] = []
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByUUID=lambda uuid: asked.append(uuid) or "handle",
+        nvmlDeviceGetMemoryInfo=lambda handle: types.SimpleNamespace(used=7_000_000_000))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(training.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(training.torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(uuid="abc"))
+    used = training.nvml_used_bytes()
+    assert used == 7_000_000_000 and asked == ["GPU-abc"]
+    found = readings.measured_cuda({"allocated_bytes": 5, "reserved_bytes": 6, "nvml_used_bytes_after": used})
+    assert [(r["bytes"], r["kind"]) for r in found.values()] == [(5, "measured"), (6, "measured"), (used, "measured")]
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: import fails
+    assert training.nvml_used_bytes() is None
+    assert readings.measured_cuda({"allocated_bytes": 5, "reserved_bytes": 6})["device_total"]["bytes"] is None
