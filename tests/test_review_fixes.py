@@ -13,14 +13,15 @@ from galore_bench.cli import main
 from galore_bench.errors import UserError
 from galore_bench.measure import training
 from galore_bench.methods import PLUGIN_ENV, REGISTRY
+from galore_bench.record import upgrade_2_to_3
 
 from conftest import TINY_HEADER
-from fixtures.records import make_record, parts
+from fixtures.records import make_record, parts  # version 2 records: upgrade_2_to_3 before store.write
 
 
 def test_of_two_records_written_in_the_same_second_the_later_one_is_newest(tmp_path: Path):
-    first = store.write(make_record("adamw", parts(weights=100)), tmp_path)
-    second = store.write(make_record("adamw", parts(weights=200)), tmp_path)
+    first = store.write(upgrade_2_to_3(make_record("adamw", parts(weights=100))), tmp_path)
+    second = store.write(upgrade_2_to_3(make_record("adamw", parts(weights=200))), tmp_path)
     assert second.name.endswith("-1.json")  # write's own name for the second file of that second
     chosen = store.newest(store.load_all([tmp_path]))
     assert [path for path, _ in chosen.values()] == [second] and first != second
@@ -53,7 +54,7 @@ def test_an_out_path_the_system_refuses_is_one_message(tmp_path: Path, capsys, c
     args = ["run", "--scenario", "smoke_cpu", "--mode", "estimate", "--out", out] if command == "run" \
         else ["report", str(tmp_path), "--out", out]
     if command == "report":
-        store.write(make_record("adamw", parts(weights=100)), tmp_path)
+        store.write(upgrade_2_to_3(make_record("adamw", parts(weights=100))), tmp_path)
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("galore-bench: error: ") and "Traceback" not in err
