@@ -108,7 +108,8 @@ def table11_table(records: list[dict[str, Any]], labels: list[str], paper: pd.Da
                    if rank == TABLE11_RANK else None)
         off = best is None or abs(best[1]) > FLAG_PERCENT
         rows.append({"run": label, "optimizer": ref["optimizer"], "per-layer update": ref["per_layer_update"],
-                     "rank": rank, **{f"{SHOWN[n]} GB": per_unit(v, GB) for n, v in readings.items()},
+                     "rank": str(rank) if rank is not None else None,
+                     **{f"{SHOWN[n]} GB": per_unit(v, GB) for n, v in readings.items()},
                      "paper GB": theirs, **{f"{SHOWN[n]} diff %": d for n, d in diffs.items()},
                      "compared with": ", ".join(SHOWN[n] for n, v in readings.items() if v is not None),
                      "best match": f"{SHOWN[best[0]]} ({best[1]:+.1f}%)" if best else "-",
