@@ -156,3 +156,33 @@ def test_flash_attention_is_refused_off_a_gpu(write_scenario):
     scenario = load_scenario(str(write_scenario(body + TRAIN + '[[runs]]\nmethod = "sgd"\n')))
     with pytest.raises(UserError, match="flash_attention_2 runs on a CUDA GPU only"):
         train_steps(scenario, scenario.runs[0], fake=True, device="cpu", steps=1)
+
+
+@pytest.mark.slow
+def test_run_model_profiles_a_config_json_with_a_shipped_scenario(tmp_path, monkeypatch):
+    """`galore-bench run --scenario 7b_4090 --model config.json`: the newcomer's one command (README); one process
+    per run (a minute on a busy 2-core machine)."""
+    from galore_bench.cli.run import run
+    from galore_bench.store import load_all
+
+    settings, _ = read_preset("mistral-7b-v0.3")
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "my-model" / "config.json").write_text(json.dumps(settings))
+    monkeypatch.chdir(tmp_path)
+    assert run("7b_4090", mode="estimate", model="my-model/config.json", out=tmp_path / "results") == 0
+    records = [record for _, record in load_all([tmp_path / "results"])]
+    assert len(records) == 5 and {r["scenario"] for r in records} == {"7b_4090-my-model"}
+    assert all(r["model"]["parameters"] == 7_248_023_552 and r["model"]["shape"]["source"].startswith("config file")
+               for r in records)
+    with pytest.raises(UserError, match=r"--model: galore_fig4 sets a model per run \(runs\[0\].model\)"):
+        load_scenario("galore_fig4", "qwen3-8b")
+
+
+def test_a_scenario_loaded_with_a_model_has_it_in_every_run_and_its_own_name(tmp_path, monkeypatch):
+    """The fast twin: the scenario `run --model` runs."""
+    monkeypatch.chdir(tmp_path)
+    scenario = load_scenario("7b_4090", "qwen3-8b")
+    assert scenario.name == "7b_4090-qwen3-8b" and scenario.model.preset == "qwen3-8b"
+    assert {run.model for run in scenario.runs} == {scenario.model} and len(scenario.runs) == 5
+    with pytest.raises(UserError, match="model.config: got '.*nowhere.json', allowed a path to an existing"):
+        load_scenario("7b_4090", "nowhere.json")

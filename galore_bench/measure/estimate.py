@@ -198,15 +198,16 @@ def _layer_forward_bytes(shape: Model, batch: int, seq: int, e: int) -> dict[str
     Both hold the embedding output (the model keeps it), the layer's input (layer 0's input is that output),
     the rotary cos/sin (batch 1) and the int64 position ids. The MLP moment adds the residual sum, its normed
     copy, SiLU(gate), up and their product; the attention moment adds the input's normed copy, q, k, v, rotated
-    q and the three tensors of k's rotation (k*cos, rotate_half(k), its product with sin). k and v are full
-    width: the model builder sets num_key_value_heads = num_attention_heads (no grouped-query attention).
-    LLaMA's MLP (i ~ 2.7h) makes the MLP moment the larger one.
+    q and the three tensors of k's rotation (k*cos, rotate_half(k), its product with sin). k and v are as wide as
+    the k/v heads (the zoo's: as q; grouped-query attention: narrower). LLaMA's MLP (i ~ 2.7h) makes the MLP moment
+    the larger one.
     """
     t, h, i = batch * seq, shape.hidden_size, shape.intermediate_size
+    q, kv, heads = attention_widths(shape)
     held = (2 if shape.num_hidden_layers > 1 else 1) * blocks(t * h * e)
-    rotary = 2 * blocks(seq * (h // shape.num_attention_heads) * e) + blocks(seq * 8)
+    rotary = 2 * blocks(seq * (q // heads) * e) + blocks(seq * 8)
     return {"mlp_forward": held + rotary + 2 * blocks(t * h * e) + 3 * blocks(t * i * e),
-            "attention_forward": held + rotary + 8 * blocks(t * h * e)}
+            "attention_forward": held + rotary + blocks(t * h * e) + 2 * blocks(t * q * e) + 5 * blocks(t * kv * e)}
 
 
 def _forward_only(weights: int, activations: dict[str, int], act: dict[str, int]) -> Estimate:

@@ -108,3 +108,17 @@ def check_targets(problems: Problems, where: str, method: str, targets: Any, mod
     return True
 
 
+
+
+def with_model(raw: dict[str, Any], model: str, path: Path) -> dict[str, Any]:
+    """The scenario document with its [model] replaced by a preset or a config.json (relative to the working
+    folder); its runs must not choose their own models, which would make the replacement meaningless."""
+    own = [i for i, run in enumerate(raw.get("runs") or []) if isinstance(run, dict) and "model" in run]
+    if own:
+        raise UserError(f"--model: {path.stem} sets a model per run (runs[{own[0]}].model); choose a scenario "
+                        "whose runs share its [model], e.g. 7b_4090")
+    if "distributed" in raw:
+        raise UserError(f"--model: {path.stem} has [distributed], whose ranks reload the file; write the model "
+                        "into a copy of the scenario instead")
+    table = {"preset": model} if model in preset_names() else {"config": str(Path(model).resolve())}
+    return {**raw, "model": table}

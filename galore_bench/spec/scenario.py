@@ -14,7 +14,7 @@ from galore_bench.errors import SAFE_NAME, Problems, UserError, is_safe_name, li
 from galore_bench.methods import REGISTRY, TrainSettings
 from galore_bench.models import DTYPES, Model, matrix_shapes
 from galore_bench.spec.distributed import DistributedSpec, parse_distributed
-from galore_bench.spec.model import check_targets, parse_model, run_model
+from galore_bench.spec.model import check_targets, parse_model, run_model, with_model
 from galore_bench.units import ALLOWED_UNITS, parse_bytes
 
 # package data, read through importlib.resources: an installed wheel need not be a plain folder
@@ -103,7 +103,8 @@ def find_scenario(name_or_path: str) -> Traversable:
     return shipped
 
 
-def load_scenario(name_or_path: str) -> Scenario:
+def load_scenario(name_or_path: str, model: str | None = None) -> Scenario:
+    """A scenario by name or path; `model` (a preset or a config.json path) replaces its [model] (`run --model`)."""
     source = find_scenario(name_or_path)
     path = Path(str(source))  # a shipped one installed as files: its real path, which a run's process reloads
     try:
@@ -114,7 +115,10 @@ def load_scenario(name_or_path: str) -> Scenario:
         raise UserError(f"{path}: not valid TOML: {shown(str(exc), 200)}") from None
     except RecursionError:
         raise UserError(f"{path}: not a scenario: nested too deeply to read") from None
-    return parse_scenario(raw, path)
+    if model is None:
+        return parse_scenario(raw, path)
+    scenario = parse_scenario(with_model(raw, model, path), path)
+    return dataclasses.replace(scenario, name=f"{scenario.name}-{scenario.model_name}")
 
 
 # Generous bounds no real training reaches: beyond them even the closed-form estimate takes minutes and
