@@ -4,6 +4,7 @@ The three of GaLore's Table 2 comparison that change the model itself before tra
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,11 +40,12 @@ def _targets(model: torch.nn.Module, opts: dict[str, Any], method: str) -> list[
     return projections(model, targets)
 
 
-def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
+def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings,
+                 method: str = "lora") -> torch.nn.Module:
     """Wrap every projection (q,k,v,o,gate,up,down in LLaMA) with adapters; as in pre-training, embeddings, norms
     and head stay trainable."""
     config = lora_config(opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"],
-                         target_modules=_targets(model, opts, "lora"))
+                         target_modules=_targets(model, opts, method))
     return wrap_lora(model, config, train_non_lora=True)
 
 
@@ -125,7 +127,8 @@ LORA = MethodDef(name="lora", summary="LoRA adapters (peft) on attention and MLP
 
 RELORA = MethodDef(
     name="relora", summary="ReLoRA: LoRA merged into W and restarted periodically, jagged cosine schedule",
-    build=build_relora, prepare=prepare_lora, uses_rank=True, paper="arXiv 2307.05695; baseline in arXiv 2403.03507",
+    build=build_relora, prepare=partial(prepare_lora, method="relora"), uses_rank=True,
+    paper="arXiv 2307.05695; baseline in arXiv 2403.03507",
     options={**LORA_OPTIONS,
              "reset_every": Option(int, 200, "steps between merge-and-restart", minimum=2),
              "restart_warmup": Option(int, 10, "linear re-warm-up steps after each restart", minimum=0),
