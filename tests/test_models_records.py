@@ -112,7 +112,7 @@ def test_a_damaged_field_names_the_file_and_the_field(tmp_path):
 def test_every_committed_record_loads_at_version_3():
     files = sorted(REPORTS.glob("*/records/**/*.json"))
     stored = store.load_all(sorted(REPORTS.glob("*/records")))
-    assert len(files) == 70 and len(stored) == len(files)  # 70 committed: 10 measured on CPU, 60 simulated
+    assert files and len(stored) == len(files)  # every committed record, measured and simulated, loads
     assert {record["schema_version"] for _, record in stored} == {3}
 
 

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.wheel
 CHECKOUT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.stem for p in (CHECKOUT / "galore_bench" / "scenarios").glob("*.toml"))
 PAPER_TABLES = sorted(p.name for p in (CHECKOUT / "galore_bench" / "report" / "reference").glob("*.csv"))
+PRESETS = sorted(p.name for p in (CHECKOUT / "galore_bench" / "models" / "presets").glob("*.json"))
 
 
 def run(args: list[str | Path], cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -63,7 +64,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path):
     names = zipfile.ZipFile(wheel).namelist()
     assert sorted(n.split("/")[-1][:-5] for n in names if n.startswith("galore_bench/scenarios/")) == SHIPPED
     assert sorted(n.split("/")[-1] for n in names if n.startswith("galore_bench/report/reference/")) == PAPER_TABLES
-    assert len(SHIPPED) == 9 and len(PAPER_TABLES) == 7
+    assert sorted(n.split("/")[-1] for n in names if n.startswith("galore_bench/models/presets/")) == PRESETS
+    assert len(SHIPPED) == 10 and len(PAPER_TABLES) == 7 and len(PRESETS) == 9
 
     venv = fresh_venv(tmp_path, wheel)
     outside = tmp_path / "elsewhere"

@@ -7,23 +7,32 @@ import argparse
 from rich.console import Console
 from rich.markup import escape
 
+from galore_bench.models.hf import preset_names, read_preset
 from galore_bench.spec.scenario import load_scenario, shipped_scenarios
 
 NAME = "list"
-HELP = "list the shipped scenarios, one line each"
-DESCRIPTION = "List the scenarios shipped inside the package (galore_bench/scenarios), one line each."
+HELP = "list the shipped scenarios (or model presets), one line each"
+DESCRIPTION = ("List the scenarios shipped inside the package (galore_bench/scenarios), one line each; with "
+               "--presets, the model presets ([model] preset = ..., run --model ...) and the config each cites.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """No options: every shipped scenario is listed."""
+    parser.add_argument("--presets", action="store_true", help="list the model presets instead")
 
 
 def from_args(args: argparse.Namespace) -> int:
-    return run()
+    return run(presets=args.presets)
 
 
-def run(console: Console | None = None) -> int:
+def run(console: Console | None = None, presets: bool = False) -> int:
     console = console or Console()
+    if presets:
+        for name in preset_names():
+            settings, _ = read_preset(name)
+            family, source = str(settings["model_type"]), str(settings["_source"])
+            console.print(f"[bold]{escape(f'{name:<16}')}[/bold] {escape(f'{family:<10}')} [dim]{escape(source)}[/dim]",
+                          highlight=False)
+        return 0
     for name in shipped_scenarios():
         scenario = load_scenario(name)
         methods = ", ".join(r.label for r in scenario.runs)

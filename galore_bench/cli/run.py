@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(<record>.snapshot.pickle, for https://pytorch.org/memory_viz)",
     )
     parser.add_argument(
+        "--model",
+        default=None,
+        metavar="PRESET_OR_CONFIG",
+        help="replace the scenario's model: a preset name (`list --presets`) or a path to a config.json",
+    )
+    parser.add_argument(
         "--skip-existing", action="store_true", help="resume: skip runs that already have an ok record"
     )
     parser.add_argument(
@@ -92,6 +98,7 @@ def from_args(args: argparse.Namespace) -> int:
         runs=args.runs,
         submitit=args.submitit,
         cluster_options=args.cluster_option,
+        model=args.model,
     )
 
 
@@ -106,12 +113,14 @@ def run(
     runs: str | None = None,
     submitit: str | None = None,
     cluster_options: Sequence[str] = (),
+    model: str | None = None,
 ) -> int:
-    """Run `scenario` (a shipped name or a .toml path) and print the results; 1 if a run crashed."""
+    """Run `scenario` (a shipped name or a .toml path), with `model` instead of its own when given, and print the
+    results; 1 if a run crashed."""
     from galore_bench.run.cluster import parse_options, submit_scenario
     from galore_bench.run.sweep import run_scenario
 
-    loaded = load_scenario(scenario)
+    loaded = load_scenario(scenario, model)
     _refuse_bad_arguments(
         out=out,
         steps=steps,

@@ -28,7 +28,7 @@ from typing import Any
 from galore_bench.errors import UserError
 from galore_bench.methods import REGISTRY
 from galore_bench.methods.terms import EstimateTerms, Moment, ParamShape, StepBytes, blocks
-from galore_bench.models import DTYPES, ModelShape
+from galore_bench.models import DTYPES, HFModel, Model, ModelShape
 from galore_bench.units import CATEGORIES
 
 
@@ -48,6 +48,35 @@ def terms_of(method: str) -> EstimateTerms:
     return found.estimate
 
 
+ESTIMATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""Decoders the closed form describes: RMSNorm, a gated SiLU MLP, rotary attention through sdpa (GQA, head_dim,
+biases and Qwen3's q/k norms included). Gemma-2 (eager softcapped attention, extra norms, GELU), Phi-3 (fused
+projections, whose slices keep the fused output alive) and MoE (routing) have no closed form here yet."""
+
+
+def check_estimable(shape: Model) -> None:
+    """Refuse a model the closed form does not describe, saying what to use instead."""
+    if isinstance(shape, ModelShape):
+        return
+    family = shape.model_type
+    if family not in ESTIMATED_FAMILIES or shape.attn_implementation != "sdpa" or hasattr(shape.settings,
+                                                                                           "num_experts"):
+        why = ("MoE routing (which experts each token reaches) is data-dependent"
+               if "moe" in family or family == "mixtral" else
+               f"its {family} layers with {shape.attn_implementation} attention are not modelled")
+        raise EstimateUnavailable(f"estimate: no closed form for {shape.preset or family} ({why}; the estimate "
+                                  f"covers {', '.join(ESTIMATED_FAMILIES)} with sdpa); run it in simulate or "
+                                  "measure mode")
+
+
+def attention_widths(shape: Model) -> tuple[int, int, int]:
+    """(q width, k/v width, q heads) of a layer: grouped-query attention shrinks k and v, head_dim sets both."""
+    if isinstance(shape, HFModel):
+        return (shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim,
+                shape.num_attention_heads)
+    return shape.hidden_size, shape.hidden_size, shape.num_attention_heads
+
+
 def update_temporaries(terms: EstimateTerms, params: list[ParamShape], options: dict[str, Any], e: int,
                        layerwise: bool, target: str) -> int:
     """The largest transient of a whole update: a batched implementation's, else the largest parameter's."""
@@ -59,7 +88,7 @@ def update_temporaries(terms: EstimateTerms, params: list[ParamShape], options: 
     return max((terms.update_temporaries(p, options, e) for p in trainable), default=0)
 
 
-def activation_bytes(shape: ModelShape, batch: int, seq: int, e: int, checkpointing: bool,
+def activation_bytes(shape: Model, batch: int, seq: int, e: int, checkpointing: bool,
                      method_per_layer: int = 0) -> dict[str, int]:
     """What autograd saves, per decoder layer and for the final norm and LM head.
 
@@ -69,11 +98,16 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, e: int, checkpoint
     up and the down projection's input. `method_per_layer`: what the method's modules save besides
     (LoRA / low-rank: each rank-r intermediate).
     """
-    h, i, heads, t = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads, batch * seq
+    h, i, t = shape.hidden_size, shape.intermediate_size, batch * seq
+    q, kv, heads = attention_widths(shape)
     norm = blocks(t * h * 4) + blocks(t * 4) + blocks(t * h * e)
     layer = (2 * norm + 2 * blocks(t * h * e) + blocks(t * i * e)  # norms, the projections' 2-D inputs
-             + 4 * blocks(t * h * e) + blocks(batch * heads * seq * 4)  # q, k, v, output, log-sum-exp
+             + 2 * blocks(t * q * e) + 2 * blocks(t * kv * e) + blocks(batch * heads * seq * 4)  # q, k, v, out, lse
              + 3 * blocks(t * i * e))  # gate, SiLU(gate), up
+    if isinstance(shape, HFModel) and shape.model_type == "qwen3":  # q and k RMS-normed per head, as a norm saves
+        kv_heads = shape.num_key_value_heads
+        layer += (blocks(t * q * 4) + blocks(t * heads * 4) + blocks(t * q * e)
+                  + blocks(t * kv * 4) + blocks(t * kv_heads * 4) + blocks(t * kv * e))
     layer += method_per_layer
     head = norm + blocks(t * h * e)  # final norm, LM head input
     saved_layers = shape.num_hidden_layers * (blocks(t * h * e) if checkpointing else layer)
@@ -94,7 +128,7 @@ class Estimate:
     terms: dict[str, int] = field(default_factory=dict)
 
 
-def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_size: int, seq_len: int,
+def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: int, seq_len: int,
              dtype: str, activation_checkpointing: bool = False, grad_accum: int = 1, target: str = "gpu") -> Estimate:
     """Closed-form peak memory of one steady-state training step (step 2+: optimizer states exist).
 
@@ -102,6 +136,7 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     what 'auto' implementations resolve to. Raises EstimateUnavailable for a method without estimate terms.
     """
     terms = terms_of(method)
+    check_estimable(shape)
     e = DTYPES[dtype].itemsize  # bytes per value
     params = terms.layout(shape, options)
     weights = sum(blocks(p.numel * e) for p in params)
@@ -126,7 +161,12 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
         "forward_end": moment(Moment(carried, saved + logits_forward, 0)),
         "loss_backward": moment(Moment(carried, saved + act["logits_fp32"], 2 * act["logits_fp32"])),
     }
-    if layerwise:
+    tied = not any(p.name == "lm_head" for p in params)
+    if layerwise and tied:  # the head's gradient accumulates into the embedding's, updated only when backward ends
+        embedding = next(p for p in params if p.name == "embed_tokens")
+        moments["head_update"] = moment(Moment(head_grad, saved, act["hidden"]))
+        moments["tied_update"] = moment(Moment(head_grad, 0, terms.update_temporaries(embedding, options, e)))
+    elif layerwise:
         head = next(p for p in params if p.name == "lm_head")
         moments["head_update"] = moment(Moment(head_grad, saved,
                                                terms.update_temporaries(head, options, e) + act["hidden"]))
@@ -152,21 +192,22 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
                     terms_used)
 
 
-def _layer_forward_bytes(shape: ModelShape, batch: int, seq: int, e: int) -> dict[str, int]:
+def _layer_forward_bytes(shape: Model, batch: int, seq: int, e: int) -> dict[str, int]:
     """Live activations at the last layer's two busiest moments, autograd off.
 
     Both hold the embedding output (the model keeps it), the layer's input (layer 0's input is that output),
     the rotary cos/sin (batch 1) and the int64 position ids. The MLP moment adds the residual sum, its normed
     copy, SiLU(gate), up and their product; the attention moment adds the input's normed copy, q, k, v, rotated
-    q and the three tensors of k's rotation (k*cos, rotate_half(k), its product with sin). k and v are full
-    width: the model builder sets num_key_value_heads = num_attention_heads (no grouped-query attention).
-    LLaMA's MLP (i ~ 2.7h) makes the MLP moment the larger one.
+    q and the three tensors of k's rotation (k*cos, rotate_half(k), its product with sin). k and v are as wide as
+    the k/v heads (the zoo's: as q; grouped-query attention: narrower). LLaMA's MLP (i ~ 2.7h) makes the MLP moment
+    the larger one.
     """
     t, h, i = batch * seq, shape.hidden_size, shape.intermediate_size
+    q, kv, heads = attention_widths(shape)
     held = (2 if shape.num_hidden_layers > 1 else 1) * blocks(t * h * e)
-    rotary = 2 * blocks(seq * (h // shape.num_attention_heads) * e) + blocks(seq * 8)
+    rotary = 2 * blocks(seq * (q // heads) * e) + blocks(seq * 8)
     return {"mlp_forward": held + rotary + 2 * blocks(t * h * e) + 3 * blocks(t * i * e),
-            "attention_forward": held + rotary + 8 * blocks(t * h * e)}
+            "attention_forward": held + rotary + blocks(t * h * e) + 2 * blocks(t * q * e) + 5 * blocks(t * kv * e)}
 
 
 def _forward_only(weights: int, activations: dict[str, int], act: dict[str, int]) -> Estimate:

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from galore_bench.measure.tracker import MemoryTracker
 from galore_bench.measure.training import build_trainer
 from galore_bench.models import (
-    ModelShape,
+    Model,
     causal_mask_skipped_under_fake_tensors,
     matrix_shapes,
     parameter_count,
@@ -42,7 +42,7 @@ FORWARD_MODEL_FLOPS_FORMULA = ("PaLM (arXiv 2204.02311, App. B), forward only (a
 
 
 # -- the closed-form count ------------------------------------------------------------------------
-def hand_count(shape: ModelShape, batch_size: int, seq_len: int,
+def hand_count(shape: Model, batch_size: int, seq_len: int,
                activation_checkpointing: bool = False) -> dict[str, Any]:
     """Matmul FLOPs of one training step, counted the way FlopCounterMode counts them.
 
@@ -60,7 +60,8 @@ def hand_count(shape: ModelShape, batch_size: int, seq_len: int,
     """
     h, L, s, b = shape.hidden_size, shape.num_hidden_layers, seq_len, batch_size
     tokens = b * s
-    attention_matmul = 2 * b * s * s * h  # one s x s x (head_dim) matmul over all heads, b sequences
+    width = shape.num_attention_heads * getattr(shape, "head_dim", h // shape.num_attention_heads)  # q's width
+    attention_matmul = 2 * b * s * s * width  # one s x s x (head_dim) matmul over all heads, b sequences
     terms = {
         "layer_weights_forward": 2 * tokens * L * sum(o * i for o, i in matrix_shapes(shape).values()),
         "lm_head_forward": 2 * tokens * h * shape.vocab_size,
@@ -73,7 +74,8 @@ def hand_count(shape: ModelShape, batch_size: int, seq_len: int,
     recompute = (terms["layer_weights_forward"] - down_proj + terms["attention_forward"]
                  if activation_checkpointing else 0)
     total = forward + backward + recompute
-    n_mfu = parameter_count(shape) - shape.vocab_size * h
+    # the input embedding is a lookup; a tied one is also the LM head, which does multiply
+    n_mfu = parameter_count(shape) - (0 if getattr(shape, "tie_word_embeddings", False) else shape.vocab_size * h)
     model_per_token = 6 * n_mfu + 12 * L * h * s
     return {"tokens": tokens, "terms": terms, "forward": forward, "backward": backward, "recompute": recompute,
             "flops_per_step": total, "flops_per_token": total / tokens,

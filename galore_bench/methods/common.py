@@ -36,6 +36,9 @@ def layerwise_or_plain(model: torch.nn.Module, groups: list[dict[str, Any]], mak
     return trainer(model, make(groups), info=info)
 
 
+TARGETS_OPTION = Option(list, [], "module-name suffixes of the projections to act on, e.g. [\"q_proj\", \"v_proj\"] "
+                        "(default: every 2-D projection of attention and MLP in the decoder layers)")
+
 IMPL_OPTION = Option(str, "auto", "torch AdamW implementation (auto: foreach on a GPU and in simulate, "
                      "the for-loop on a CPU)", choices=("auto", "for-loop", "foreach", "fused"))
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from galore_bench.methods.base import MethodDef, Option, TracePlan, Trainer
-from galore_bench.methods.common import LAYERWISE_OPTION, layerwise_or_plain, trainable
+from galore_bench.methods.common import LAYERWISE_OPTION, TARGETS_OPTION, layerwise_or_plain, trainable
 from galore_bench.methods.terms import (
     EstimateTerms,
     Moment,
@@ -25,21 +25,24 @@ from galore_bench.methods.terms import (
     blocks,
     model_parameters,
 )
-from galore_bench.models import ModelShape
+from galore_bench.models import Model
+from galore_bench.models.layout import projections, refuse_experts
 from galore_bench.optim.galore import GaLoreAdamW, GaLoreAdamW8bit, GaLoreProjector
-from galore_bench.optim.lowrank import DEFAULT_TARGETS
 from galore_bench.optim.projector import SVD_OVERSAMPLE, SVD_POWER_ITERS
 
 
-def projected_groups(model: torch.nn.Module, opts: dict[str, Any]) -> list[dict[str, Any]]:
-    """The paper's split: every 2-D weight of q,k,v,o,gate,up,down projected; embeddings, norms, head not."""
+def projected_groups(model: torch.nn.Module, opts: dict[str, Any], method: str = "galore") -> list[dict[str, Any]]:
+    """The paper's split: the weight of every projection of attention and MLP (q,k,v,o,gate,up,down in LLaMA;
+    derived from the architecture, or the run's target_modules) projected; embeddings, norms, biases, head not.
+    3-D MoE experts are refused unless target_modules leaves them to plain AdamW."""
+    targets = opts.get("target_modules") or None
+    refuse_experts(model, method, targets)
+    weights = {id(model.get_submodule(name).weight) for name in projections(model, targets)}
     projected: list[torch.nn.Parameter] = []
     regular: list[torch.nn.Parameter] = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
-        (projected if param.ndim == 2 and module in DEFAULT_TARGETS else regular).append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            (projected if id(param) in weights else regular).append(param)
     galore = {key: opts[key] for key in ("rank", "update_proj_gap", "scale", "proj_type", "svd", "svd_oversample",
                                          "svd_power_iters")}
     return [{"params": regular}, {"params": projected, **galore}]
@@ -57,7 +60,7 @@ class GaLoreTrainer(Trainer):
 
 
 def _build(model: torch.nn.Module, opts: dict[str, Any], eight_bit: bool) -> Trainer:
-    groups = projected_groups(model, opts)
+    groups = projected_groups(model, opts, "galore8bit" if eight_bit else "galore")
     hyper = {"lr": opts["lr"], "weight_decay": opts["weight_decay"], "betas": (opts["beta1"], opts["beta2"]),
              "eps": opts["eps"]}
     kind = GaLoreAdamW8bit if eight_bit else GaLoreAdamW
@@ -71,8 +74,9 @@ def _build(model: torch.nn.Module, opts: dict[str, Any], eight_bit: bool) -> Tra
 
 
 # -- estimate terms -------------------------------------------------------------------------------
-def layout(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
-    return model_parameters(shape, lambda name, rows, cols: [ParamShape(name, (rows, cols), projected=True)])
+def layout(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
+    return model_parameters(shape, lambda name, rows, cols: [ParamShape(name, (rows, cols), projected=True)],
+                            opts.get("target_modules") or None)
 
 
 def projected_side(p: ParamShape, proj_type: str = "std") -> str:
@@ -148,8 +152,8 @@ def svd_refresh(step: StepBytes, eight_bit: bool) -> dict[str, Moment]:
     """Every update_proj_gap steps, the SVDs that refresh the projectors."""
     e, opts = step.e, step.options
     projected = [p for p in step.params if p.projected]
-    if step.layerwise:  # inside backward, at the first projected weight reached: the last layer's down_proj
-        first = next(p for p in projected if p.name == f"{step.shape.num_hidden_layers - 1}.down_proj")
+    if step.layerwise:  # inside backward, at the first projected weight reached: the last layer's last (down_proj)
+        first = projected[-1]
         return {"svd_refresh": Moment(blocks(first.numel * e), step.saved, svd_refresh_bytes(first, opts, e))}
     # the largest refresh, while the previous (LM head) update is still referenced; the 8-bit kernel
     # updates the head in place: nothing is left
@@ -194,6 +198,7 @@ GALORE_OPTIONS = {
     "svd_oversample": Option(int, SVD_OVERSAMPLE, "randomized refresh: sketch columns beyond the rank", minimum=0),
     "svd_power_iters": Option(int, SVD_POWER_ITERS, "randomized refresh: power iterations that sharpen the sketch",
                               minimum=0),
+    "target_modules": TARGETS_OPTION,
 }
 
 METHOD = MethodDef(

@@ -4,6 +4,7 @@ The three of GaLore's Table 2 comparison that change the model itself before tra
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.common import (
     IMPL_OPTION,
+    TARGETS_OPTION,
     adamw_state,
     adamw_update_temporaries,
     adamw_whole_update,
@@ -18,7 +20,8 @@ from galore_bench.methods.common import (
     trainable,
 )
 from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks, model_parameters
-from galore_bench.models import ModelShape, matrix_shapes
+from galore_bench.models import Model, matrix_shapes
+from galore_bench.models.layout import projections, refuse_experts
 from galore_bench.optim.lowrank import apply_low_rank
 from galore_bench.optim.relora import ReLoRA, jagged_cosine_lr, lora_config, wrap_lora
 
@@ -30,9 +33,19 @@ def _adamw(model: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimize
                              fused=flags.get("fused"))
 
 
-def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
-    """Wrap q,k,v,o,gate,up,down with adapters; as in pre-training, embeddings, norms and head stay trainable."""
-    config = lora_config(opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"])
+def _targets(model: torch.nn.Module, opts: dict[str, Any], method: str) -> list[str]:
+    """The projections to adapt or factorise, by qualified name; 3-D MoE experts refused unless left out."""
+    targets = opts.get("target_modules") or None
+    refuse_experts(model, method, targets)
+    return projections(model, targets)
+
+
+def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings,
+                 method: str = "lora") -> torch.nn.Module:
+    """Wrap every projection (q,k,v,o,gate,up,down in LLaMA) with adapters; as in pre-training, embeddings, norms
+    and head stay trainable."""
+    config = lora_config(opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"],
+                         target_modules=_targets(model, opts, method))
     return wrap_lora(model, config, train_non_lora=True)
 
 
@@ -65,7 +78,7 @@ def build_relora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSetti
 
 
 def prepare_low_rank(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
-    return apply_low_rank(model, opts["rank"])
+    return apply_low_rank(model, opts["rank"], target_modules=_targets(model, opts, "lowrank"))
 
 
 def build_low_rank(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
@@ -73,24 +86,25 @@ def build_low_rank(model: torch.nn.Module, opts: dict[str, Any], train: TrainSet
 
 
 # -- estimate terms: AdamW over the adapters or factors, and each rank-r intermediate saved for backward --------
-def adapters(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
+def adapters(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
     """Each projection frozen, with trainable A (r x cols) and B (rows x r) beside it."""
     r = opts.get("rank") or 0
     return model_parameters(shape, lambda name, rows, cols: [
         ParamShape(name, (rows, cols), trainable=False), ParamShape(name + ".lora_A", (r, cols)),
-        ParamShape(name + ".lora_B", (rows, r))])
+        ParamShape(name + ".lora_B", (rows, r))], opts.get("target_modules") or None)
 
 
-def factors(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
+def factors(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
     """Each projection replaced by trainable A (r x cols) and B (rows x r)."""
     r = opts.get("rank") or 0
     return model_parameters(shape, lambda name, rows, cols: [ParamShape(name + ".A", (r, cols)),
-                                                            ParamShape(name + ".B", (rows, r))])
+                                                            ParamShape(name + ".B", (rows, r))],
+                            opts.get("target_modules") or None)
 
 
-def rank_intermediates(shape: ModelShape, tokens: int, e: int, opts: dict[str, Any]) -> int:
+def rank_intermediates(shape: Model, tokens: int, e: int, opts: dict[str, Any]) -> int:
     """A x, saved per projection of a layer for B's gradient."""
-    return len(matrix_shapes(shape)) * blocks(tokens * (opts.get("rank") or 0) * e)
+    return len(matrix_shapes(shape, opts.get("target_modules") or None)) * blocks(tokens * (opts.get("rank") or 0) * e)
 
 
 def _terms(layout) -> EstimateTerms:
@@ -104,6 +118,7 @@ LORA_OPTIONS = {
     "alpha": Option(float, 32.0, "LoRA alpha (update scale alpha / r); 32 as in the ReLoRA code base", minimum=0.0),
     "dropout": Option(float, 0.0, "adapter dropout", minimum=0.0),
     "impl": IMPL_OPTION,
+    "target_modules": TARGETS_OPTION,
 }
 
 LORA = MethodDef(name="lora", summary="LoRA adapters (peft) on attention and MLP, base weights frozen",
@@ -112,7 +127,8 @@ LORA = MethodDef(name="lora", summary="LoRA adapters (peft) on attention and MLP
 
 RELORA = MethodDef(
     name="relora", summary="ReLoRA: LoRA merged into W and restarted periodically, jagged cosine schedule",
-    build=build_relora, prepare=prepare_lora, uses_rank=True, paper="arXiv 2307.05695; baseline in arXiv 2403.03507",
+    build=build_relora, prepare=partial(prepare_lora, method="relora"), uses_rank=True,
+    paper="arXiv 2307.05695; baseline in arXiv 2403.03507",
     options={**LORA_OPTIONS,
              "reset_every": Option(int, 200, "steps between merge-and-restart", minimum=2),
              "restart_warmup": Option(int, 10, "linear re-warm-up steps after each restart", minimum=0),
@@ -126,5 +142,6 @@ RELORA = MethodDef(
 LOW_RANK = MethodDef(name="lowrank",
                      summary="low-rank baseline: every projected weight factorised W = B A, all trained",
                      build=build_low_rank, prepare=prepare_low_rank, uses_rank=True,
-                     options={"rank": Option(int, 128, "factor rank r", minimum=1), "impl": IMPL_OPTION},
+                     options={"rank": Option(int, 128, "factor rank r", minimum=1), "impl": IMPL_OPTION,
+                              "target_modules": TARGETS_OPTION},
                      paper="arXiv 2403.03507, Table 2", estimate=_terms(factors))

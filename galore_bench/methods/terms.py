@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from galore_bench.models import ModelShape, matrix_shapes
+from galore_bench.models import Model, ModelShape, matrix_shapes, meta_model
+from galore_bench.models.layout import projections, short_name
 from galore_bench.optim.galore import BNB_BLOCKSIZE, MIN_8BIT_SIZE
 from galore_bench.units import CUDA_BLOCK, allocator_bytes
 
@@ -46,11 +47,24 @@ def dense(name: str, rows: int, cols: int) -> list[ParamShape]:
     return [ParamShape(name, (rows, cols))]
 
 
-def model_parameters(shape: ModelShape, matrix: MatrixLayout = dense) -> list[ParamShape]:
+def model_parameters(shape: Model, matrix: MatrixLayout = dense,
+                     target_modules: list[str] | None = None) -> list[ParamShape]:
     """Every parameter of the model, each attention / MLP matrix as `matrix` lays it out (adapters, factors).
 
-    Names follow the model: 'embed_tokens', 'lm_head', 'norm', then '<layer>.<module>'.
+    Names follow the model: 'embed_tokens', 'lm_head', 'norm', then '<layer>.<module>' ('<layer>.<module>.bias').
+    The zoo's are written out; any other model's are read off it on the meta device, a tied head listed once
+    (as the embedding), and the matrices are its projections (or the run's target_modules).
     """
+    if not isinstance(shape, ModelShape) or target_modules:
+        built = meta_model(shape)
+        targets = {f"{name}.weight" for name in projections(built, target_modules)}
+        tensors = []
+        for name, param in built.named_parameters():
+            if name in targets:
+                tensors += matrix(short_name(name), int(param.shape[0]), int(param.shape[1]))
+            else:
+                tensors.append(ParamShape(short_name(name), tuple(int(d) for d in param.shape)))
+        return tensors
     h, v = shape.hidden_size, shape.vocab_size
     tensors = [ParamShape("embed_tokens", (v, h)), ParamShape("lm_head", (v, h)), ParamShape("norm", (h,))]
     for layer in range(shape.num_hidden_layers):
@@ -91,7 +105,7 @@ class Moment(NamedTuple):
 class StepBytes:
     """What the estimate has counted of a step, for a method's own extra moments (GaLore's refresh)."""
 
-    shape: ModelShape
+    shape: Model
     params: list[ParamShape]
     options: Options
     e: int
@@ -108,7 +122,7 @@ def nothing(*args: Any) -> int:
     return 0
 
 
-def plain_layout(shape: ModelShape, opts: Options) -> list[ParamShape]:
+def plain_layout(shape: Model, opts: Options) -> list[ParamShape]:
     return model_parameters(shape)
 
 
@@ -130,9 +144,9 @@ class EstimateTerms:
     whole_update_temporaries: Callable[[list[ParamShape], Options, int, bool, str], int | None] | None = None
     """(trainable, options, e, layer-wise, target) -> the largest transient of a whole update when the
     implementation batches parameters (foreach AdamW); None falls back to the largest per-parameter one."""
-    layout: Callable[[ModelShape, Options], list[ParamShape]] = plain_layout
+    layout: Callable[[Model, Options], list[ParamShape]] = plain_layout
     """The parameters after the method's model changes (adapters with a frozen base, factors, projected flags)."""
-    saved_per_layer: Callable[[ModelShape, int, int, Options], int] = nothing
+    saved_per_layer: Callable[[Model, int, int, Options], int] = nothing
     """(shape, tokens, e, options) -> extra activations one decoder layer saves (rank-r intermediates)."""
     updates_in_backward: Callable[[Options], bool] = layerwise_option
     """Whether each weight is updated inside backward, its gradient freed at once (LOMO, layer-wise)."""

@@ -98,8 +98,8 @@ class LowRankLinear(nn.Module):
 
 
 def _is_target(name: str, targets: Iterable[str]) -> bool:
-    """peft-style matching: the last component of the module path equals one of the targets."""
-    return name.rsplit(".", 1)[-1] in set(targets)
+    """peft-style matching: the module path is a target or ends in '.<target>' (a leaf name or a longer suffix)."""
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def apply_low_rank(

@@ -21,7 +21,7 @@ import torch
 
 from galore_bench import readings
 from galore_bench.measure import training
-from galore_bench.models import parameter_count
+from galore_bench.models import model_record, parameter_count
 from galore_bench.record import SCHEMA_VERSION, DistributedSection, EnvSection, MemorySection, RunRecord
 from galore_bench.spec.distributed import DistributedSpec
 from galore_bench.spec.scenario import RunSpec, Scenario
@@ -73,7 +73,7 @@ def new_record(scenario: Scenario, run: RunSpec, mode: str, device: str) -> RunR
         "mode": mode, "device": device, "status": "error", "error": None, "traceback": None,
         "cross_check_errors": {},
         "model": {"name": run.model_name, "parameters": parameter_count(run.model),
-                  "trainable_parameters": None, "shape": dataclasses.asdict(run.model)},
+                  "trainable_parameters": None, "shape": model_record(run.model)},
         "train": dataclasses.asdict(scenario.train),
         "budget": {"bytes": scenario.budget_bytes, "text": scenario.budget_text, "fits": None},
         "memory": empty_memory(),

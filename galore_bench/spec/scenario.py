@@ -12,8 +12,9 @@ import tomllib
 
 from galore_bench.errors import SAFE_NAME, Problems, UserError, is_safe_name, listed, one_of, shown, type_name
 from galore_bench.methods import REGISTRY, TrainSettings
-from galore_bench.models import DTYPES, ZOO, ModelShape, matrix_shapes
+from galore_bench.models import DTYPES, Model, matrix_shapes
 from galore_bench.spec.distributed import DistributedSpec, parse_distributed
+from galore_bench.spec.model import check_targets, parse_model, run_model, with_model
 from galore_bench.units import ALLOWED_UNITS, parse_bytes
 
 # package data, read through importlib.resources: an installed wheel need not be a plain folder
@@ -31,7 +32,7 @@ class RunSpec:
     options: dict[str, Any]
     label: str
     model_name: str
-    model: ModelShape
+    model: Model
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,7 @@ class Scenario:
     path: str
     description: str
     model_name: str
-    model: ModelShape
+    model: Model
     train: TrainSettings
     budget_bytes: int | None
     budget_text: str | None
@@ -102,7 +103,8 @@ def find_scenario(name_or_path: str) -> Traversable:
     return shipped
 
 
-def load_scenario(name_or_path: str) -> Scenario:
+def load_scenario(name_or_path: str, model: str | None = None) -> Scenario:
+    """A scenario by name or path; `model` (a preset or a config.json path) replaces its [model] (`run --model`)."""
     source = find_scenario(name_or_path)
     path = Path(str(source))  # a shipped one installed as files: its real path, which a run's process reloads
     try:
@@ -113,7 +115,10 @@ def load_scenario(name_or_path: str) -> Scenario:
         raise UserError(f"{path}: not valid TOML: {shown(str(exc), 200)}") from None
     except RecursionError:
         raise UserError(f"{path}: not a scenario: nested too deeply to read") from None
-    return parse_scenario(raw, path)
+    if model is None:
+        return parse_scenario(raw, path)
+    scenario = parse_scenario(with_model(raw, model, path), path)
+    return dataclasses.replace(scenario, name=f"{scenario.name}-{scenario.model_name}")
 
 
 # Generous bounds no real training reaches: beyond them even the closed-form estimate takes minutes and
@@ -137,29 +142,6 @@ def _check_typed(problems: Problems, where: str, value: Any, kind: type, minimum
         problems.add(where, value, f"{type_name(kind)} from {minimum:g} to {top:,} (no real run is larger)")
         ok = False
     return ok
-
-
-def _parse_model(problems: Problems, table: dict[str, Any]) -> tuple[str, ModelShape | None]:
-    dims = [f.name for f in dataclasses.fields(ModelShape) if f.name != "source"]
-    problems.unknown_keys("model.", table, ["size", *dims])
-    if "size" in table:
-        size = table["size"]
-        if not one_of(size, ZOO):
-            problems.add("model.size", size, "one of " + ", ".join(ZOO))
-            return str(size), None
-        extra = [k for k in table if k != "size"]
-        if extra:
-            problems.add(f"model.{extra[0]}", table[extra[0]], "no explicit dimension together with model.size")
-        return size, ZOO[size]
-    missing = [d for d in dims if d not in table and d != "vocab_size"]
-    if missing:
-        problems.add("model", "{}" if not table else sorted(table), "model.size or all of " + ", ".join(dims[:4]))
-        return "custom", None
-    ok = all(_check_typed(problems, f"model.{d}", table[d], int, 1) for d in dims if d in table)
-    if ok and table["hidden_size"] % table["num_attention_heads"]:
-        problems.add("model.num_attention_heads", table["num_attention_heads"], "a divisor of model.hidden_size")
-        ok = False
-    return "custom", ModelShape(**{d: table[d] for d in dims if d in table}) if ok else None
 
 
 def _parse_train(problems: Problems, table: dict[str, Any]) -> TrainSettings:
@@ -186,7 +168,7 @@ def _parse_train(problems: Problems, table: dict[str, Any]) -> TrainSettings:
     return settings
 
 
-def _parse_runs(problems: Problems, runs: Any, model_name: str, model: ModelShape | None,
+def _parse_runs(problems: Problems, runs: Any, model_name: str, model: Model | None,
                 train: TrainSettings) -> list[RunSpec]:
     if not isinstance(runs, list) or not runs:
         problems.add("runs", runs, "a non-empty array of [[runs]] tables")
@@ -204,12 +186,12 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: ModelShap
             continue
         options = method.all_options()
         problems.unknown_keys(f"{where}.", run, ["method", "model", *options])
-        run_model_name, run_model = model_name, model
+        run_model_name, model_of_run = model_name, model
         if "model" in run:
-            if not one_of(run["model"], ZOO):
-                problems.add(f"{where}.model", run["model"], "one of " + ", ".join(ZOO))
+            own = run_model(problems, where, run["model"])
+            if own is None:
                 continue
-            run_model_name, run_model = run["model"], ZOO[run["model"]]
+            run_model_name, model_of_run = own
         resolved = {name: opt.default for name, opt in options.items()}
         invalid = set()  # options given with a bad value: reported here, not checked again below
         for name, value in run.items():
@@ -220,9 +202,13 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: ModelShap
                     invalid.add(name)
                 else:
                     resolved[name] = float(value) if options[name].kind is float else value
-        if (method.uses_rank and run_model is not None and isinstance(resolved.get("rank"), int)
+        targets_ok = model_of_run is not None and (
+            "target_modules" not in options or "target_modules" in invalid
+            or check_targets(problems, where, method.name, resolved["target_modules"], model_of_run))
+        if (method.uses_rank and model_of_run is not None and targets_ok and isinstance(resolved.get("rank"), int)
                 and "rank" not in invalid):
-            smallest = min(min(s) for s in matrix_shapes(run_model).values())
+            shapes = matrix_shapes(model_of_run, resolved.get("target_modules") or None)
+            smallest = min(min(s) for s in shapes.values())
             if resolved["rank"] > smallest:
                 given = "rank" in run
                 problems.add(f"{where}.rank", resolved["rank"] if given else f"not set (default {resolved['rank']})",
@@ -230,13 +216,13 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: ModelShap
                              + ("" if given else ": set rank"))
         for field_name, got, allowed in method.limits(resolved, train):
             problems.add(f"{where} ({method.name}) {field_name}", got, allowed)
-        if run_model is None:
+        if model_of_run is None:
             continue
         label = run_label(method.name, resolved, run.get("model"))
         if not is_safe_name(label):  # it names the record's file
             problems.add(f"{where}.label", label, SAFE_NAME)
             continue
-        specs.append(RunSpec(method.name, resolved, label, run_model_name, run_model))
+        specs.append(RunSpec(method.name, resolved, label, run_model_name, model_of_run))
     labels = [s.label for s in specs]
     for label in sorted({x for x in labels if labels.count(x) > 1}):
         problems.add("runs", label, "distinct run labels (set `label` on one of the runs)")
@@ -249,7 +235,7 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     if not is_safe_name(path.stem):  # it names the folder of the records and the report's files
         problems.add("scenario name", path.stem, SAFE_NAME + ": rename the file")
     problems.unknown_keys("", raw, ["description", "model", "train", "device", "eval", "runs", "distributed"])
-    model_name, model = _parse_model(problems, problems.table(raw, "model"))
+    model_name, model = parse_model(problems, problems.table(raw, "model"), path.parent, _check_typed)
     train = _parse_train(problems, problems.table(raw, "train"))
     device = problems.table(raw, "device")
     problems.unknown_keys("device.", device, ["budget", "mode"])

@@ -1,0 +1,103 @@
+"""The estimate on modern decoders (GQA, head_dim, tied embeddings, biases, q/k norms) against simulate, and its
+clear refusal of what it has no closed form for (Gemma-2, Phi-3, MoE)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_estimate import EVERY_METHOD, TOLERANCE
+
+from galore_bench.measure import training
+from galore_bench.measure.estimate import EstimateUnavailable, estimate, estimate_run
+from galore_bench.models.hf import make_model, read_preset
+from galore_bench.spec.scenario import parse_scenario
+
+SHRUNK = {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8,
+          "num_key_value_heads": 2, "vocab_size": 2048}
+HEAD_DIM = {"head_dim": 48}  # not hidden / heads (32), where the family's config has the field
+
+
+def _scenario(preset: str, model: dict, train: dict, runs: list[dict]):
+    return parse_scenario({"model": {"preset": preset, **model}, "train": train, "runs": runs},
+                          Path("estimate-test.toml"))
+
+
+def _failures(scenario) -> list[str]:
+    failures = []
+    for run in scenario.runs:
+        planned, steps = training.simulation_plan(run)
+        traced = training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
+        guess = estimate_run(scenario, run)
+        checks = {"peak": (guess.peak_bytes, traced.peak)}
+        for category in ("weights", "gradients", "optimizer_states", "activations"):
+            checks[category] = (guess.category_peaks[category], traced.category_peaks[category])
+        failures += [f"{run.label} {what}: estimate {ours} vs simulate {truth}"
+                     for what, (ours, truth) in checks.items() if abs(ours - truth) > TOLERANCE * max(truth, 1)]
+    return failures
+
+
+FAMILIES = {  # preset -> what it adds to LLaMA-1's shape
+    "llama3.2-1b": "GQA, tied embeddings",
+    "qwen3-8b": "GQA, head_dim, q/k norms",
+    "qwen2.5-7b": "GQA, q/k/v biases",
+    "llama3.1-8b": "GQA, head_dim",
+    "mistral-7b-v0.3": "GQA, head_dim",
+}
+
+
+def _shrunk_failures(preset: str, runs: list[dict]) -> list[str]:
+    head_dim = HEAD_DIM if preset != "qwen2.5-7b" else {}
+    return _failures(_scenario(preset, {**SHRUNK, **head_dim}, {"batch_size": 2, "seq_len": 128, "dtype": "bf16"},
+                               runs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_estimate_within_two_percent_of_simulate_on_shrunken_modern_families(preset):
+    failures = _shrunk_failures(preset, EVERY_METHOD)
+    assert not failures, "\n".join(failures)
+
+
+FAST = [{"method": "adamw"}, {"method": "galore8bit", "rank": 16, "layerwise": True}, {"method": "lora", "rank": 16},
+        {"method": "lomo"}, {"method": "inference"}]
+
+
+@pytest.mark.parametrize("preset", ["llama3.2-1b", "qwen3-8b"])
+def test_estimate_within_two_percent_of_simulate_on_shrunken_modern_families_fast(preset):
+    """The fast twin: tied embeddings, q/k norms, GQA and head_dim, five methods that move the peak around."""
+    failures = _shrunk_failures(preset, FAST)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["llama3.1-8b", "qwen3-8b", "llama3.2-3b"])
+def test_estimate_within_two_percent_of_simulate_on_full_size_presets(preset):
+    """Full-size models, a 24 GB card's settings (modern_24gb): a minute or more of tracing each on a CPU."""
+    runs = [{"method": "adamw"}, {"method": "galore8bit", "rank": 1024, "layerwise": True},
+            {"method": "lora", "rank": 64}, {"method": "lomo"}]
+    scenario = _scenario(preset, {}, {"batch_size": 1, "seq_len": 1024, "dtype": "bf16",
+                                      "activation_checkpointing": True}, runs)
+    failures = _failures(scenario)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize(("preset", "why"), [
+    ("gemma-2-2b", "its gemma2 layers with eager attention are not modelled"),
+    ("phi-3-mini", "its phi3 layers with sdpa attention are not modelled"),
+    ("qwen3-30b-a3b", "MoE routing .* is data-dependent"),
+])
+def test_estimate_refuses_what_it_has_no_closed_form_for(preset, why):
+    model = make_model(*read_preset(preset), preset=preset)
+    with pytest.raises(EstimateUnavailable, match=f"estimate: no closed form for {preset} \\({why}.*run it in "
+                                                  "simulate or measure mode"):
+        estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16")
+
+
+def test_tied_embeddings_are_one_tensor_in_weights_gradients_and_states():
+    tied = make_model(*read_preset("llama3.2-1b"), preset="llama3.2-1b")
+    untied = make_model(*read_preset("llama3.2-1b"), preset="llama3.2-1b", overrides={"tie_word_embeddings": False})
+    head = 128256 * 2048 * 2  # bf16
+    a, b = (estimate(m, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16") for m in (tied, untied))
+    assert b.terms["weights"] - a.terms["weights"] == head
+    assert b.terms["gradients_all"] - a.terms["gradients_all"] == head
+    assert b.terms["optimizer_states"] - a.terms["optimizer_states"] == 2 * head + 512  # two moments, fp32 step
