@@ -56,9 +56,9 @@ class AdaLomo(LOMO):
         self.step_num = 0
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         for p in self.params:
-            fp32 = {"dtype": torch.float32, "device": p.device}
-            self.state[p] = ({"row": torch.zeros(p.shape[0], **fp32), "col": torch.zeros(p.shape[1], **fp32)}
-                             if p.dim() == 2 else {"sq": torch.zeros(p.shape, **fp32)})
+            fp32 = torch.float32
+            self.state[p] = ({"row": p.new_zeros(p.shape[0], dtype=fp32), "col": p.new_zeros(p.shape[1], dtype=fp32)}
+                             if p.dim() == 2 else {"sq": p.new_zeros(p.shape, dtype=fp32)})
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
         for state in self.state.values():
