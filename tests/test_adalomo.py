@@ -123,3 +123,21 @@ def test_update_temporaries_estimate_equals_one_traced_update(shape, dtype):
                 del loss
     seed = 512  # backward's 0-dim grad_output, not the optimizer's
     assert tracker.category_peaks["other"] == update_temporaries(ParamShape("w", shape), {}, dtype.itemsize) + seed
+
+
+def test_the_trainer_applies_the_cosine_schedule_itself():
+    """No torch optimizer to hand the engines' scheduler: the trainer sets lr as LambdaLR would, step by step."""
+    from galore_bench.methods import REGISTRY
+    from galore_bench.methods.base import TrainSettings
+    from galore_bench.optim.relora import warmup_cosine_lr
+
+    method = REGISTRY["adalomo"]
+    train = TrainSettings(steps=10, warmup_steps=2, lr_schedule="cosine", grad_accum=1)
+    opts = {name: option.default for name, option in method.all_options().items()} | {"lr": 0.5}
+    assert method.limits(opts, train) == []
+    trainer = method.build(torch.nn.Linear(4, 4), opts, train)
+    seen = [trainer.optimizer.lr]
+    for step in range(9):
+        trainer.update(step)
+        seen.append(trainer.optimizer.lr)
+    assert seen == [0.5 * warmup_cosine_lr(s, 10, 2) for s in range(10)] and seen[0] == 0.0 and seen[2] == 0.5

@@ -12,10 +12,26 @@ from galore_bench.methods.lomo import METHOD as LOMO_METHOD
 from galore_bench.methods.lomo import LomoTrainer
 from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks
 from galore_bench.optim.adalomo import AdaLomo
+from galore_bench.optim.relora import warmup_cosine_lr
 
 
 class AdaLomoTrainer(LomoTrainer):
-    """LOMO's trainer (the update is inside backward), but with state to count."""
+    """LOMO's trainer (the update is inside backward), with state to count and its own LR schedule."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: AdaLomo, train: TrainSettings, info: dict[str, Any]):
+        super().__init__(model, optimizer, info=info)
+        self.base_lr = optimizer.lr
+        self.train = train
+        self._set_lr(0)
+
+    def _set_lr(self, step: int) -> None:
+        """The engines' schedule (linear warm-up, cosine decay to 10%), as torch's LambdaLR would apply it."""
+        if self.train.lr_schedule == "cosine":
+            self.optimizer.lr = self.base_lr * warmup_cosine_lr(step, max(self.train.steps, 1),
+                                                                self.train.warmup_steps)
+
+    def update(self, step: int) -> None:
+        self._set_lr(step + 1)
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
         return self.optimizer.state_tensors()
@@ -26,8 +42,8 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
                         clip_threshold=opts["clip_threshold"], decay_rate=-opts["decay_exponent"],
                         clip_grad_norm=opts["clip_grad_norm"] or None, clip_grad_value=opts["clip_grad_value"] or None,
                         loss_scale=opts["loss_scale"] or None, weight_decay=opts["weight_decay"])
-    return AdaLomoTrainer(model, optimizer, info={"optimizer": "galore_bench.optim.adalomo.AdaLomo",
-                                                  "backward_passes": 2 if opts["clip_grad_norm"] else 1})
+    return AdaLomoTrainer(model, optimizer, train, info={"optimizer": "galore_bench.optim.adalomo.AdaLomo",
+                                                         "backward_passes": 2 if opts["clip_grad_norm"] else 1})
 
 
 def state_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
@@ -59,6 +75,7 @@ METHOD = MethodDef(
         "eps_scale": Option(float, 1e-3, "floor of the weight RMS that scales the learning rate", minimum=0.0),
     },
     supports_grad_accum=False,
+    schedules_itself=True,
     paper="arXiv 2310.10195",
     estimate=EstimateTerms(state_bytes=state_bytes, update_temporaries=update_temporaries,
                            updates_in_backward=lambda opts: True),
