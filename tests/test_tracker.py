@@ -71,6 +71,9 @@ METHOD_RUNS = {
     "lomo": 'method = "lomo"',
     "lora": 'method = "lora"\nrank = 8\nimpl = "for-loop"',  # the CPU's default: compare like with like
     "lowrank": 'method = "lowrank"\nrank = 8\nimpl = "for-loop"',
+    "fira": 'method = "fira"\nrank = 8',
+    "adalomo": 'method = "adalomo"',
+    "badam": 'method = "badam"\nimpl = "for-loop"\nswitch_every = 2',  # a switch after step 1: fresh states
 }
 
 
@@ -92,11 +95,16 @@ MORE_RUNS_60M = {
 }
 
 
-BF16_RUNS = ("adafactor", "adafactor-layerwise")  # its fp32 copies of the gradient and the weight exist only here
+BF16_RUNS = ("adafactor", "adafactor-layerwise",  # its fp32 copies of the gradient and the weight exist only here
+             "adalomo", "badam")  # the same for AdaLomo; BAdam's fp32 gradient copies and weight casts
+
+
+SLOW_60M = {"fira"}  # ~20 s of CPU SVDs at 60M; tiny-fira is its fast twin
 
 
 @pytest.mark.parametrize("size, label", [("tiny", label) for label in METHOD_RUNS]
-                         + [("60m", label) for label in [*METHOD_RUNS, *MORE_RUNS_60M]]
+                         + [pytest.param("60m", label, marks=[pytest.mark.slow] if label in SLOW_60M else [])
+                            for label in [*METHOD_RUNS, *MORE_RUNS_60M]]
                          + [("tiny-bf16", label) for label in BF16_RUNS])
 def test_simulate_matches_measure_per_category(write_scenario, size, label):
     """Fake-tensor steps predict the real CPU steps' breakdown to the byte, per category.

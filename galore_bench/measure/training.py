@@ -165,7 +165,8 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, 
         trainer.model = wrapped
     train = scenario.train
     # validation allows cosine for plain optimizers only; a forward-only run has none to schedule
-    if train.lr_schedule == "cosine" and trainer.scheduler is None and trainer.optimizer is not None:
+    if (train.lr_schedule == "cosine" and trainer.scheduler is None and trainer.optimizer is not None
+            and not method.schedules_itself):
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
             trainer.optimizer, lambda step: warmup_cosine_lr(step, max(train.steps, 1), train.warmup_steps))
     return trainer

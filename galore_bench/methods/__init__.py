@@ -17,7 +17,19 @@ from types import ModuleType
 from typing import Any
 
 from galore_bench.errors import UserError
-from galore_bench.methods import adafactor, adam8bit, adamw, galore, inference, lomo, lora, sgd
+from galore_bench.methods import (
+    adafactor,
+    adalomo,
+    adam8bit,
+    adamw,
+    badam,
+    fira,
+    galore,
+    inference,
+    lomo,
+    lora,
+    sgd,
+)
 from galore_bench.methods.base import MethodDef, Option, TracePlan, Trainer, TrainSettings
 from galore_bench.methods.terms import EstimateTerms
 
@@ -28,7 +40,10 @@ METHODS: tuple[MethodDef, ...] = (
     adafactor.METHOD,
     galore.METHOD,
     galore.METHOD_8BIT,
+    fira.METHOD,
     lomo.METHOD,
+    adalomo.METHOD,
+    badam.METHOD,
     lora.LORA,
     lora.RELORA,
     lora.LOW_RANK,

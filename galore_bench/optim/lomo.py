@@ -151,10 +151,9 @@ class LOMO:
             return
         self._update(p, grad)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """p -= lr * clip(unscale(grad)); low-precision params are updated through an fp32 copy."""
-        low = p.dtype in _LOW_PRECISION
-        if low:
+    def _conditioned(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """clip(unscale(grad)), in place; an fp32 copy first for a low-precision parameter."""
+        if p.dtype in _LOW_PRECISION:
             grad = grad.to(torch.float32)
         if self._unscale is not None:
             grad.div_(self._unscale)
@@ -162,6 +161,12 @@ class LOMO:
             grad.clamp_(-self.clip_grad_value, self.clip_grad_value)
         if self._clip_coef is not None:
             grad.mul_(self._clip_coef.to(grad.device))
+        return grad
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """p -= lr * clip(unscale(grad)); low-precision params are updated through an fp32 copy."""
+        low = p.dtype in _LOW_PRECISION
+        grad = self._conditioned(p, grad)
         target = p.to(torch.float32) if low else p
         if self.weight_decay:
             target.mul_(1.0 - self.lr * self.weight_decay)

@@ -1,0 +1,143 @@
+"""BAdam (Luo et al. 2024, arXiv 2404.02827): block coordinate descent with Adam on one block at a time.
+
+The decoder layers are the blocks. Only the active block trains: every other weight is frozen (no gradient,
+no state), and autograd stops below the active layer. The active block gets fp32 master copies and an AdamW
+over them (the model itself may be BF16); every `switch_every` steps the next block becomes active, in
+ascending, descending or random order (a random order visits every block once before reshuffling), and the
+previous block's master copies and Adam states are dropped. Embeddings, the final norm and the LM head are
+never trained (the package's default, include_embedding / include_lm_head off).
+
+Our own implementation; it matches the `badam` package 1.4's BlockOptimizer (single device), the oracle
+of tests/test_badam.py, in what changes values: master copies made by clone-then-float, gradients cast to
+fp32 and the low-precision ones dropped before the AdamW step, weights copied back from the masters, and
+the package's schedule: the switch comes after step s when (s + 1) % switch_every == 0, so the first block
+trains switch_every - 1 steps and every later one switch_every. Memory differences, stated: we drop the
+old block's masters and states *before* making the new block's (the package builds the new masters first,
+so for a moment both blocks' exist), we empty the CUDA cache at a switch only (the package does so every
+step), and the random order comes from a seeded Python generator (the package draws torch.randperm from
+the global RNG, which does not run on fake tensors).
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["SWITCH_MODES", "BlockAdam", "decoder_blocks"]
+
+SWITCH_MODES = ("ascending", "descending", "random")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """The parameters of each decoder layer ('...layers.<i>.'), in layer order; others belong to no block."""
+    found: dict[int, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        match = _LAYER.search(name)
+        if match:
+            found.setdefault(int(match.group(1)), []).append(param)
+    return [found[i] for i in sorted(found)]
+
+
+class BlockAdam(torch.optim.Optimizer):
+    """Steps an inner optimizer (AdamW) over fp32 masters of the active block; switches blocks by schedule.
+
+    `param_groups` holds one group (every block's weights and the lr), so a torch LR scheduler can drive it;
+    the lr is passed to the inner optimizer at each step. Gradient accumulation works (the active weights'
+    gradients sum in `.grad` until `step`).
+    """
+
+    def __init__(self, model: torch.nn.Module, make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+                 lr: float, switch_every: int = 50, switch_mode: str = "ascending", start_block: int | None = None,
+                 seed: int = 0) -> None:
+        self.blocks = decoder_blocks(model)
+        if not self.blocks:
+            raise ValueError("BAdam found no decoder layers ('...layers.<i>.' parameters) to use as blocks")
+        if switch_every < 1 or switch_mode not in SWITCH_MODES:
+            raise ValueError(f"switch_every must be >= 1 and switch_mode one of {SWITCH_MODES}, got "
+                             f"{switch_every} and {switch_mode!r}")
+        if start_block is not None and not 0 <= start_block < len(self.blocks):
+            raise ValueError(f"start_block must lie in [0, {len(self.blocks) - 1}], got {start_block}")
+        super().__init__([p for block in self.blocks for p in block], {"lr": lr})
+        self.model_params = list(model.parameters())
+        self.make_optimizer = make_optimizer
+        self.switch_every = switch_every
+        self.switch_mode = switch_mode
+        self.global_step = 0
+        self._rng = random.Random(seed)
+        self._order: list[int] = []
+        self.active_block = start_block if start_block is not None else self._first_block()
+        self.visited = [self.active_block]
+        self.masters: list[torch.Tensor] = []
+        self.inner: torch.optim.Optimizer | None = None
+        self._activate()
+
+    def _first_block(self) -> int:
+        if self.switch_mode == "descending":
+            return len(self.blocks) - 1
+        if self.switch_mode == "random":
+            return self._next_random()
+        return 0
+
+    def _next_random(self) -> int:
+        if not self._order:
+            self._order = list(range(len(self.blocks)))
+            self._rng.shuffle(self._order)
+        return self._order.pop()
+
+    def _next_block(self) -> int:
+        step = {"ascending": 1, "descending": -1}
+        if self.switch_mode == "random":
+            return self._next_random()
+        return (self.active_block + step[self.switch_mode]) % len(self.blocks)
+
+    def _activate(self) -> None:
+        """Freeze everything but the active block; give that block fp32 masters and a fresh inner optimizer."""
+        active = {id(p) for p in self.blocks[self.active_block]}
+        for p in self.model_params:
+            p.requires_grad_(id(p) in active)
+            if id(p) not in active:
+                p.grad = None
+        self.masters = [p.detach().clone().float().requires_grad_(True) for p in self.blocks[self.active_block]]
+        self.inner = self.make_optimizer(self.masters)
+
+    def switch(self) -> None:
+        """The next block becomes active; the old block's masters and states go first."""
+        self.inner, self.masters = None, []
+        self.active_block = self._next_block()
+        self.visited.append(self.active_block)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._activate()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("BlockAdam.step takes no closure")
+        assert self.inner is not None
+        weights = self.blocks[self.active_block]
+        for weight, master in zip(weights, self.masters):
+            if weight.grad is None:
+                raise RuntimeError("BAdam: an active weight got no gradient (is it used in the forward?)")
+            master.grad = weight.grad.float()  # the gradient itself when it is fp32
+            weight.grad = None
+        for group in self.inner.param_groups:
+            group["lr"] = self.param_groups[0]["lr"]
+        self.inner.step()
+        for weight, master in zip(weights, self.masters):
+            weight.copy_(master.to(weight.dtype))
+            master.grad = None
+        self.global_step += 1
+        if (self.global_step + 1) % self.switch_every == 0:
+            self.switch()
+        return None
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        """What is kept between steps: the active block's masters and its inner optimizer's state."""
+        yield from self.masters
+        if self.inner is not None:
+            for state in self.inner.state.values():
+                yield from (v for v in state.values() if isinstance(v, torch.Tensor))
