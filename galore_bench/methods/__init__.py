@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from galore_bench.errors import UserError
-from galore_bench.methods import adafactor, adam8bit, adamw, galore, inference, lomo, lora, sgd
+from galore_bench.methods import adafactor, adam8bit, adamw, galore, inference, lomo, lora, sgd, torchao_adamw
 from galore_bench.methods.base import MethodDef, Option, TracePlan, Trainer, TrainSettings
 from galore_bench.methods.terms import EstimateTerms
 
@@ -32,6 +32,8 @@ METHODS: tuple[MethodDef, ...] = (
     lora.LORA,
     lora.RELORA,
     lora.LOW_RANK,
+    torchao_adamw.METHOD_8BIT,
+    torchao_adamw.METHOD_4BIT,
     inference.METHOD,
 )
 PLUGIN_ENV = "GALORE_BENCH_METHODS"
