@@ -164,4 +164,10 @@ class MemoryTracker(TorchDispatchMode):
         super().__exit__(*exc)
 
 
-layerwise.set_phase_context(optimizer_phase)  # optim/'s in-backward updates are labelled by the tracker
+def _label_gradient(grad: torch.Tensor) -> None:
+    if _ACTIVE:
+        _ACTIVE[-1].label([grad], "gradients")
+
+
+layerwise.set_phase_context(optimizer_phase)
+layerwise.set_gradient_labeller(_label_gradient)  # optim/'s in-backward updates are labelled by the tracker
