@@ -170,3 +170,13 @@ def test_estimate_within_two_percent_of_simulate_at_7b():
     guess = estimate_run(scenario, scenario.runs[0])
     assert guess.peak_bytes == pytest.approx(traced.peak, rel=0.02)
     assert guess.breakdown["weights"] == traced.breakdown()["weights"]
+
+
+def test_group_sizes_that_do_not_divide_a_tensor_are_refused_with_the_field(write_scenario):
+    from galore_bench.errors import UserError
+
+    for option, text in (("group_size = 3000", "group_size 3000 does not divide"),
+                         ("proj_group_size = 3000", "proj_group_size 3000 does not divide")):
+        scenario = load_scenario(str(write_scenario(TINY_HEADER + f'[[runs]]\nmethod = "qgalore"\nrank = 8\n{option}\n')))
+        with pytest.raises(UserError, match=text):
+            train_steps(scenario, scenario.runs[0], fake=True, device="cpu", steps=1)

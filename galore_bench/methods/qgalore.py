@@ -37,9 +37,13 @@ def prepare(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) 
             if name in DEFAULT_TARGETS and isinstance(child, torch.nn.Linear):
                 if child.bias is not None:
                     raise ValueError(f"qgalore: {name} has a bias; Int8Linear models LLaMA's bias-free projections")
-                if child.weight.numel() % opts["group_size"]:
-                    raise UserError(f"qgalore: group_size {opts['group_size']} does not divide {name}'s "
-                                    f"{child.weight.numel()} values; allowed: a divisor of every projection's size")
+                rows, cols = child.weight.shape
+                basis = min(opts["rank"], rows, cols) * (cols if rows >= cols else rows)  # the projector's values
+                for key, values in (("group_size", rows * cols), ("proj_group_size", basis)):
+                    if values % opts[key] or values % 2:
+                        raise UserError(f"qgalore: {key} {opts[key]} does not divide {name}'s {values} values "
+                                        f"({'weight' if key == 'group_size' else 'INT4 projector'}); allowed: a "
+                                        "divisor of that size")
                 setattr(parent, name, Int8Linear(child.weight, opts["group_size"]))
     return model
 
@@ -73,11 +77,16 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
 
 
 # -- estimate terms -------------------------------------------------------------------------------
+def _opt(opts: dict[str, Any], key: str) -> Any:
+    """An option as the run resolves it (estimate callers may pass only some options)."""
+    return opts[key] if key in opts else OPTIONS[key].default
+
+
 def layout(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
     """Each projection: its int8 codes (projected, trainable) and its fp32 group scales (not trained)."""
     def int8(name: str, rows: int, cols: int) -> list[ParamShape]:
         return [ParamShape(name, (rows, cols), projected=True, value_bytes=1),
-                ParamShape(f"{name}.scales", (rows * cols // opts["group_size"],), trainable=False, value_bytes=4)]
+                ParamShape(f"{name}.scales", (rows * cols // _opt(opts, "group_size"),), trainable=False, value_bytes=4)]
     return model_parameters(shape, int8)
 
 
@@ -86,14 +95,14 @@ def state_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
     each regular weight's own optimizer with its own pair of bitsandbytes maps (layer-wise)."""
     if not p.projected:
         return adam8bit_state(p.numel)
-    projector, moment = projected_sizes(p, opts["rank"])
-    return blocks(projector // 2) + blocks(projector // opts["proj_group_size"] * 4) + adam8bit_state(moment)
+    projector, moment = projected_sizes(p, _opt(opts, "rank"))
+    return blocks(projector // 2) + blocks(projector // _opt(opts, "proj_group_size") * 4) + adam8bit_state(moment)
 
 
 def weight_update_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
     """One INT8 weight's update at its largest moment, stochastic rounding: the dequantized fp32 weight (scaled
     in place), the fp32 uniform noise and the new group scales (traced equal in tests/test_qgalore.py)."""
-    return 2 * blocks(p.numel * 4) + blocks(p.numel // opts["group_size"] * 4)
+    return 2 * blocks(p.numel * 4) + blocks(p.numel // _opt(opts, "group_size") * 4)
 
 
 def svd_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
@@ -101,7 +110,7 @@ def svd_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
     U, S, Vh and the new fp32 basis once that copy is gone, whichever is more."""
     rows, cols = p.shape
     k = min(rows, cols)
-    projector, _ = projected_sizes(p, opts["rank"])
+    projector, _ = projected_sizes(p, _opt(opts, "rank"))
     factors = blocks(rows * k * 4) + blocks(k * 4) + blocks(k * cols * 4)
     return factors + max(blocks(rows * cols * 4) if e < 4 else 0, blocks(projector * 4))
 
