@@ -177,6 +177,7 @@ def test_group_sizes_that_do_not_divide_a_tensor_are_refused_with_the_field(writ
 
     for option, text in (("group_size = 3000", "group_size 3000 does not divide"),
                          ("proj_group_size = 3000", "proj_group_size 3000 does not divide")):
-        scenario = load_scenario(str(write_scenario(TINY_HEADER + f'[[runs]]\nmethod = "qgalore"\nrank = 8\n{option}\n')))
+        body = TINY_HEADER + f'[[runs]]\nmethod = "qgalore"\nrank = 8\n{option}\n'
+        scenario = load_scenario(str(write_scenario(body)))
         with pytest.raises(UserError, match=text):
             train_steps(scenario, scenario.runs[0], fake=True, device="cpu", steps=1)

@@ -38,7 +38,7 @@ def prepare(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) 
                 if child.bias is not None:
                     raise ValueError(f"qgalore: {name} has a bias; Int8Linear models LLaMA's bias-free projections")
                 rows, cols = child.weight.shape
-                basis = min(opts["rank"], rows, cols) * (cols if rows >= cols else rows)  # the projector's values
+                basis = min(opts["rank"], rows, cols) * min(rows, cols)  # the projector spans the shorter side
                 for key, values in (("group_size", rows * cols), ("proj_group_size", basis)):
                     if values % opts[key] or values % 2:
                         raise UserError(f"qgalore: {key} {opts[key]} does not divide {name}'s {values} values "
