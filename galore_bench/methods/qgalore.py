@@ -85,8 +85,9 @@ def _opt(opts: dict[str, Any], key: str) -> Any:
 def layout(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
     """Each projection: its int8 codes (projected, trainable) and its fp32 group scales (not trained)."""
     def int8(name: str, rows: int, cols: int) -> list[ParamShape]:
+        scales = (rows * cols // _opt(opts, "group_size"),)
         return [ParamShape(name, (rows, cols), projected=True, value_bytes=1),
-                ParamShape(f"{name}.scales", (rows * cols // _opt(opts, "group_size"),), trainable=False, value_bytes=4)]
+                ParamShape(f"{name}.scales", scales, trainable=False, value_bytes=4)]
     return model_parameters(shape, int8)
 
 
