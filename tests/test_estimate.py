@@ -59,7 +59,7 @@ def test_every_registered_method_has_estimate_terms_or_says_why_not():
     assert len(REGISTRY) >= 11
     for method in REGISTRY.values():
         assert (method.estimate is not None) != bool(method.no_estimate_reason), method.name
-    assert len(_every_method()) == 19  # 13 shipped with terms (BAdam says why not), 6 of them also layer-wise
+    assert len(_every_method()) == 24  # 16 shipped with terms (BAdam says why not), 8 of them also layer-wise
 
 
 @pytest.mark.parametrize("setting", SETTINGS)

@@ -20,6 +20,8 @@ LAZY = {  # (importer, imported; a package stands for its modules) -> why the im
                                                        "(run.worker) must not: test_fork_safety.py",
     ("galore_bench.optim.galore", "bitsandbytes"): "the same: CUDA at import",
     ("galore_bench.optim.relora", "peft"): "peft imports bitsandbytes",
+    ("galore_bench.optim.torchao_lowbit", "torchao"): "seconds to import (its compiler hooks); only its two methods "
+                                                       "need it",
     ("galore_bench.methods.adafactor", "transformers"): "transformers.optimization imports bitsandbytes",
     ("galore_bench.run.cluster", "submitit"): "an optional extra, galore-bench[cluster]",
     ("galore_bench.report.render", "galore_bench.report.charts"): "matplotlib only when a chart is drawn",

@@ -139,7 +139,7 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     check_estimable(shape)
     e = DTYPES[dtype].itemsize  # bytes per value
     params = terms.layout(shape, options)
-    weights = sum(blocks(p.numel * e) for p in params)
+    weights = sum(blocks(p.numel * (p.value_bytes or e)) for p in params)
     act = activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing,
                            terms.saved_per_layer(shape, batch_size * seq_len, e, options))
     logits_forward = (act["logits"] if e < 4 else 0) + 2 * act["logits_fp32"]

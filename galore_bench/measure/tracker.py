@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from galore_bench.optim import layerwise
+from galore_bench.optim.torchao_lowbit import inner_tensors
 from galore_bench.units import CATEGORIES, allocator_bytes
 
 # What a storage created during each phase is, until it is relabelled.
@@ -90,8 +91,11 @@ class MemoryTracker(TorchDispatchMode):
             self.current -= entry[1]
 
     def label(self, tensors: Iterable[torch.Tensor], category: str) -> None:
-        """Give these tensors' storages `category` (start tracking them if they came from outside)."""
-        for tensor in tensors:
+        """Give these tensors' storages `category` (start tracking them if they came from outside).
+
+        A wrapper subclass (torchao's low-bit optimizer states) reports its outer dtype's size; what it
+        really holds is its inner tensors (uint8 codes, fp32 scales), so those are counted instead."""
+        for tensor in (inner for outer in tensors for inner in inner_tensors(outer)):
             storage = tensor.untyped_storage()
             entry = self._live.get(id(storage))
             if entry is None:
@@ -149,7 +153,8 @@ class MemoryTracker(TorchDispatchMode):
         category = PHASE_CATEGORY.get(self._phase, "other")
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
-                self._add(value.untyped_storage(), category)
+                for inner in inner_tensors(value):
+                    self._add(inner.untyped_storage(), category)
         return out
 
     def __enter__(self) -> Self:
@@ -162,4 +167,10 @@ class MemoryTracker(TorchDispatchMode):
         super().__exit__(*exc)
 
 
-layerwise.set_phase_context(optimizer_phase)  # optim/'s in-backward updates are labelled by the tracker
+def _label_gradient(grad: torch.Tensor) -> None:
+    if _ACTIVE:
+        _ACTIVE[-1].label([grad], "gradients")
+
+
+layerwise.set_phase_context(optimizer_phase)
+layerwise.set_gradient_labeller(_label_gradient)  # optim/'s in-backward updates are labelled by the tracker

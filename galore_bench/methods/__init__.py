@@ -28,7 +28,9 @@ from galore_bench.methods import (
     inference,
     lomo,
     lora,
+    qgalore,
     sgd,
+    torchao_adamw,
 )
 from galore_bench.methods.base import MethodDef, Option, TracePlan, Trainer, TrainSettings
 from galore_bench.methods.terms import EstimateTerms
@@ -41,12 +43,15 @@ METHODS: tuple[MethodDef, ...] = (
     galore.METHOD,
     galore.METHOD_8BIT,
     fira.METHOD,
+    qgalore.METHOD,
     lomo.METHOD,
     adalomo.METHOD,
     badam.METHOD,
     lora.LORA,
     lora.RELORA,
     lora.LOW_RANK,
+    torchao_adamw.METHOD_8BIT,
+    torchao_adamw.METHOD_4BIT,
     inference.METHOD,
 )
 PLUGIN_ENV = "GALORE_BENCH_METHODS"

@@ -30,6 +30,8 @@ class ParamShape:
     shape: tuple[int, ...]
     trainable: bool = True
     projected: bool = False
+    value_bytes: int | None = None
+    """Bytes per stored weight value when not the training dtype's (Q-GaLore's int8 codes, fp32 scales)."""
 
     @property
     def numel(self) -> int:

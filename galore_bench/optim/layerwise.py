@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["MAX_GRAD_ACCUMULATION", "LayerwiseOptimizer", "optimizer_phase_context", "set_phase_context"]
+__all__ = ["MAX_GRAD_ACCUMULATION", "LayerwiseOptimizer", "label_gradient", "optimizer_phase_context",
+           "set_gradient_labeller", "set_phase_context"]
 
 MAX_GRAD_ACCUMULATION: int = 1
 """Largest gradient-accumulation factor layer-wise stepping supports: the update happens inside every backward."""
@@ -29,6 +30,20 @@ def set_phase_context(factory: Callable[[], contextlib.AbstractContextManager[An
 def optimizer_phase_context() -> contextlib.AbstractContextManager[Any]:
     """The registered phase (the tracker's `optimizer_phase()`), else a no-op context."""
     return contextlib.nullcontext() if _phase_factory is None else _phase_factory()
+
+
+_gradient_labeller: Callable[[torch.Tensor], None] | None = None
+
+
+def set_gradient_labeller(labeller: Callable[[torch.Tensor], None] | None) -> None:
+    """The tracker registers how to label a gradient that never reaches a `.grad` (Q-GaLore's INT8 weights)."""
+    global _gradient_labeller
+    _gradient_labeller = labeller
+
+
+def label_gradient(grad: torch.Tensor) -> None:
+    if _gradient_labeller is not None:
+        _gradient_labeller(grad)
 
 
 ParamsOrGroups = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
