@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from galore_bench.errors import UserError
-from galore_bench.methods import adafactor, adam8bit, adamw, galore, inference, lomo, lora, sgd
+from galore_bench.methods import adafactor, adam8bit, adamw, apollo, galore, inference, lomo, lora, muon, sgd
 from galore_bench.methods.base import MethodDef, Option, TracePlan, Trainer, TrainSettings
 from galore_bench.methods.terms import EstimateTerms
 
@@ -28,6 +28,9 @@ METHODS: tuple[MethodDef, ...] = (
     adafactor.METHOD,
     galore.METHOD,
     galore.METHOD_8BIT,
+    apollo.METHOD,
+    apollo.METHOD_MINI,
+    muon.METHOD,
     lomo.METHOD,
     lora.LORA,
     lora.RELORA,
