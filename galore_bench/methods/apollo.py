@@ -89,6 +89,13 @@ def update_temporaries(p: ParamShape, opts: dict[str, Any], e: int) -> int:
     return low + max(3 * vector, vector + blocks(p.numel * e) + limiter)
 
 
+def incompatible(strategy: str, opts: dict[str, Any]) -> str | None:
+    if strategy == "fsdp2":
+        return ("APOLLO's scaling norms span whole rows, columns or the whole matrix, but FSDP2 hands the optimizer "
+                "row shards: each rank would scale its shard by its own norms; use strategy ddp")
+    return None
+
+
 TERMS = EstimateTerms(state_bytes=state_bytes, layout=layout, update_temporaries=update_temporaries)
 
 COMMON_OPTIONS = {
@@ -114,6 +121,7 @@ METHOD = MethodDef(
     uses_rank=True,
     paper="arXiv 2412.05270",
     estimate=TERMS,
+    incompatible=incompatible,
 )
 
 METHOD_MINI = MethodDef(
@@ -128,4 +136,5 @@ METHOD_MINI = MethodDef(
     uses_rank=True,
     paper="arXiv 2412.05270",
     estimate=TERMS,
+    incompatible=incompatible,
 )
