@@ -199,6 +199,8 @@ def test_lomo_65b_3090_reproduces_paper_gpu_counts():
     ("ddp", 'method = "adamw"\nlayerwise = true', "layer-wise stepping updates each weight inside backward"),
     ("fsdp2", 'method = "galore"\nrank = 8', "GaLore takes the SVD of each whole gradient matrix"),
     ("fsdp2", 'method = "adam8bit"', "bitsandbytes"),
+    ("fsdp2", 'method = "apollo"\nrank = 8', "APOLLO's scaling norms span whole rows"),
+    ("fsdp2", 'method = "muon"', "Muon orthogonalises each whole matrix"),
     ("fsdp2", 'method = "lomo"\nclip_grad_norm = 1.0', "a global norm needs an all-reduce"),
     ("ddp", 'method = "inference"', "DDP needs parameters that require gradients"),
 ])

@@ -74,6 +74,9 @@ METHOD_RUNS = {
     "fira": 'method = "fira"\nrank = 8',
     "adalomo": 'method = "adalomo"',
     "badam": 'method = "badam"\nimpl = "for-loop"\nswitch_every = 2',  # a switch after step 1: fresh states
+    "apollo": 'method = "apollo"\nrank = 8',
+    "apollo_mini-layerwise": 'method = "apollo_mini"\nlayerwise = true',
+    "muon": 'method = "muon"\nimpl = "for-loop"',  # its AdamW part: the CPU's default, like with like
 }
 
 
@@ -159,6 +162,16 @@ def test_category_invariants(write_scenario):
                 a * b for a, b in matrix_shapes(shape).values()) * 4
             expected = projected + 2 * other_params
             assert peak["optimizer_states"] == pytest.approx(expected, rel=0.01)
+        hidden = shape.num_hidden_layers * sum(a * b for a, b in matrix_shapes(shape).values()) * 4
+        rest_tensors = 2 * shape.num_hidden_layers + 3  # norms, embeddings, LM head
+        if run.label == "apollo":  # per m x n matrix: r x min(m, n) projection, two max(m, n) x r moments, 1 norm
+            r, per_layer = 8, 0
+            for out_f, in_f in matrix_shapes(shape).values():
+                m, n = sorted((out_f, in_f))
+                per_layer += m * r + 2 * n * r + 1
+            assert peak["optimizer_states"] == shape.num_hidden_layers * per_layer * 4 + 2 * (all_param_bytes - hidden)
+        if run.label == "muon":  # one momentum buffer per hidden matrix; AdamW's m, v and fp32 step for the rest
+            assert peak["optimizer_states"] == hidden + 2 * (all_param_bytes - hidden) + 4 * rest_tensors
     assert weights["lowrank"] < weights["adamw"] < weights["lora"]
 
 

@@ -18,7 +18,7 @@ PACKAGE_FOLDER = "galore_bench/report/reference"  # how reports name the tables:
 OVERRIDE_ENV = "GALORE_BENCH_REFERENCE"  # a folder of tables in this layout, replacing the packaged ones
 NUMBER_COLUMNS = ("quantity", "value", "unit", "citation")  # the rest of a table's columns say which row
 TABLES = ("lomo_table1", "lomo_table2", "galore_table2", "galore_table3", "galore_table6", "galore_table11",
-          "galore_7b_totals")
+          "galore_7b_totals", "successors_7b_claims")
 
 
 def reference_folder() -> Traversable:

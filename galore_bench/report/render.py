@@ -29,6 +29,8 @@ from galore_bench.report.html import HtmlSection, HtmlTable, render_html
 from galore_bench.report.provenance import commit_of, provenance, shown
 from galore_bench.report.references import load_references, provenance_line
 from galore_bench.report.table11 import TABLE11_NOTES, table11_table
+from galore_bench.report.successors import NOTES as SUCCESSORS_NOTES
+from galore_bench.report.successors import successors_table
 from galore_bench.report.tables import (
     breakdown_table,
     cell_text,
@@ -71,6 +73,8 @@ SECTIONS = {
                           TABLE11_NOTES),
     "vs_galore_table3": ("Against GaLore Table 3 memory (LLaMA-7B, 8-bit, rank 1024; GB = 1e9 bytes)", [TABLE3_NOTE]),
     "budget": ("Peak against the budget (GB = 1e9 bytes; paper: GaLore Sec. 5.5 / Fig. 1 where it matches)", []),
+    "successors": ("GaLore's successors: the repositories' LLaMA-7B memory claims beside our readings (BF16)",
+                   SUCCESSORS_NOTES),
     "gpus": ("GPUs needed per model size (sharding applied to the traced step; LOMO Table 2's counts beside)",
              [("The paper prints GiB as 'GB'; it trains with DeepSpeed ZeRO-3 in fp16 mixed precision, ours is "
                "PyTorch FSDP2 in pure BF16.")]),
@@ -89,6 +93,7 @@ def build_tables(records: list[dict[str, Any]], labels: list[str], refs: dict) -
               "vs_galore_table11": beside(table11_table, "galore_table11"),
               "vs_galore_table3": beside(table3_table, "galore_table3"),
               "budget": fit_table(records, labels, refs.get("galore_7b_totals")),
+              "successors": beside(successors_table, "successors_7b_claims"),
               "gpus": gpus_table(records, refs.get("lomo_table2"))}
     return {name: df for name, df in tables.items() if df is not None}
 

@@ -1,0 +1,81 @@
+"""The `successors` table: GaLore's successors' own LLaMA-7B memory claims (their repositories' scripts and READMEs)
+beside our readings of the same recipe, and which reading each claim is closest to.
+
+A claim names no measuring tool, so each is set beside four readings of the matching run: the allocated peak and
+the reserved peak (the CUDA allocator's when measured, the caching-allocator model's when simulated), each read in
+GB (1e9) and in GiB. A claim matches a run of the same method, per-layer setting, token batch (batch x 256),
+checkpointing and (GaLore) rank on the 7B model in BF16; a claim for INT8 weights is shown beside our BF16-weight
+run of that recipe (the weight bytes named), and a claim with no run at its setting is listed without ours.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from galore_bench.record import peak_of, reserved_of
+from galore_bench.report.tables import paper_diff, per_unit
+from galore_bench.units import GB, GIB
+
+SEQ_LEN = 256
+NOTES = [
+    ("Claims: the repositories' 'memory cost' comments (galore_bench/report/reference/successors_7b_claims.csv, "
+     "from ../shared/reference/external/galore_family_readmes.csv); none says how it was read. A tool like "
+     "nvidia-smi shows the reserved pool plus the CUDA context (a few hundred MB, not modelled here)."),
+    ("closest reading: the one of allocated / reserved x GB / GiB nearest the claim; a claim more than 5% from "
+     "every reading is flagged."),
+]
+
+
+def _matches(record: dict[str, Any], claim: pd.Series) -> bool:
+    train, method = record["train"], record["method"]
+    return (record["model"]["name"] == "7b" and record["status"] == "ok" and train.get("dtype") == "bf16"
+            and method["name"] == claim["method"]
+            and bool(method.get("layerwise")) == (claim["per_layer"] == "yes")
+            and train.get("batch_size") == int(claim["batch"]) and train.get("seq_len") == SEQ_LEN
+            and bool(train.get("activation_checkpointing")) == (claim["grad_ckpt"] == "yes")
+            and (method["name"] != "galore8bit" or method.get("rank") == int(claim["rank"])))
+
+
+def _readings(record: dict[str, Any]) -> dict[str, float | None]:
+    peak, reserved = peak_of(record), reserved_of(record)[0]
+    return {"allocated GB": per_unit(peak, GB), "allocated GiB": per_unit(peak, GIB),
+            "reserved GB": per_unit(reserved, GB), "reserved GiB": per_unit(reserved, GIB)}
+
+
+def _closest(readings: dict[str, float | None], claimed: float) -> tuple[str, float | None, bool]:
+    """(the reading nearest the claim, its difference in %, whether every reading is more than 5% off)."""
+    diffs = {name: paper_diff(value, claimed) for name, value in readings.items() if value is not None}
+    if not diffs:
+        return "", None, False
+    name = min(diffs, key=lambda n: abs(diffs[n][0] or 0.0))
+    return name, diffs[name][0], all(off for _, off in diffs.values())
+
+
+def _claim_row(claim: pd.Series, record: dict[str, Any] | None, label: str) -> dict[str, Any]:
+    claimed = float(claim["memory"])
+    low = claim.get("memory_low")
+    row: dict[str, Any] = {"claim": claim["row"], "source": claim["source"], "gpu": claim["gpu"],
+                           "claim GB": claimed, "claim low GB": None if pd.isna(low) else float(low),
+                           "our run": label or "-"}
+    if record is None:
+        return {**row, "note": "no run of this recipe at this setting"}
+    readings = _readings(record)
+    name, diff, off = _closest(readings, claimed)
+    note = ""
+    weights, parameters = record["memory"]["breakdown"].get("weights", 0), record["model"].get("parameters") or 0
+    if claim["weights"] == "int8" and parameters and weights / parameters > 1.5:
+        note = (f"the claim keeps INT8 weights; our run holds {weights / parameters:.2f} B per weight "
+                f"({weights / GB:.2f} GB): INT8 weight storage is not built here")
+    return {**row, **readings, "closest reading": name, "diff %": diff, "flag": ">5%" if off else "", "note": note}
+
+
+def successors_table(records: list[dict[str, Any]], labels: list[str], claims: pd.DataFrame) -> pd.DataFrame | None:
+    """One row per claim and matching run (or per claim, without ours, when no run matches); None when no run
+    matches any claim (a scenario at another setting)."""
+    rows, matched = [], False
+    for _, claim in claims.iterrows():
+        found = [(r, label) for r, label in zip(records, labels) if _matches(r, claim)]
+        matched = matched or bool(found)
+        rows += [_claim_row(claim, r, label) for r, label in found] or [_claim_row(claim, None, "")]
+    return pd.DataFrame(rows) if matched else None
