@@ -244,7 +244,7 @@ def test_record_text_is_neither_html_in_markdown_nor_a_formula_in_csv(tmp_path):
         with table.open() as handle, (tmp_path / "plain" / table.name).open() as plain_handle:
             rows, plain = list(csv.reader(handle)), list(csv.reader(plain_handle))
         cells = [(cell, before) for row, plain_row in zip(rows, plain) for cell, before in zip(row, plain_row)]
-        assert not [cell for cell, _ in cells if cell[:1] in "=+-@" and not _is_number(cell)], table.name
+        assert not [cell for cell, _ in cells if cell[:1] and cell[0] in "=+-@" and not _is_number(cell)], table.name
         assert any(cell == "'" + HOSTILE_TEXT for cell, _ in cells), table.name
         assert [c for c, b in cells if _is_number(b)] == [b for _, b in cells if _is_number(b)]  # numbers as were
 
