@@ -110,7 +110,8 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     weights = sum(blocks(p.numel * e) for p in params)
     act = activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing,
                            terms.saved_per_layer(shape, batch_size * seq_len, e, options))
-    loss_bytes = loss_path(shape, batch_size * seq_len, e, loss, loss_chunk_tokens)
+    loss_bytes = loss_path(shape, batch_size * seq_len, e, loss, loss_chunk_tokens,
+                           head_trainable=all(p.trainable for p in params if p.name == "lm_head"))
     if terms.forward_only:  # autograd off: nothing saved, no gradient, no state; only forward transients
         return _forward_only(weights, {"loss_forward": act["hidden"] + loss_bytes.forward,
                                        **_layer_forward_bytes(shape, batch_size, seq_len, e)}, act)

@@ -35,8 +35,10 @@ def chunk_logits_bytes(chunk: int, vocab: int, e: int) -> int:
     return blocks(chunk * vocab * e) + (blocks(chunk * vocab * 4) if e < 4 else 0)
 
 
-def loss_path(shape: ModelShape, tokens: int, e: int, loss: str = "full", chunk_tokens: int = 1024) -> LossPath:
-    """The loss path's bytes for `tokens` tokens per micro-batch in a dtype of `e` bytes per value."""
+def loss_path(shape: ModelShape, tokens: int, e: int, loss: str = "full", chunk_tokens: int = 1024,
+              head_trainable: bool = True) -> LossPath:
+    """The loss path's bytes for `tokens` tokens per micro-batch in a dtype of `e` bytes per value
+    (`head_trainable`: whether the chunked backward builds the LM head's weight gradient)."""
     v, h = shape.vocab_size, shape.hidden_size
     if loss == "full":
         logits, fp32 = blocks(tokens * v * e), blocks(tokens * v * 4)
@@ -49,4 +51,5 @@ def loss_path(shape: ModelShape, tokens: int, e: int, loss: str = "full", chunk_
     # fp32: the chunk's gradient is its logits, and a chunk-long fp32 vector (the -1s, the row scales) sits beside it
     backward_chunk = per_chunk + (blocks(chunk * 4) if e == 4 else 0)
     return LossPath(forward=kept + transient + per_chunk, backward_activations=kept,
-                    backward_other=blocks(tokens * h * e) + blocks(v * h * e) + backward_chunk)
+                    backward_other=blocks(tokens * h * e) + (blocks(v * h * e) if head_trainable else 0)
+                    + backward_chunk)
