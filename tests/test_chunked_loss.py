@@ -151,3 +151,16 @@ def test_scenario_refuses_an_unknown_loss_and_chunking_with_distributed():
            "distributed": {"strategy": "ddp", "world_size": 2}}
     with pytest.raises(UserError, match=r"train.loss.*'full' with \[distributed\]"):
         parse_scenario(raw, Path("chunked.toml"))
+
+
+@pytest.mark.parametrize("chunk", [None, 100, 512])
+def test_the_loss_path_alone_traced_is_the_estimates_backward_moment(chunk):
+    """The report's first view (report/loss_path.py): the loss on resident inputs, traced, against the closed
+    form's loss-backward bytes (full: the fp32 log-softmax and its two gradients; chunked: both gradients of
+    the loss's inputs, one chunk, the bookkeeping)."""
+    from galore_bench.report.loss_path import traced_loss_path
+
+    shape = ModelShape(64, 172, 2, 4, 32000)
+    traced = traced_loss_path(shape, 512, "bf16", chunk)
+    terms = loss_path(shape, 512, 2, "full" if chunk is None else "chunked", chunk or 1)
+    assert traced == pytest.approx(terms.backward_activations + terms.backward_other, rel=0.01)
