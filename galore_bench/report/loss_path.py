@@ -83,6 +83,31 @@ def whole_steps() -> list[dict[str, Any]]:
     return rows
 
 
+def notes(steps: list[dict[str, Any]], fits: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """What the tables say, computed from them: the step's saving and the length gained, and where simulate
+    disagrees with the estimate's answer at the boundary."""
+    found = []
+    for full, chunked in zip(steps[: len(RUNS)], steps[len(RUNS):], strict=True):
+        saved = full["simulate_bytes"] - chunked["simulate_bytes"]
+        found.append(f"- {full['run']}: chunking the loss saves {gib(saved)} GiB of the simulated step at {TOKENS} "
+                     "tokens.")
+    for full, chunked in zip(fits["full"], fits["chunked"], strict=True):
+        if full["largest"] and chunked["largest"]:
+            found.append(f"- {full['run']}: longest sequence within 24 GiB {full['largest']} -> {chunked['largest']} "
+                         f"tokens ({chunked['largest'] / full['largest']:.2f}x).")
+    for loss, rows in fits.items():
+        for row in rows:
+            above = row["simulate_above_largest_bytes"]
+            if row["largest"] and above is not None and above <= BUDGET:
+                found.append(f"- {loss} {row['run']}: the estimate is conservative at this boundary: simulate also "
+                             f"fits {row['largest'] + 256} tokens ({gib(above)} GiB).")
+            at = row.get("simulate_at_largest_bytes")
+            if at is not None and at > BUDGET:
+                found.append(f"- {loss} {row['run']}: the estimate is optimistic at this boundary: simulate at "
+                             f"{row['largest']} tokens is {gib(at)} GiB, over the budget.")
+    return found
+
+
 def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
 
@@ -133,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"| {loss} | {r['run']} | {r['largest']} | {gib(r['estimate_at_largest_bytes'])} "
                   f"| {gib(r['simulate_at_largest_bytes'])} | {gib(r['simulate_above_largest_bytes'])} |"
                   for r in rows]
-    lines.append("")
+    lines += ["", *notes(steps, fits), ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "loss_path_128k.md").write_text("\n".join(lines), encoding="utf-8")
