@@ -1,6 +1,6 @@
 """The loss path at a 128k vocabulary: transformers' full cross-entropy against the chunked one (chunked_loss.py).
 
-Regenerate (CPU only, fake tensors; about a minute):
+Regenerate (CPU only, fake tensors; 10-17 minutes on a busy 2-core machine, mostly the fit confirmations):
     python -m galore_bench.report.loss_path --out reports/cpu-simulate
 
 Three views, each from real code traced on fake tensors or from the closed form (labelled):
