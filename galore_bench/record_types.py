@@ -56,6 +56,7 @@ FIELDS: dict[tuple[str, ...], Check] = {
     ("method", "name"): TEXT, ("method", "rank"): COUNT, ("method", "layerwise"): FLAG,
     ("train", "batch_size"): COUNT, ("train", "seq_len"): COUNT, ("train", "steps"): COUNT,
     ("train", "grad_accum"): COUNT, ("train", "dtype"): TEXT, ("train", "activation_checkpointing"): FLAG,
+    ("train", "loss"): TEXT, ("train", "loss_chunk_tokens"): COUNT,
     ("budget", "bytes"): COUNT, ("budget", "text"): TEXT, ("budget", "fits"): FLAG,
     ("memory", "peak_bytes"): COUNT, ("memory", "breakdown"): PARTS, ("memory", "category_peaks"): PARTS,
     ("memory", "allocator_model"): TABLE, ("memory", "allocator_model", "peak_reserved_bytes"): COUNT,

@@ -1,4 +1,5 @@
-"""`galore-bench fit`: does each run fit a memory budget, and what is the largest batch that does?"""
+"""`galore-bench fit`: does each run fit a memory budget, and what is the largest batch (or longest sequence)
+that does?"""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 NAME = "fit"
-HELP = "will each run fit a memory budget, and what is the largest batch that does? (instant estimate)"
+HELP = "will each run fit a memory budget, and what is the largest batch (or longest sequence) that does?"
 DESCRIPTION = (
-    "For every run of a scenario: the estimated peak at its batch size, whether it fits the budget, "
-    "and the largest per-device batch that fits (bisection on the closed-form estimate). --confirm "
-    "re-checks with the simulate engine at that batch and one above, and replays that trace through "
-    "the caching-allocator model: reserved bytes under the budget, and the largest batch it holds."
+    "For every run of a scenario: the estimated peak at its batch size and sequence length, whether it fits "
+    "the budget, and the largest per-device batch that fits at the scenario's length (--search batch_size, "
+    "the default) or the longest sequence that fits at the scenario's batch (--search seq_len; "
+    "--multiple-of 256 keeps lengths to multiples of 256): bisection on the closed-form estimate. --confirm "
+    "re-checks with the simulate engine at the value found and one step above, and replays that trace through "
+    "the caching-allocator model: reserved bytes under the budget, and the largest value it holds."
 )
+LABELS = {"batch_size": "batch", "seq_len": "seq"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,15 +40,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--confirm", action="store_true", help="confirm with simulate (seconds per run for 7B)"
     )
+    parser.add_argument(
+        "--search", choices=tuple(LABELS), default="batch_size",
+        help="what to maximise: the batch at the scenario's sequence length (default), or the sequence length "
+        "at the scenario's batch",
+    )
+    parser.add_argument(
+        "--multiple-of", type=int, default=1, metavar="N",
+        help="only values that are multiples of N (e.g. 256 for sequence lengths); default 1",
+    )
 
 
 def from_args(args: argparse.Namespace) -> int:
-    return run(args.scenario, budget=args.budget, confirm=args.confirm)
+    return run(args.scenario, budget=args.budget, confirm=args.confirm, search=args.search,
+               multiple_of=args.multiple_of)
 
 
-def run(scenario: str, *, budget: str | None = None, confirm: bool = False) -> int:
-    """Print the fit table of `scenario` (a shipped name or a .toml path) for `budget` (or the scenario's)."""
+def run(scenario: str, *, budget: str | None = None, confirm: bool = False, search: str = "batch_size",
+        multiple_of: int = 1) -> int:
+    """Print the fit table of `scenario` (a shipped name or a .toml path) for `budget` (or the scenario's):
+    the largest `search` value (batch_size or seq_len, a multiple of `multiple_of`) within it."""
     from galore_bench.measure.largest_batch import fit_rows
+
+    if multiple_of < 1:
+        raise UserError(f"--multiple-of: got {multiple_of}, allowed an int >= 1")
 
     loaded = load_scenario(scenario)
     text = budget or loaded.budget_text
@@ -62,9 +81,11 @@ def run(scenario: str, *, budget: str | None = None, confirm: bool = False) -> i
             loaded,
             budget_bytes,
             confirm=confirm,
-            tracing=lambda label, batch: status.update(f"simulate: tracing {label} at batch {batch}"),
+            tracing=lambda label, what, value: status.update(f"simulate: tracing {label} at {what} {value}"),
+            search=search,
+            multiple_of=multiple_of,
         )
-    console.print(fit_table(loaded, rows, text, budget_bytes, confirm))
+    console.print(fit_table(loaded, rows, text, budget_bytes, confirm, search))
     if loaded.distributed is not None:  # the estimate is per device, unsharded
         spread = loaded.distributed
         console.print(
@@ -78,27 +99,31 @@ def run(scenario: str, *, budget: str | None = None, confirm: bool = False) -> i
 
 
 def fit_table(
-    scenario: Scenario, rows: list[dict[str, Any]], budget_text: str, budget: int, confirm: bool
+    scenario: Scenario, rows: list[dict[str, Any]], budget_text: str, budget: int, confirm: bool,
+    search: str = "batch_size",
 ) -> Table:
-    """One row per run: the estimate at its batch and at the largest that fits; with `confirm`, simulate's."""
+    """One row per run: the estimate at its settings and at the largest value that fits; with `confirm`,
+    simulate's."""
     from rich.table import Table
 
     train = scenario.train
+    fixed = f"seq {train.seq_len}" if search == "batch_size" else f"batch {train.batch_size}"
+    what = "largest batch" if search == "batch_size" else "longest seq"
     table = Table(
-        title=Text(f"{scenario.name}: fit in {budget_text} (estimate; seq {train.seq_len}, {train.dtype})"),
+        title=Text(f"{scenario.name}: fit in {budget_text} (estimate; {fixed}, {train.dtype}, loss {train.loss})"),
         caption="estimate = closed-form bytes; simulate = the real step traced on fake tensors; reserved = "
         "that trace through a model of the CUDA caching allocator, capped at the budget",
     )
     columns = [
         "run",
         "model",
-        f"peak @ batch {train.batch_size}",
+        f"peak @ batch {train.batch_size}" + ("" if search == "batch_size" else f" x {train.seq_len}"),
         "fits",
-        "largest batch",
+        what,
         "estimate @ largest",
     ]
     columns += (
-        ["simulate @ largest", "simulate @ largest+1", "reserved @ largest (model)", "confirmed"]
+        ["simulate @ largest", "simulate @ next step", "reserved @ largest (model)", "confirmed"]
         if confirm
         else []
     )
@@ -110,7 +135,7 @@ def fit_table(
             row["model"],
             format_bytes(row["estimate_bytes"]),
             "yes" if row["fits"] else "NO",
-            str(row["largest_batch"]) if row["largest_batch"] else "none",
+            str(best) if (best := row.get("largest", row.get("largest_batch"))) else "none",
             format_bytes(row["estimate_at_largest_bytes"]),
         ]
         if confirm:
@@ -131,11 +156,11 @@ def _confirmation(row: dict[str, Any], budget: int) -> list[str]:
         if model["out_of_memory"]
         else format_bytes(model["peak_reserved_bytes"])
     )
-    held = row.get("largest_batch_reserved")
+    held = row.get("largest_reserved", row.get("largest_batch_reserved"))
     verdict = (
         "no (estimate off at the boundary)"
         if not ok
-        else f"no (allocator model: out of memory at the cap; it holds batch {held or 'none'})"
+        else f"no (allocator model: out of memory at the cap; it holds {held or 'none'})"
         if model and model["out_of_memory"]
         else "yes"
     )

@@ -9,8 +9,8 @@ Each tensor is rounded up to the CUDA allocator's 512-byte blocks, as simulate d
 
 The step's memory is modelled at the moments where it peaks, and the largest one is the peak:
   forward_end   weights + states (+ gradients when accumulating) + saved activations + the loss's
-                logits-sized tensors (model-dtype logits, their fp32 copy, log-softmax output);
-  loss_backward the same with the log-softmax output saved and two fp32 logits-sized gradients;
+                forward (full: model-dtype logits, their fp32 copy, log-softmax output; chunked: one chunk's);
+  loss_backward the same with what the loss saved and its backward's transients (measure/loss_path.py);
   head_update   layer-wise / LOMO only: the LM head's gradient and its update temporaries inside backward,
                 with every layer's activations still saved;
   recompute     activation checkpointing only: one layer's activations recomputed during backward, first
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from galore_bench.errors import UserError
+from galore_bench.measure.loss_path import loss_path
 from galore_bench.methods import REGISTRY
 from galore_bench.methods.terms import EstimateTerms, Moment, ParamShape, StepBytes, blocks
 from galore_bench.models import DTYPES, HFModel, Model, ModelShape
@@ -129,11 +130,13 @@ class Estimate:
 
 
 def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: int, seq_len: int,
-             dtype: str, activation_checkpointing: bool = False, grad_accum: int = 1, target: str = "gpu") -> Estimate:
+             dtype: str, activation_checkpointing: bool = False, grad_accum: int = 1, target: str = "gpu",
+             loss: str = "full", loss_chunk_tokens: int = 1024) -> Estimate:
     """Closed-form peak memory of one steady-state training step (step 2+: optimizer states exist).
 
     `target`: the device the run is for ("gpu": what simulate predicts; "cpu": a real CPU run), which decides
-    what 'auto' implementations resolve to. Raises EstimateUnavailable for a method without estimate terms.
+    what 'auto' implementations resolve to. `loss`: "full" or "chunked" (`loss_chunk_tokens` tokens at a time).
+    Raises EstimateUnavailable for a method without estimate terms.
     """
     terms = terms_of(method)
     check_estimable(shape)
@@ -142,9 +145,10 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     weights = sum(blocks(p.numel * (p.value_bytes or e)) for p in params)
     act = activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing,
                            terms.saved_per_layer(shape, batch_size * seq_len, e, options))
-    logits_forward = (act["logits"] if e < 4 else 0) + 2 * act["logits_fp32"]
+    loss_bytes = loss_path(shape, batch_size * seq_len, e, loss, loss_chunk_tokens,
+                           head_trainable=all(p.trainable for p in params if p.name == "lm_head"))
     if terms.forward_only:  # autograd off: nothing saved, no gradient, no state; only forward transients
-        return _forward_only(weights, {"loss_forward": act["hidden"] + logits_forward,
+        return _forward_only(weights, {"loss_forward": act["hidden"] + loss_bytes.forward,
                                        **_layer_forward_bytes(shape, batch_size, seq_len, e)}, act)
     layerwise = terms.updates_in_backward(options)
     grads = sum(blocks(p.numel * e) for p in params if p.trainable)
@@ -158,8 +162,8 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
         return dict(zip(CATEGORIES, (weights, held.gradients, states, held.activations, held.other), strict=True))
 
     moments = {
-        "forward_end": moment(Moment(carried, saved + logits_forward, 0)),
-        "loss_backward": moment(Moment(carried, saved + act["logits_fp32"], 2 * act["logits_fp32"])),
+        "forward_end": moment(Moment(carried, saved + loss_bytes.forward, 0)),
+        "loss_backward": moment(Moment(carried, saved + loss_bytes.backward_activations, loss_bytes.backward_other)),
     }
     tied = not any(p.name == "lm_head" for p in params)
     if layerwise and tied:  # the head's gradient accumulates into the embedding's, updated only when backward ends
@@ -227,4 +231,5 @@ def estimate_run(scenario: Any, run: Any, target: str = "gpu") -> Estimate:
     train = scenario.train
     return estimate(run.model, run.method, run.options, batch_size=train.batch_size, seq_len=train.seq_len,
                     dtype=train.dtype, activation_checkpointing=train.activation_checkpointing,
-                    grad_accum=train.grad_accum, target=target)
+                    grad_accum=train.grad_accum, target=target, loss=train.loss,
+                    loss_chunk_tokens=train.loss_chunk_tokens)

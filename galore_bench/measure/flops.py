@@ -20,7 +20,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from galore_bench.measure.tracker import MemoryTracker
-from galore_bench.measure.training import build_trainer
+from galore_bench.measure.training import build_trainer, forward_loss
 from galore_bench.models import (
     Model,
     causal_mask_skipped_under_fake_tensors,
@@ -121,7 +121,7 @@ def count_step_flops(scenario: Scenario, run: RunSpec) -> dict[str, Any]:
         with flop_counter_mode() as counter:
             for _ in range(train.grad_accum):
                 with torch.set_grad_enabled(trainer.grad_enabled):
-                    loss = trainer.model(input_ids=batch, labels=batch, use_cache=False).loss
+                    loss = forward_loss(trainer.model, batch, train)
                 trainer.backward(loss / train.grad_accum if train.grad_accum > 1 else loss)
                 del loss
             trainer.update(0)

@@ -19,8 +19,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 from galore_bench import data
+from galore_bench.chunked_loss import chunked_loss
 from galore_bench.measure.tracker import MemoryTracker
-from galore_bench.methods import REGISTRY, Trainer
+from galore_bench.methods import REGISTRY, Trainer, TrainSettings
 from galore_bench.models import DTYPES, build_model, causal_mask_skipped_under_fake_tensors, default_dtype
 from galore_bench.optim.relora import warmup_cosine_lr
 from galore_bench.spec.scenario import RunSpec, Scenario
@@ -221,7 +222,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
                 if on_cuda:
                     torch.cuda.reset_peak_memory_stats(device)
             with timer:
-                step_loss = one_step(trainer, tracker, batches, scenario.train.grad_accum, step)
+                step_loss = one_step(trainer, tracker, batches, scenario.train, step)
             if step in tracked_steps:
                 tracker.label(trainer.state_tensors(), "optimizer_states")
             step_peaks.append(tracker.peak)
@@ -245,14 +246,24 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
             "device_type": "fake" if fake else torch.device(device).type}
 
 
-def one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.Tensor], grad_accum: int,
+def forward_loss(model: torch.nn.Module, batch: torch.Tensor, train: TrainSettings) -> torch.Tensor:
+    """The causal-LM loss of one micro-batch, by the scenario's loss path: transformers' own (every token's
+    logits at once) or the chunked one (chunked_loss.py: `loss_chunk_tokens` tokens' logits at a time)."""
+    if train.loss == "chunked":
+        with chunked_loss(model, train.loss_chunk_tokens):
+            return model(input_ids=batch, labels=batch, use_cache=False).loss
+    return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+
+def one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.Tensor], train: TrainSettings,
               step: int) -> float | None:
     total: torch.Tensor | None = None
+    grad_accum = train.grad_accum
     for _ in range(grad_accum):
         with tracker.phase("data"):
             batch = next(batches)
         with tracker.phase("forward"), torch.set_grad_enabled(trainer.grad_enabled):
-            loss = trainer.model(input_ids=batch, labels=batch, use_cache=False).loss
+            loss = forward_loss(trainer.model, batch, train)
             scaled = loss / grad_accum if grad_accum > 1 else loss
         with tracker.phase("backward"):
             trainer.backward(scaled)

@@ -50,6 +50,8 @@ class TrainSettings:
     seed: int = 0
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # or "cosine": warm-up, then cosine decay to 10% (the papers' schedule)
+    loss: str = "full"  # or "chunked": the LM head and cross-entropy a few tokens at a time (chunked_loss.py)
+    loss_chunk_tokens: int = 1024  # tokens per chunk of the chunked loss (chunked_loss.DEFAULT_CHUNK_TOKENS)
 
 
 class Trainer:

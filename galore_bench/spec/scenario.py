@@ -22,6 +22,7 @@ SHIPPED_SCENARIOS = resources.files("galore_bench") / "scenarios"
 MODES = ("auto", "estimate", "simulate", "measure")
 DATA_SOURCES = ("synthetic", "wiki")
 LR_SCHEDULES = ("constant", "cosine")
+LOSSES = ("full", "chunked")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,7 @@ def load_scenario(name_or_path: str, model: str | None = None) -> Scenario:
 # gigabytes (it lists every layer's tensors), and a 400-digit number overflows the first float it meets.
 LARGEST = {"hidden_size": 65536, "intermediate_size": 262144, "num_hidden_layers": 1024,
            "num_attention_heads": 65536, "vocab_size": 10**7, "batch_size": 10**9, "seq_len": 10**9,
-           "steps": 10**6, "grad_accum": 10**6, "warmup_steps": 10**6, "seed": 2**63 - 1,
+           "steps": 10**6, "grad_accum": 10**6, "loss_chunk_tokens": 10**9, "warmup_steps": 10**6, "seed": 2**63 - 1,
            "batches": 10**6, "every": 10**6}
 MAX_TOKENS = 10**9  # train.batch_size * train.seq_len: tokens in one micro-batch
 
@@ -152,8 +153,8 @@ def _parse_train(problems: Problems, table: dict[str, Any]) -> TrainSettings:
         if f.name not in table:
             continue
         value, kind = table[f.name], type(getattr(defaults, f.name))
-        if f.name in ("dtype", "lr_schedule"):
-            allowed = DTYPES if f.name == "dtype" else LR_SCHEDULES
+        if f.name in ("dtype", "lr_schedule", "loss"):
+            allowed = {"dtype": DTYPES, "lr_schedule": LR_SCHEDULES, "loss": LOSSES}[f.name]
             if not one_of(value, allowed):
                 problems.add(f"train.{f.name}", value, "one of " + ", ".join(allowed))
                 continue
@@ -267,6 +268,9 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     distributed = parse_distributed(problems, problems.table(raw, "distributed"), runs, mode)
     if isinstance(eval_every, int) and eval_every and not eval_batches:
         problems.add("eval.every", eval_every, "0 unless eval.batches > 0 (there is nothing to evaluate on)")
+    if train.loss == "chunked" and distributed is not None:
+        problems.add("train.loss", train.loss, "'full' with [distributed] (the chunked loss reads the LM head's "
+                     "weight outside the head's forward, where FSDP2 holds only a shard of it)")
     if isinstance(eval_batches, int) and eval_batches and distributed is not None:
         problems.add("eval.batches", eval_batches,
                      "0 with [distributed] (perplexity is measured on single-device runs)")
