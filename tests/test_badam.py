@@ -21,26 +21,29 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-def oracle(model: torch.nn.Module, every: int, mode: str):
+def oracle(model: torch.nn.Module, every: int, mode: str, **include: bool):
     from badam import BlockOptimizer
 
     base = torch.optim.AdamW(model.parameters(), **HYPER, foreach=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns about fp32 weights
         return BlockOptimizer(base, list(model.named_parameters()), switch_block_every=every, switch_mode=mode,
-                              verbose=0)
+                              verbose=0, **include)
 
 
-@pytest.mark.parametrize("mode", ["ascending", "descending"])
+@pytest.mark.parametrize(("mode", "include"), [("ascending", False), ("descending", False), ("ascending", True)],
+                         ids=["ascending", "descending", "ascending-with-embedding-and-head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weights_equal_the_badam_package_across_block_switches(dtype, mode):
-    """Six steps, switch_every 2: blocks switch after steps 1, 3 and 5 (the package's schedule): bit-identical."""
+def test_weights_equal_the_badam_package_across_block_switches(dtype, mode, include):
+    """Six steps, switch_every 2: blocks switch after steps 1, 3 and 5 (the package's schedule): bit-identical.
+    With the embedding and head blocks: embedding, layer 0, layer 1, then norm and LM head."""
     ours_model = tiny_llama(dtype)
     ref_model = copy.deepcopy(ours_model)
     start = {n: p.detach().clone() for n, p in ours_model.named_parameters()}
+    flags = {"include_embedding": include, "include_lm_head": include}
     ours = BlockAdam(ours_model, lambda params: torch.optim.AdamW(params, **HYPER, foreach=False), lr=HYPER["lr"],
-                     switch_every=2, switch_mode=mode)
-    ref = oracle(ref_model, 2, mode)
+                     switch_every=2, switch_mode=mode, **flags)
+    ref = oracle(ref_model, 2, mode, **flags)
     torch.manual_seed(1)
     for _ in range(6):
         mask = [p.requires_grad for p in ours_model.parameters()]
@@ -51,10 +54,10 @@ def test_weights_equal_the_badam_package_across_block_switches(dtype, mode):
             q.grad = None if p.grad is None else p.grad.clone()
         ours.step()
         ref.step()
-    assert ours.visited == ([0, 1, 0, 1] if mode == "ascending" else [1, 0, 1, 0])
+    assert ours.visited == ([0, 1, 2, 3] if include else [0, 1, 0, 1] if mode == "ascending" else [1, 0, 1, 0])
     for (name, p), q in zip(ours_model.named_parameters(), ref_model.parameters()):
         assert torch.equal(p, q), f"{name}: {(p.float() - q.float()).abs().max().item()} from the badam package"
-        assert torch.equal(p, start[name]) == ("layers" not in name), name  # blocks moved, the rest never
+        assert torch.equal(p, start[name]) == ("layers" not in name and not include), name  # the rest never moves
 
 
 def test_only_the_active_block_has_gradients_and_states():

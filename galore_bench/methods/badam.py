@@ -1,5 +1,6 @@
 """BAdam (arXiv 2404.02827): one decoder layer trains at a time, AdamW over its fp32 masters, switching
-every K steps; embeddings, final norm and LM head stay frozen.
+every K steps; embeddings, final norm and LM head stay frozen unless made blocks (include_embedding,
+include_lm_head).
 
 What a short simulate trace sees is the starting block's steps. Memory depends on the block: autograd saves
 activations for the active layer and for every layer above it (their input gradients lead down to it), none
@@ -32,7 +33,8 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
 
     start = opts["start_block"] if opts["start_block"] >= 0 else None
     optimizer = BlockAdam(model, make, lr=opts["lr"], switch_every=opts["switch_every"],
-                          switch_mode=opts["switch_mode"], start_block=start, seed=train.seed)
+                          switch_mode=opts["switch_mode"], start_block=start, seed=train.seed,
+                          include_embedding=opts["include_embedding"], include_lm_head=opts["include_lm_head"])
     info = {"optimizer": "galore_bench.optim.badam.BlockAdam (torch.optim.AdamW on fp32 masters)",
             "impl": next((k for k, v in flags.items() if v), "for-loop"), "blocks": len(optimizer.blocks),
             "start_block": optimizer.active_block}
@@ -62,6 +64,9 @@ METHOD = MethodDef(
                               "is descending)", choices=SWITCH_MODES),
         "start_block": Option(int, -1, "first block; -1: the order's own (0 ascending, the last descending)",
                               minimum=-1),
+        "include_embedding": Option(bool, False, "the embedding is a block of its own (the first)"),
+        "include_lm_head": Option(bool, False, "final norm and LM head (and the embedding, if not a block of its "
+                                  "own) are the last block"),
     },
     paper="arXiv 2404.02827",
     no_estimate_reason=("the activations depend on the active block: layers above it save what their input "

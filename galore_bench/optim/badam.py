@@ -5,7 +5,7 @@ no state), and autograd stops below the active layer. The active block gets fp32
 over them (the model itself may be BF16); every `switch_every` steps the next block becomes active, in
 ascending, descending or random order (a random order visits every block once before reshuffling), and the
 previous block's master copies and Adam states are dropped. Embeddings, the final norm and the LM head are
-never trained (the package's default, include_embedding / include_lm_head off).
+never trained unless include_embedding / include_lm_head make them blocks (the package's options, off by default).
 
 Our own implementation; it matches the `badam` package 1.4's BlockOptimizer (single device), the oracle
 of tests/test_badam.py, in what changes values: master copies made by clone-then-float, gradients cast to
@@ -32,14 +32,24 @@ SWITCH_MODES = ("ascending", "descending", "random")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def decoder_blocks(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
-    """The parameters of each decoder layer ('...layers.<i>.'), in layer order; others belong to no block."""
-    found: dict[int, list[torch.nn.Parameter]] = {}
+def decoder_blocks(model: torch.nn.Module, include_embedding: bool = False,
+                   include_lm_head: bool = False) -> list[list[torch.nn.Parameter]]:
+    """The parameters of each decoder layer ('...layers.<i>.'), in layer order. As in the package, the
+    embedding may be a block of its own (first), and everything else (final norm, LM head, and the embedding
+    when it is not a block) the last block; otherwise those belong to no block and stay frozen."""
+    layers: dict[int, list[torch.nn.Parameter]] = {}
+    embedding: list[torch.nn.Parameter] = []
+    rest: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         match = _LAYER.search(name)
         if match:
-            found.setdefault(int(match.group(1)), []).append(param)
-    return [found[i] for i in sorted(found)]
+            layers.setdefault(int(match.group(1)), []).append(param)
+        elif include_embedding and "embed" in name:
+            embedding.append(param)
+        else:
+            rest.append(param)
+    blocks = ([embedding] if embedding else []) + [layers[i] for i in sorted(layers)]
+    return blocks + ([rest] if include_lm_head and rest else [])
 
 
 class BlockAdam(torch.optim.Optimizer):
@@ -52,8 +62,8 @@ class BlockAdam(torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
                  lr: float, switch_every: int = 50, switch_mode: str = "ascending", start_block: int | None = None,
-                 seed: int = 0) -> None:
-        self.blocks = decoder_blocks(model)
+                 seed: int = 0, include_embedding: bool = False, include_lm_head: bool = False) -> None:
+        self.blocks = decoder_blocks(model, include_embedding, include_lm_head)
         if not self.blocks:
             raise ValueError("BAdam found no decoder layers ('...layers.<i>.' parameters) to use as blocks")
         if switch_every < 1 or switch_mode not in SWITCH_MODES:
