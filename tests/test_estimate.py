@@ -39,6 +39,9 @@ VARIANTS = [  # options that change the bytes: implementations, momentum, the pr
     {"method": "galore", "rank": 16, "proj_type": "reverse_std", "label": "galore-reverse"},
     {"method": "galore", "rank": 16, "proj_type": "left", "label": "galore-left"},
     {"method": "lora", "rank": 16, "impl": "for-loop", "label": "lora-for-loop"},
+    {"method": "apollo", "rank": 16, "scaled_gradient": "projected", "label": "apollo-projected"},
+    {"method": "apollo_mini", "scale_type": "channel", "label": "apollo_mini-channel"},
+    {"method": "muon", "impl": "for-loop", "label": "muon-for-loop"},
 ]
 EVERY_METHOD = _every_method() + VARIANTS
 SETTINGS = {  # model, train: small enough for the suite, different enough to move the peak around
