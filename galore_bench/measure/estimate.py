@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from galore_bench.errors import UserError
+from galore_bench.measure.precision_estimate import (
+    autocast_activation_bytes,
+    master_copy_bytes,
+    master_update,
+)
 from galore_bench.methods import REGISTRY
+from galore_bench.methods.precision import PRECISIONS, run_settings
 from galore_bench.methods.terms import EstimateTerms, Moment, ParamShape, StepBytes, blocks
 from galore_bench.models import DTYPES, ModelShape
 from galore_bench.units import CATEGORIES
@@ -95,27 +101,39 @@ class Estimate:
 
 
 def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_size: int, seq_len: int,
-             dtype: str, activation_checkpointing: bool = False, grad_accum: int = 1, target: str = "gpu") -> Estimate:
+             dtype: str, activation_checkpointing: bool = False, grad_accum: int = 1, target: str = "gpu",
+             precision: str = "") -> Estimate:
     """Closed-form peak memory of one steady-state training step (step 2+: optimizer states exist).
 
     `target`: the device the run is for ("gpu": what simulate predicts; "cpu": a real CPU run), which decides
-    what 'auto' implementations resolve to. Raises EstimateUnavailable for a method without estimate terms.
+    what 'auto' implementations resolve to; `precision`: methods/precision.py's recipe ("" = pure `dtype`).
+    Raises EstimateUnavailable for a method without estimate terms.
     """
     terms = terms_of(method)
-    e = DTYPES[dtype].itemsize  # bytes per value
+    recipe = PRECISIONS[precision or dtype]  # methods/precision.py; dtype is the weights' dtype
+    e = DTYPES[recipe.weights].itemsize  # bytes per value of weights and gradients
+    c = DTYPES[recipe.compute].itemsize if recipe.compute else e  # ... of what the forward computes in
     params = terms.layout(shape, options)
     weights = sum(blocks(p.numel * e) for p in params)
-    act = activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing,
-                           terms.saved_per_layer(shape, batch_size * seq_len, e, options))
-    logits_forward = (act["logits"] if e < 4 else 0) + 2 * act["logits_fp32"]
+    extra = terms.saved_per_layer(shape, batch_size * seq_len, c, options)
+    act = (autocast_activation_bytes(shape, params, batch_size, seq_len, c, activation_checkpointing, extra)
+           if recipe.compute else activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing, extra))
+    logits_forward = (act["logits"] if c < 4 else 0) + 2 * act["logits_fp32"] + act.get("until_loss", 0)
     if terms.forward_only:  # autograd off: nothing saved, no gradient, no state; only forward transients
-        return _forward_only(weights, {"loss_forward": act["hidden"] + logits_forward,
+        held = logits_forward - act.get("until_loss", 0)  # no gradient: autocast caches no weight cast
+        return _forward_only(weights, {"loss_forward": act["hidden"] + held,
                                        **_layer_forward_bytes(shape, batch_size, seq_len, e)}, act)
     layerwise = terms.updates_in_backward(options)
     grads = sum(blocks(p.numel * e) for p in params if p.trainable)
     head_grad = blocks(shape.vocab_size * shape.hidden_size * e)
-    states = sum(terms.state_bytes(p, options, e) for p in params if p.trainable) + terms.shared_state_bytes(options)
-    temps = update_temporaries(terms, params, options, e, layerwise, target)
+    trainable = [p for p in params if p.trainable]
+    es = DTYPES[recipe.state_dtype].itemsize  # the optimizer's own bytes per value (fp32 beside master weights)
+    states = sum(terms.state_bytes(p, options, es) for p in trainable) + terms.shared_state_bytes(options)
+    temps, own = update_temporaries(terms, params, options, e, layerwise, target), 0
+    if recipe.master:  # fp32 copies in the optimizer; each update steps one parameter with its fp32 gradient
+        states += master_copy_bytes(trainable)
+        own, temps = master_update(trainable, options, lambda p, opts, width: update_temporaries(
+            terms, [p], opts, width, layerwise, target), e)
     carried = grads if grad_accum > 1 and not layerwise else 0  # later micro-batches find the gradients there
     saved = act["saved_layers"] + act["head"]
 
@@ -128,10 +146,10 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     }
     if layerwise:
         head = next(p for p in params if p.name == "lm_head")
-        moments["head_update"] = moment(Moment(head_grad, saved,
+        moments["head_update"] = moment(Moment(head_grad, saved - act.get("head_released", 0),
                                                terms.update_temporaries(head, options, e) + act["hidden"]))
     else:
-        moments["optimizer"] = moment(Moment(grads, 0, temps))
+        moments["optimizer"] = moment(Moment(grads - own, 0, temps))
     if terms.extra_moments is not None:
         step = StepBytes(shape, params, options, e, grads, head_grad, saved, layerwise)
         moments.update({name: moment(held) for name, held in terms.extra_moments(step).items()})
@@ -183,7 +201,7 @@ def _forward_only(weights: int, activations: dict[str, int], act: dict[str, int]
 
 def estimate_run(scenario: Any, run: Any, target: str = "gpu") -> Estimate:
     """The estimate for one run of a scenario (its model, method, options and training settings)."""
-    train = scenario.train
+    train = run_settings(scenario.train, run.options)
     return estimate(run.model, run.method, run.options, batch_size=train.batch_size, seq_len=train.seq_len,
                     dtype=train.dtype, activation_checkpointing=train.activation_checkpointing,
-                    grad_accum=train.grad_accum, target=target)
+                    grad_accum=train.grad_accum, target=target, precision=train.precision)

@@ -89,12 +89,12 @@ def method_problems(method: MethodDef, opts: dict[str, Any], train: TrainSetting
     how = "layer-wise updates" if opts.get("layerwise") else method.name
     problems = []
     if chosen.scaler and layerwise:
-        problems.append((where, chosen.name, (f"not fp16-mixed with {how}: a GradScaler must unscale and check "
-                         "every gradient for inf/NaN before any weight changes, and these update inside backward "
-                         "(LOMO: use precision fp16 with loss_scale)")))
+        problems.append((where, chosen.name, (f"a precision other than fp16-mixed with {how}: a GradScaler must "
+                         "unscale and check every gradient for inf/NaN before any weight changes, and these update "
+                         "inside backward (LOMO: use precision fp16 with loss_scale)")))
     if chosen.master and (method.name in NO_MASTER or opts.get("layerwise")):
         why = NO_MASTER.get(method.name, "layer-wise updates step inside backward, where no master copy is kept")
-        problems.append((where, chosen.name, f"not bf16-master with {how}: {why}"))
+        problems.append((where, chosen.name, f"a precision other than bf16-master with {how}: {why}"))
     return problems
 
 
