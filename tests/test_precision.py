@@ -182,3 +182,20 @@ def test_precision_sets_the_weights_dtype_and_a_run_may_override_it():
     assert precision_of(scenario.train, scenario.runs[1].options).name == "bf16-master"
     plain = _scenario("tiny", {"dtype": "fp16"}, [{"method": "sgd"}])
     assert precision_of(plain.train, plain.runs[0].options).name == "fp16"  # no precision: pure in dtype
+
+
+def test_lomo_in_fp16_with_dynamic_loss_scaling_as_the_paper_runs_it():
+    """fp16 weights, the loss scaled from 2^16, a gradient-norm pass (the overflow check) before the updating
+    pass: the trace takes the no-overflow branch and equals the real step's bytes; the real run learns."""
+    scenario = _scenario("tiny", {"batch_size": 2, "seq_len": 32, "precision": "fp16", "steps": 3},
+                         [{"method": "lomo", "dynamic_loss_scale": True, "lr": 0.01}])
+    run = scenario.runs[0]
+    real = training.train_steps(scenario, run, fake=False, device="cpu", steps=3, round_to=1)
+    fake = training.train_steps(scenario, run, fake=True, device="cpu", steps=3, round_to=1)
+    assert real["trainer_info"]["backward_passes"] == 2 and real["trainer_info"]["loss_scale"] == "dynamic"
+    lomo = real["trainer"].optimizer
+    assert lomo.clip_grad_norm == 1.0 and lomo.loss_scale.scale == 2.0**16 and lomo.skipped_steps == 0
+    assert real["losses"][-1] < real["losses"][0]
+    real_bytes, fake_bytes = real["tracker"].breakdown(), fake["tracker"].breakdown()
+    assert all(abs(fake_bytes[c] - real_bytes[c]) <= 4096 for c in real_bytes), (real_bytes, fake_bytes)
+    assert next(real["model"].parameters()).dtype == torch.float16

@@ -61,7 +61,9 @@ SECTIONS = {
               ["A rate measured on a cpu device says nothing about a GPU's."]),
     "vs_lomo_table1": ("Against LOMO Table 1 (LLaMA-7B, batch 8 x 512; paper in GiB, printed 'GB')",
                        ["The paper's `params` is our `weights`; it has no `other` column.",
-                        "The paper trains in mixed precision (fp16 + fp32 master copy); our runs are pure BF16.",
+                        ("The paper keeps fp16 weights and gradients with an fp32 master copy and fp32 moments "
+                        "(AdamW, SGD) and runs LOMO in fp16; `precision` is each run's own (bf16-master holds the "
+                        "bytes of the paper's fp16 recipe; bf16, fp16: pure, no master copy)."),
                         "The paper's totals without checkpointing are 1.00 more than the sum of their parts."]),
     "vs_galore_table2": ("Against GaLore Table 2: perplexity and memory (GB = 1e9 bytes)", TABLE2_NOTES),
     "galore_table2_grid": ("GaLore Table 2 layout: perplexity (memory GB) per method x model size", TABLE2_NOTES),
