@@ -31,11 +31,12 @@ def test_every_precision_is_offered_as_a_run_option():
     assert PRECISION_NAMES == ("", *PRECISIONS)
 
 
+@pytest.mark.parametrize("size", ["tiny", pytest.param("60m", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("precision", RECIPES)
 @pytest.mark.parametrize("method", METHODS)
-def test_simulate_matches_a_real_cpu_step_per_category(precision, method):
+def test_simulate_matches_a_real_cpu_step_per_category(precision, method, size):
     """Fake-tensor steps predict real CPU steps byte for byte: autocast's casts, the scaler, the master copy."""
-    scenario = _scenario("tiny", {"batch_size": 2, "seq_len": 32, "precision": precision}, [METHODS[method]])
+    scenario = _scenario(size, {"batch_size": 2, "seq_len": 32, "precision": precision}, [METHODS[method]])
     run = scenario.runs[0]
     real = training.train_steps(scenario, run, fake=False, device="cpu", steps=2, round_to=1)
     fake = training.train_steps(scenario, run, fake=True, device="cpu", steps=2, round_to=1)
@@ -199,3 +200,24 @@ def test_lomo_in_fp16_with_dynamic_loss_scaling_as_the_paper_runs_it():
     real_bytes, fake_bytes = real["tracker"].breakdown(), fake["tracker"].breakdown()
     assert all(abs(fake_bytes[c] - real_bytes[c]) <= 4096 for c in real_bytes), (real_bytes, fake_bytes)
     assert next(real["model"].parameters()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("adapter_dtype", ["fp32", "model"])
+def test_lora_adapters_default_to_fp32_as_peft_keeps_them(adapter_dtype):
+    """peft's autocast_adapter_dtype keeps a bf16 model's adapters in fp32 (its input cast to fp32 for them);
+    'model' keeps the papers' BF16 adapters. Real CPU step == trace per category; estimate within 2%."""
+    run = {"method": "lora", "rank": 8, "impl": "for-loop", **({"adapter_dtype": "model"}
+                                                                if adapter_dtype == "model" else {})}
+    scenario = _scenario("tiny", {"batch_size": 4, "seq_len": 64, "dtype": "bf16"}, [run])
+    spec = scenario.runs[0]
+    real = training.train_steps(scenario, spec, fake=False, device="cpu", steps=2, round_to=1)
+    fake = training.train_steps(scenario, spec, fake=True, device="cpu", steps=2, round_to=1)
+    dtypes = {p.dtype for name, p in real["model"].named_parameters() if "lora_" in name}
+    assert dtypes == {torch.float32 if adapter_dtype == "fp32" else torch.bfloat16}
+    real_bytes, fake_bytes = real["tracker"].breakdown(), fake["tracker"].breakdown()
+    assert all(abs(fake_bytes[c] - real_bytes[c]) <= 4096 for c in real_bytes), (real_bytes, fake_bytes)
+    traced = training.train_steps(scenario, spec, fake=True, device="cpu", steps=2)["tracker"]
+    guess = estimate_run(scenario, spec)
+    assert guess.peak_bytes == pytest.approx(traced.peak, rel=0.02)
+    for category in ("weights", "gradients", "optimizer_states", "activations"):
+        assert guess.category_peaks[category] == pytest.approx(traced.category_peaks[category], rel=0.02), category

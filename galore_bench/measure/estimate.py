@@ -62,7 +62,7 @@ def update_temporaries(terms: EstimateTerms, params: list[ParamShape], options: 
         whole = terms.whole_update_temporaries(trainable, options, e, layerwise, target)
         if whole is not None:
             return whole
-    return max((terms.update_temporaries(p, options, e) for p in trainable), default=0)
+    return max((terms.update_temporaries(p, options, p.width(e)) for p in trainable), default=0)
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq: int, e: int, checkpointing: bool,
@@ -114,8 +114,10 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
     e = DTYPES[recipe.weights].itemsize  # bytes per value of weights and gradients
     c = DTYPES[recipe.compute].itemsize if recipe.compute else e  # ... of what the forward computes in
     params = terms.layout(shape, options)
-    weights = sum(blocks(p.numel * e) for p in params)
-    extra = terms.saved_per_layer(shape, batch_size * seq_len, c, options)
+    weights = sum(blocks(p.numel * p.width(e)) for p in params)
+    # under autocast an adapter computes in c bytes like the model, whatever its own dtype
+    extra = terms.saved_per_layer(shape, batch_size * seq_len, c, {**options, "adapter_dtype": "model"}
+                                  if recipe.compute else options)
     act = (autocast_activation_bytes(shape, params, batch_size, seq_len, c, activation_checkpointing, extra)
            if recipe.compute else activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing, extra))
     logits_forward = (act["logits"] if c < 4 else 0) + 2 * act["logits_fp32"] + act.get("until_loss", 0)
@@ -124,11 +126,11 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
         return _forward_only(weights, {"loss_forward": act["hidden"] + held,
                                        **_layer_forward_bytes(shape, batch_size, seq_len, e)}, act)
     layerwise = terms.updates_in_backward(options)
-    grads = sum(blocks(p.numel * e) for p in params if p.trainable)
+    grads = sum(blocks(p.numel * p.width(e)) for p in params if p.trainable)
     head_grad = blocks(shape.vocab_size * shape.hidden_size * e)
     trainable = [p for p in params if p.trainable]
     es = DTYPES[recipe.state_dtype].itemsize  # the optimizer's own bytes per value (fp32 beside master weights)
-    states = sum(terms.state_bytes(p, options, es) for p in trainable) + terms.shared_state_bytes(options)
+    states = sum(terms.state_bytes(p, options, p.width(es)) for p in trainable) + terms.shared_state_bytes(options)
     temps, own = update_temporaries(terms, params, options, e, layerwise, target), 0
     if recipe.master:  # fp32 copies in the optimizer; each update steps one parameter with its fp32 gradient
         states += master_copy_bytes(trainable)
@@ -157,7 +159,7 @@ def estimate(shape: ModelShape, method: str, options: dict[str, Any], *, batch_s
         so_far = head_grad if not layerwise else 0
         moments["recompute"] = moment(Moment(max(carried, so_far), saved, act["layer"] + 2 * act["hidden"]))
         if not layerwise:  # the last recompute (layer 0): every later gradient is held, later checkpoints are gone
-            not_yet = sum(blocks(p.numel * e) for p in params
+            not_yet = sum(blocks(p.numel * p.width(e)) for p in params
                           if p.trainable and (p.name.startswith("0.") or p.name == "embed_tokens"))
             moments["last_recompute"] = moment(Moment(max(carried, grads - not_yet), act["hidden"],
                                                       act["layer"] + 2 * act["hidden"]))

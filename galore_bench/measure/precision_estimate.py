@@ -70,7 +70,7 @@ def master_update(trainable: list[ParamShape], options: dict[str, Any], per_para
     The parameters after it still hold their gradients (exact for the first parameter, an upper bound after it).
     """
     def fullest(p: ParamShape) -> tuple[int, int]:
-        own, fp32, step = blocks(p.numel * e), blocks(p.numel * FP32), per_parameter(p, options, FP32)
+        own, fp32, step = blocks(p.numel * p.width(e)), blocks(p.numel * FP32), per_parameter(p, options, FP32)
         return (own, fp32 + step) if step > own else (0, fp32)
 
     return max((fullest(p) for p in trainable), key=lambda pair: pair[1] - pair[0], default=(0, 0))

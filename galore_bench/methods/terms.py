@@ -29,6 +29,8 @@ class ParamShape:
     shape: tuple[int, ...]
     trainable: bool = True
     projected: bool = False
+    itemsize: int = 0
+    """Bytes per value when the parameter has its own dtype (peft's fp32 adapters on a bf16 model); 0: the model's."""
 
     @property
     def numel(self) -> int:
@@ -36,6 +38,10 @@ class ParamShape:
         for d in self.shape:
             n *= d
         return n
+
+    def width(self, e: int) -> int:
+        """Bytes per value: its own dtype's, else the model's `e`."""
+        return self.itemsize or e
 
 
 MatrixLayout = Callable[[str, int, int], list[ParamShape]]
