@@ -27,7 +27,13 @@ from typing import Any
 
 from galore_bench.errors import UserError
 from galore_bench.measure.loss_path import loss_path
+from galore_bench.measure.precision_estimate import (
+    autocast_activation_bytes,
+    master_copy_bytes,
+    master_update,
+)
 from galore_bench.methods import REGISTRY
+from galore_bench.methods.precision import PRECISIONS, run_settings
 from galore_bench.methods.terms import EstimateTerms, Moment, ParamShape, StepBytes, blocks
 from galore_bench.models import DTYPES, HFModel, Model, ModelShape
 from galore_bench.units import CATEGORIES
@@ -86,7 +92,7 @@ def update_temporaries(terms: EstimateTerms, params: list[ParamShape], options: 
         whole = terms.whole_update_temporaries(trainable, options, e, layerwise, target)
         if whole is not None:
             return whole
-    return max((terms.update_temporaries(p, options, e) for p in trainable), default=0)
+    return max((terms.update_temporaries(p, options, p.width(e)) for p in trainable), default=0)
 
 
 def activation_bytes(shape: Model, batch: int, seq: int, e: int, checkpointing: bool,
@@ -131,30 +137,42 @@ class Estimate:
 
 def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: int, seq_len: int,
              dtype: str, activation_checkpointing: bool = False, grad_accum: int = 1, target: str = "gpu",
-             loss: str = "full", loss_chunk_tokens: int = 1024) -> Estimate:
+             loss: str = "full", loss_chunk_tokens: int = 1024, precision: str = "") -> Estimate:
     """Closed-form peak memory of one steady-state training step (step 2+: optimizer states exist).
 
     `target`: the device the run is for ("gpu": what simulate predicts; "cpu": a real CPU run), which decides
     what 'auto' implementations resolve to. `loss`: "full" or "chunked" (`loss_chunk_tokens` tokens at a time).
+    `precision`: methods/precision.py's recipe ("" = pure `dtype`).
     Raises EstimateUnavailable for a method without estimate terms.
     """
     terms = terms_of(method)
     check_estimable(shape)
-    e = DTYPES[dtype].itemsize  # bytes per value
+    recipe = PRECISIONS[precision or dtype]  # methods/precision.py; dtype is the weights' dtype
+    e = DTYPES[recipe.weights].itemsize  # bytes per value of weights and gradients
+    c = DTYPES[recipe.compute].itemsize if recipe.compute else e  # ... of what the forward computes in
     params = terms.layout(shape, options)
-    weights = sum(blocks(p.numel * (p.value_bytes or e)) for p in params)
-    act = activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing,
-                           terms.saved_per_layer(shape, batch_size * seq_len, e, options))
-    loss_bytes = loss_path(shape, batch_size * seq_len, e, loss, loss_chunk_tokens,
+    weights = sum(blocks(p.numel * (p.value_bytes or p.width(e))) for p in params)
+    # under autocast an adapter computes in c bytes like the model, whatever its own dtype
+    extra = terms.saved_per_layer(shape, batch_size * seq_len, c, {**options, "adapter_dtype": "model"}
+                                  if recipe.compute else options)
+    act = (autocast_activation_bytes(shape, params, batch_size, seq_len, c, activation_checkpointing, extra)
+           if recipe.compute else activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing, extra))
+    loss_bytes = loss_path(shape, batch_size * seq_len, c, loss, loss_chunk_tokens,
                            head_trainable=all(p.trainable for p in params if p.name == "lm_head"))
     if terms.forward_only:  # autograd off: nothing saved, no gradient, no state; only forward transients
         return _forward_only(weights, {"loss_forward": act["hidden"] + loss_bytes.forward,
                                        **_layer_forward_bytes(shape, batch_size, seq_len, e)}, act)
     layerwise = terms.updates_in_backward(options)
-    grads = sum(blocks(p.numel * e) for p in params if p.trainable)
+    grads = sum(blocks(p.numel * p.width(e)) for p in params if p.trainable)
     head_grad = blocks(shape.vocab_size * shape.hidden_size * e)
-    states = sum(terms.state_bytes(p, options, e) for p in params if p.trainable) + terms.shared_state_bytes(options)
-    temps = update_temporaries(terms, params, options, e, layerwise, target)
+    trainable = [p for p in params if p.trainable]
+    es = DTYPES[recipe.state_dtype].itemsize  # the optimizer's own bytes per value (fp32 beside master weights)
+    states = sum(terms.state_bytes(p, options, p.width(es)) for p in trainable) + terms.shared_state_bytes(options)
+    temps, own = update_temporaries(terms, params, options, e, layerwise, target), 0
+    if recipe.master:  # fp32 copies in the optimizer; each update steps one parameter with its fp32 gradient
+        states += master_copy_bytes(trainable)
+        own, temps = master_update(trainable, options, lambda p, opts, width: update_temporaries(
+            terms, [p], opts, width, layerwise, target), e)
     carried = grads if grad_accum > 1 and not layerwise else 0  # later micro-batches find the gradients there
     saved = act["saved_layers"] + act["head"]
 
@@ -162,20 +180,20 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
         return dict(zip(CATEGORIES, (weights, held.gradients, states, held.activations, held.other), strict=True))
 
     moments = {
-        "forward_end": moment(Moment(carried, saved + loss_bytes.forward, 0)),
+        "forward_end": moment(Moment(carried, saved + loss_bytes.forward + act.get("until_loss", 0), 0)),
         "loss_backward": moment(Moment(carried, saved + loss_bytes.backward_activations, loss_bytes.backward_other)),
     }
     tied = not any(p.name == "lm_head" for p in params)
     if layerwise and tied:  # the head's gradient accumulates into the embedding's, updated only when backward ends
         embedding = next(p for p in params if p.name == "embed_tokens")
-        moments["head_update"] = moment(Moment(head_grad, saved, act["hidden"]))
+        moments["head_update"] = moment(Moment(head_grad, saved - act.get("head_released", 0), act["hidden"]))
         moments["tied_update"] = moment(Moment(head_grad, 0, terms.update_temporaries(embedding, options, e)))
     elif layerwise:
         head = next(p for p in params if p.name == "lm_head")
-        moments["head_update"] = moment(Moment(head_grad, saved,
+        moments["head_update"] = moment(Moment(head_grad, saved - act.get("head_released", 0),
                                                terms.update_temporaries(head, options, e) + act["hidden"]))
     else:
-        moments["optimizer"] = moment(Moment(grads, 0, temps))
+        moments["optimizer"] = moment(Moment(grads - own, 0, temps))
     if terms.extra_moments is not None:
         step = StepBytes(shape, params, options, e, grads, head_grad, saved, layerwise)
         moments.update({name: moment(held) for name, held in terms.extra_moments(step).items()})
@@ -183,7 +201,7 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
         so_far = head_grad if not layerwise else 0
         moments["recompute"] = moment(Moment(max(carried, so_far), saved, act["layer"] + 2 * act["hidden"]))
         if not layerwise:  # the last recompute (layer 0): every later gradient is held, later checkpoints are gone
-            not_yet = sum(blocks(p.numel * e) for p in params
+            not_yet = sum(blocks(p.numel * p.width(e)) for p in params
                           if p.trainable and (p.name.startswith("0.") or p.name == "embed_tokens"))
             moments["last_recompute"] = moment(Moment(max(carried, grads - not_yet), act["hidden"],
                                                       act["layer"] + 2 * act["hidden"]))
@@ -228,8 +246,8 @@ def _forward_only(weights: int, activations: dict[str, int], act: dict[str, int]
 
 def estimate_run(scenario: Any, run: Any, target: str = "gpu") -> Estimate:
     """The estimate for one run of a scenario (its model, method, options and training settings)."""
-    train = scenario.train
+    train = run_settings(scenario.train, run.options)
     return estimate(run.model, run.method, run.options, batch_size=train.batch_size, seq_len=train.seq_len,
                     dtype=train.dtype, activation_checkpointing=train.activation_checkpointing,
                     grad_accum=train.grad_accum, target=target, loss=train.loss,
-                    loss_chunk_tokens=train.loss_chunk_tokens)
+                    loss_chunk_tokens=train.loss_chunk_tokens, precision=train.precision)

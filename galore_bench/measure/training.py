@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from galore_bench import data
 from galore_bench.chunked_loss import chunked_loss
 from galore_bench.measure.tracker import MemoryTracker
-from galore_bench.methods import REGISTRY, Trainer, TrainSettings
+from galore_bench.methods import REGISTRY, Trainer, TrainSettings, precision
 from galore_bench.models import DTYPES, build_model, causal_mask_skipped_under_fake_tensors, default_dtype
 from galore_bench.optim.relora import warmup_cosine_lr
 from galore_bench.spec.scenario import RunSpec, Scenario
@@ -150,19 +150,20 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, 
     """
     method = REGISTRY[run.method]
     mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    settings = precision.run_settings(scenario.train, run.options)  # dtype: the weights' dtype of its precision
     with mode:
-        llama = build_model(run.model, scenario.train.dtype, device, seed=scenario.train.seed)
-        if scenario.train.activation_checkpointing:
+        llama = build_model(run.model, settings.dtype, device, seed=settings.seed)
+        if settings.activation_checkpointing:
             enable_checkpointing(llama)
         model: torch.nn.Module = llama
         if method.prepare is not None:  # new modules (adapters, factors) are created in the training dtype
-            with default_dtype(DTYPES[scenario.train.dtype]), _moves_in_place_are_noops(fake_mode is not None):
-                model = method.prepare(model, run.options, scenario.train)
+            with default_dtype(DTYPES[settings.dtype]), _moves_in_place_are_noops(fake_mode is not None):
+                model = method.prepare(model, run.options, settings)
         model.train()
         wrapped = wrap(model) if wrap is not None else model
         inner = getattr(wrapped, "module", wrapped)  # DDP keeps the model as .module; FSDP2 is the model itself
         tracker.watch_model(inner)
-        trainer = method.build(inner, run.options, scenario.train)
+        trainer = precision.apply(method.build(inner, run.options, settings), settings, run.options)
         trainer.model = wrapped
     train = scenario.train
     # validation allows cosine for plain optimizers only; a forward-only run has none to schedule
@@ -262,7 +263,7 @@ def one_step(trainer: Trainer, tracker: MemoryTracker, batches: Iterator[torch.T
     for _ in range(grad_accum):
         with tracker.phase("data"):
             batch = next(batches)
-        with tracker.phase("forward"), torch.set_grad_enabled(trainer.grad_enabled):
+        with tracker.phase("forward"), torch.set_grad_enabled(trainer.grad_enabled), trainer.forward_context():
             loss = forward_loss(trainer.model, batch, train)
             scaled = loss / grad_accum if grad_accum > 1 else loss
         with tracker.phase("backward"):

@@ -1,6 +1,7 @@
 """What every method adapter provides: its options, its limits, its estimate terms, and a trainer for one update."""
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +53,11 @@ class TrainSettings:
     lr_schedule: str = "constant"  # or "cosine": warm-up, then cosine decay to 10% (the papers' schedule)
     loss: str = "full"  # or "chunked": the LM head and cross-entropy a few tokens at a time (chunked_loss.py)
     loss_chunk_tokens: int = 1024  # tokens per chunk of the chunked loss (chunked_loss.DEFAULT_CHUNK_TOKENS)
+    precision: str = ""  # methods/precision.py: "" = pure training in `dtype`; bf16-mixed, fp16-mixed, bf16-master
+
+
+PRECISION_NAMES = ("", "fp32", "bf16", "fp16", "bf16-mixed", "fp16-mixed", "bf16-master")
+"""methods/precision.py's recipes ("" = the scenario's); named here so every method's options can offer them."""
 
 
 class Trainer:
@@ -59,6 +65,8 @@ class Trainer:
 
     grad_enabled = True
     """Whether the engines run the forward with autograd on (off only for the inference reference)."""
+    amp: Any = None
+    """methods.precision.Amp when the run autocasts, scales its loss or keeps fp32 master weights."""
 
     def __init__(self, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
                  info: dict[str, Any] | None = None) -> None:
@@ -67,13 +75,20 @@ class Trainer:
         self.scheduler = scheduler
         self.info = info or {}
 
+    def forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        """What the forward runs under: autocast for mixed precision, else nothing."""
+        return self.amp.autocast() if self.amp is not None else contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch (fused-update methods also update here)."""
-        loss.backward()
+        (self.amp.scale(loss) if self.amp is not None else loss).backward()
 
     def update(self, step: int) -> None:
         """The optimizer step after all micro-batches (a no-op for layer-wise stepping)."""
-        self.optimizer.step()
+        if self.amp is not None:
+            self.amp.step(self.optimizer)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
@@ -81,6 +96,8 @@ class Trainer:
     def state_tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor the optimizer keeps between steps (the 'optimizer_states' category)."""
         yield from _tensors_in(getattr(self.optimizer, "state", {}))
+        if self.amp is not None:
+            yield from self.amp.state_tensors()
 
 
 def _tensors_in(state: Any) -> Iterator[torch.Tensor]:
@@ -141,6 +158,7 @@ class MethodDef:
             "lr": Option(float, 1e-3, "peak learning rate", minimum=0.0),
             "weight_decay": Option(float, 0.0, "decoupled weight decay", minimum=0.0),
             "label": Option(str, "", "run name in reports (default: derived from method and options)"),
+            "precision": Option(str, "", "this run's precision (default: train.precision)", choices=PRECISION_NAMES),
         }
         return {**common, **self.options}
 

@@ -75,7 +75,7 @@ def adamw_whole_update(trainable: list[ParamShape], opts: dict[str, Any], e: int
     """foreach AdamW holds sqrt(v) of every parameter at once; fused materialises nothing; the for-loop: None."""
     impl = adamw_impl(opts, target, layerwise)
     if impl == "foreach":
-        return sum(blocks(p.numel * e) for p in trainable)
+        return sum(blocks(p.numel * p.width(e)) for p in trainable)
     if impl == "fused":
         return 0
     return None

@@ -8,7 +8,7 @@ import torch
 
 from galore_bench.methods.base import FUSED_WITH_DDP, MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks
-from galore_bench.optim.lomo import LOMO
+from galore_bench.optim.lomo import LOMO, DynamicLossScaler
 
 
 class LomoTrainer(Trainer):
@@ -25,11 +25,15 @@ class LomoTrainer(Trainer):
 
 
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
-    lomo = LOMO(model, lr=opts["lr"], clip_grad_norm=opts["clip_grad_norm"] or None,
-                clip_grad_value=opts["clip_grad_value"] or None, loss_scale=opts["loss_scale"] or None,
-                weight_decay=opts["weight_decay"])
+    scale: float | DynamicLossScaler | None = opts["loss_scale"] or None
+    clip = opts["clip_grad_norm"] or None
+    if opts["dynamic_loss_scale"]:  # as the paper runs fp16: the norm pass doubles as the overflow check
+        scale, clip = DynamicLossScaler(), clip or 1.0
+    lomo = LOMO(model, lr=opts["lr"], clip_grad_norm=clip, clip_grad_value=opts["clip_grad_value"] or None,
+                loss_scale=scale, weight_decay=opts["weight_decay"])
     return LomoTrainer(model, lomo, info={"optimizer": "galore_bench.optim.lomo.LOMO",
-                                          "backward_passes": 2 if opts["clip_grad_norm"] else 1})
+                                          "backward_passes": 2 if clip else 1,
+                                          "loss_scale": "dynamic" if opts["dynamic_loss_scale"] else scale})
 
 
 def update_temporaries(p: ParamShape, opts: dict[str, Any], e: int) -> int:
@@ -40,7 +44,7 @@ def update_temporaries(p: ParamShape, opts: dict[str, Any], e: int) -> int:
 def incompatible(strategy: str, opts: dict[str, Any]) -> str | None:
     if strategy == "ddp":
         return "LOMO " + FUSED_WITH_DDP
-    if strategy == "fsdp2" and opts.get("clip_grad_norm"):
+    if strategy == "fsdp2" and (opts.get("clip_grad_norm") or opts.get("dynamic_loss_scale")):
         return ("LOMO's norm pass would sum only each rank's own gradient shards (a global norm needs an "
                 "all-reduce LOMO does not do); set clip_grad_norm = 0 or use clip_grad_value")
     return None
@@ -55,6 +59,9 @@ METHOD = MethodDef(
                                  minimum=0.0),
         "clip_grad_value": Option(float, 0.0, "clip each gradient element to +-value, 0 = off", minimum=0.0),
         "loss_scale": Option(float, 0.0, "static fp16 loss scale, 0 = off", minimum=0.0),
+        "dynamic_loss_scale": Option(bool, False, "fp16 as the LOMO paper runs it: a loss scale from 2^16, halved on "
+                                     "overflow, found by the gradient-norm pass before the update (clip_grad_norm "
+                                     "1.0 unless set, as lomo-optim does)"),
     },
     supports_grad_accum=False,
     paper="arXiv 2306.09782",

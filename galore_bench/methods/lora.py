@@ -46,7 +46,7 @@ def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSetti
     and head stay trainable."""
     config = lora_config(opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"],
                          target_modules=_targets(model, opts, method))
-    return wrap_lora(model, config, train_non_lora=True)
+    return wrap_lora(model, config, train_non_lora=True, fp32_adapters=opts["adapter_dtype"] == "fp32")
 
 
 def build_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
@@ -87,11 +87,11 @@ def build_low_rank(model: torch.nn.Module, opts: dict[str, Any], train: TrainSet
 
 # -- estimate terms: AdamW over the adapters or factors, and each rank-r intermediate saved for backward --------
 def adapters(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
-    """Each projection frozen, with trainable A (r x cols) and B (rows x r) beside it."""
-    r = opts.get("rank") or 0
+    """Each projection frozen, with trainable A (r x cols) and B (rows x r) beside it (fp32 unless 'model')."""
+    r, own = opts.get("rank") or 0, 4 if opts.get("adapter_dtype") == "fp32" else 0
     return model_parameters(shape, lambda name, rows, cols: [
-        ParamShape(name, (rows, cols), trainable=False), ParamShape(name + ".lora_A", (r, cols)),
-        ParamShape(name + ".lora_B", (rows, r))], opts.get("target_modules") or None)
+        ParamShape(name, (rows, cols), trainable=False), ParamShape(name + ".lora_A", (r, cols), itemsize=own),
+        ParamShape(name + ".lora_B", (rows, r), itemsize=own)], opts.get("target_modules") or None)
 
 
 def factors(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
@@ -107,10 +107,22 @@ def rank_intermediates(shape: Model, tokens: int, e: int, opts: dict[str, Any]) 
     return len(matrix_shapes(shape, opts.get("target_modules") or None)) * blocks(tokens * (opts.get("rank") or 0) * e)
 
 
-def _terms(layout) -> EstimateTerms:
+def adapter_activations(shape: Model, tokens: int, e: int, opts: dict[str, Any]) -> int:
+    """The rank-r intermediates; with fp32 adapters on a 2-byte model, peft also casts each adapter's input to fp32
+    (saved for A's gradient: one copy per projection), while the frozen base matmuls save nothing, so the norms'
+    outputs and down_proj's input are no longer kept."""
+    if opts.get("adapter_dtype") != "fp32" or e >= 4:
+        return rank_intermediates(shape, tokens, e, opts)
+    h, i = shape.hidden_size, shape.intermediate_size
+    casts = 6 * blocks(tokens * h * 4) + blocks(tokens * i * 4)
+    unsaved = 2 * blocks(tokens * h * e) + blocks(tokens * i * e)
+    return rank_intermediates(shape, tokens, 4, opts) + casts - unsaved
+
+
+def _terms(layout, saved_per_layer=rank_intermediates) -> EstimateTerms:
     return EstimateTerms(state_bytes=adamw_state, update_temporaries=adamw_update_temporaries,
                          whole_update_temporaries=adamw_whole_update, layout=layout,
-                         saved_per_layer=rank_intermediates)
+                         saved_per_layer=saved_per_layer)
 
 
 LORA_OPTIONS = {
@@ -119,11 +131,14 @@ LORA_OPTIONS = {
     "dropout": Option(float, 0.0, "adapter dropout", minimum=0.0),
     "impl": IMPL_OPTION,
     "target_modules": TARGETS_OPTION,
+    "adapter_dtype": Option(str, "fp32", "the adapters' dtype: fp32 (peft's default, autocast_adapter_dtype: a "
+                            "bf16/fp16 model gets fp32 adapters) or model (the model's, as the papers' BF16 runs)",
+                            choices=("fp32", "model")),
 }
 
 LORA = MethodDef(name="lora", summary="LoRA adapters (peft) on attention and MLP, base weights frozen",
                  build=build_lora, prepare=prepare_lora, options=LORA_OPTIONS, uses_rank=True,
-                 paper="arXiv 2106.09685; baseline in arXiv 2403.03507", estimate=_terms(adapters))
+                 paper="arXiv 2106.09685; baseline in arXiv 2403.03507", estimate=_terms(adapters, adapter_activations))
 
 RELORA = MethodDef(
     name="relora", summary="ReLoRA: LoRA merged into W and restarted periodically, jagged cosine schedule",
@@ -134,7 +149,7 @@ RELORA = MethodDef(
              "restart_warmup": Option(int, 10, "linear re-warm-up steps after each restart", minimum=0),
              "prune_ratio": Option(float, 0.999, "fraction of adapter optimizer state zeroed at a restart",
                                    minimum=0.0)},
-    estimate=_terms(adapters),
+    estimate=_terms(adapters, adapter_activations),
     incompatible=lambda strategy, opts: (
         "ReLoRA merges B@A into the frozen base weight at each restart, which FSDP2 holds as shards: "
         "the merge would need a gather of both; use strategy ddp" if strategy == "fsdp2" else None))

@@ -32,6 +32,8 @@ class ParamShape:
     projected: bool = False
     value_bytes: int | None = None
     """Bytes per stored weight value when not the training dtype's (Q-GaLore's int8 codes, fp32 scales)."""
+    itemsize: int = 0
+    """Bytes per value when the parameter has its own dtype (peft's fp32 adapters on a bf16 model); 0: the model's."""
 
     @property
     def numel(self) -> int:
@@ -39,6 +41,10 @@ class ParamShape:
         for d in self.shape:
             n *= d
         return n
+
+    def width(self, e: int) -> int:
+        """Bytes per value: its own dtype's, else the model's `e`."""
+        return self.itemsize or e
 
 
 MatrixLayout = Callable[[str, int, int], list[ParamShape]]

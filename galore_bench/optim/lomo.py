@@ -10,12 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from galore_bench.optim.layerwise import MAX_GRAD_ACCUMULATION, optimizer_phase_context
 
 __all__ = ["LOMO", "DynamicLossScaler"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """The overflow check (one host sync). A fake tensor has no values: a trace takes the healthy branch, with
+    the check's own tensors allocated as a real step allocates them."""
+    finite = torch.isfinite(tensor).all()
+    return True if is_fake(finite) else bool(finite)
 
 
 class DynamicLossScaler:
@@ -145,7 +153,7 @@ class LOMO:
         if (
             self._dynamic is not None
             and self._clip_coef is None
-            and (self._overflow or not bool(torch.isfinite(grad).all()))
+            and (self._overflow or not _all_finite(grad))
         ):
             self._overflow = True
             return
@@ -203,7 +211,7 @@ class LOMO:
         self._clip_coef = None
         if self.clip_grad_norm is not None:
             total_norm = self.grad_norm(loss)
-            if self._dynamic is not None and not bool(torch.isfinite(total_norm)):
+            if self._dynamic is not None and not _all_finite(total_norm):
                 self._dynamic.update(overflow=True)  # one sync per step; the update pass is skipped
                 self.skipped_steps += 1
                 return total_norm

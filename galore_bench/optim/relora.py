@@ -66,15 +66,17 @@ def _lora_layers(model: nn.Module) -> list[LoraLinear]:
     return [m for m in model.modules() if isinstance(m, LoraLinear)]
 
 
-def wrap_lora(model: nn.Module, config: peft.LoraConfig, train_non_lora: bool = True) -> peft.PeftModel:
+def wrap_lora(model: nn.Module, config: peft.LoraConfig, train_non_lora: bool = True,
+              fp32_adapters: bool = False) -> peft.PeftModel:
     """get_peft_model, then (pre-training setting) unfreeze everything except the wrapped base weights.
 
     peft freezes all non-adapter params; ReLoRA/GaLore pre-training trains embeddings, norms and lm_head.
+    `fp32_adapters`: peft's own default (autocast_adapter_dtype: adapters of a bf16/fp16 model in fp32);
+    else the adapters take the model's dtype, as the papers train everything in BF16.
     """
-    # Adapters in the model's dtype, as the papers train everything in BF16 (peft would upcast them to fp32).
     import peft
 
-    pm = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
+    pm = peft.get_peft_model(model, config, autocast_adapter_dtype=fp32_adapters)
     if train_non_lora:
         frozen = {id(p) for layer in _lora_layers(pm) for p in layer.get_base_layer().parameters()}
         for p in pm.parameters():

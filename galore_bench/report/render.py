@@ -64,7 +64,9 @@ SECTIONS = {
                        [("Compared with: each category's own maximum and the peak, the tracker's (storage bytes), "
                          "not an allocator reading: the paper lists category sizes and their sum."),
                         "The paper's `params` is our `weights`; it has no `other` column.",
-                        "The paper trains in mixed precision (fp16 + fp32 master copy); our runs are pure BF16.",
+                        ("The paper keeps fp16 weights and gradients with an fp32 master copy and fp32 moments "
+                        "(AdamW, SGD) and runs LOMO in fp16; `precision` is each run's own (bf16-master holds the "
+                        "bytes of the paper's fp16 recipe; bf16, fp16: pure, no master copy)."),
                         "The paper's totals without checkpointing are 1.00 more than the sum of their parts."]),
     "vs_galore_table2": ("Against GaLore Table 2: perplexity and memory (GB = 1e9 bytes)", TABLE2_NOTES),
     "galore_table2_grid": ("GaLore Table 2 layout: perplexity (memory GB) per method x model size", TABLE2_NOTES),

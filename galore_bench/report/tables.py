@@ -24,18 +24,20 @@ FIT_ITEMS = {("adamw", False): "bf16_adam_baseline_total", ("adam8bit", False): 
              ("galore8bit", True): "8bit_galore_layerwise_total"}
 
 LOMO_CAUSES = {  # (method or "*", quantity) -> why ours differs from LOMO Table 1
-    ("adamw", "optimizer_states"): "paper: mixed precision, fp32 weight copy + two fp32 moments, 6.74e9 x (4+4+4) B = "
-    "75.31 GiB; ours: pure BF16, two bf16 moments, no master copy (6.74e9 x 4 B)",
-    ("sgd", "optimizer_states"): "the paper's 25.10 GiB is mixed precision's fp32 weight copy (6.74e9 x 4 B); "
-    "pure-BF16 SGD without momentum keeps no state",
+    ("adamw", "optimizer_states"): "paper: fp32 weight copy + two fp32 moments, 6.74e9 x (4+4+4) B = 75.31 GiB; "
+    "this run has no master copy (train.precision bf16-master gives the paper's)",
+    ("sgd", "optimizer_states"): "the paper's 25.10 GiB is the fp32 weight copy (6.74e9 x 4 B); this run has no "
+    "master copy and SGD without momentum keeps no state (train.precision bf16-master gives the paper's)",
     ("lomo", "gradients"): "LOMO updates each parameter as soon as its gradient exists: the paper counts the one live "
     "gradient (0.24 GiB = 32000x4096 x 2 B); at our peak none is stored (one in flight counts as 'other')",
     ("*", "gradients"): "the peak falls inside backward, before every gradient exists "
     "(one in flight counts as 'other')",
-    ("*", "activations"): "our own maximum is at the end of forward: with checkpointing, the saved layer inputs "
-    "(32 x 8x512x4096 x 2 B = 1 GiB) plus the loss's logits-sized tensors that transformers materialises (bf16 "
-    "logits, their fp32 upcast, the fp32 log-softmax output: 0.25 + 0.5 + 0.5 GiB); recomputed activations in "
-    "backward count as 'other'",
+    ("*", "activations"): "our own maximum is at the end of forward, measured there (the estimate's split of it "
+    "agrees with the trace within 0.5%): with checkpointing, the saved layer inputs (32 x 8x512x4096 x 2 B = "
+    "1.00 GiB), the loss's logits-sized tensors that transformers materialises (2-byte logits 0.24 GiB, their fp32 "
+    "copy 0.49, the fp32 log-softmax output 0.49) and the final norm's and LM head's inputs (about 0.1); "
+    "recomputed activations in backward count as 'other'. Without one of the two fp32 logits-sized tensors ours "
+    "would be 1.86 GiB (+4%): the paper's figure holds one fewer of them",
     ("*", "peak"): "our peak is one moment of the step; the paper's total adds every column as if all were live at "
     "once, so the differences above add up here",
 }
@@ -147,7 +149,9 @@ def lomo_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataF
             freed = quantity == "activations" and theirs and ours < 0.1 * theirs
             cause = ACTIVATIONS_FREED if freed else (LOMO_CAUSES.get((record["method"]["name"], quantity))
                                                      or LOMO_CAUSES.get(("*", quantity), ""))
-            rows.append({"run": label, "ac": ref["activation_checkpointing"], "quantity": quantity,
+            train = record["train"]
+            rows.append({"run": label, "precision": train.get("precision") or train.get("dtype"),
+                         "ac": ref["activation_checkpointing"], "quantity": quantity,
                          "ours GiB": ours,
                          "at peak GiB": at_peak, "% of peak": at_peak * GIB / peak * 100, "paper GiB": theirs,
                          "diff %": diff, "flag": ">5%" if flagged else "", "cause": cause if flagged else ""})

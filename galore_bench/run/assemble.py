@@ -21,6 +21,7 @@ import torch
 
 from galore_bench import readings
 from galore_bench.measure import training
+from galore_bench.methods import precision
 from galore_bench.models import model_record, parameter_count
 from galore_bench.record import SCHEMA_VERSION, DistributedSection, EnvSection, MemorySection, RunRecord
 from galore_bench.spec.distributed import DistributedSpec
@@ -74,7 +75,7 @@ def new_record(scenario: Scenario, run: RunSpec, mode: str, device: str) -> RunR
         "cross_check_errors": {},
         "model": {"name": run.model_name, "parameters": parameter_count(run.model),
                   "trainable_parameters": None, "shape": model_record(run.model)},
-        "train": dataclasses.asdict(scenario.train),
+        "train": dataclasses.asdict(precision.run_settings(scenario.train, run.options)),  # as this run trains
         "budget": {"bytes": scenario.budget_bytes, "text": scenario.budget_text, "fits": None},
         "memory": empty_memory(),
         "throughput": {"tokens_per_second": None, "tgs": None, "mfu": None},

@@ -26,7 +26,7 @@ from galore_bench.data import data_info, evaluate_perplexity
 from galore_bench.measure import flops, resolve_mode, training
 from galore_bench.measure.allocator import replay
 from galore_bench.measure.estimate import EstimateUnavailable, estimate_run
-from galore_bench.methods import REGISTRY
+from galore_bench.methods import REGISTRY, precision
 from galore_bench.record import MemorySection, RunRecord
 from galore_bench.run import assemble
 from galore_bench.run.request import RunRequest
@@ -261,7 +261,9 @@ def _flops(scenario: Scenario, run: RunSpec, speed: dict[str, Any], device_name:
     model_flops_per_step = per_token * train.batch_size * train.seq_len * train.grad_accum
     if speed.get("step_seconds_median") is None:
         return {}
-    utilisation = flops.mfu(model_flops_per_step, speed["step_seconds_median"], device_name, train.dtype)
+    recipe = precision.precision_of(train, run.options)  # the peak of the dtype the matmuls run in
+    utilisation = flops.mfu(model_flops_per_step, speed["step_seconds_median"], device_name,
+                            recipe.compute or recipe.weights)
     return {"mfu": utilisation["mfu"], "flops": {
         "counted_per_step": counted["flops_per_step"], "counted_per_token": counted["flops_per_token"],
         "counted_with": counted["counted_with"], "not_counted": counted["not_counted"],

@@ -11,7 +11,7 @@ from typing import Any
 import tomllib
 
 from galore_bench.errors import SAFE_NAME, Problems, UserError, is_safe_name, listed, one_of, shown, type_name
-from galore_bench.methods import REGISTRY, TrainSettings
+from galore_bench.methods import REGISTRY, TrainSettings, precision
 from galore_bench.models import DTYPES, Model, matrix_shapes
 from galore_bench.spec.distributed import DistributedSpec, parse_distributed
 from galore_bench.spec.model import check_targets, parse_model, run_model, with_model
@@ -153,8 +153,9 @@ def _parse_train(problems: Problems, table: dict[str, Any]) -> TrainSettings:
         if f.name not in table:
             continue
         value, kind = table[f.name], type(getattr(defaults, f.name))
-        if f.name in ("dtype", "lr_schedule", "loss"):
-            allowed = {"dtype": DTYPES, "lr_schedule": LR_SCHEDULES, "loss": LOSSES}[f.name]
+        if f.name in ("dtype", "lr_schedule", "loss", "precision"):
+            allowed = {"dtype": DTYPES, "lr_schedule": LR_SCHEDULES, "loss": LOSSES,
+                       "precision": precision.PRECISIONS}[f.name]
             if not one_of(value, allowed):
                 problems.add(f"train.{f.name}", value, "one of " + ", ".join(allowed))
                 continue
@@ -163,6 +164,10 @@ def _parse_train(problems: Problems, table: dict[str, Any]) -> TrainSettings:
             continue
         values[f.name] = value
     settings = dataclasses.replace(defaults, **values)
+    if settings.precision:  # dtype follows the precision (its weights' dtype) unless it contradicts it
+        for where, got, allowed in precision.train_problems(table, settings):
+            problems.add(where, got, allowed)
+        settings = dataclasses.replace(settings, dtype=precision.PRECISIONS[settings.precision].weights)
     if settings.batch_size * settings.seq_len > MAX_TOKENS:
         problems.add("train.batch_size * train.seq_len", settings.batch_size * settings.seq_len,
                      f"at most {MAX_TOKENS:,} tokens in one micro-batch (more than any real training)")
@@ -215,7 +220,8 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: Model | N
                 problems.add(f"{where}.rank", resolved["rank"] if given else f"not set (default {resolved['rank']})",
                              f"an int from 1 to {smallest} (the smallest matrix side of this model)"
                              + ("" if given else ": set rank"))
-        for field_name, got, allowed in method.limits(resolved, train):
+        for field_name, got, allowed in [*method.limits(resolved, train),
+                                         *precision.method_problems(method, resolved, train)]:
             problems.add(f"{where} ({method.name}) {field_name}", got, allowed)
         if model_of_run is None:
             continue
