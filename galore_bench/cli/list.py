@@ -40,5 +40,6 @@ def run(console: Console | None = None, presets: bool = False) -> int:
             f"[bold]{escape(f'{scenario.name:<16}')}[/bold] {escape(f'{scenario.model_name:>5}')}  "
             f"{escape(scenario.description)}  [dim]({escape(methods)})[/dim]",
             highlight=False,
+            soft_wrap=True,  # one line per scenario, however many runs it holds (modern_24gb: 15)
         )
     return 0

@@ -55,10 +55,10 @@ def terms_of(method: str) -> EstimateTerms:
     return found.estimate
 
 
-ESTIMATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ESTIMATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 """Decoders the closed form describes: RMSNorm, a gated SiLU MLP, rotary attention through sdpa (GQA, head_dim,
-biases and Qwen3's q/k norms included). Gemma-2 (eager softcapped attention, extra norms, GELU), Phi-3 (fused
-projections, whose slices keep the fused output alive) and MoE (routing) have no closed form here yet."""
+biases, Qwen3's q/k norms and Phi-3's fused projections included). Gemma-2 (eager softcapped attention, extra
+norms, GELU) and MoE (routing) have no closed form here yet."""
 
 
 def check_estimable(shape: Model) -> None:
@@ -115,6 +115,10 @@ def activation_bytes(shape: Model, batch: int, seq: int, e: int, checkpointing: 
         kv_heads = shape.num_key_value_heads
         layer += (blocks(t * q * 4) + blocks(t * heads * 4) + blocks(t * q * e)
                   + blocks(t * kv * 4) + blocks(t * kv_heads * 4) + blocks(t * kv * e))
+    if isinstance(shape, HFModel) and shape.model_type == "phi3":
+        # v is a slice of the fused qkv output, so saving v keeps all of it; q, rotated from a slice, comes out
+        # (b, heads, s, d)-contiguous, and so does sdpa's output: o_proj's input is a copy (a view in LLaMA)
+        layer += blocks(t * (q + 2 * kv) * e) - blocks(t * kv * e) + blocks(t * q * e)
     layer += method_per_layer
     head = norm + blocks(t * h * e)  # final norm, LM head input
     saved_layers = shape.num_hidden_layers * (blocks(t * h * e) if checkpointing else layer)
