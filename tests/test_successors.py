@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from galore_bench.measure import training
@@ -40,6 +41,28 @@ def test_each_claim_sits_beside_the_matching_run_and_names_its_closest_reading()
     q_galore = table.loc["Q-GaLore (INT8 weights, INT4 projections), per-layer"]  # no run: listed without ours
     assert q_galore["our run"] == "-" and q_galore["note"].startswith("no run")
     assert successors_table(records[2:], ["galore"], claims) is None  # nothing matches: no table
+
+
+def test_a_method_that_is_always_per_layer_matches_a_per_layer_claim_and_readings_come_from_the_record():
+    claims = paper_table("successors_7b_claims")
+    record = _record("qgalore", 13_000_000_000, 14_000_000_000, 7_100_000_000, rank=1024,
+                     implementation={"layerwise": True})  # Q-GaLore names no `layerwise` option: it always is
+    record["memory"]["readings"] = {name: {"bytes": value, "kind": "model", "source": "test"} for name, value in
+                                    (("allocated", 13_100_000_000), ("reserved", 14_000_000_000),
+                                     ("device_total", 15_000_000_000))}
+    table = successors_table([record], ["qgalore"], claims).set_index("claim")
+    row = table.loc["Q-GaLore (INT8 weights, INT4 projections), per-layer"]
+    # by hand, claim 15.08 GB: device total 15.00 GB (-0.53%) is nearer than reserved 14.00 GB or 13.97 GiB
+    assert row["our run"] == "qgalore" and row["allocated GB"] == pytest.approx(13.1)
+    assert row["closest reading"] == "device_total GB" and row["diff %"] == pytest.approx((15.0 - 15.08) / 15.08 * 100)
+    assert row["note"] == ""  # 1.05 B per weight: the INT8 weights are ours too
+    # over the budget the allocator model stops part-way: its readings are of a partial step, so the traced peak
+    # stands as allocated and reserved / device total are left out
+    stopped = _record("apollo_mini", 30_000_000_000, 24_000_000_000, 13_476_831_232, rank=1, layerwise=True)
+    stopped["memory"]["allocator_model"]["out_of_memory"] = True
+    stopped["memory"]["readings"] = {"allocated": {"bytes": 23_900_000_000, "kind": "model", "source": "test"}}
+    row = successors_table([stopped], ["mini"], claims).set_index("claim").loc["Q-APOLLO-Mini (INT8 weights), per-layer"]
+    assert row["allocated GB"] == pytest.approx(30.0) and pd.isna(row["reserved GB"]) and pd.isna(row["device_total GB"])
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """The `successors` table: GaLore's successors' own LLaMA-7B memory claims (their repositories' scripts and READMEs)
 beside our readings of the same recipe, and which reading each claim is closest to.
 
-A claim names no measuring tool, so each is set beside four readings of the matching run: the allocated peak and
-the reserved peak (the CUDA allocator's when measured, the caching-allocator model's when simulated), each read in
-GB (1e9) and in GiB. A claim matches a run of the same method, per-layer setting, token batch (batch x 256),
+A claim names no measuring tool, so each is set beside the three readings of the matching run (readings.py):
+allocated (the allocator's block peak), reserved (the CUDA allocator's when measured, the caching-allocator model's
+when simulated) and device_total (what nvidia-smi shows: measured through NVML, estimated in simulate), each read
+in GB (1e9) and in GiB. A claim matches a run of the same method, per-layer setting, token batch (batch x 256),
 checkpointing and (GaLore) rank on the 7B model in BF16; a claim for INT8 weights is shown beside our BF16-weight
 run of that recipe (the weight bytes named), and a claim with no run at its setting is listed without ours.
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from galore_bench.record import peak_of, reserved_of
+from galore_bench.record import peak_of, reading_of, reserved_of
 from galore_bench.report.tables import paper_diff, per_unit
 from galore_bench.units import GB, GIB
 
@@ -21,7 +22,9 @@ SEQ_LEN = 256
 NOTES = [
     ("Claims: the repositories' 'memory cost' comments (galore_bench/report/reference/successors_7b_claims.csv, "
      "from ../shared/reference/external/galore_family_readmes.csv); none says how it was read. A tool like "
-     "nvidia-smi shows the reserved pool plus the CUDA context (a few hundred MB, not modelled here)."),
+     "nvidia-smi shows the reserved pool plus the CUDA context and library workspaces: our device_total (an "
+     "estimate from published context sizes in simulate, galore_bench/readings.py). A run over the budget shows "
+     "its traced peak as allocated (the allocator model stops at the budget)."),
     ("closest reading: the one of allocated / reserved x GB / GiB nearest the claim; a claim more than 5% from "
      "every reading is flagged."),
 ]
@@ -31,16 +34,29 @@ def _matches(record: dict[str, Any], claim: pd.Series) -> bool:
     train, method = record["train"], record["method"]
     return (record["model"]["name"] == "7b" and record["status"] == "ok" and train.get("dtype") == "bf16"
             and method["name"] == claim["method"]
-            and bool(method.get("layerwise")) == (claim["per_layer"] == "yes")
+            and _per_layer(method) == (claim["per_layer"] == "yes")
             and train.get("batch_size") == int(claim["batch"]) and train.get("seq_len") == SEQ_LEN
             and bool(train.get("activation_checkpointing")) == (claim["grad_ckpt"] == "yes")
             and (method["name"] != "galore8bit" or method.get("rank") == int(claim["rank"])))
 
 
+def _per_layer(method: dict[str, Any]) -> bool:
+    """Per-layer updates: asked for (`layerwise`), or what the method always does (Q-GaLore's implementation)."""
+    return bool(method.get("layerwise") or (method.get("implementation") or {}).get("layerwise"))
+
+
 def _readings(record: dict[str, Any]) -> dict[str, float | None]:
-    peak, reserved = peak_of(record), reserved_of(record)[0]
-    return {"allocated GB": per_unit(peak, GB), "allocated GiB": per_unit(peak, GIB),
-            "reserved GB": per_unit(reserved, GB), "reserved GiB": per_unit(reserved, GIB)}
+    """allocated, reserved, device_total in GB and GiB. Where the allocator model ran out of memory at the budget it
+    read only part of the step: allocated is then the traced peak (storage bytes), the other two are absent."""
+    stopped = "OOM" in str(reserved_of(record)[1] or "")
+    fallback = {"allocated": peak_of(record), "reserved": None if stopped else reserved_of(record)[0],
+                "device_total": None}  # a record of schema 2 or before has no readings
+    values: dict[str, float | None] = {}
+    for name in ("allocated", "reserved", "device_total"):
+        found = None if stopped else reading_of(record, name)
+        held = found["bytes"] if found else fallback[name]
+        values[f"{name} GB"], values[f"{name} GiB"] = per_unit(held, GB), per_unit(held, GIB)
+    return values
 
 
 def _closest(readings: dict[str, float | None], claimed: float) -> tuple[str, float | None, bool]:
