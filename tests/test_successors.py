@@ -61,8 +61,10 @@ def test_a_method_that_is_always_per_layer_matches_a_per_layer_claim_and_reading
     stopped = _record("apollo_mini", 30_000_000_000, 24_000_000_000, 13_476_831_232, rank=1, layerwise=True)
     stopped["memory"]["allocator_model"]["out_of_memory"] = True
     stopped["memory"]["readings"] = {"allocated": {"bytes": 23_900_000_000, "kind": "model", "source": "test"}}
-    row = successors_table([stopped], ["mini"], claims).set_index("claim").loc["Q-APOLLO-Mini (INT8 weights), per-layer"]
-    assert row["allocated GB"] == pytest.approx(30.0) and pd.isna(row["reserved GB"]) and pd.isna(row["device_total GB"])
+    row = successors_table([stopped], ["mini"], claims).set_index("claim").loc[
+        "Q-APOLLO-Mini (INT8 weights), per-layer"]
+    assert row["allocated GB"] == pytest.approx(30.0)
+    assert pd.isna(row["reserved GB"]) and pd.isna(row["device_total GB"])
 
 
 @pytest.mark.slow
