@@ -114,6 +114,16 @@ def test_estimate_refuses_what_it_has_no_closed_form_for(preset, why):
         estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16")
 
 
+def test_mixed_precision_on_a_preset_is_refused_by_the_estimate_not_guessed():
+    """The autocast closed form counts q, k, v at the hidden width (LLaMA-1); on a GQA preset it would overcount."""
+    model = make_model(*read_preset("llama3.2-1b"), preset="llama3.2-1b")
+    with pytest.raises(EstimateUnavailable, match="autocast closed form \\(bf16-mixed\\).*llama3.2-1b"):
+        estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="fp32", precision="bf16-mixed")
+    master = estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16", precision="bf16-master")
+    # bf16 weights with an fp32 master copy and two fp32 moments: 12 bytes per parameter, the tied table once
+    assert master.category_peaks["optimizer_states"] == pytest.approx(12 * 1_235_814_400, rel=1e-4)
+
+
 def test_tied_embeddings_are_one_tensor_in_weights_gradients_and_states():
     tied = make_model(*read_preset("llama3.2-1b"), preset="llama3.2-1b")
     untied = make_model(*read_preset("llama3.2-1b"), preset="llama3.2-1b", overrides={"tie_word_embeddings": False})

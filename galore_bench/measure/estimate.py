@@ -159,8 +159,13 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     # under autocast an adapter computes in c bytes like the model, whatever its own dtype
     extra = terms.saved_per_layer(shape, batch_size * seq_len, c, {**options, "adapter_dtype": "model"}
                                   if recipe.compute else options)
+    if recipe.compute and not isinstance(shape, ModelShape):
+        raise EstimateUnavailable(f"estimate: the autocast closed form ({precision}) covers the LLaMA zoo's layers "
+                                  f"(full multi-head attention, untied embeddings), not {shape.preset or 'this config'}"
+                                  "; run it in simulate or measure mode")
     act = (autocast_activation_bytes(shape, params, batch_size, seq_len, c, activation_checkpointing, extra)
-           if recipe.compute else activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing, extra))
+           if recipe.compute and isinstance(shape, ModelShape)
+           else activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing, extra))
     loss_bytes = loss_path(shape, batch_size * seq_len, c, loss, loss_chunk_tokens,
                            head_trainable=all(p.trainable for p in params if p.name == "lm_head"))
     if terms.forward_only:  # autograd off: nothing saved, no gradient, no state; only forward transients
