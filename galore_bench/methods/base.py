@@ -128,6 +128,9 @@ class MethodDef:
     """A periodic cost simulate must trace (one step more than usual)."""
     periodic_steps: Callable[[dict[str, Any], int], dict[str, set[int]]] | None = None
     """(options, steps) -> {name: steps with that periodic extra cost}, timed apart from the throughput median."""
+    schedules_itself: bool = False
+    """Its trainer drives a learning-rate schedule itself (LOMO updates inside backward, with no optimizer for
+    a LambdaLR); the layer-wise variants of other methods still cannot be scheduled."""
     incompatible: Callable[[str, dict[str, Any]], str | None] | None = None
     """(strategy, options) -> why the method cannot run under that distributed strategy, or None."""
 
@@ -145,7 +148,7 @@ class MethodDef:
         if not self.trains and train.grad_accum > 1:
             problems.append(("train.grad_accum", str(train.grad_accum), f"1 with {self.name} (no gradients)"))
         layerwise = bool(opts.get("layerwise", False))
-        if train.lr_schedule != "constant" and (layerwise or not self.supports_grad_accum):
+        if train.lr_schedule != "constant" and (layerwise or not (self.supports_grad_accum or self.schedules_itself)):
             problems.append(("train.lr_schedule", train.lr_schedule,
                              "'constant' with updates inside backward (no optimizer for a scheduler to drive)"))
         if train.grad_accum > 1 and (layerwise or not self.supports_grad_accum):
