@@ -21,7 +21,9 @@ REFERENCE = "adamw"
 NOTES = [
     ("Perplexity and bits per byte (NLL / ln 2) on the test split, which no choice was made on; the learning rate "
     "of each run was chosen from its grid by the tune split's loss at the first seed."),
-    "spread: sample standard deviation over seeds; range: lowest and highest seed.",
+    ("at grid edge: the chosen rate is the grid's smallest or largest, so the best rate may lie outside it (widen "
+     "the grid before reading much into that method's row)."),
+    "spread: sample standard deviation over seeds; low / high: the lowest and highest seed.",
     ("beyond spread: 'yes' when the method's seed range and AdamW's do not overlap (every seed on the same side), "
     "else 'no' (the difference is within seed-to-seed noise at this size)."),
 ]
@@ -60,21 +62,23 @@ def study_groups(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         tunings = [_tuning(r) or {} for r in members]
         losses = {float(t["lr"]): _tune_loss(r) for r, t in zip(members, tunings) if t["role"] == "grid"}
         usable = {lr: loss for lr, loss in losses.items() if loss is not None}
-        chosen = min(usable, key=lambda lr: usable[lr]) if usable else None
+        complete = set(losses) >= {float(lr) for lr in tunings[0].get("lr_grid") or []}
+        chosen = min(usable, key=lambda lr: usable[lr]) if usable and complete else None  # never from part of a grid
         claimed = {t.get("chosen_lr") for t in tunings if t["role"] == "seed"}
         if claimed - {chosen}:
             raise UserError(f"{run}: the seed records say lr {', '.join(map(str, claimed))} was chosen, the grid "
                             f"records give {chosen}: records from different sweeps mixed in one folder?")
         final = [r for r, t in zip(members, tunings) if chosen is not None and float(t["lr"]) == chosen]
         final.sort(key=lambda r: int(r["train"]["seed"]))
-        result[run] = {"method": members[0]["method"]["name"], "grid": sorted(losses), "chosen": chosen,
+        result[run] = {"method": members[0]["method"]["name"], "grid": sorted(tunings[0].get("lr_grid") or losses),
+                       "chosen": chosen, "grid_done": len(losses),
                        "tune_nll": losses, "final": final,
                        "data": members[0]["quality"].get("data")}
     return result
 
 
 def _verdict(ours: list[float], theirs: list[float]) -> str:
-    if not ours or not theirs:
+    if len(ours) < 2 or len(theirs) < 2:  # one seed has no spread to be beyond
         return "-"
     if max(ours) < min(theirs) or min(ours) > max(theirs):
         return "yes"
@@ -97,10 +101,12 @@ def quality_table(records: list[dict[str, Any]], labels: list[str]) -> pd.DataFr
                and (n := as_number((r["quality"].get("eval") or {}).get("nll"))) is not None]
         mean, reference_mean = stats["mean"], base.get("mean")
         versus = (mean / reference_mean - 1) * 100 if mean and reference_mean else None
-        rows.append({"run": run, "method": group["method"],
-                     "lr grid": " ".join(f"{lr:g}" for lr in group["grid"]),
-                     "chosen lr": group["chosen"], "seeds": " ".join(str(r["train"]["seed"]) for r in group["final"]
-                                                                     if r["status"] == "ok"),
+        seeds = " ".join(str(r["train"]["seed"]) for r in group["final"] if r["status"] == "ok")
+        chosen = group["chosen"] if group["chosen"] is not None else \
+            f"grid {group['grid_done']} of {len(group['grid'])} run"
+        edge = len(group["grid"]) > 1 and group["chosen"] in (min(group["grid"]), max(group["grid"]))
+        rows.append({"run": run, "method": group["method"], "lr grid": " ".join(f"{lr:g}" for lr in group["grid"]),
+                     "chosen lr": chosen, "at grid edge": "yes" if edge else "", "seeds": seeds,
                      "test ppl mean": stats["mean"], "spread": stats["spread"], "low": stats["low"],
                      "high": stats["high"],
                      "bits/byte" if group["data"] == "wiki-bytes" else "nll":
