@@ -86,6 +86,7 @@ class ThroughputSection(_ThroughputRequired, total=False):
     step_seconds: list[float]
     flops: dict[str, Any]
     tracker_overhead: dict[str, Any]  # measure: tracked / untracked step time, the steps each came from
+    interleaved: InterleavedSection
 
 
 class _QualityRequired(TypedDict):
@@ -102,6 +103,24 @@ class QualitySection(_QualityRequired, total=False):
     evals: list[dict[str, Any]]
     data_provenance: dict[str, Any] | None
     non_finite: list[str]  # fields of a diverged run that were NaN or infinite, written as null
+    tune_eval: dict[str, Any] | None  # data with a tune split apart from the final one: the loss a grid chose on
+    tuning: dict[str, Any]  # one training of a study (spec/study.py): run, lr grid, seed, role, the choice
+
+
+class InterleavedSection(TypedDict):
+    """The step-time cost: this method's steps timed in turn with every other method's on the same model and
+    batches (measure/step_cost.py), so machine noise falls on all alike; ratios are to the reference run's."""
+
+    reference: str
+    ratio: float | None
+    ratio_cpu: float | None
+    step_seconds_median: float | None
+    refresh: dict[str, Any] | None  # GaLore: the projector refresh's own cost, amortised over update_proj_gap
+    rounds: int
+    steps_per_round: int
+    order: list[str]
+    timed_steps: int
+    amortised_step_seconds: float | None
 
 
 class EnvSection(TypedDict):

@@ -18,7 +18,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
-from galore_bench import data
+from galore_bench import data, data_bytes
 from galore_bench.chunked_loss import chunked_loss
 from galore_bench.measure.tracker import MemoryTracker
 from galore_bench.methods import REGISTRY, Trainer, TrainSettings, precision
@@ -69,9 +69,18 @@ def input_batches(scenario: Scenario, run: RunSpec, device: str, fake: bool) -> 
     return (batch.to(device) for batch in training_batches(scenario, vocab).forever())
 
 
+def held_out_splits(source: str) -> tuple[str, str]:
+    """(split evaluated during training and chosen on, split of the final figures): the byte-level text keeps
+    them apart (data_bytes.py); the others have one validation split for both."""
+    return ("tune", "test") if source == "wiki-bytes" else ("validation", "validation")
+
+
 def training_batches(scenario: Scenario, vocab_size: int, split: str = "train", seed_offset: int = 0):
-    """The scenario's data: learnable synthetic tokens (labelled so) or the offline Wikipedia corpus."""
+    """The scenario's data: learnable synthetic tokens (labelled so), the offline Wikipedia corpus as 32k-vocabulary
+    tokens or as bytes."""
     train = scenario.train
+    if scenario.data == "wiki-bytes":
+        return data_bytes.batches(split, train.seq_len, train.batch_size, seed=train.seed + seed_offset)
     if scenario.data == "wiki":
         return data.TokenBatches.from_corpus(split, train.seq_len, train.batch_size, seed=train.seed + seed_offset)
     n_batches = max(8, train.steps * train.grad_accum)

@@ -147,11 +147,11 @@ class MethodDef:
     """A periodic cost simulate must trace (one step more than usual)."""
     periodic_steps: Callable[[dict[str, Any], int], dict[str, set[int]]] | None = None
     """(options, steps) -> {name: steps with that periodic extra cost}, timed apart from the throughput median."""
+    schedules_itself: bool = False
+    """Its trainer drives train.lr_schedule itself (LOMO and AdaLomo update inside backward, with no torch optimizer
+    for a LambdaLR); the layer-wise variants of other methods still cannot be scheduled."""
     incompatible: Callable[[str, dict[str, Any]], str | None] | None = None
     """(strategy, options) -> why the method cannot run under that distributed strategy, or None."""
-    schedules_itself: bool = False
-    """Its trainer applies train.lr_schedule itself (a fused in-backward update has no torch optimizer for
-    the engines' scheduler to drive)."""
 
     def all_options(self) -> dict[str, Option]:
         common = {

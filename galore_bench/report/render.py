@@ -27,6 +27,7 @@ from galore_bench.report.galore import (
 from galore_bench.report.gpus import gpus_table
 from galore_bench.report.html import HtmlSection, HtmlTable, render_html
 from galore_bench.report.provenance import commit_of, provenance, shown
+from galore_bench.report.quality import COST_NOTES, NOTES, cost_table, quality_table, study_points
 from galore_bench.report.references import load_references, provenance_line
 from galore_bench.report.successors import NOTES as SUCCESSORS_NOTES
 from galore_bench.report.successors import successors_table
@@ -57,6 +58,8 @@ def runs_table(records: list[dict[str, Any]], labels: list[str], files: list[Pat
 
 
 SECTIONS = {
+    "quality": ("Quality over seeds at each run's chosen learning rate (held-out test split)", NOTES),
+    "step_cost": ("Step time over AdamW's, measured interleaved on the same model", COST_NOTES),
     "breakdown": ("Memory breakdown at the peak (LOMO Table 1 layout)", []),
     "speed": ("Throughput and quality (TGS = tokens per device per second)",
               ["A rate measured on a cpu device says nothing about a GPU's."]),
@@ -88,7 +91,8 @@ def build_tables(records: list[dict[str, Any]], labels: list[str], refs: dict) -
     def beside(build, name: str) -> pd.DataFrame | None:
         return build(records, labels, refs[name]) if name in refs else None
     table2 = beside(table2_table, "galore_table2")
-    tables = {"breakdown": breakdown_table(records, labels), "speed": speed_table(records, labels),
+    tables = {"quality": quality_table(records, labels), "step_cost": cost_table(records, labels),
+              "breakdown": breakdown_table(records, labels), "speed": speed_table(records, labels),
               "vs_lomo_table1": beside(lomo_table, "lomo_table1"), "vs_galore_table2": table2,
               "galore_table2_grid": table2_grid(table2) if table2 is not None else None,
               "vs_galore_table6": beside(galore_table, "galore_table6"),
@@ -118,7 +122,7 @@ def _figures(scenario: str, records: list[dict[str, Any]], labels: list[str]) ->
                "throughput": (f"{charts.throughput_title(records)}: TGS per run",
                               charts.throughput_figure(records, labels, scenario)),
                "pareto": ("peak memory vs perplexity (Pareto front highlighted)",
-                          charts.pareto_figure(records, labels, scenario))}
+                          charts.pareto_figure(*(study_points(records) or (records, labels)), scenario))}
     return {name: pair for name, pair in figures.items() if pair[1] is not None}
 
 

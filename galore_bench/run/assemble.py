@@ -23,7 +23,14 @@ from galore_bench import readings
 from galore_bench.measure import training
 from galore_bench.methods import precision
 from galore_bench.models import model_record, parameter_count
-from galore_bench.record import SCHEMA_VERSION, DistributedSection, EnvSection, MemorySection, RunRecord
+from galore_bench.record import (
+    SCHEMA_VERSION,
+    DistributedSection,
+    EnvSection,
+    MemorySection,
+    QualitySection,
+    RunRecord,
+)
 from galore_bench.spec.distributed import DistributedSpec
 from galore_bench.spec.scenario import RunSpec, Scenario
 from galore_bench.units import format_bytes
@@ -79,7 +86,8 @@ def new_record(scenario: Scenario, run: RunSpec, mode: str, device: str) -> RunR
         "budget": {"bytes": scenario.budget_bytes, "text": scenario.budget_text, "fits": None},
         "memory": empty_memory(),
         "throughput": {"tokens_per_second": None, "tgs": None, "mfu": None},
-        "quality": {"final_loss": None, "perplexity": None, "losses": [], "data": scenario.data},
+        "quality": cast(QualitySection, {"final_loss": None, "perplexity": None, "losses": [], "data": scenario.data,
+                                         **({"tuning": run.tuning} if run.tuning is not None else {})}),
         "distributed": None, "env": environment(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_seconds": None, "host_peak_rss_bytes": None,

@@ -19,13 +19,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from galore_bench import store
+from galore_bench.errors import UserError
 from galore_bench.measure import resolve_mode, training
 from galore_bench.methods import PLUGIN_ENV
-from galore_bench.run import ranks
+from galore_bench.run import ranks, study
 from galore_bench.run.assemble import died_record
 from galore_bench.run.request import RunRequest
 from galore_bench.run.worker import FAULT_ENV, InheritedFile, child_main
-from galore_bench.spec.scenario import Scenario, selected_runs
+from galore_bench.spec.scenario import RunSpec, Scenario, selected_runs
 
 OnStep = Callable[[int, int], None]
 _CONTEXT: Any = None
@@ -179,37 +180,68 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def run_scenario(scenario: Scenario, *, out: Path, mode: str | None = None, steps: int | None = None,
                  skip_existing: bool = False, console: Console | None = None,
                  memory_snapshot: bool = False, only: str | None = None) -> list[Path]:
-    """Run every run of the scenario (or those `only` names); a run that crashes still leaves an error record."""
+    """Run every run of the scenario (or those `only` names); a run that crashes still leaves an error record.
+    A scenario with a [study] runs each run's lr grid, then its other seeds, then the step-time cost."""
     chosen = selected_runs(scenario, only)
     device = training.pick_device()
     # a mode the scenario cannot run is refused here, before any process starts
     modes = {index: resolve_mode(scenario, run, mode, device) for index, run in chosen}
+    if scenario.study is not None and set(modes.values()) != {"measure"}:
+        raise UserError(f"{scenario.name}: a [study] trains for real: mode measure, got {sorted(set(modes.values()))}")
     console = console or Console(stderr=True)
-    paths: list[Path] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with _sigterm_as_interrupt(), Progress(*columns, console=console, transient=False) as progress:
-        sweep = progress.add_task(escape(scenario.name), total=len(chosen))  # user text, not markup
-        for index, run in chosen:
-            done = store.finished(out, scenario.name, run.label, modes[index]) if skip_existing else None
-            if done is not None:
-                paths.append(done)
-                progress.advance(sweep)
-                continue
-            task = progress.add_task(f"  {escape(run.label)}", total=None)
+        sweep = progress.add_task(escape(scenario.name), total=_count(scenario, chosen))  # user text, not markup
 
-            def on_step(step: int, total: int, task: Any = task) -> None:
-                progress.update(task, completed=step, total=total)
+        def one(scenario: Scenario, index: int, run: RunSpec, run_mode: str) -> Path:
+            done = store.finished(out, scenario.name, run.label, run_mode) if skip_existing else None
+            if done is None:
+                task = progress.add_task(f"  {escape(run.label)}", total=None)
 
-            request = RunRequest(scenario.path, index, out, modes[index], steps, torch.get_num_threads(),
-                                 os.environ.get(FAULT_ENV), memory_snapshot, os.environ.get(PLUGIN_ENV),
-                                 validated=scenario)
-            path, stderr = _dispatch(scenario, request, on_step)
-            if path is None:  # the worker died (killed, segfault): record that, keep going
-                error = stderr.strip() or "worker died without a message"
-                path = store.write(died_record(scenario, run, modes[index], error), out)
-            paths.append(path)
-            progress.update(task, visible=False)
+                def on_step(step: int, total: int, task: Any = task) -> None:
+                    progress.update(task, completed=step, total=total)
+
+                request = RunRequest(scenario.path, index, out, run_mode, steps, torch.get_num_threads(),
+                                     os.environ.get(FAULT_ENV), memory_snapshot, os.environ.get(PLUGIN_ENV),
+                                     validated=scenario)
+                done, stderr = _dispatch(scenario, request, on_step)
+                if done is None:  # the worker died (killed, segfault): record that, keep going
+                    error = stderr.strip() or "worker died without a message"
+                    done = store.write(died_record(scenario, run, run_mode, error), out)
+                progress.update(task, visible=False)
             progress.advance(sweep)
+            return done
+
+        if scenario.study is None:
+            return [one(scenario, index, run, modes[index]) for index, run in chosen]
+        return _run_study(scenario, [run for _, run in chosen], one, out, device, lambda: progress.advance(sweep),
+                          cost=only is None)
+
+
+def _count(scenario: Scenario, chosen: list[tuple[int, RunSpec]]) -> int:
+    if scenario.study is None:
+        return len(chosen)
+    per_run = [len(study.grid_of(run)) + len(scenario.study.seeds) - 1 for _, run in chosen]
+    return sum(per_run) + (len(chosen) if scenario.study.cost_rounds and len(chosen) == len(scenario.runs) else 0)
+
+
+def _run_study(scenario: Scenario, runs: list[RunSpec], one: Callable[[Scenario, int, RunSpec, str], Path],
+               out: Path, device: str, advance: Callable[[], None], cost: bool = True) -> list[Path]:
+    """Grid at the tuning seed, the choice from the records written, the other seeds, then the interleaved cost
+    of every run at its chosen rate (`cost`: only when every run was selected, so AdamW is the reference; sweeps
+    of parts of the runs in parallel are followed by one with --skip-existing, which measures it)."""
+    paths: list[Path] = []
+    choices: list[tuple[RunSpec, float]] = []
+    for run in runs:
+        grid = [one(s, 0, r, "measure") for s, r in study.grid_trainings(scenario, run)]
+        chosen = study.choose([store.load(path) for path in grid])
+        paths += grid + [one(s, 0, r, "measure") for s, r in study.seed_trainings(scenario, run, chosen)]
+        if chosen["chosen_lr"] is not None:
+            choices.append((run, chosen["chosen_lr"]))
+    if cost and scenario.study is not None and scenario.study.cost_rounds and choices:
+        paths += study.write_all(study.cost_records(scenario, choices, device), out)
+        for _ in choices:
+            advance()
     return paths
 
 

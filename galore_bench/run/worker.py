@@ -21,7 +21,7 @@ from typing import Any, cast
 import psutil
 import torch
 
-from galore_bench import readings, store
+from galore_bench import data_bytes, readings, store
 from galore_bench.data import data_info, evaluate_perplexity
 from galore_bench.measure import flops, resolve_mode, training
 from galore_bench.measure.allocator import replay
@@ -176,11 +176,16 @@ def _special_steps(run: RunSpec, steps: int) -> dict[str, set[int]]:
     return periodic(run.options, steps) if periodic is not None else {}
 
 
-def _evaluator(scenario: Scenario, run: RunSpec, device: str) -> Callable[[torch.nn.Module], dict[str, Any]]:
-    """Validation perplexity on held-out batches of the scenario's data (never the training batches)."""
-    batches = training.training_batches(scenario, run.model.vocab_size, split="validation")
+SOURCES = {"wiki": "wiki-offline {} split", "wiki-bytes": "wiki-offline bytes, {} split",
+           "synthetic": "synthetic (labelled; not real text)"}
+
+
+def _evaluator(scenario: Scenario, run: RunSpec, device: str,
+               split: str = "validation") -> Callable[[torch.nn.Module], dict[str, Any]]:
+    """Perplexity on held-out batches of the scenario's data (never the training batches)."""
+    batches = training.training_batches(scenario, run.model.vocab_size, split=split)
     held_out = [b for _, b in zip(range(scenario.eval_batches), batches)]
-    source = "wiki-offline validation split" if scenario.data == "wiki" else "synthetic (labelled; not real text)"
+    source = SOURCES[scenario.data].format(split)
 
     def evaluate(model: torch.nn.Module) -> dict[str, Any]:
         return {**evaluate_perplexity(model, [b.to(device) for b in held_out]), "data": source}
@@ -205,7 +210,8 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
         _emit(step=done, of=total)
         _maybe_fault(run, done)
 
-    evaluate = _evaluator(scenario, run, device) if scenario.eval_batches and not fake else None
+    tune_split, final_split = training.held_out_splits(scenario.data)
+    evaluate = _evaluator(scenario, run, device, tune_split) if scenario.eval_batches and not fake else None
     recording = snapshot is not None and device == "cuda" and not fake
     if recording:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
@@ -241,12 +247,17 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
     counted = lambda: _flops(scenario, run, speed, record["device"])
     speed.update(assemble.cross_check(record, "flops", counted) or {})
     provenance = None
-    if scenario.data == "wiki":  # what the text and tokenizer were: packages, versions, hashes, split, counts
-
-        provenance = assemble.cross_check(record, "data_provenance", data_info)
+    if scenario.data in ("wiki", "wiki-bytes"):  # what the text and tokenizer were: versions, hashes, split, counts
+        provenance = assemble.cross_check(record, "data_provenance",
+                                          data_info if scenario.data == "wiki" else data_bytes.info)
     model = result["model"]
-    final = (assemble.cross_check(record, "perplexity", lambda: {"step": n_steps, **evaluate(model)})
-             if evaluate else None)
+    final = None
+    if evaluate is not None:  # the final figure on its own split where the data has one (never chosen on)
+        last = _evaluator(scenario, run, device, final_split) if final_split != tune_split else evaluate
+        final = assemble.cross_check(record, "perplexity", lambda: {"step": n_steps, **last(model)})
+        if last is not evaluate:
+            record["quality"]["tune_eval"] = assemble.cross_check(record, "tune_eval",
+                                                                  lambda: {"step": n_steps, **evaluate(model)})
     assemble.fill_steps(record, result, speed, final, provenance)
 
 

@@ -15,12 +15,13 @@ from galore_bench.methods import REGISTRY, TrainSettings, precision
 from galore_bench.models import DTYPES, Model, matrix_shapes
 from galore_bench.spec.distributed import DistributedSpec, parse_distributed
 from galore_bench.spec.model import check_targets, parse_model, run_model, with_model
+from galore_bench.spec.study import StudySpec, parse_lr_grid, parse_study
 from galore_bench.units import ALLOWED_UNITS, parse_bytes
 
 # package data, read through importlib.resources: an installed wheel need not be a plain folder
 SHIPPED_SCENARIOS = resources.files("galore_bench") / "scenarios"
 MODES = ("auto", "estimate", "simulate", "measure")
-DATA_SOURCES = ("synthetic", "wiki")
+DATA_SOURCES = ("synthetic", "wiki", "wiki-bytes")  # wiki-bytes: UTF-8 bytes, model.vocab_size = 258
 LR_SCHEDULES = ("constant", "cosine")
 LOSSES = ("full", "chunked")
 
@@ -34,6 +35,8 @@ class RunSpec:
     label: str
     model_name: str
     model: Model
+    lr_grid: tuple[float, ...] = ()  # a study's learning rates for this run (spec/study.py); () = its lr
+    tuning: dict[str, Any] | None = None  # set on one training of a study: grid, seed, the choice if made
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class Scenario:
     eval_every: int  # steps between validation perplexities during a run (0: only at the end)
     runs: tuple[RunSpec, ...] = field(default=())
     distributed: DistributedSpec | None = None  # None: one device, no process group
+    study: StudySpec | None = None  # seeds, lr grids and step-time cost (spec/study.py); None: plain runs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,7 +195,8 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: Model | N
             problems.add(f"{where}.method", run["method"], "one of " + ", ".join(REGISTRY))
             continue
         options = method.all_options()
-        problems.unknown_keys(f"{where}.", run, ["method", "model", *options])
+        problems.unknown_keys(f"{where}.", run, ["method", "model", "lr_grid", *options])
+        grid = parse_lr_grid(problems, where, run)
         run_model_name, model_of_run = model_name, model
         if "model" in run:
             own = run_model(problems, where, run["model"])
@@ -229,7 +234,7 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: Model | N
         if not is_safe_name(label):  # it names the record's file
             problems.add(f"{where}.label", label, SAFE_NAME)
             continue
-        specs.append(RunSpec(method.name, resolved, label, run_model_name, model_of_run))
+        specs.append(RunSpec(method.name, resolved, label, run_model_name, model_of_run, grid))
     labels = [s.label for s in specs]
     for label in sorted({x for x in labels if labels.count(x) > 1}):
         problems.add("runs", label, "distinct run labels (set `label` on one of the runs)")
@@ -241,7 +246,8 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     problems = Problems(path)
     if not is_safe_name(path.stem):  # it names the folder of the records and the report's files
         problems.add("scenario name", path.stem, SAFE_NAME + ": rename the file")
-    problems.unknown_keys("", raw, ["description", "model", "train", "device", "eval", "runs", "distributed"])
+    problems.unknown_keys("", raw, ["description", "model", "train", "device", "eval", "runs", "distributed",
+                                    "study"])
     model_name, model = parse_model(problems, problems.table(raw, "model"), path.parent, _check_typed)
     train = _parse_train(problems, problems.table(raw, "train"))
     device = problems.table(raw, "device")
@@ -280,9 +286,15 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     if isinstance(eval_batches, int) and eval_batches and distributed is not None:
         problems.add("eval.batches", eval_batches,
                      "0 with [distributed] (perplexity is measured on single-device runs)")
+    study = parse_study(problems, problems.table(raw, "study"), train.seed) \
+        if "study" in raw or any(run.lr_grid for run in runs) else None
+    if data == "wiki-bytes" and model is not None and model.vocab_size != 258:
+        problems.add("model.vocab_size", model.vocab_size, "258 with eval.data = 'wiki-bytes' (256 bytes, BOS, EOS)")
+    if study is not None and distributed is not None:
+        problems.add("study", "a [study] table", "no [study] with [distributed] (seeds and grids are single-device)")
     if problems.lines:
         raise UserError(f"{len(problems.lines)} problem(s) in scenario {path}:\n" + listed(problems.lines))
     if model is None:  # unreachable: a missing model always adds a problem above
         raise UserError(f"{path}: model: no model")
     return Scenario(path.stem, str(path), description, model_name, model, train, budget, budget_text,
-                    mode, data, eval_batches, eval_every, tuple(runs), distributed)
+                    mode, data, eval_batches, eval_every, tuple(runs), distributed, study)
