@@ -118,5 +118,15 @@ def estimated(peak: int) -> dict[str, dict[str, Any]]:
             "device_total": reading(None, "estimate", "the closed form does not model the caching allocator")}
 
 
+def sharded_simulation(rank_peak: int) -> dict[str, dict[str, Any]]:
+    """A distributed simulation: the largest rank's traced bytes (each storage 512-B rounded, shards by the sharding
+    arithmetic) stand for allocated; no allocator model replays a sharded rank, so reserved and the device total
+    are not read."""
+    why = "not modelled for a sharded rank (no caching-allocator replay); a single-device simulate has it"
+    return {"allocated": reading(rank_peak, "model", "tracker + sharding arithmetic: the largest rank's traced "
+                                 "bytes, 512-B rounded"),
+            "reserved": reading(None, "model", why), "device_total": reading(None, "model", why)}
+
+
 def unavailable(why: str) -> dict[str, dict[str, Any]]:
     return {name: reading(None, "measured", why) for name in READINGS}

@@ -78,6 +78,11 @@ def test_two_gloo_ranks_ddp_and_fsdp2(write_scenario, tmp_path):
     # LOMO's fused update under FSDP2 (hooks after the reduce-scatter) is SGD on the averaged gradient
     assert fsdp["lomo"]["quality"]["losses"] == pytest.approx(ddp["sgd"]["quality"]["losses"], rel=1e-5)
     assert fsdp["lomo"]["distributed"]["ranks"][0]["breakdown"]["gradients"] == 0
+    # the readings of the rank with the peak: on a CPU, exact tracker bytes stand for allocated, nothing is reserved
+    for record in (ddp["adamw"], fsdp["adamw"]):
+        worst = max(r["peak_bytes"] for r in record["distributed"]["ranks"])
+        assert record["memory"]["readings"]["allocated"]["bytes"] == worst == record["memory"]["peak_bytes"]
+        assert record["memory"]["readings"]["reserved"]["bytes"] is None
     assert time.perf_counter() - started < 60
 
 
@@ -114,6 +119,9 @@ def test_simulated_fsdp2_shards_weights_and_states_by_world_size(write_scenario)
     assert transient["backward"] > transient["forward"] > 0
     # the smallest world size that fits 1 GiB is 1; the record stands there
     assert dist["gpus_needed"] == 1 and record["memory"]["peak_bytes"] == _candidate(record, 1)["peak_bytes"]
+    readings = record["memory"]["readings"]  # the chosen world size's largest rank; no allocator replay of a shard
+    assert readings["allocated"]["bytes"] == record["memory"]["peak_bytes"] and readings["allocated"]["kind"] == "model"
+    assert readings["reserved"]["bytes"] is None and "sharded rank" in readings["device_total"]["source"]
 
 
 def test_ranks_and_gpus_commands_run_without_argparse_or_torchrun(write_scenario, tmp_path, capsys):

@@ -235,6 +235,7 @@ def fill_simulated(record: RunRecord, spec: DistributedSpec, budget: int | None,
     record["memory"] = empty_memory(peak_bytes=chosen["peak_bytes"], breakdown=dict(chosen["breakdown"]),
                                     source="tracker + sharding arithmetic (max over ranks)",
                                     steady_state_from_step=2)
+    record["memory"]["readings"] = readings.sharded_simulation(chosen["peak_bytes"])
     record["model"]["trainable_parameters"] = _trainable(trainer.model)
     record["method"]["implementation"] = trainer.info
     record["status"] = "ok"
@@ -263,6 +264,8 @@ def fill_ranks(record: RunRecord, scenario: Scenario, spec: DistributedSpec, res
     source = "torch.cuda.memory_stats, max over ranks" if "cuda" in worst else "tracker, max over ranks"
     record["memory"] = empty_memory(peak_bytes=worst["peak_bytes"], breakdown=dict(worst["breakdown"]),
                                     source=source, steady_state_from_step=worst["steady_state_from_step"])
+    record["memory"]["readings"] = (readings.measured_cuda(worst["cuda"]) if "cuda" in worst
+                                    else readings.measured_cpu(worst["peak_bytes"]))  # the rank with the peak
     first = results[0]
     rate = training.throughput(first["step_seconds"], tokens_per_step(scenario), device.type)
     if rate.get("tokens_per_second") is not None:
