@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from galore_bench.methods.terms import blocks
-from galore_bench.models import ModelShape
+from galore_bench.models import Model
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +35,7 @@ def chunk_logits_bytes(chunk: int, vocab: int, e: int) -> int:
     return blocks(chunk * vocab * e) + (blocks(chunk * vocab * 4) if e < 4 else 0)
 
 
-def loss_path(shape: ModelShape, tokens: int, e: int, loss: str = "full", chunk_tokens: int = 1024,
+def loss_path(shape: Model, tokens: int, e: int, loss: str = "full", chunk_tokens: int = 1024,
               head_trainable: bool = True) -> LossPath:
     """The loss path's bytes for `tokens` tokens per micro-batch in a dtype of `e` bytes per value
     (`head_trainable`: whether the chunked backward builds the LM head's weight gradient)."""

@@ -28,9 +28,9 @@ from galore_bench.report.gpus import gpus_table
 from galore_bench.report.html import HtmlSection, HtmlTable, render_html
 from galore_bench.report.provenance import commit_of, provenance, shown
 from galore_bench.report.references import load_references, provenance_line
-from galore_bench.report.table11 import TABLE11_NOTES, table11_table
 from galore_bench.report.successors import NOTES as SUCCESSORS_NOTES
 from galore_bench.report.successors import successors_table
+from galore_bench.report.table11 import TABLE11_NOTES, table11_table
 from galore_bench.report.tables import (
     breakdown_table,
     cell_text,

@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 
 from galore_bench import readings
-from galore_bench.measure import training
+from galore_bench.measure import timing
 from galore_bench.methods import precision
 from galore_bench.models import model_record, parameter_count
 from galore_bench.record import SCHEMA_VERSION, DistributedSection, EnvSection, MemorySection, RunRecord
@@ -256,7 +256,7 @@ def fill_ranks(record: RunRecord, scenario: Scenario, spec: DistributedSpec, res
     record["memory"] = empty_memory(peak_bytes=worst["peak_bytes"], breakdown=dict(worst["breakdown"]),
                                     source=source, steady_state_from_step=worst["steady_state_from_step"])
     first = results[0]
-    rate = training.throughput(first["step_seconds"], tokens_per_step(scenario), device.type)
+    rate = timing.throughput(first["step_seconds"], tokens_per_step(scenario), device.type)
     if rate.get("tokens_per_second") is not None:
         rate["tokens_per_second"] *= world  # every rank trains its own batch; tgs stays per rank
     fill_steps(record, {"losses": first["losses"], "evals": []}, rate, None)
