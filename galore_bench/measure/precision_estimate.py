@@ -27,16 +27,17 @@ from collections.abc import Callable
 from typing import Any
 
 from galore_bench.methods.terms import ParamShape, blocks
-from galore_bench.models import ModelShape
+from galore_bench.models import Model
 
 FP32 = 4
 
 
-def autocast_activation_bytes(shape: ModelShape, params: list[ParamShape], batch: int, seq: int, c: int,
+def autocast_activation_bytes(shape: Model, params: list[ParamShape], batch: int, seq: int, c: int,
                               checkpointing: bool, method_per_layer: int = 0) -> dict[str, int]:
     """activation_bytes' keys for a forward under autocast (fp32 weights, c-byte compute), plus `until_loss`:
     what only the forward holds (autocast's weight-cast cache under checkpointing, the final norm's fp32 output
-    that the model's output keeps until the loss is computed)."""
+    that the model's output keeps until the loss is computed). LLaMA's layer (full-width q, k, v): estimate.py
+    refuses autocast on any other model."""
     h, i, heads, t = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads, batch * seq
     norm = blocks(t * h * FP32) + blocks(t * 4) + blocks(t * h * FP32)  # fp32 input (the residual), 1/rms, normed
     layer0 = [p for p in params if p.name.startswith("0.") and len(p.shape) == 2]

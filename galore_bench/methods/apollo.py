@@ -12,34 +12,37 @@ from typing import Any
 import torch
 
 from galore_bench.methods.base import MethodDef, Option, Trainer
-from galore_bench.methods.common import LAYERWISE_OPTION, layerwise_or_plain, trainable
+from galore_bench.methods.common import LAYERWISE_OPTION, TARGETS_OPTION, layerwise_or_plain, trainable
 from galore_bench.methods.terms import EstimateTerms, ParamShape, adam_state, blocks, model_parameters
-from galore_bench.models import ModelShape
+from galore_bench.models import Model
+from galore_bench.models.layout import projections, refuse_experts
 from galore_bench.optim.apollo import SCALE_TYPES, SCALED_GRADIENTS, Apollo
-from galore_bench.optim.lowrank import DEFAULT_TARGETS
 
 PROJECTED_KEYS = ("rank", "update_proj_gap", "scale", "scale_type", "scaled_gradient")
 
 
-def apollo_groups(model: torch.nn.Module, opts: dict[str, Any]) -> list[dict[str, Any]]:
-    """Plain Adam for the rest; one group per projected matrix, each with its own projection seed (so that
-    same-shaped matrices, and layer-wise stepping's one-parameter optimizers, never share a projection)."""
+def apollo_groups(model: torch.nn.Module, opts: dict[str, Any], method: str = "apollo") -> list[dict[str, Any]]:
+    """Plain Adam for the rest; one group per projected matrix (the decoder layers' projections, or the run's
+    target_modules), each with its own projection seed (so that same-shaped matrices, and layer-wise stepping's
+    one-parameter optimizers, never share a projection). 3-D MoE experts are refused unless left out."""
+    targets = opts.get("target_modules") or None
+    refuse_experts(model, method, targets)
+    weights = {id(model.get_submodule(name).weight) for name in projections(model, targets)}
     regular: list[torch.nn.Parameter] = []
     projected: list[dict[str, Any]] = []
     settings = {key: opts[key] for key in PROJECTED_KEYS}
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
-        module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
-        if param.ndim == 2 and module in DEFAULT_TARGETS:
+        if id(param) in weights:
             projected.append({"params": [param], **settings, "seed": opts["seed"] + len(projected)})
         else:
             regular.append(param)
     return [{"params": regular}, *projected]
 
 
-def _build(model: torch.nn.Module, opts: dict[str, Any]) -> Trainer:
-    groups = apollo_groups(model, opts)
+def _build(model: torch.nn.Module, opts: dict[str, Any], method: str) -> Trainer:
+    groups = apollo_groups(model, opts, method)
     hyper = {"lr": opts["lr"], "weight_decay": opts["weight_decay"], "betas": (opts["beta1"], opts["beta2"]),
              "eps": opts["eps"]}
 
@@ -53,8 +56,9 @@ def _build(model: torch.nn.Module, opts: dict[str, Any]) -> Trainer:
 
 
 # -- estimate terms -------------------------------------------------------------------------------
-def layout(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
-    return model_parameters(shape, lambda name, rows, cols: [ParamShape(name, (rows, cols), projected=True)])
+def layout(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
+    return model_parameters(shape, lambda name, rows, cols: [ParamShape(name, (rows, cols), projected=True)],
+                            opts.get("target_modules") or None)
 
 
 def _sides(p: ParamShape, opts: dict[str, Any]) -> tuple[int, int, int]:
@@ -108,12 +112,13 @@ COMMON_OPTIONS = {
                               "paper's Algorithm 1) or the 'projected' one, mapped back (pytorch-optimizer's)",
                               choices=SCALED_GRADIENTS),
     "layerwise": LAYERWISE_OPTION,
+    "target_modules": TARGETS_OPTION,
 }
 
 METHOD = MethodDef(
     name="apollo",
     summary="APOLLO: AdamW with channel-wise learning-rate scaling from low-rank random-projection moments",
-    build=lambda model, opts, train: _build(model, opts),
+    build=lambda model, opts, train: _build(model, opts, "apollo"),
     options={"rank": Option(int, 256, "rank r of the random projection", minimum=1),
              "scale": Option(float, 1.0, "alpha^2: the scaled gradient is multiplied by sqrt(scale)", minimum=0.0),
              "scale_type": Option(str, "channel", "one scaling factor per channel or per tensor", choices=SCALE_TYPES),
@@ -127,7 +132,7 @@ METHOD = MethodDef(
 METHOD_MINI = MethodDef(
     name="apollo_mini",
     summary="APOLLO-Mini: rank-1 random projection, one learning-rate scale per tensor (SGD-like memory)",
-    build=lambda model, opts, train: _build(model, opts),
+    build=lambda model, opts, train: _build(model, opts, "apollo_mini"),
     options={"rank": Option(int, 1, "rank r of the random projection (the paper's Mini: 1)", minimum=1),
              "scale": Option(float, 128.0, "alpha^2: the scaled gradient is multiplied by sqrt(scale) (the "
                              "paper's Mini: 128)", minimum=0.0),

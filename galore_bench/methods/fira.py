@@ -29,7 +29,7 @@ from galore_bench.optim.fira import FiraAdamW
 
 
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
-    groups = projected_groups(model, opts)
+    groups = projected_groups(model, opts, "fira")
     hyper = {"lr": opts["lr"], "weight_decay": opts["weight_decay"], "betas": (opts["beta1"], opts["beta2"]),
              "eps": opts["eps"]}
 

@@ -114,7 +114,10 @@ def adapter_activations(shape: Model, tokens: int, e: int, opts: dict[str, Any])
     if opts.get("adapter_dtype") != "fp32" or e >= 4:
         return rank_intermediates(shape, tokens, e, opts)
     h, i = shape.hidden_size, shape.intermediate_size
-    casts = 6 * blocks(tokens * h * 4) + blocks(tokens * i * 4)
+    # one fp32 copy of each adapted projection's input (LLaMA: six of width h, down_proj's of width i; Phi-3's
+    # fused qkv_proj and gate_up_proj: one each)
+    casts = sum(blocks(tokens * cols * 4) for _, cols in matrix_shapes(shape, opts.get("target_modules") or None
+                                                                           ).values())
     unsaved = 2 * blocks(tokens * h * e) + blocks(tokens * i * e)
     return rank_intermediates(shape, tokens, 4, opts) + casts - unsaved
 

@@ -12,27 +12,29 @@ from typing import Any
 import torch
 
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
-from galore_bench.methods.common import IMPL_OPTION, adamw_impl, adamw_state, impl_flags, trainable
+from galore_bench.methods.common import IMPL_OPTION, TARGETS_OPTION, adamw_impl, adamw_state, impl_flags, trainable
 from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks, model_parameters
-from galore_bench.models import ModelShape
+from galore_bench.models import Model
+from galore_bench.models.layout import projections, refuse_experts
 from galore_bench.optim.chained import ChainedOptimizer
-from galore_bench.optim.lowrank import DEFAULT_TARGETS
 
 
-def split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """(hidden 2-D matrices for Muon, everything else for AdamW)."""
+def split(model: torch.nn.Module, targets: list[str] | None = None
+          ) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(hidden 2-D matrices for Muon: the decoder layers' projections or the run's target_modules, everything
+    else for AdamW). 3-D MoE experts are refused unless target_modules leaves them to AdamW."""
+    refuse_experts(model, "muon", targets)
+    weights = {id(model.get_submodule(name).weight) for name in projections(model, targets)}
     hidden: list[torch.nn.Parameter] = []
     rest: list[torch.nn.Parameter] = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
-        (hidden if param.ndim == 2 and module in DEFAULT_TARGETS else rest).append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            (hidden if id(param) in weights else rest).append(param)
     return hidden, rest
 
 
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
-    hidden, rest = split(model)
+    hidden, rest = split(model, opts.get("target_modules") or None)
     muon = torch.optim.Muon(hidden, lr=opts["lr"], weight_decay=opts["weight_decay"], momentum=opts["momentum"],
                             nesterov=opts["nesterov"], ns_steps=opts["ns_steps"], adjust_lr_fn=opts["adjust_lr_fn"])
     flags = impl_flags(opts["impl"], rest)
@@ -45,9 +47,10 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
 
 
 # -- estimate terms -------------------------------------------------------------------------------
-def layout(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
+def layout(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
     """The hidden matrices marked 'projected' (here: stepped by Muon)."""
-    return model_parameters(shape, lambda name, rows, cols: [ParamShape(name, (rows, cols), projected=True)])
+    return model_parameters(shape, lambda name, rows, cols: [ParamShape(name, (rows, cols), projected=True)],
+                            opts.get("target_modules") or None)
 
 
 def state_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
@@ -100,6 +103,7 @@ METHOD = MethodDef(
         "beta2": Option(float, 0.999, "AdamW beta2", minimum=0.0),
         "eps": Option(float, 1e-8, "AdamW epsilon", minimum=0.0),
         "impl": IMPL_OPTION,
+        "target_modules": TARGETS_OPTION,
     },
     paper="Jordan et al. 2024 (kellerjordan.github.io/posts/muon); arXiv 2502.16982",
     estimate=EstimateTerms(state_bytes=state_bytes, layout=layout, whole_update_temporaries=whole_update),

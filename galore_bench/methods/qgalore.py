@@ -13,6 +13,7 @@ import torch
 
 from galore_bench.errors import UserError
 from galore_bench.methods.base import MethodDef, Option, TracePlan, Trainer, TrainSettings
+from galore_bench.methods.common import TARGETS_OPTION
 from galore_bench.methods.galore import projected_sizes, refresh_steps
 from galore_bench.methods.terms import (
     EstimateTerms,
@@ -23,28 +24,33 @@ from galore_bench.methods.terms import (
     blocks,
     model_parameters,
 )
-from galore_bench.models import ModelShape
+from galore_bench.models import Model
+from galore_bench.models.layout import projections, refuse_experts
 from galore_bench.optim.galore import GaLoreAdamW8bit
 from galore_bench.optim.layerwise import LayerwiseOptimizer
-from galore_bench.optim.lowrank import DEFAULT_TARGETS
 from galore_bench.optim.qgalore import Int8Linear, QGaLoreAdamW8bit
 
 
 def prepare(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
-    """Every attention / MLP projection becomes an Int8Linear (its weight quantized once, nearest rounding)."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if name in DEFAULT_TARGETS and isinstance(child, torch.nn.Linear):
-                if child.bias is not None:
-                    raise ValueError(f"qgalore: {name} has a bias; Int8Linear models LLaMA's bias-free projections")
-                rows, cols = child.weight.shape
-                basis = min(opts["rank"], rows, cols) * min(rows, cols)  # the projector spans the shorter side
-                for key, values in (("group_size", rows * cols), ("proj_group_size", basis)):
-                    if values % opts[key] or values % 2:
-                        raise UserError(f"qgalore: {key} {opts[key]} does not divide {name}'s {values} values "
-                                        f"({'weight' if key == 'group_size' else 'INT4 projector'}); allowed: a "
-                                        "divisor of that size")
-                setattr(parent, name, Int8Linear(child.weight, opts["group_size"]))
+    """Every attention / MLP projection (derived from the architecture, or the run's target_modules) becomes an
+    Int8Linear (its weight quantized once, nearest rounding). 3-D MoE experts are refused unless left out."""
+    targets = opts.get("target_modules") or None
+    refuse_experts(model, "qgalore", targets)
+    for qualified in projections(model, targets):
+        parent_name, _, name = qualified.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, name)
+        if child.bias is not None:
+            raise UserError(f"qgalore: {qualified} has a bias; Int8Linear models bias-free projections (LLaMA's); "
+                            "allowed: target_modules that name bias-free projections only")
+        rows, cols = child.weight.shape
+        basis = min(opts["rank"], rows, cols) * min(rows, cols)  # the projector spans the shorter side
+        for key, values in (("group_size", rows * cols), ("proj_group_size", basis)):
+            if values % opts[key] or values % 2:
+                raise UserError(f"qgalore: {key} {opts[key]} does not divide {name}'s {values} values "
+                                f"({'weight' if key == 'group_size' else 'INT4 projector'}); allowed: a "
+                                "divisor of that size")
+        setattr(parent, name, Int8Linear(child.weight, opts["group_size"]))
     return model
 
 
@@ -82,13 +88,13 @@ def _opt(opts: dict[str, Any], key: str) -> Any:
     return opts[key] if key in opts else OPTIONS[key].default
 
 
-def layout(shape: ModelShape, opts: dict[str, Any]) -> list[ParamShape]:
+def layout(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
     """Each projection: its int8 codes (projected, trainable) and its fp32 group scales (not trained)."""
     def int8(name: str, rows: int, cols: int) -> list[ParamShape]:
         scales = (rows * cols // _opt(opts, "group_size"),)
         return [ParamShape(name, (rows, cols), projected=True, value_bytes=1),
                 ParamShape(f"{name}.scales", scales, trainable=False, value_bytes=4)]
-    return model_parameters(shape, int8)
+    return model_parameters(shape, int8, opts.get("target_modules") or None)
 
 
 def state_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
@@ -117,9 +123,9 @@ def svd_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
 
 
 def weight_moments(step: StepBytes) -> dict[str, Moment]:
-    """Inside backward, at the first INT8 weight reached (the last layer's down_proj), every layer's activations
-    still saved: its gradient plus the update's or the refresh's transients."""
-    first = next(p for p in step.params if p.name == f"{step.shape.num_hidden_layers - 1}.down_proj")
+    """Inside backward, at the first INT8 weight reached (the last layer's last projection: LLaMA's down_proj),
+    every layer's activations still saved: its gradient plus the update's or the refresh's transients."""
+    first = [p for p in step.params if p.projected][-1]
     grad = blocks(first.numel * step.e)
     return {"int8_update": Moment(grad, step.saved, weight_update_bytes(first, step.options, step.e)),
             "svd_refresh": Moment(grad, step.saved, svd_bytes(first, step.options, step.e))}
@@ -138,6 +144,7 @@ OPTIONS = {
     "beta1": Option(float, 0.9, "Adam beta1", minimum=0.0),
     "beta2": Option(float, 0.999, "Adam beta2", minimum=0.0),
     "eps": Option(float, 1e-8, "Adam epsilon", minimum=0.0),
+    "target_modules": TARGETS_OPTION,
 }
 
 METHOD = MethodDef(

@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 
 from galore_bench import readings
-from galore_bench.measure import training
+from galore_bench.measure import timing
 from galore_bench.methods import precision
 from galore_bench.models import model_record, parameter_count
 from galore_bench.record import (
@@ -267,7 +267,7 @@ def fill_ranks(record: RunRecord, scenario: Scenario, spec: DistributedSpec, res
     record["memory"]["readings"] = (readings.measured_cuda(worst["cuda"]) if "cuda" in worst
                                     else readings.measured_cpu(worst["peak_bytes"]))  # the rank with the peak
     first = results[0]
-    rate = training.throughput(first["step_seconds"], tokens_per_step(scenario), device.type)
+    rate = timing.throughput(first["step_seconds"], tokens_per_step(scenario), device.type)
     if rate.get("tokens_per_second") is not None:
         rate["tokens_per_second"] *= world  # every rank trains its own batch; tgs stays per rank
     fill_steps(record, {"losses": first["losses"], "evals": []}, rate, None)

@@ -23,7 +23,7 @@ import torch
 
 from galore_bench import data_bytes, readings, store
 from galore_bench.data import data_info, evaluate_perplexity
-from galore_bench.measure import flops, resolve_mode, training
+from galore_bench.measure import flops, resolve_mode, timing, training
 from galore_bench.measure.allocator import replay
 from galore_bench.measure.estimate import EstimateUnavailable, estimate_run
 from galore_bench.methods import REGISTRY, precision
@@ -242,7 +242,7 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
     if fake:
         return
     tokens = assemble.tokens_per_step(scenario)
-    speed = training.throughput(result["step_times"], tokens, device, _special_steps(run, n_steps),
+    speed = timing.throughput(result["step_times"], tokens, device, _special_steps(run, n_steps),
                                 tracked=result["tracked_steps"])
     counted = lambda: _flops(scenario, run, speed, record["device"])
     speed.update(assemble.cross_check(record, "flops", counted) or {})
