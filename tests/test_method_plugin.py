@@ -102,8 +102,8 @@ def test_scenario_validation_knows_the_plugin_options_and_strategies(monkeypatch
     with pytest.raises(UserError) as bad:
         parse_scenario({"model": {"size": "tiny"}, "runs": runs}, Path("plugin.toml"))
     assert "runs[0].momentum: got -1.0, allowed a number >= 0" in str(bad.value)
-    assert ("runs[0].nesterov: got 'nesterov', allowed one of method, model, lr, weight_decay, label, precision, "
-            "momentum") in str(bad.value)
+    assert ("runs[0].nesterov: got 'nesterov', allowed one of method, model, lr_grid, lr, weight_decay, label, "
+            "precision, momentum") in str(bad.value)
     sharded = {"model": {"size": "tiny"}, "runs": [{"method": "heavyball"}],
                "distributed": {"strategy": "fsdp2", "world_size": 2}}
     with pytest.raises(UserError, match="another strategy: a test plugin runs on one device"):

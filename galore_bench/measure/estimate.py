@@ -154,17 +154,13 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     recipe = PRECISIONS[precision or dtype]  # methods/precision.py; dtype is the weights' dtype
     e = DTYPES[recipe.weights].itemsize  # bytes per value of weights and gradients
     c = DTYPES[recipe.compute].itemsize if recipe.compute else e  # ... of what the forward computes in
-    if recipe.compute and not isinstance(shape, ModelShape):
-        # precision_estimate.py's autocast layer is LLaMA's (full-width q, k, v): GQA and head_dim are not in it
-        raise EstimateUnavailable(f"estimate: precision {precision} (autocast) has a closed form for the LLaMA zoo "
-                                  "only (its saved q, k, v are full width, no GQA or head_dim); run it in simulate "
-                                  "or measure mode")
     params = terms.layout(shape, options)
     weights = sum(blocks(p.numel * (p.value_bytes or p.width(e))) for p in params)
     # under autocast an adapter computes in c bytes like the model, whatever its own dtype
     extra = terms.saved_per_layer(shape, batch_size * seq_len, c, {**options, "adapter_dtype": "model"}
                                   if recipe.compute else options)
     if recipe.compute and not isinstance(shape, ModelShape):
+        # precision_estimate.py's autocast layer is LLaMA's (full-width q, k, v): GQA and head_dim are not in it
         raise EstimateUnavailable(f"estimate: the autocast closed form ({precision}) covers the LLaMA zoo's layers "
                                   f"(full multi-head attention, untied embeddings), not {shape.preset or 'this config'}"
                                   "; run it in simulate or measure mode")
