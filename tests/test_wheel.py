@@ -65,7 +65,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path):
     assert sorted(n.split("/")[-1][:-5] for n in names if n.startswith("galore_bench/scenarios/")) == SHIPPED
     assert sorted(n.split("/")[-1] for n in names if n.startswith("galore_bench/report/reference/")) == PAPER_TABLES
     assert sorted(n.split("/")[-1] for n in names if n.startswith("galore_bench/models/presets/")) == PRESETS
-    assert len(SHIPPED) == 10 and len(PAPER_TABLES) == 7 and len(PRESETS) == 9
+    assert len(SHIPPED) == 12 and len(PAPER_TABLES) == 8 and len(PRESETS) == 9
 
     venv = fresh_venv(tmp_path, wheel)
     outside = tmp_path / "elsewhere"
@@ -87,6 +87,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path):
     table = text.split("## Against LOMO Table 1", 1)[1].split("\n## ", 1)[0]
     rows = [[cell.strip() for cell in line.strip("|").split("|")]
             for line in table.splitlines() if line.startswith("|")]
-    paper = {(row[0], row[2]): row[rows[0].index("paper GiB")] for row in rows[2:]}
+    header = rows[0]
+    paper = {(row[0], row[header.index("quantity")]): row[header.index("paper GiB")] for row in rows[2:]}
     assert paper["adamw", "optimizer_states"] == "75.31"  # LOMO Table 1, AdamW with checkpointing
     assert paper["lomo", "peak"] == "14.58"  # LOMO's printed total with checkpointing
