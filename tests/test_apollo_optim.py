@@ -13,14 +13,6 @@ from torch import nn
 from galore_bench.optim.apollo import NORM_GROWTH_LIMIT, Apollo, random_projection
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model() -> nn.Sequential:
     """A tall (48 x 24) and a wide (16 x 48) weight, each with a bias: both projection sides, and plain Adam."""
     torch.manual_seed(0)

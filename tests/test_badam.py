@@ -13,13 +13,6 @@ from galore_bench.optim.badam import BlockAdam, decoder_blocks
 HYPER = {"lr": 1e-2, "weight_decay": 0.01, "betas": (0.9, 0.999), "eps": 1e-8}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def oracle(model: torch.nn.Module, every: int, mode: str, **include: bool):
     from badam import BlockOptimizer

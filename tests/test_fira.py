@@ -17,13 +17,6 @@ def fira_groups(model, rank: int, gap: int, scale: float) -> list[dict]:
     return [regular, {**oracle, "alpha": scale}]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weights_equal_the_fira_package_across_a_refresh(dtype):

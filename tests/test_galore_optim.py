@@ -53,14 +53,6 @@ def P_of(g: torch.Tensor, r: int) -> torch.Tensor:
     return torch.linalg.svd(g, full_matrices=False)[0][:, :r]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core box they cost ~100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def no_cuda_sync(monkeypatch):
