@@ -4,6 +4,7 @@ A leaf module: every stage raises UserError (exit 1, no traceback) and validates
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,14 @@ class Problems:
             self.add(key, value, "a table")
             return {}
         return value
+
+
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+"""Loggers that speak on every command and say nothing about a run: peft imports torchao, whose CUDA-only extensions
+fail to load on a CPU build with a warning each, and torchao's enum registrations make torch warn."""
+
+
+def quiet_noisy_loggers() -> None:
+    """Raise NOISY_LOGGERS to ERROR; called where a command or a run's process starts, before torchao loads."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,10 +1,16 @@
-"""Where commands print: one console shape for all, and notes on stderr that do not mix with piped output."""
+"""Where commands print: one console shape for all, and notes on stderr that do not mix with piped output.
+
+Imported first by every command module, so it also quiets the loggers that speak on every command (errors.py)."""
 
 from __future__ import annotations
 
 import sys
 
 from rich.console import Console
+
+from galore_bench.errors import quiet_noisy_loggers
+
+quiet_noisy_loggers()
 
 
 def console() -> Console:
