@@ -11,7 +11,7 @@ import time
 import pytest
 
 from galore_bench.measure import training
-from galore_bench.measure.estimate import estimate_run
+from galore_bench.measure.estimate import EstimateUnavailable, estimate_run
 from galore_bench.spec.scenario import load_scenario
 from galore_bench.units import CUDA_BLOCK, format_bytes
 
@@ -27,13 +27,20 @@ def _simulate(scenario, run):
     return training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)
 
 
+def _estimate_or_none(scenario, run):
+    try:
+        return estimate_run(scenario, run)
+    except EstimateUnavailable:
+        return None
+
+
 def _three_way(scenario_name: str, measure: bool) -> list[dict]:
     scenario = load_scenario(scenario_name)
     rows = []
     for run in scenario.runs:
-        guess, t_est = _timed(lambda run=run: estimate_run(scenario, run))
+        guess, t_est = _timed(lambda run=run: _estimate_or_none(scenario, run))
         traced, t_sim = _timed(lambda run=run: _simulate(scenario, run))
-        row = {"run": run.label, "estimate": guess.peak_bytes, "simulate": traced["tracker"].peak,
+        row = {"run": run.label, "estimate": guess.peak_bytes if guess else None, "simulate": traced["tracker"].peak,
                "estimate_s": t_est, "simulate_s": t_sim}
         if measure:  # real tensors, rounded like the allocator so the three count the same way
             real, t_real = _timed(lambda run=run: training.train_steps(scenario, run, fake=False, device="cpu", steps=2,
@@ -45,8 +52,9 @@ def _three_way(scenario_name: str, measure: bool) -> list[dict]:
     lines = [header]
     for r in rows:
         meas = r.get("measure")
-        lines.append(f"{r['run']:<22} {format_bytes(r['estimate']):>11} {format_bytes(r['simulate']):>11} "
-                     f"{format_bytes(meas) if meas else '-':>11} {r['estimate'] / r['simulate']:8.3f} "
+        est = r["estimate"]
+        lines.append(f"{r['run']:<22} {format_bytes(est) if est else '-':>11} {format_bytes(r['simulate']):>11} "
+                     f"{format_bytes(meas) if meas else '-':>11} {(est / r['simulate']) if est else float('nan'):8.3f} "
                      f"{(r['simulate'] / meas) if meas else float('nan'):8.3f}  "
                      f"{r['estimate_s']:.4f}/{r['simulate_s']:.2f}/{r.get('measure_s', float('nan')):.2f}")
     print(f"\n{scenario_name}\n" + "\n".join(lines))
@@ -56,7 +64,8 @@ def _three_way(scenario_name: str, measure: bool) -> list[dict]:
 def _check(rows: list[dict], benchmark) -> None:
     for r in rows:
         benchmark.extra_info[r["run"]] = r
-        assert abs(r["estimate"] / r["simulate"] - 1) <= 0.02, r
+        if r["estimate"] is not None:  # a method without estimate terms (BAdam) says why, in test_estimate
+            assert abs(r["estimate"] / r["simulate"] - 1) <= 0.02, r
         if "measure" in r:
             assert abs(r["simulate"] / r["measure"] - 1) <= 0.005, r
 
