@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from galore_bench.errors import SAFE_NAME, UserError, is_safe_name, listed, shown
-from galore_bench.record import SCHEMA_VERSION, RunRecord, problems_in, upgraded
+from galore_bench.record import SCHEMA_VERSION, RunRecord, problems_in
+from galore_bench.record_upgrade import upgraded
 
 DEFAULT_RESULTS = Path("results")
 # what every reader needs; a JSON file with none of them is not a record at all

@@ -19,9 +19,8 @@ from galore_bench.record import (
     peak_of,
     problems_in,
     reserved_of,
-    upgrade_1_to_2,
-    upgrade_2_to_3,
 )
+from galore_bench.record_upgrade import upgrade_1_to_2, upgrade_2_to_3
 from galore_bench.run.assemble import new_record
 from galore_bench.spec.scenario import load_scenario
 from galore_bench.units import format_bytes, parse_bytes

@@ -13,7 +13,7 @@ from galore_bench.cli import main
 from galore_bench.errors import UserError
 from galore_bench.measure import training
 from galore_bench.methods import PLUGIN_ENV, REGISTRY
-from galore_bench.record import upgrade_2_to_3
+from galore_bench.record_upgrade import upgrade_2_to_3
 
 from conftest import TINY_HEADER
 from fixtures.records import make_record, parts  # version 2 records: upgrade_2_to_3 before store.write
