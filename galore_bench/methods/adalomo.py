@@ -9,29 +9,13 @@ import torch
 
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.lomo import METHOD as LOMO_METHOD
-from galore_bench.methods.lomo import LomoTrainer
+from galore_bench.methods.lomo import LomoTrainer, schedule_of
 from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks
 from galore_bench.optim.adalomo import AdaLomo
-from galore_bench.optim.relora import warmup_cosine_lr
 
 
 class AdaLomoTrainer(LomoTrainer):
-    """LOMO's trainer (the update is inside backward), with state to count and its own LR schedule."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: AdaLomo, train: TrainSettings, info: dict[str, Any]):
-        super().__init__(model, optimizer, info=info)
-        self.base_lr = optimizer.lr
-        self.train = train
-        self._set_lr(0)
-
-    def _set_lr(self, step: int) -> None:
-        """The engines' schedule (linear warm-up, cosine decay to 10%), as torch's LambdaLR would apply it."""
-        if self.train.lr_schedule == "cosine":
-            self.optimizer.lr = self.base_lr * warmup_cosine_lr(step, max(self.train.steps, 1),
-                                                                self.train.warmup_steps)
-
-    def update(self, step: int) -> None:
-        self._set_lr(step + 1)
+    """LOMO's trainer (the update is inside backward, LOMO's schedule), with AdaLomo's factored state to count."""
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
         return self.optimizer.state_tensors()
@@ -42,8 +26,9 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
                         clip_threshold=opts["clip_threshold"], decay_rate=-opts["decay_exponent"],
                         clip_grad_norm=opts["clip_grad_norm"] or None, clip_grad_value=opts["clip_grad_value"] or None,
                         loss_scale=opts["loss_scale"] or None, weight_decay=opts["weight_decay"])
-    return AdaLomoTrainer(model, optimizer, train, info={"optimizer": "galore_bench.optim.adalomo.AdaLomo",
-                                                         "backward_passes": 2 if opts["clip_grad_norm"] else 1})
+    return AdaLomoTrainer(model, optimizer, schedule_of(optimizer, train),
+                          info={"optimizer": "galore_bench.optim.adalomo.AdaLomo",
+                                "backward_passes": 2 if opts["clip_grad_norm"] else 1})
 
 
 def state_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:

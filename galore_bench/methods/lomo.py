@@ -39,6 +39,13 @@ class LomoTrainer(Trainer):
         return iter(())
 
 
+def schedule_of(lomo: LOMO, train: TrainSettings) -> LomoSchedule | None:
+    """The engines' warm-up / cosine schedule for a LOMO-style optimizer (AdaLomo too), None when constant."""
+    if train.lr_schedule != "cosine":
+        return None
+    return LomoSchedule(lomo, lambda step: warmup_cosine_lr(step, max(train.steps, 1), train.warmup_steps))
+
+
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
     scale: float | DynamicLossScaler | None = opts["loss_scale"] or None
     clip = opts["clip_grad_norm"] or None
@@ -46,10 +53,7 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
         scale, clip = DynamicLossScaler(), clip or 1.0
     lomo = LOMO(model, lr=opts["lr"], clip_grad_norm=clip, clip_grad_value=opts["clip_grad_value"] or None,
                 loss_scale=scale, weight_decay=opts["weight_decay"])
-    schedule = None
-    if train.lr_schedule == "cosine":
-        schedule = LomoSchedule(lomo, lambda step: warmup_cosine_lr(step, max(train.steps, 1), train.warmup_steps))
-    return LomoTrainer(model, lomo, schedule, info={"optimizer": "galore_bench.optim.lomo.LOMO",
+    return LomoTrainer(model, lomo, schedule_of(lomo, train), info={"optimizer": "galore_bench.optim.lomo.LOMO",
                                                     "backward_passes": 2 if clip else 1,
                                                     "loss_scale": "dynamic" if opts["dynamic_loss_scale"] else scale})
 
