@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [compare(row) for row in selected(list(csv.DictReader(handle)))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = f"python -m galore_bench.report.external_modules --csv {args.csv} --out {args.out}"
+    shown_csv = os.path.relpath(args.csv)  # as a clone beside ../shared reads it, not this machine's path
+    command = f"python -m galore_bench.report.external_modules --csv {shown_csv} --out {args.out}"
     (out / "liger_modules.md").write_text(markdown(results, command), encoding="utf-8")
     with open(out / "liger_modules.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(results[0]))
