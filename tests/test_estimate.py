@@ -65,10 +65,9 @@ def test_every_registered_method_has_estimate_terms_or_says_why_not():
     assert len(_every_method()) == 29  # 19 shipped with terms (BAdam says why not), 10 of them also layer-wise
 
 
-@pytest.mark.parametrize("setting", SETTINGS)
-def test_estimate_within_two_percent_of_simulate_for_every_method(setting):
-    size, train = SETTINGS[setting]
-    scenario = _scenario(size, train, EVERY_METHOD)
+def estimate_vs_simulate_failures(scenario, tolerance: float = TOLERANCE) -> list[str]:
+    """Each run's estimate against its traced step (peak and each category's own maximum), beyond `tolerance`.
+    Shared by the zoo, precision and modern-model estimate tests."""
     failures = []
     for run in scenario.runs:
         planned, steps = training.simulation_plan(run)  # GaLore: a third step refreshes the projectors
@@ -77,9 +76,16 @@ def test_estimate_within_two_percent_of_simulate_for_every_method(setting):
         checks = {"peak": (guess.peak_bytes, traced.peak)}
         for category in ("weights", "gradients", "optimizer_states", "activations"):
             checks[category] = (guess.category_peaks[category], traced.category_peaks[category])
-        for what, (ours, truth) in checks.items():
-            if abs(ours - truth) > TOLERANCE * max(truth, 1):
-                failures.append(f"{run.label} {what}: estimate {ours} vs simulate {truth}")
+        failures += [f"{run.label} {what}: estimate {ours} vs simulate {truth}"
+                     for what, (ours, truth) in checks.items() if abs(ours - truth) > tolerance * max(truth, 1)]
+    return failures
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_estimate_within_two_percent_of_simulate_for_every_method(setting):
+    size, train = SETTINGS[setting]
+    scenario = _scenario(size, train, EVERY_METHOD)
+    failures = estimate_vs_simulate_failures(scenario)
     assert not failures, "\n".join(failures)
 
 

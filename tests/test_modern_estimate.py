@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_estimate import EVERY_METHOD, TOLERANCE
+from test_estimate import EVERY_METHOD, estimate_vs_simulate_failures
 
-from galore_bench.measure import training
-from galore_bench.measure.estimate import EstimateUnavailable, estimate, estimate_run
+from galore_bench.measure.estimate import EstimateUnavailable, estimate
 from galore_bench.models.hf import make_model, read_preset
 from galore_bench.spec.scenario import parse_scenario
 
@@ -23,17 +22,7 @@ def _scenario(preset: str, model: dict, train: dict, runs: list[dict]):
 
 
 def _failures(scenario) -> list[str]:
-    failures = []
-    for run in scenario.runs:
-        planned, steps = training.simulation_plan(run)
-        traced = training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
-        guess = estimate_run(scenario, run)
-        checks = {"peak": (guess.peak_bytes, traced.peak)}
-        for category in ("weights", "gradients", "optimizer_states", "activations"):
-            checks[category] = (guess.category_peaks[category], traced.category_peaks[category])
-        failures += [f"{run.label} {what}: estimate {ours} vs simulate {truth}"
-                     for what, (ours, truth) in checks.items() if abs(ours - truth) > TOLERANCE * max(truth, 1)]
-    return failures
+    return estimate_vs_simulate_failures(scenario)
 
 
 FAMILIES = {  # preset -> what it adds to LLaMA-1's shape

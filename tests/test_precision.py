@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_estimate import estimate_vs_simulate_failures
 
 from galore_bench.errors import UserError
 from galore_bench.measure import training
@@ -58,17 +59,7 @@ def _estimate_failures(size: str, train: dict, only: tuple[str, ...] = ()) -> li
         runs += [{"method": "lomo"}, {"method": "adamw", "layerwise": True},
                  {"method": "galore", "rank": 16, "layerwise": True}]
     scenario = _scenario(size, train, [run for run in runs if not only or run["method"] in only])
-    failures = []
-    for run in scenario.runs:
-        planned, steps = training.simulation_plan(run)
-        traced = training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
-        guess = estimate_run(scenario, run)
-        checks = {"peak": (guess.peak_bytes, traced.peak)}
-        for category in ("weights", "gradients", "optimizer_states", "activations"):
-            checks[category] = (guess.category_peaks[category], traced.category_peaks[category])
-        failures += [f"{run.label} {what}: estimate {ours} vs simulate {truth}"
-                     for what, (ours, truth) in checks.items() if abs(ours - truth) > 0.02 * max(truth, 1)]
-    return failures
+    return estimate_vs_simulate_failures(scenario, tolerance=0.02)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
