@@ -10,19 +10,18 @@ Run: python -m pytest -q -s benchmarks/test_bench_tracker.py -p no:cacheprovider
 """
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from test_bench_overheads import ROUNDS
+from test_bench_overheads import _time_pairs as time_pairs
 
 from galore_bench.measure.tracker import MemoryTracker
 from galore_bench.models import ModelShape, build_model
 
 SHAPES = {"small": ModelShape(64, 172, 2, 4, 512, source="benchmark model"),
           "wide": ModelShape(512, 1376, 2, 8, 4096, source="benchmark model")}
-ROUNDS = 7  # timed pairs before the benchmark's own rounds; enough for a stable median when benchmarks are off
 
 
 @pytest.fixture(autouse=True)
@@ -61,21 +60,9 @@ def _trainer(shape: ModelShape, tracker: MemoryTracker | None) -> Callable[[], N
 def test_bench_tracker_overhead(benchmark, size):
     tracker = MemoryTracker(round_to=1)
     steps = {"tracked": _trainer(SHAPES[size], tracker), "untracked": _trainer(SHAPES[size], None)}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-
-    def pair() -> None:
-        order.reverse()
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-
-    for _ in range(ROUNDS):
-        pair()
-    benchmark.pedantic(pair, rounds=5, iterations=1)
-    ratio = statistics.median(times["tracked"]) / statistics.median(times["untracked"])
+    medians = time_pairs(benchmark, steps)  # alternating pairs, as the other overhead benchmarks time them
+    ratio = medians["tracked"] / medians["untracked"]
     benchmark.extra_info["tracked_over_untracked"] = ratio
-    print(f"\n{size}: tracked / untracked step time = {ratio:.3f} (median of {len(times['tracked'])} pairs)")
+    print(f"\n{size}: tracked / untracked step time = {ratio:.3f} (median of {ROUNDS + 5} pairs)")
     assert tracker.peak > 0  # the tracked side really ran under the tracker
     assert ratio > 1.0  # the tracker's dispatch only adds work
