@@ -46,6 +46,14 @@ COLUMNS = ["label", "part", "size", "method", "mode", "status", "device", "date"
            "simulated_reserved_bytes", "reserved_error_pct", "fits_24gib", "tgs", "mfu", "wall_s", "record", "error"]
 
 
+def allocated_of(record: dict[str, Any]) -> int | None:
+    """The record's `allocated` reading (readings.py), or its peak where an older record has no readings."""
+    from galore_bench.record import peak_of, reading_of
+
+    found = reading_of(record, "allocated")
+    return found["bytes"] if found and found.get("bytes") is not None else peak_of(record)
+
+
 @dataclass(frozen=True)
 class Job:
     part: str
@@ -189,7 +197,9 @@ class Sweep:
             keys = {m: (job.part, job.size, job.label, m) for m in ("measure", "simulate")}
             paths = {m: self.done[k] for m, k in keys.items() if k in self.done}
             records = {m: load_record(p) for m, p in paths.items()}
-            simulated = records["simulate"]["memory"].get("peak_bytes") if "simulate" in records else None
+            # allocated against allocated: simulate's is the allocator model's block peak from the steady state (as
+            # the GPU's reset_peak_memory_stats gives), not the tracker's exact-byte peak
+            simulated = allocated_of(records["simulate"]) if "simulate" in records else None
             model = (records["simulate"]["memory"].get("allocator_model") or {}) if "simulate" in records else {}
             for mode in ("measure", "simulate"):
                 row: dict[str, Any] = {"label": PLUMBING_LABEL if self.plumbing else "GPU validation",
@@ -198,7 +208,7 @@ class Sweep:
                 if (record := records.get(mode)) is not None:
                     memory, speed = record["memory"], record["throughput"]
                     cuda = memory.get("cuda") or {}
-                    peak = memory.get("peak_bytes")  # measure on CUDA: the allocator's allocated peak
+                    peak = allocated_of(record)  # measure on CUDA: the allocator's allocated peak
                     row.update(status=record["status"], device=record["device"], date=record["created"],
                                peak_bytes=peak, allocated_bytes=cuda.get("allocated_bytes"),
                                reserved_bytes=cuda.get("reserved_bytes"), tgs=speed.get("tgs"),
@@ -256,7 +266,7 @@ class Sweep:
         where = ", ".join(devices) or "(no record yet)"
         title = PLUMBING_LABEL if self.plumbing else f"GPU measurement on {where}"
         lines = [f"# Issue 9: simulate vs measure — {title}", "",
-                 (f"Written {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime())}. Error % = (simulated - "
+                 (f"Written {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime())}. Error % = (simulated allocated - "
                   f"measured allocated) / measured allocated, flagged beyond {FLAG_PCT:g}%; reserved error % = "
                   "(the caching-allocator model's reserved peak on the simulated trace - measured reserved) / "
                   "measured reserved. 7b_4090 runs are "
