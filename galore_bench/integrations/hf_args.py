@@ -69,7 +69,7 @@ def parse_optim_args(text: Any, where: str) -> dict[str, str]:
     pairs = [item.split("=", 1) for item in text.replace(" ", "").split(",") if item]
     if any(len(pair) != 2 for pair in pairs):
         raise UserError(f"{where}: optim_args: got {shown(text)}, allowed key=value pairs separated by commas")
-    return dict((key, value) for key, value in pairs)
+    return {key: value for key, value in pairs}
 
 
 def _optimizer(args: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
@@ -193,11 +193,12 @@ def scenario_document(args: dict[str, Any], model: str, seq_len: int, *, dtype: 
     config = Path(model).resolve()
     table = ({"config": os.path.relpath(config, (folder or Path.cwd()).resolve())} if config.suffix == ".json"
              else {"preset": model})
-    document = {"description": f"imported from {where} (optim {args.get('optim', 'adamw_torch')})",
-                "model": table, "train": train, "device": {"mode": "auto"}, "runs": [{"method": method, **options}]}
+    run: dict[str, Any] = {"method": method, **options}
+    document: dict[str, Any] = {"description": f"imported from {where} (optim {args.get('optim', 'adamw_torch')})",
+                "model": table, "train": train, "device": {"mode": "auto"}, "runs": [run]}
     if method in USES_TARGETS:
         model_of_run = validated(document, folder).model
-        document["runs"][0]["target_modules"] = target_modules(args.get("optim_target_modules"), model_of_run, where)
+        run["target_modules"] = target_modules(args.get("optim_target_modules"), model_of_run, where)
     return document, notes
 
 
