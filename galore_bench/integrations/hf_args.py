@@ -197,7 +197,7 @@ def scenario_document(args: dict[str, Any], model: str, seq_len: int, *, dtype: 
     document: dict[str, Any] = {"description": f"imported from {where} (optim {args.get('optim', 'adamw_torch')})",
                 "model": table, "train": train, "device": {"mode": "auto"}, "runs": [run]}
     if method in USES_TARGETS:
-        model_of_run = validated(document, folder).model
+        model_of_run = validated({**document, "runs": [{"method": "adamw"}]}, folder).model  # the model alone
         run["target_modules"] = target_modules(args.get("optim_target_modules"), model_of_run, where)
     return document, notes
 

@@ -46,6 +46,10 @@ def optimizer_state_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
     per_parameter = getattr(inner, "optimizer_dict", None)
     for each in (per_parameter.values() if isinstance(per_parameter, dict) else [inner]):
         yield from Trainer(torch.nn.Module(), each).state_tensors()
+        for state in getattr(each, "state", {}).values():  # objects kept in the state: galore-torch's projector
+            for value in (state.values() if isinstance(state, dict) else []):
+                if not isinstance(value, (torch.Tensor, dict, list, tuple)) and hasattr(value, "__dict__"):
+                    yield from (v for v in vars(value).values() if isinstance(v, torch.Tensor))
 
 
 class GaloreBenchCallback(TrainerCallback):
@@ -88,8 +92,10 @@ class GaloreBenchCallback(TrainerCallback):
         of it, as training.py registers it first, or the gradient would be counted as backward temporaries."""
         for param in model.parameters():
             hooks = getattr(param, "_post_accumulate_grad_hooks", None)
-            if hooks and len(hooks) > 1:
-                hooks.move_to_end(next(reversed(hooks)), last=False)
+            if hooks and len(hooks) > 1:  # re-inserted, not move_to_end: autograd walks the plain dict order
+                entries = list(hooks.items())
+                hooks.clear()
+                hooks.update([entries[-1], *entries[:-1]])
 
     def _enter(self, phase: str) -> None:
         self._phase.close()
