@@ -18,8 +18,8 @@ from galore_bench.run import worker
 from galore_bench.spec.scenario import load_scenario
 
 SEQ = 32
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-            vocab_size=256, max_position_embeddings=128)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "vocab_size": 256, "max_position_embeddings": 128}
 
 
 @pytest.fixture
@@ -29,8 +29,8 @@ def config(tmp_path: Path) -> Path:
 
 
 def training_args(tmp_path: Path, **overrides) -> TrainingArguments:
-    settings = dict(output_dir=str(tmp_path / "trainer"), max_steps=3, per_device_train_batch_size=2, use_cpu=True,
-                    report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True)
+    settings = {"output_dir": str(tmp_path / "trainer"), "max_steps": 3, "per_device_train_batch_size": 2,
+                "use_cpu": True, "report_to": [], "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True}
     return TrainingArguments(**{**settings, **overrides})
 
 
@@ -143,7 +143,8 @@ def test_every_transformers_optimizer_name_is_mapped_or_refused_by_name(tmp_path
             "adalomo", "apollo_adamw", "sgd"} <= set(mapped)
     for name in names:
         low_rank = name in hf_args.OPTIM_METHODS and hf_args.OPTIM_METHODS[name][0] in hf_args.USES_TARGETS
-        args = {"optim": name, "optim_target_modules": ["attn", "mlp"], **({"optim_args": "rank=8"} if low_rank else {})}
+        args = {"optim": name, "optim_target_modules": ["attn", "mlp"],
+                **({"optim_args": "rank=8"} if low_rank else {})}
         if name in mapped:
             document, _ = hf_args.scenario_document(args, str(config), SEQ, folder=tmp_path)
             assert hf_args.validated(document, tmp_path).runs[0].method == hf_args.OPTIM_METHODS[name][0]
@@ -159,7 +160,8 @@ def test_every_transformers_optimizer_name_is_mapped_or_refused_by_name(tmp_path
     ({"optim": "galore_adamw", "optim_target_modules": None}, r"optim_target_modules: got null"),
     ({"optim": "galore_adamw", "optim_target_modules": [r"model\.layers\.0\..*proj"]}, r"in some layers and not"),
     ({"optim": "galore_adamw", "optim_target_modules": ["nothing"]}, r"selects no nn.Linear"),
-    ({"optim": "galore_adamw", "optim_target_modules": ["attn"], "optim_args": "rank=x"}, r"rank: got 'x', allowed int"),
+    ({"optim": "galore_adamw", "optim_target_modules": ["attn"], "optim_args": "rank=x"},
+     r"rank: got 'x', allowed int"),
     ({"optim": "apollo_adamw", "optim_target_modules": ["attn"], "optim_args": "proj=svd"},
      r"optim_args\.proj: got 'svd', allowed 'random'"),
     ({"optim": "adamw_torch", "optim_args": "foo=1"}, r"optim_args: got 'foo=1' for optim 'adamw_torch', allowed none"),
