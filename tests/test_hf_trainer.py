@@ -83,12 +83,14 @@ def test_callback_record_equals_measure_of_the_imported_scenario(tmp_path, confi
     assert ours["throughput"]["tgs"] > 0 and ours["throughput"]["timed_step_indices"] == [2]
 
 
-def test_galore_through_the_trainer_keeps_whole_svd_factors(tmp_path, config):
+@pytest.mark.parametrize("optim", ["galore_adamw", "galore_adamw_layerwise"])
+def test_galore_through_the_trainer_keeps_whole_svd_factors(tmp_path, config, optim):
     """transformers runs galore-torch, whose projector keeps a rank-r slice of the full SVD factor, so the whole
     min(m, n)^2 fp32 factor stays alive; galore-bench's GaLore keeps r x min(m, n). The callback must see exactly
-    that surplus in optimizer_states (hand count: 7 projections per layer, each min side 64) and nothing else."""
+    that surplus in optimizer_states (hand count: 7 projections per layer, each min side 64) and nothing else.
+    Layer-wise: transformers' update hook frees each gradient; the callback labels it first, as measure does."""
     rank = 8
-    args = training_args(tmp_path, optim="galore_adamw", optim_target_modules=["attn", "mlp"],
+    args = training_args(tmp_path, optim=optim, optim_target_modules=["attn", "mlp"],
                          optim_args=f"rank={rank},update_proj_gap=50", max_grad_norm=0.0)
     path = imported(tmp_path, config, args)
     scenario = load_scenario(str(path))
@@ -101,6 +103,7 @@ def test_galore_through_the_trainer_keeps_whole_svd_factors(tmp_path, config):
     for category in ("weights", "gradients", "activations", "other"):
         assert ours["memory"]["breakdown"][category] == pytest.approx(
             measured["memory"]["breakdown"][category], rel=0.02, abs=1024), category
+    assert ours["memory"]["category_peaks"]["gradients"] == measured["memory"]["category_peaks"]["gradients"] > 0
 
 
 def test_import_hf_maps_the_memory_fields(tmp_path, config):
