@@ -71,9 +71,11 @@ def test_callback_record_equals_measure_of_the_imported_scenario(tmp_path, confi
     for category in ("weights", "gradients", "optimizer_states", "activations"):  # each one's own maximum too
         assert ours["memory"]["category_peaks"][category] == pytest.approx(
             measured["memory"]["category_peaks"][category], rel=0.02, abs=1024), category
-    # 'other' at its own maximum (a transient after the peak, not part of the peak's composition above): the
-    # Trainer's loop holds more there, measured 16,904 B (fp32) and 33,036 B (bf16) of 148,036 and 131,904; cause
-    # not yet found (open in the report)
+    # 'other' at its own maximum (a transient after the peak, not part of the peak's composition above) is higher
+    # under the Trainer: measured 16,904 B (fp32) and 33,036 B (bf16) of 148,036 and 131,904. Cause (traced): the
+    # Trainer's AdamW has two parameter groups (no weight decay on norms), so the for-loop AdamW steps lm_head right
+    # after the last down_proj, whose 32 KiB `denom` is still bound while lm_head's two 64 KiB temporaries exist
+    # (in one group the norm's 256 B precedes it); the rest of the 'other' maximum is the same
     extra = ours["memory"]["category_peaks"]["other"] - measured["memory"]["category_peaks"]["other"]
     assert 0 <= extra <= 0.26 * measured["memory"]["category_peaks"]["other"]
     assert ours["memory"]["peak_bytes"] == pytest.approx(measured["memory"]["peak_bytes"], rel=0.02)
