@@ -46,7 +46,7 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}  # as the measure engine feeds its batches: labels = input_ids
 
 
-def trainer_record(tmp_path: Path, args: TrainingArguments, scenario: Path) -> dict:
+def trainer_record(tmp_path: Path, args: TrainingArguments, scenario: Path | None) -> dict:
     torch.manual_seed(0)
     data = [{"input_ids": torch.randint(0, TINY["vocab_size"], (SEQ,))} for _ in range(8)]
     callback = GaloreBenchCallback(tmp_path / "results", scenario=scenario)
@@ -83,6 +83,21 @@ def test_callback_record_equals_measure_of_the_imported_scenario(tmp_path, confi
     assert allocated["bytes"] == ours["memory"]["peak_bytes"] == sum(ours["memory"]["breakdown"].values())
     assert ours["memory"]["readings"]["reserved"]["bytes"] is None  # a CPU has no caching allocator
     assert ours["throughput"]["tgs"] > 0 and ours["throughput"]["timed_step_indices"] == [2]
+
+
+def test_without_a_scenario_the_callback_imports_the_trainers_own_arguments(tmp_path, config):
+    """The same record with no scenario file: import-hf's mapping applied to the Trainer's args and model config."""
+    args = training_args(tmp_path, optim="adamw_torch", learning_rate=0.003)
+    path = imported(tmp_path, config, args)
+    scenario = load_scenario(str(path))
+    measured = worker.execute(scenario, scenario.runs[0], "measure", 3)
+    ours = trainer_record(tmp_path, args, None)
+    assert (ours["scenario"], ours["run"], ours["method"]["name"], ours["method"]["lr"]) == (
+        "hf_trainer", "adamw", "adamw", 0.003)
+    assert (ours["train"]["batch_size"], ours["train"]["seq_len"], ours["train"]["dtype"]) == (2, SEQ, "fp32")
+    assert ours["model"]["parameters"] == measured["model"]["parameters"]
+    for category, expected in measured["memory"]["breakdown"].items():
+        assert ours["memory"]["breakdown"][category] == pytest.approx(expected, rel=0.02, abs=1024), category
 
 
 @pytest.mark.parametrize("optim", ["galore_adamw", "galore_adamw_layerwise"])
