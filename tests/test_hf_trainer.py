@@ -48,7 +48,7 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def trainer_record(tmp_path: Path, args: TrainingArguments, scenario: Path | None) -> dict:
     torch.manual_seed(0)
-    data = [{"input_ids": torch.randint(0, TINY["vocab_size"], (SEQ,))} for _ in range(8)]
+    data = [{"input_ids": torch.randint(0, TINY["vocab_size"], (SEQ,))} for _ in range(24)]
     callback = GaloreBenchCallback(tmp_path / "results", scenario=scenario)
     Trainer(model=LlamaForCausalLM(LlamaConfig(**TINY)), args=args, train_dataset=data, data_collator=collate,
             callbacks=[callback]).train()
@@ -56,7 +56,9 @@ def trainer_record(tmp_path: Path, args: TrainingArguments, scenario: Path | Non
     return dict(store.load(callback.record_path))
 
 
-@pytest.mark.parametrize("optim, extra", [("adamw_torch", {}), ("adafactor", {}), ("adamw_torch", {"bf16": True})])
+@pytest.mark.parametrize("optim, extra", [("adamw_torch", {}), ("adafactor", {}), ("adamw_torch", {"bf16": True}),
+                                          ("adamw_torch", {"gradient_accumulation_steps": 2}),
+                                          ("sgd", {"gradient_checkpointing": True})])
 def test_callback_record_equals_measure_of_the_imported_scenario(tmp_path, config, optim, extra):
     args = training_args(tmp_path, optim=optim, **extra)
     path = imported(tmp_path, config, args)

@@ -187,6 +187,8 @@ class GaloreBenchCallback(TrainerCallback):
                   "trainer_info": {"optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
                                    "loop": "transformers.Trainer"}}
         memory = assemble.traced_memory(result, extra_step=None)
+        if steps < 2:  # training ended before a steady step: the peak is step 1's, optimizer states being created
+            memory["steady_state_from_step"] = None
         memory["source"] = SOURCE if not self._cuda else memory["source"]
         if not self._cuda:
             memory["process_rss_bytes"] = psutil.Process().memory_info().rss
