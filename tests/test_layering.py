@@ -13,7 +13,7 @@ import galore_bench
 # chunked_loss sits beside models: a loss users import for real training, needing only torch and transformers
 STAGE = {"": 0, "errors": 0, "units": 0, "readings": 0, "settings": 0, "models": 1, "chunked_loss": 1, "data": 1,
          "data_bytes": 1, "optim": 2, "methods": 3, "spec": 4, "measure": 5, "record": 6, "record_types": 6,
-         "record_upgrade": 6, "store": 7, "run": 8, "report": 9, "check": 10, "cli": 11}
+         "record_upgrade": 6, "store": 7, "run": 8, "integrations": 9, "report": 9, "check": 10, "cli": 11}
 LAZY = {  # (importer, imported; a package stands for its modules) -> why the import waits inside a function
     ("galore_bench.data", "sentencepiece"): "only the wiki corpus is tokenized",
     ("galore_bench.measure.training", "pynvml"): "only on CUDA; a machine without NVML is answered with None",

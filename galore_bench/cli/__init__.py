@@ -1,4 +1,4 @@
-"""Command line: `galore-bench list | run | report | fit | compare | check | gpus | ranks`, a module each.
+"""Command line: `galore-bench list | run | report | fit | compare | check | gpus | ranks | import-hf`, a module each.
 
 Each command module has NAME, HELP, DESCRIPTION, add_arguments(parser), from_args(args) and a typed
 run(...) -> int that tests call without argparse. main() is the one place a UserError becomes exit 1.
@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from galore_bench.cli import check, compare, fit, gpus, ranks, report, run
+from galore_bench.cli import check, compare, fit, gpus, import_hf, ranks, report, run
 from galore_bench.cli import list as list_command
 from galore_bench.errors import UserError
 
-COMMANDS = (list_command, run, report, fit, compare, check, gpus, ranks)  # in the order --help lists them
+COMMANDS = (list_command, run, report, fit, compare, check, gpus, ranks, import_hf)  # in the order --help lists them
 EPILOG = "Results are JSON records under results/<device>/<scenario>/; see README.md."
 
 
