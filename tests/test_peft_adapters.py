@@ -20,12 +20,11 @@ ADAPTERS = {  # run options after `method`; impl = "for-loop" compares a CPU run
     "oft": 'method = "peft"\npeft = { type = "OFT", r = 0, oft_block_size = 8 }',
     "hra": 'method = "peft"\npeft = { type = "HRA", r = 4 }',
     "fourierft": 'method = "peft"\npeft = { type = "FOURIERFT", n_frequency = 100 }',
+    # LyCORIS: module dropout drawn as torch.rand(1) > p in Python (training.one_value_draws_have_values)
+    "loha": 'method = "peft"\npeft = { type = "LOHA", r = 4 }',
+    "lokr": 'method = "peft"\npeft = { type = "LOKR", r = 4 }',
 }
-UNTRACEABLE = {  # measured: peft draws or indexes by a tensor's value, which a fake tensor does not have
-    "loha": ('method = "peft"\npeft = { type = "LOHA", r = 4 }',
-             ("LoHa's forward draws torch.rand(1) > module_dropout in training (lycoris layers): a Python bool of a "
-             "random fake tensor; measure runs it")),
-    "lokr": ('method = "peft"\npeft = { type = "LOKR", r = 4 }', "LoKr: the same module-dropout draw as LoHa"),
+UNTRACEABLE = {  # measured: peft indexes by a tensor's value, which a fake tensor does not have
     "boft": ('method = "peft"\npeft = { type = "BOFT", boft_block_size = 4 }',
              "BOFT builds its butterfly permutation matrices at init with perm_mat[i, idx] = 1, idx a tensor value"),
 }
@@ -50,7 +49,7 @@ def test_simulate_equals_a_real_cpu_measure_per_category(write_scenario, name):
 
 
 @pytest.mark.parametrize("name", UNTRACEABLE)
-def test_adapters_that_branch_on_a_tensor_value_cannot_be_traced(write_scenario, name):
+def test_adapters_that_index_by_a_tensor_value_cannot_be_traced(write_scenario, name):
     """Documented rather than hidden: the fake trace stops at peft's data-dependent step (strict: if peft changes,
     this fails and the type joins ADAPTERS)."""
     run, reason = UNTRACEABLE[name]
@@ -140,3 +139,22 @@ def test_ia3_scales_the_input_of_the_mlp_output_projection_read_off_the_architec
               if ".layers.0." in n and "ia3_l" in n}
     assert shapes["mlp.down_proj"] == (1, 96)
     assert all(shape[1] == 1 for name, shape in shapes.items() if name != "mlp.down_proj"), shapes
+
+
+DORA_FP32_GAP = ("measured: -8.8% of the peak. With checkpointing, a bf16 model and fp32 adapters the step peaks in "
+                 "layer 0's backward, where DoRA's fp32 gradients of m / norm * B A x and (m / norm - 1) * W x (one "
+                 "token x row tensor each, beside the promoted product) outgrow the recompute moment's layer bytes; "
+                 "the estimate has no DoRA backward moment. Peak-only: every category is within 0.5%.")
+
+
+@pytest.mark.parametrize("setting", ["tiny-fp32", "60m-bf16", pytest.param(
+    "tiny-bf16-checkpointing", marks=pytest.mark.xfail(strict=True, reason=DORA_FP32_GAP))])
+def test_dora_estimate_with_fp32_adapters_within_two_percent_of_simulate(setting):
+    """DoRA's terms (lora.dora_saved: the magnitude, and W x, B A x and three row vectors saved per projection)
+    at peft's default fp32 adapters; test_estimate holds the model-dtype DoRA in every setting."""
+    from test_estimate import SETTINGS, _scenario, estimate_vs_simulate_failures
+
+    size, train = SETTINGS[setting]
+    scenario = _scenario(size, train, [{"method": "lora", "rank": 16, "use_dora": True}])
+    failures = estimate_vs_simulate_failures(scenario)
+    assert not failures, "\n".join(failures)

@@ -97,11 +97,28 @@ def build_low_rank(model: torch.nn.Module, opts: dict[str, Any], train: TrainSet
 
 # -- estimate terms: AdamW over the adapters or factors, and each rank-r intermediate saved for backward --------
 def adapters(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
-    """Each projection frozen, with trainable A (r x cols) and B (rows x r) beside it (fp32 unless 'model')."""
+    """Each projection frozen, with trainable A (r x cols) and B (rows x r) beside it (fp32 unless 'model');
+    DoRA adds its trainable magnitude, one value per output row."""
     r, own = opts.get("rank") or 0, 4 if opts.get("adapter_dtype") == "fp32" else 0
+    dora = bool(opts.get("use_dora"))
     return model_parameters(shape, lambda name, rows, cols: [
         ParamShape(name, (rows, cols), trainable=False), ParamShape(name + ".lora_A", (r, cols), itemsize=own),
-        ParamShape(name + ".lora_B", (rows, r), itemsize=own)], opts.get("target_modules") or None)
+        ParamShape(name + ".lora_B", (rows, r), itemsize=own),
+        *([ParamShape(name + ".lora_magnitude", (rows,), itemsize=own)] if dora else [])],
+        opts.get("target_modules") or None)
+
+
+def dora_saved(shape: Model, tokens: int, e: int, opts: dict[str, Any]) -> int:
+    """What DoRA's output, (m / |W + s B A| - 1) * W x + m / |W + s B A| * s B A x, saves for backward per adapted
+    projection: the base output W x (model dtype) and the adapter output B A x (adapter dtype), each for the
+    magnitude's gradient, and three vectors of one value per row (the detached weight norm the division keeps,
+    m / norm and m / norm - 1 beside the products). The norm itself is computed without autograd (peft detaches
+    it, as the paper's section 4.3 says), so the full rows x cols matrices it needs are forward transients only."""
+    if not opts.get("use_dora"):
+        return 0
+    own = 4 if opts.get("adapter_dtype") == "fp32" else e
+    shapes = matrix_shapes(shape, opts.get("target_modules") or None).values()
+    return sum(blocks(tokens * rows * e) + blocks(tokens * rows * own) + 3 * blocks(rows * own) for rows, _ in shapes)
 
 
 def factors(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
@@ -122,14 +139,14 @@ def adapter_activations(shape: Model, tokens: int, e: int, opts: dict[str, Any])
     (saved for A's gradient: one copy per projection), while the frozen base matmuls save nothing, so the norms'
     outputs and down_proj's input are no longer kept."""
     if opts.get("adapter_dtype") != "fp32" or e >= 4:
-        return rank_intermediates(shape, tokens, e, opts)
+        return rank_intermediates(shape, tokens, e, opts) + dora_saved(shape, tokens, e, opts)
     h, i = shape.hidden_size, shape.intermediate_size
     # one fp32 copy of each adapted projection's input (LLaMA: six of width h, down_proj's of width i; Phi-3's
     # fused qkv_proj and gate_up_proj: one each)
     casts = sum(blocks(tokens * cols * 4) for _, cols in matrix_shapes(shape, opts.get("target_modules") or None
                                                                            ).values())
     unsaved = 2 * blocks(tokens * h * e) + blocks(tokens * i * e)
-    return rank_intermediates(shape, tokens, 4, opts) + casts - unsaved
+    return rank_intermediates(shape, tokens, 4, opts) + casts - unsaved + dora_saved(shape, tokens, e, opts)
 
 
 def _terms(layout, saved_per_layer=rank_intermediates) -> EstimateTerms:
