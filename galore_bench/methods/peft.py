@@ -23,6 +23,7 @@ from galore_bench.methods.adapters import (
 )
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.common import IMPL_OPTION, TARGETS_OPTION
+from galore_bench.models import build_model
 
 PROMPT_LEARNING = ("PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT",
                    "CPT", "XLORA", "POLY")
@@ -101,8 +102,6 @@ def peft_problems(opts: dict[str, Any], model: Any) -> list[tuple[str, str, str]
 def _applies(table: dict[str, Any], config_name: str, opts: dict[str, Any], model: Any) -> list[tuple[str, str, str]]:
     """Apply the config to the model on the meta device: peft's checks that need the layers (shapes, block sizes)."""
     import peft
-
-    from galore_bench.models import build_model
 
     built = build_model(model, "bf16", "meta")
     try:
