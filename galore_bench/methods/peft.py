@@ -92,7 +92,7 @@ def peft_problems(opts: dict[str, Any], model: Any) -> list[tuple[str, str, str]
         return problems
     try:
         peft_config(table, None, ["q_proj"])  # a placeholder: the model's own targets are checked below
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - TypeError, ValueError, or what a hostile value makes peft raise
         return [("peft", str(table), f"a config peft's {config_class.__name__} accepts; peft says: {exc}")]
     if model is None:
         return []
