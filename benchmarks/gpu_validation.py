@@ -38,7 +38,8 @@ RANKED = ("galore", "galore8bit", "fira", "lora", "relora", "lowrank", "qgalore"
 KEEPS_ITS_RANK = ("apollo_mini",)  # rank 1 is what makes it APOLLO-Mini
 METHODS = ("inference", "adamw", "sgd", "adam8bit", "torchao_adamw8bit", "torchao_adamw4bit", "adafactor", "lomo",
            "adalomo", "badam", "lora", "relora", "lowrank", "apollo", "apollo_mini", "muon", "galore", "galore8bit",
-           "fira", "qgalore")  # slow last
+           "fira", "qgalore", "peft")  # slow last
+OWN_OPTIONS = {"peft": {"peft": {"type": "IA3"}}}  # peft's own config: one adapter type whose simulate is exact
 PLUMBING_METHODS = ("adamw", "galore")
 PLUMBING_RUNS = {"7b_4090": (0, 4), "lomo_7b": (0, 2), "galore_table11": (2, 9)}  # two runs of each, tiny
 COLUMNS = ["label", "part", "size", "method", "mode", "status", "device", "date", "peak_bytes",
@@ -108,7 +109,7 @@ def plan(sizes: list[str], parts: list[str], plumbing: bool, folder: Path) -> li
     for size in sizes:
         train = {"batch_size": BATCH[size], "seq_len": 32 if plumbing else 256, "dtype": "bf16",
                  "steps": 3 if plumbing else 6}
-        runs = [{"method": m, **({"rank": RANKS[size]} if m in RANKED else {})}
+        runs = [{"method": m, **({"rank": RANKS[size]} if m in RANKED else {}), **OWN_OPTIONS.get(m, {})}
                 for m in (PLUMBING_METHODS if plumbing else METHODS)]
         groups.append([_job("sizes", f"gv_{size}", {"description": f"issue 9: {size} {run['method']}",
                                                     "model": {"size": size}, "train": train, "runs": [run]},

@@ -39,6 +39,7 @@ VARIANTS = [  # options that change the bytes: implementations, momentum, the pr
     {"method": "galore", "rank": 16, "proj_type": "reverse_std", "label": "galore-reverse"},
     {"method": "galore", "rank": 16, "proj_type": "left", "label": "galore-left"},
     {"method": "lora", "rank": 16, "impl": "for-loop", "label": "lora-for-loop"},
+    {"method": "lora", "rank": 16, "use_dora": True, "adapter_dtype": "model", "label": "dora-model-dtype"},
     {"method": "apollo", "rank": 16, "scaled_gradient": "projected", "label": "apollo-projected"},
     {"method": "apollo_mini", "scale_type": "channel", "label": "apollo_mini-channel"},
     {"method": "muon", "impl": "for-loop", "label": "muon-for-loop"},

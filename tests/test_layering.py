@@ -21,6 +21,8 @@ LAZY = {  # (importer, imported; a package stands for its modules) -> why the im
                                                        "(run.worker) must not: test_fork_safety.py",
     ("galore_bench.optim.galore", "bitsandbytes"): "the same: CUDA at import",
     ("galore_bench.optim.relora", "peft"): "peft imports bitsandbytes",
+    ("galore_bench.methods.adapters", "peft"): "peft imports bitsandbytes",
+    ("galore_bench.methods.peft", "peft"): "peft imports bitsandbytes",
     ("galore_bench.optim.torchao_lowbit", "torchao"): "seconds to import (its compiler hooks); only its two methods "
                                                        "need it",
     ("galore_bench.methods.adafactor", "transformers"): "transformers.optimization imports bitsandbytes",

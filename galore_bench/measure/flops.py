@@ -20,7 +20,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from galore_bench.measure.tracker import MemoryTracker
-from galore_bench.measure.training import build_trainer, forward_loss
+from galore_bench.measure.training import build_trainer, forward_loss, one_value_draws_have_values
 from galore_bench.models import (
     Model,
     causal_mask_skipped_under_fake_tensors,
@@ -116,7 +116,7 @@ def count_step_flops(scenario: Scenario, run: RunSpec) -> dict[str, Any]:
     train = scenario.train
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     trainer = build_trainer(scenario, run, "cpu", MemoryTracker(), fake_mode)
-    with fake_mode, causal_mask_skipped_under_fake_tensors():
+    with fake_mode, causal_mask_skipped_under_fake_tensors(), one_value_draws_have_values(True):
         batch = torch.randint(0, run.model.vocab_size, (train.batch_size, train.seq_len))
         with flop_counter_mode() as counter:
             for _ in range(train.grad_accum):

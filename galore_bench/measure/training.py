@@ -132,6 +132,31 @@ def _moves_in_place_are_noops(active: bool) -> Iterator[None]:
         torch.nn.Module.to = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def one_value_draws_have_values(active: bool) -> Iterator[None]:
+    """Under fake tensors, give `torch.rand(1)` a value: peft's LyCORIS adapters (LoHa, LoKr) decide their module
+    dropout in Python, `torch.rand(1) > p`, and a fake draw has no value to compare. The one value is drawn for
+    real and held as a fake-tensor constant (the same 4-byte tensor a real step allocates), which fake tensors
+    compare; every other draw stays fake."""
+    if not active:
+        yield
+        return
+    original = torch.rand
+
+    def rand(*size: Any, **kwargs: Any) -> torch.Tensor:
+        if size not in ((1,), ((1,),), ([1],)) or kwargs:
+            return original(*size, **kwargs)
+        with _disable_current_modes():
+            value = float(original(1))
+        return torch.tensor([value])
+
+    torch.rand = rand  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.rand = original
+
+
 def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, tracker: MemoryTracker,
                   fake_mode: FakeTensorMode | None,
                   wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Trainer:
@@ -203,7 +228,8 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
     cuda_peak: dict[str, Any] = {}
     mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
     tracked_steps = list(range(steps if track_steps is None else min(track_steps, steps)))
-    with mode, causal_mask_skipped_under_fake_tensors(), contextlib.ExitStack() as tracking:
+    with (mode, causal_mask_skipped_under_fake_tensors(), one_value_draws_have_values(fake),
+          contextlib.ExitStack() as tracking):
         tracking.enter_context(tracker)
         tracking.callback(tracker.unwatch)  # untracked steps must not label (and so count) new gradients
         for step in range(steps):

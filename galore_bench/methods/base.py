@@ -152,6 +152,9 @@ class MethodDef:
     for a LambdaLR); the layer-wise variants of other methods still cannot be scheduled."""
     incompatible: Callable[[str, dict[str, Any]], str | None] | None = None
     """(strategy, options) -> why the method cannot run under that distributed strategy, or None."""
+    check: Callable[[dict[str, Any], Any], list[tuple[str, str, str]]] | None = None
+    """(options, the run's model or None) -> (field, got, allowed) for what the options' own types cannot say
+    (peft's validation of an adapter config), found when the scenario loads rather than in the run's process."""
 
     def all_options(self) -> dict[str, Option]:
         common = {
@@ -162,9 +165,9 @@ class MethodDef:
         }
         return {**common, **self.options}
 
-    def limits(self, opts: dict[str, Any], train: TrainSettings) -> list[tuple[str, str, str]]:
-        """(field, got, allowed) for each combination this method cannot run."""
-        problems = []
+    def limits(self, opts: dict[str, Any], train: TrainSettings, model: Any = None) -> list[tuple[str, str, str]]:
+        """(field, got, allowed) for each combination this method cannot run (`model`: the run's, when known)."""
+        problems = [] if self.check is None else list(self.check(opts, model))
         if not self.trains and train.grad_accum > 1:
             problems.append(("train.grad_accum", str(train.grad_accum), f"1 with {self.name} (no gradients)"))
         layerwise = bool(opts.get("layerwise", False))

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from galore_bench.methods.adapters import ADAPTER_DTYPE_OPTION, adamw_of_trainable, adapted_projections
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.common import (
     IMPL_OPTION,
@@ -16,28 +17,18 @@ from galore_bench.methods.common import (
     adamw_state,
     adamw_update_temporaries,
     adamw_whole_update,
-    impl_flags,
-    trainable,
 )
 from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks, model_parameters
 from galore_bench.models import Model, matrix_shapes
-from galore_bench.models.layout import projections, refuse_experts
 from galore_bench.optim.lowrank import apply_low_rank
 from galore_bench.optim.relora import ReLoRA, jagged_cosine_lr, lora_config, wrap_lora
 
-
-def _adamw(model: torch.nn.Module, opts: dict[str, Any]) -> torch.optim.Optimizer:
-    params = trainable(model)
-    flags = impl_flags(opts["impl"], params)
-    return torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"], foreach=flags.get("foreach"),
-                             fused=flags.get("fused"))
+_adamw = adamw_of_trainable
 
 
 def _targets(model: torch.nn.Module, opts: dict[str, Any], method: str) -> list[str]:
     """The projections to adapt or factorise, by qualified name; 3-D MoE experts refused unless left out."""
-    targets = opts.get("target_modules") or None
-    refuse_experts(model, method, targets)
-    return projections(model, targets)
+    return adapted_projections(model, opts, method)
 
 
 def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings,
@@ -45,12 +36,31 @@ def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSetti
     """Wrap every projection (q,k,v,o,gate,up,down in LLaMA) with adapters; as in pre-training, embeddings, norms
     and head stay trainable."""
     config = lora_config(opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"],
-                         target_modules=_targets(model, opts, method))
+                         target_modules=_targets(model, opts, method), use_dora=opts.get("use_dora", False),
+                         init=peft_init(opts.get("init", "default")))
     return wrap_lora(model, config, train_non_lora=True, fp32_adapters=opts["adapter_dtype"] == "fp32")
 
 
 def build_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
-    return Trainer(model, _adamw(model, opts), info={"optimizer": "torch.optim.AdamW", "adapters": "peft LoRA"})
+    kind = "peft LoRA" + (" (DoRA)" if opts.get("use_dora") else "")
+    return Trainer(model, _adamw(model, opts), info={"optimizer": "torch.optim.AdamW", "adapters": kind})
+
+
+INITS = ("default", "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal")
+"""peft's init_lora_weights that need nothing but the weights ('default' is peft's True: B zero); eva and corda
+need data, loftq a quantized base, mica freezes B (and the rest trains here)."""
+
+
+def peft_init(init: str) -> bool | str:
+    return True if init == "default" else init
+
+
+def init_problems(opts: dict[str, Any], model: Any) -> list[tuple[str, str, str]]:
+    init = opts.get("init", "default")
+    niter = init.removeprefix("pissa_niter_") if isinstance(init, str) else ""
+    if (init in INITS and "<" not in init) or (niter != init and niter.isdigit()):
+        return []
+    return [("init", str(init), "one of " + ", ".join(INITS) + " (peft's init_lora_weights)")]
 
 
 class ReLoRATrainer(Trainer):
@@ -87,11 +97,28 @@ def build_low_rank(model: torch.nn.Module, opts: dict[str, Any], train: TrainSet
 
 # -- estimate terms: AdamW over the adapters or factors, and each rank-r intermediate saved for backward --------
 def adapters(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
-    """Each projection frozen, with trainable A (r x cols) and B (rows x r) beside it (fp32 unless 'model')."""
+    """Each projection frozen, with trainable A (r x cols) and B (rows x r) beside it (fp32 unless 'model');
+    DoRA adds its trainable magnitude, one value per output row."""
     r, own = opts.get("rank") or 0, 4 if opts.get("adapter_dtype") == "fp32" else 0
+    dora = bool(opts.get("use_dora"))
     return model_parameters(shape, lambda name, rows, cols: [
         ParamShape(name, (rows, cols), trainable=False), ParamShape(name + ".lora_A", (r, cols), itemsize=own),
-        ParamShape(name + ".lora_B", (rows, r), itemsize=own)], opts.get("target_modules") or None)
+        ParamShape(name + ".lora_B", (rows, r), itemsize=own),
+        *([ParamShape(name + ".lora_magnitude", (rows,), itemsize=own)] if dora else [])],
+        opts.get("target_modules") or None)
+
+
+def dora_saved(shape: Model, tokens: int, e: int, opts: dict[str, Any]) -> int:
+    """What DoRA's output, (m / |W + s B A| - 1) * W x + m / |W + s B A| * s B A x, saves for backward per adapted
+    projection: the base output W x (model dtype) and the adapter output B A x (adapter dtype), each for the
+    magnitude's gradient, and three vectors of one value per row (the detached weight norm the division keeps,
+    m / norm and m / norm - 1 beside the products). The norm itself is computed without autograd (peft detaches
+    it, as the paper's section 4.3 says), so the full rows x cols matrices it needs are forward transients only."""
+    if not opts.get("use_dora"):
+        return 0
+    own = 4 if opts.get("adapter_dtype") == "fp32" else e
+    shapes = matrix_shapes(shape, opts.get("target_modules") or None).values()
+    return sum(blocks(tokens * rows * e) + blocks(tokens * rows * own) + 3 * blocks(rows * own) for rows, _ in shapes)
 
 
 def factors(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
@@ -112,14 +139,14 @@ def adapter_activations(shape: Model, tokens: int, e: int, opts: dict[str, Any])
     (saved for A's gradient: one copy per projection), while the frozen base matmuls save nothing, so the norms'
     outputs and down_proj's input are no longer kept."""
     if opts.get("adapter_dtype") != "fp32" or e >= 4:
-        return rank_intermediates(shape, tokens, e, opts)
+        return rank_intermediates(shape, tokens, e, opts) + dora_saved(shape, tokens, e, opts)
     h, i = shape.hidden_size, shape.intermediate_size
     # one fp32 copy of each adapted projection's input (LLaMA: six of width h, down_proj's of width i; Phi-3's
     # fused qkv_proj and gate_up_proj: one each)
     casts = sum(blocks(tokens * cols * 4) for _, cols in matrix_shapes(shape, opts.get("target_modules") or None
                                                                            ).values())
     unsaved = 2 * blocks(tokens * h * e) + blocks(tokens * i * e)
-    return rank_intermediates(shape, tokens, 4, opts) + casts - unsaved
+    return rank_intermediates(shape, tokens, 4, opts) + casts - unsaved + dora_saved(shape, tokens, e, opts)
 
 
 def _terms(layout, saved_per_layer=rank_intermediates) -> EstimateTerms:
@@ -134,13 +161,15 @@ LORA_OPTIONS = {
     "dropout": Option(float, 0.0, "adapter dropout", minimum=0.0),
     "impl": IMPL_OPTION,
     "target_modules": TARGETS_OPTION,
-    "adapter_dtype": Option(str, "fp32", "the adapters' dtype: fp32 (peft's default, autocast_adapter_dtype: a "
-                            "bf16/fp16 model gets fp32 adapters) or model (the model's, as the papers' BF16 runs)",
-                            choices=("fp32", "model")),
+    "adapter_dtype": ADAPTER_DTYPE_OPTION,
 }
 
 LORA = MethodDef(name="lora", summary="LoRA adapters (peft) on attention and MLP, base weights frozen",
-                 build=build_lora, prepare=prepare_lora, options=LORA_OPTIONS, uses_rank=True,
+                 build=build_lora, prepare=prepare_lora, uses_rank=True, check=init_problems,
+                 options={**LORA_OPTIONS,
+                          "use_dora": Option(bool, False, "DoRA (arXiv 2402.09353): a trainable magnitude per output "
+                                             "row times the normalised W + s B A"),
+                          "init": Option(str, "default", "peft's init_lora_weights: " + ", ".join(INITS))},
                  paper="arXiv 2106.09685; baseline in arXiv 2403.03507", estimate=_terms(adapters, adapter_activations))
 
 RELORA = MethodDef(

@@ -43,8 +43,14 @@ def lora_config(
     alpha: float | None = None,
     dropout: float = 0.0,
     target_modules: Iterable[str] = DEFAULT_TARGETS,
+    use_dora: bool = False,
+    init: bool | str = True,
 ) -> peft.LoraConfig:
-    """LoraConfig for the GaLore comparison; ``alpha=None`` means the ReLoRA code base's fixed 32."""
+    """LoraConfig for the GaLore comparison; ``alpha=None`` means the ReLoRA code base's fixed 32.
+
+    ``use_dora``: DoRA (a trainable magnitude per output row over the normalised W + s B A); ``init``: peft's
+    init_lora_weights (True: A kaiming-uniform, B zero, so the wrapped model starts equal to the base; or
+    'gaussian', 'pissa', 'olora', ...)."""
     import peft
 
     return peft.LoraConfig(
@@ -54,7 +60,8 @@ def lora_config(
         lora_dropout=dropout,
         target_modules=list(target_modules),
         bias="none",
-        init_lora_weights=True,  # A kaiming-uniform, B zero: the wrapped model starts equal to the base
+        init_lora_weights=init,  # type: ignore[arg-type]  # peft's Literal lists the names; ours are checked
+        use_dora=use_dora,
         task_type="CAUSAL_LM",
     )
 

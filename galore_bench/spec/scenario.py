@@ -225,7 +225,7 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: Model | N
                 problems.add(f"{where}.rank", resolved["rank"] if given else f"not set (default {resolved['rank']})",
                              f"an int from 1 to {smallest} (the smallest matrix side of this model)"
                              + ("" if given else ": set rank"))
-        for field_name, got, allowed in [*method.limits(resolved, train),
+        for field_name, got, allowed in [*method.limits(resolved, train, model_of_run if targets_ok else None),
                                          *precision.method_problems(method, resolved, train)]:
             problems.add(f"{where} ({method.name}) {field_name}", got, allowed)
         if model_of_run is None:
