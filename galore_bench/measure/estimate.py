@@ -145,7 +145,8 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     """Closed-form peak memory of one steady-state training step (step 2+: optimizer states exist).
 
     `target`: the device the run is for ("gpu": what simulate predicts; "cpu": a real CPU run), which decides
-    what 'auto' implementations resolve to. `loss`: "full" or "chunked" (`loss_chunk_tokens` tokens at a time).
+    what 'auto' implementations resolve to. `loss`: "full", "chunked" (`loss_chunk_tokens` tokens at a time) or
+    "model-dtype" (the LOMO paper's: no fp32 copy of the logits).
     `precision`: methods/precision.py's recipe ("" = pure `dtype`).
     Raises EstimateUnavailable for a method without estimate terms.
     """
@@ -168,7 +169,7 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
            if recipe.compute and isinstance(shape, ModelShape)
            else activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing, extra))
     loss_bytes = loss_path(shape, batch_size * seq_len, c, loss, loss_chunk_tokens,
-                           head_trainable=all(p.trainable for p in params if p.name == "lm_head"))
+                           head_trainable=all(p.trainable for p in params if p.name == "lm_head"), sequences=batch_size)
     if terms.forward_only:  # autograd off: nothing saved, no gradient, no state; only forward transients
         return _forward_only(weights, {"loss_forward": act["hidden"] + loss_bytes.forward,
                                        **_layer_forward_bytes(shape, batch_size, seq_len, e)}, act)
