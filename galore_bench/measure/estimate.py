@@ -102,9 +102,10 @@ def family_layer_bytes(shape: Model, t: int, e: int) -> int:
 
 
 def autocast_unmodelled(shape: Model, checkpointing: bool) -> str | None:
-    """Why the autocast closed form does not describe this model and setting, or None. Measured (shrunken
-    Llama-3.2 and Qwen3 configs against simulate): with checkpointing, a tied embedding's last recompute holds
-    about 7% more than the closed form, and Qwen3's q/k norms 2.5% less with LoRA; not yet modelled."""
+    """Why the autocast closed form does not describe this model and setting, or None. Measured with
+    checkpointing on shrunken Llama-3.2 and Qwen3 configs against simulate: a tied embedding peaks 6% above the
+    closed form at backward's last add (the head's fp32 gradient, held by autograd since the head, plus the
+    lookup's, into their sum: three vocab x hidden tensors), a moment it lacks; Qwen3 with LoRA is 2.5% over."""
     if not checkpointing or not isinstance(shape, HFModel):
         return None
     if shape.tie_word_embeddings:
