@@ -10,10 +10,11 @@ from pathlib import Path
 import galore_bench
 
 # check/compare renders with report's table helpers: check sits above report, never the other way round
-# chunked_loss sits beside models: a loss users import for real training, needing only torch and transformers
-STAGE = {"": 0, "errors": 0, "units": 0, "readings": 0, "settings": 0, "models": 1, "chunked_loss": 1, "data": 1,
-         "data_bytes": 1, "optim": 2, "methods": 3, "spec": 4, "measure": 5, "record": 6, "record_types": 6,
-         "record_upgrade": 6, "store": 7, "run": 8, "integrations": 9, "report": 9, "check": 10, "cli": 11}
+# chunked_loss and model_dtype_loss sit beside models: losses users import for real training (torch, transformers)
+STAGE = {"": 0, "errors": 0, "units": 0, "readings": 0, "settings": 0, "models": 1, "chunked_loss": 1,
+         "model_dtype_loss": 1, "data": 1, "data_bytes": 1, "optim": 2, "methods": 3, "spec": 4, "measure": 5,
+         "record": 6, "record_types": 6, "record_upgrade": 6, "store": 7, "run": 8, "integrations": 9, "report": 9,
+         "check": 10, "cli": 11}
 LAZY = {  # (importer, imported; a package stands for its modules) -> why the import waits inside a function
     ("galore_bench.data", "sentencepiece"): "only the wiki corpus is tokenized",
     ("galore_bench.measure.training", "pynvml"): "only on CUDA; a machine without NVML is answered with None",

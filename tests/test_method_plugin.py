@@ -51,7 +51,7 @@ def test_a_plugin_method_runs_in_every_mode_and_reaches_the_report(write_scenari
     guess, traced, measured = (found[("heavyball", mode)] for mode in ("estimate", "simulate", "measure"))
 
     assert guess["method"] == {"name": "heavyball", "momentum": 0.8, "lr": 1e-3, "weight_decay": 0.0, "label": "",
-                               "precision": "",
+                               "precision": "", "loss": "",
                                "implementation": None}  # an estimate builds no optimizer
     assert guess["memory"]["estimate"]["terms"]["optimizer_states"] == velocity_bytes(512) == 659_968
     assert traced["memory"]["category_peaks"]["optimizer_states"] == velocity_bytes(512)
@@ -103,7 +103,7 @@ def test_scenario_validation_knows_the_plugin_options_and_strategies(monkeypatch
         parse_scenario({"model": {"size": "tiny"}, "runs": runs}, Path("plugin.toml"))
     assert "runs[0].momentum: got -1.0, allowed a number >= 0" in str(bad.value)
     assert ("runs[0].nesterov: got 'nesterov', allowed one of method, model, lr_grid, lr, weight_decay, label, "
-            "precision, momentum") in str(bad.value)
+            "precision, loss, momentum") in str(bad.value)
     sharded = {"model": {"size": "tiny"}, "runs": [{"method": "heavyball"}],
                "distributed": {"strategy": "fsdp2", "world_size": 2}}
     with pytest.raises(UserError, match="another strategy: a test plugin runs on one device"):

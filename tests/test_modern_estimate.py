@@ -103,11 +103,56 @@ def test_estimate_refuses_what_it_has_no_closed_form_for(preset, why):
         estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16")
 
 
-def test_mixed_precision_on_a_preset_is_refused_by_the_estimate_not_guessed():
-    """The autocast closed form counts q, k, v at the hidden width (LLaMA-1); on a GQA preset it would overcount."""
+AUTOCAST_RUNS = [{"method": "adamw"}, {"method": "sgd"}, {"method": "lora", "rank": 16}]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+@pytest.mark.parametrize("preset", ["llama3.2-1b", "qwen2.5-7b", "mistral-7b-v0.3", "qwen3-8b", "phi-3-mini"])
+def test_autocast_estimate_within_two_percent_of_simulate_on_shrunken_families(preset, precision):
+    """fp32 weights, autocast compute: GQA's narrow k/v, head_dim, tied embeddings, q/k/v biases (their casts
+    cached beside the weights'), Qwen3's q/k norms and Phi-3's two fused input casts, without checkpointing."""
+    head_dim = HEAD_DIM if preset not in ("qwen2.5-7b", "phi-3-mini") else {}
+    scenario = _scenario(preset, {**SHRUNK, **head_dim}, {"batch_size": 2, "seq_len": 128, "precision": precision},
+                         AUTOCAST_RUNS)
+    failures = _failures(scenario)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-7b", "mistral-7b-v0.3", "phi-3-mini"])
+def test_autocast_estimate_with_checkpointing_on_shrunken_families(preset):
+    head_dim = HEAD_DIM if preset == "mistral-7b-v0.3" else {}
+    scenario = _scenario(preset, {**SHRUNK, **head_dim}, {"batch_size": 2, "seq_len": 128, "precision": "bf16-mixed",
+                                                         "activation_checkpointing": True}, AUTOCAST_RUNS)
+    failures = _failures(scenario)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("preset", "precision"), [("llama3.1-8b", "bf16-mixed"), ("mistral-7b-v0.3", "fp16-mixed")])
+def test_autocast_estimate_within_two_percent_of_simulate_at_8b(preset, precision):
+    """Full size, the HF Trainer's bf16=True / fp16=True on one sequence of 1024 with checkpointing."""
+    scenario = _scenario(preset, {}, {"batch_size": 1, "seq_len": 1024, "precision": precision,
+                                      "activation_checkpointing": True}, [{"method": "adamw"},
+                                                                          {"method": "lora", "rank": 64}])
+    failures = _failures(scenario)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize(("preset", "why"), [("llama3.2-1b", "tied embeddings with activation checkpointing"),
+                                             ("qwen3-8b", "Qwen3's q/k norms with activation checkpointing")])
+def test_autocast_with_checkpointing_where_unmodelled_is_refused_not_guessed(preset, why):
+    """Measured gaps (7% for a tied embedding's last recompute, 2.5% for Qwen3 with LoRA): refused until modelled;
+    without checkpointing both are estimated (above), and bf16-master is not autocast."""
+    model = make_model(*read_preset(preset), preset=preset)
+    with pytest.raises(EstimateUnavailable, match=f"autocast closed form \\(bf16-mixed\\) does not model {why} "
+                                                  f".* for {preset}; run it in simulate or measure mode"):
+        estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="fp32", precision="bf16-mixed",
+                 activation_checkpointing=True)
+    assert estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="fp32", precision="bf16-mixed").peak_bytes
+
+
+def test_master_weights_on_a_tied_preset_count_the_table_once():
     model = make_model(*read_preset("llama3.2-1b"), preset="llama3.2-1b")
-    with pytest.raises(EstimateUnavailable, match="autocast closed form \\(bf16-mixed\\).*llama3.2-1b"):
-        estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="fp32", precision="bf16-mixed")
     master = estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16", precision="bf16-master")
     # bf16 weights with an fp32 master copy and two fp32 moments: 12 bytes per parameter, the tied table once
     assert master.category_peaks["optimizer_states"] == pytest.approx(12 * 1_235_814_400, rel=1e-4)

@@ -574,3 +574,22 @@ def test_cli_report_html_and_svg(tmp_path: Path):
     assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "7b_4090_breakdown.svg").exists()
     assert not (tmp_path / "out" / "7b_4090_breakdown.png").exists()
     assert "<svg" in (tmp_path / "out" / "7b_4090_breakdown.svg").read_text()[:2000]
+
+
+def test_activations_cause_is_the_paper_loss_run_measured_beside_it(tmp_path: Path):
+    """A full-loss run flagged on activations names the same method's 'model-dtype' run and the traced
+    difference; without such a run it keeps the written cause."""
+    full = make_record("sgd", "sgd", parts(W7B, W7B, 0, round(2.35 * GIB)), minute=1)
+    paper = make_record("sgd-paper-loss", "sgd", parts(W7B, W7B, 0, round(1.86 * GIB)), minute=2)
+    paper["train"]["loss"] = "model-dtype"
+    render_report([write_records(tmp_path / "results", [full, paper])], tmp_path / "out", {"csv"})
+    table = pd.read_csv(tmp_path / "out" / "lomo_7b_vs_lomo_table1.csv", keep_default_na=False)
+    rows = table.set_index(["run", "quantity"])
+    assert rows.loc[("sgd", "activations"), "loss"] == "full"
+    assert rows.loc[("sgd-paper-loss", "activations"), "loss"] == "model-dtype"
+    assert rows.loc[("sgd-paper-loss", "activations"), "flag"] == ""  # +3.9%: within 5%
+    cause = rows.loc[("sgd", "activations"), "cause"]
+    assert "run sgd-paper-loss" in cause and "traces 1.86 GiB (+3.9%)" in cause and "the 0.49 GiB between" in cause
+    render_report([write_records(tmp_path / "alone", [full])], tmp_path / "out2", {"csv"})
+    alone = pd.read_csv(tmp_path / "out2" / "lomo_7b_vs_lomo_table1.csv", keep_default_na=False)
+    assert "loss 'model-dtype'" in alone.set_index(["run", "quantity"]).loc[("sgd", "activations"), "cause"]

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from galore_bench.measure.tracker import MemoryTracker
 from galore_bench.measure.training import build_trainer, forward_loss, one_value_draws_have_values
+from galore_bench.methods.precision import run_settings
 from galore_bench.models import (
     Model,
     causal_mask_skipped_under_fake_tensors,
@@ -113,7 +114,7 @@ def count_step_flops(scenario: Scenario, run: RunSpec) -> dict[str, Any]:
     The model and optimizer are built outside the counter, so only the step is counted; the step is the
     method's own Trainer.backward/update, as the engines run it.
     """
-    train = scenario.train
+    train = run_settings(scenario.train, run.options)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     trainer = build_trainer(scenario, run, "cpu", MemoryTracker(), fake_mode)
     with fake_mode, causal_mask_skipped_under_fake_tensors(), one_value_draws_have_values(True):

@@ -1,6 +1,7 @@
 """The estimate's loss path: what the LM head and the cross-entropy hold at the step's two loss moments.
 
-An ESTIMATE (closed form), checked against the traced step in tests/test_chunked_loss.py. Two paths:
+An ESTIMATE (closed form), checked against the traced step in tests/test_chunked_loss.py and
+tests/test_model_dtype_loss.py. Three paths:
   full     transformers' loss: every token's logits in the model dtype, their fp32 upcast and the fp32
            log-softmax in forward; backward holds that log-softmax and its two fp32 gradients (nll's and
            log-softmax's). T x V x (e + 8) bytes at its largest.
@@ -8,6 +9,9 @@ An ESTIMATE (closed form), checked against the traced step in tests/test_chunked
            validity mask, fp32 log-sum-exp and per-token losses) and one chunk's model-dtype logits beside
            their fp32 copy; backward holds the hidden-state and weight gradients for the whole loop, plus
            one chunk's recomputed logits and their gradient.
+  model-dtype  model_dtype_loss.py (the LOMO paper's code): the logits, their shifted copy (S = T - sequences
+           positions) and its log-softmax, all in the model dtype; backward holds that log-softmax, nll's gradient
+           and log-softmax's gradient, S x V x e bytes each. T x V x 3e bytes at its largest.
 """
 from __future__ import annotations
 
@@ -36,10 +40,14 @@ def chunk_logits_bytes(chunk: int, vocab: int, e: int) -> int:
 
 
 def loss_path(shape: Model, tokens: int, e: int, loss: str = "full", chunk_tokens: int = 1024,
-              head_trainable: bool = True) -> LossPath:
-    """The loss path's bytes for `tokens` tokens per micro-batch in a dtype of `e` bytes per value
-    (`head_trainable`: whether the chunked backward builds the LM head's weight gradient)."""
+              head_trainable: bool = True, sequences: int = 1) -> LossPath:
+    """The loss path's bytes for `tokens` tokens in `sequences` sequences per micro-batch in a dtype of `e` bytes
+    per value (`head_trainable`: whether the chunked backward builds the LM head's weight gradient)."""
     v, h = shape.vocab_size, shape.hidden_size
+    if loss == "model-dtype":
+        shifted = blocks((tokens - sequences) * v * e)
+        return LossPath(forward=blocks(tokens * v * e) + 2 * shifted, backward_activations=shifted,
+                        backward_other=2 * shifted)
     if loss == "full":
         logits, fp32 = blocks(tokens * v * e), blocks(tokens * v * 4)
         return LossPath(forward=(logits if e < 4 else 0) + 2 * fp32, backward_activations=fp32,

@@ -8,10 +8,11 @@ Autocast (bf16-mixed, fp16-mixed; fp32 weights, c = bytes of the compute dtype),
     its fp32 input (the residual itself: no copy), 1/rms and the fp32 normalised input (the weight's gradient
     needs it); the norm's fp32 output lives only until the projections have cast it;
   - each projection casts its own input to c bytes (q, k, v, gate and up: five casts, saved by the matmuls;
-    o and down get c-byte inputs already) and its weight (the cast is saved for the input's gradient, and
-    autocast's cache holds it until the forward's autocast exits);
+    Phi-3's fused qkv and gate_up: two; o and down get c-byte inputs already) and its weight and bias (the cast
+    is saved for the input's gradient, and autocast's cache holds it until the forward's autocast exits);
   - rotary embedding multiplies by fp32 cos/sin, so rotated q and k are fp32; SDPA casts them back to c bytes
-    and saves those, v (c bytes), its output and the fp32 log-sum-exp;
+    and saves those, v (c bytes), its output and the fp32 log-sum-exp; k and v as wide as the k/v heads (GQA),
+    q and the output as the q heads x head_dim;
   - the MLP saves gate, SiLU(gate), up and their product, all c bytes.
 With checkpointing a layer saves only its fp32 input, but the cache still holds every weight cast until the
 forward ends, and the recompute in backward makes one layer's casts again.
@@ -32,22 +33,31 @@ from galore_bench.models import Model
 FP32 = 4
 
 
+INPUT_READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj")
+"""Projections that read a norm's fp32 output: each casts it to c bytes itself (Phi-3's fused ones: two casts)."""
+
+
 def autocast_activation_bytes(shape: Model, params: list[ParamShape], batch: int, seq: int, c: int,
-                              checkpointing: bool, method_per_layer: int = 0) -> dict[str, int]:
+                              checkpointing: bool, method_per_layer: int, widths: tuple[int, int, int]
+                              ) -> dict[str, int]:
     """activation_bytes' keys for a forward under autocast (fp32 weights, c-byte compute), plus `until_loss`:
     what only the forward holds (autocast's weight-cast cache under checkpointing, the final norm's fp32 output
-    that the model's output keeps until the loss is computed). LLaMA's layer (full-width q, k, v): estimate.py
-    refuses autocast on any other model."""
-    h, i, heads, t = shape.hidden_size, shape.intermediate_size, shape.num_attention_heads, batch * seq
+    that the model's output keeps until the loss is computed). `widths`: (q width, k/v width, q heads), grouped-
+    query attention and head_dim included; `method_per_layer` carries the method's and the family's own tensors
+    (estimate.family_layer_bytes: Qwen3's q/k norms, Phi-3's fused slices)."""
+    h, i, t = shape.hidden_size, shape.intermediate_size, batch * seq
+    q, kv, heads = widths
     norm = blocks(t * h * FP32) + blocks(t * 4) + blocks(t * h * FP32)  # fp32 input (the residual), 1/rms, normed
-    layer0 = [p for p in params if p.name.startswith("0.") and len(p.shape) == 2]
-    casts = sum(blocks(p.numel * c) for p in layer0)  # every matrix of a layer (adapters and factors too)
+    # every matrix of a layer (adapters and factors too) and the projections' biases: linear casts both
+    layer0 = [p for p in params if p.name.startswith("0.") and (len(p.shape) == 2 or p.name.endswith(".bias"))]
+    casts = sum(blocks(p.numel * c) for p in layer0)
     cached = sum(blocks(p.numel * c) for p in layer0 if p.trainable)  # autocast caches casts of trainable leaves
+    readers = {p.name.split(".")[1] for p in layer0} & set(INPUT_READERS)
     # LoRA's frozen base matmuls save no cast input; each adapter saves its own cast of the same input instead,
     # except o_proj's adapter: peft upcasts the c-byte attention output to fp32, autocast casts it back (saved)
-    adapter_inputs = sum(blocks(t * h * c) for p in layer0 if p.name.endswith("o_proj.lora_A"))
-    layer = (2 * norm + 5 * blocks(t * h * c)  # the norms; q, k, v, gate and up each cast their input
-             + 4 * blocks(t * h * c) + blocks(batch * heads * seq * 4)  # SDPA's q, k, v, output; log-sum-exp
+    adapter_inputs = sum(blocks(t * q * c) for p in layer0 if p.name.endswith("o_proj.lora_A"))
+    layer = (2 * norm + len(readers) * blocks(t * h * c)  # the norms; each reader's cast input
+             + 2 * blocks(t * q * c) + 2 * blocks(t * kv * c) + blocks(batch * heads * seq * 4)  # q, k, v, out, lse
              + 4 * blocks(t * i * c)  # gate, SiLU(gate), up, their product (down's input)
              + casts + adapter_inputs + method_per_layer)
     head = norm + blocks(t * h * c) + blocks(shape.vocab_size * h * c)  # final norm, the head's cast input, weight

@@ -21,6 +21,7 @@ from galore_bench.chunked_loss import chunked_loss
 from galore_bench.measure.timing import StepTimer
 from galore_bench.measure.tracker import MemoryTracker
 from galore_bench.methods import REGISTRY, Trainer, TrainSettings, precision
+from galore_bench.model_dtype_loss import model_dtype_cross_entropy
 from galore_bench.models import DTYPES, build_model, causal_mask_skipped_under_fake_tensors, default_dtype
 from galore_bench.optim.relora import warmup_cosine_lr
 from galore_bench.spec.scenario import RunSpec, Scenario
@@ -221,6 +222,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
                                 device_type="cuda" if on_cuda and not fake else None, record_events=fake)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else None
     trainer = build_trainer(scenario, run, device, tracker, fake_mode, wrap=wrap)
+    settings = precision.run_settings(scenario.train, run.options)  # its own loss path, if it sets one
     if on_built is not None:
         on_built(trainer)
     batches = batches if batches is not None else input_batches(scenario, run, str(device), fake)
@@ -240,7 +242,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
                 if on_cuda:
                     torch.cuda.reset_peak_memory_stats(device)
             with timer:
-                step_loss = one_step(trainer, tracker, batches, scenario.train, step)
+                step_loss = one_step(trainer, tracker, batches, settings, step)
             if step in tracked_steps:
                 tracker.label(trainer.state_tensors(), "optimizer_states")
             step_peaks.append(tracker.peak)
@@ -265,8 +267,11 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
 
 
 def forward_loss(model: torch.nn.Module, batch: torch.Tensor, train: TrainSettings) -> torch.Tensor:
-    """The causal-LM loss of one micro-batch, by the scenario's loss path: transformers' own (every token's
-    logits at once) or the chunked one (chunked_loss.py: `loss_chunk_tokens` tokens' logits at a time)."""
+    """The causal-LM loss of one micro-batch, by the run's loss path: transformers' own (every token's logits at
+    once, upcast to fp32), the chunked one (chunked_loss.py: `loss_chunk_tokens` tokens' logits at a time) or the
+    LOMO paper's (model_dtype_loss.py: the model returns its logits, the loss is computed on them without upcast)."""
+    if train.loss == "model-dtype":
+        return model_dtype_cross_entropy(model(input_ids=batch, use_cache=False).logits, batch)
     if train.loss == "chunked":
         with chunked_loss(model, train.loss_chunk_tokens):
             return model(input_ids=batch, labels=batch, use_cache=False).loss

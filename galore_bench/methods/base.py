@@ -51,11 +51,13 @@ class TrainSettings:
     seed: int = 0
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # or "cosine": warm-up, then cosine decay to 10% (the papers' schedule)
-    loss: str = "full"  # or "chunked": the LM head and cross-entropy a few tokens at a time (chunked_loss.py)
+    loss: str = "full"  # or "chunked" (chunked_loss.py), "model-dtype" (model_dtype_loss.py: the LOMO paper's)
     loss_chunk_tokens: int = 1024  # tokens per chunk of the chunked loss (chunked_loss.DEFAULT_CHUNK_TOKENS)
     precision: str = ""  # methods/precision.py: "" = pure training in `dtype`; bf16-mixed, fp16-mixed, bf16-master
 
 
+LOSS_NAMES = ("full", "chunked", "model-dtype")
+"""The loss paths: transformers' own (fp32 upcast), chunked_loss.py's, model_dtype_loss.py's (no upcast)."""
 PRECISION_NAMES = ("", "fp32", "bf16", "fp16", "bf16-mixed", "fp16-mixed", "bf16-master")
 """methods/precision.py's recipes ("" = the scenario's); named here so every method's options can offer them."""
 
@@ -162,6 +164,7 @@ class MethodDef:
             "weight_decay": Option(float, 0.0, "decoupled weight decay", minimum=0.0),
             "label": Option(str, "", "run name in reports (default: derived from method and options)"),
             "precision": Option(str, "", "this run's precision (default: train.precision)", choices=PRECISION_NAMES),
+            "loss": Option(str, "", "this run's loss path (default: train.loss)", choices=("", *LOSS_NAMES)),
         }
         return {**common, **self.options}
 

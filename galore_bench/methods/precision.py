@@ -64,9 +64,10 @@ def precision_of(train: TrainSettings, options: dict[str, Any] | None = None) ->
 
 
 def run_settings(train: TrainSettings, options: dict[str, Any] | None = None) -> TrainSettings:
-    """The scenario's training settings as this run trains: its precision, and dtype = the weights' dtype."""
+    """The scenario's training settings as this run trains: its precision, dtype = the weights' dtype, its loss."""
     chosen = precision_of(train, options)
-    return dataclasses.replace(train, precision=chosen.name, dtype=chosen.weights)
+    loss = (options or {}).get("loss") or train.loss
+    return dataclasses.replace(train, precision=chosen.name, dtype=chosen.weights, loss=loss)
 
 
 def train_problems(table: dict[str, Any], train: TrainSettings) -> list[tuple[str, Any, str]]:
@@ -82,7 +83,8 @@ def train_problems(table: dict[str, Any], train: TrainSettings) -> list[tuple[st
 
 
 def method_problems(method: MethodDef, opts: dict[str, Any], train: TrainSettings) -> list[tuple[str, str, str]]:
-    """(field, got, allowed) for a precision this method, with these options, cannot train in."""
+    """(field, got, allowed) for a precision this method, with these options, cannot train in (or a loss path
+    that precision does not have)."""
     chosen = precision_of(train, opts)
     where = "precision" if opts.get("precision") else "train.precision"
     layerwise = bool(opts.get("layerwise")) or not method.supports_grad_accum
@@ -95,6 +97,11 @@ def method_problems(method: MethodDef, opts: dict[str, Any], train: TrainSetting
     if chosen.master and (method.name in NO_MASTER or opts.get("layerwise")):
         why = NO_MASTER.get(method.name, "layer-wise updates step inside backward, where no master copy is kept")
         problems.append((where, chosen.name, f"a precision other than bf16-master with {how}: {why}"))
+    loss = opts.get("loss") or train.loss
+    if loss == "model-dtype" and chosen.compute:
+        why = (f"'full' or 'chunked' with {chosen.name}: the model-dtype loss is the paper's path for a model that "
+               "computes in its weights' dtype (autocast would upcast its log-softmax to fp32 anyway)")
+        problems.append(("loss" if opts.get("loss") else "train.loss", loss, why))
     return problems
 
 

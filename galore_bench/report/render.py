@@ -70,6 +70,9 @@ SECTIONS = {
                         ("The paper keeps fp16 weights and gradients with an fp32 master copy and fp32 moments "
                         "(AdamW, SGD) and runs LOMO in fp16; `precision` is each run's own (bf16-master holds the "
                         "bytes of the paper's fp16 recipe; bf16, fp16: pure, no master copy)."),
+                        ("`loss`: full is today's transformers (an fp32 copy of the logits and an fp32 log-softmax, "
+                         "since 4.31); model-dtype is the paper's code (transformers 4.30 returned fp16 logits and "
+                         "LOMO's get_loss ran cross-entropy on a shifted copy of them, no upcast)."),
                         "The paper's totals without checkpointing are 1.00 more than the sum of their parts."]),
     "vs_galore_table2": ("Against GaLore Table 2: perplexity and memory (GB = 1e9 bytes)", TABLE2_NOTES),
     "galore_table2_grid": ("GaLore Table 2 layout: perplexity (memory GB) per method x model size", TABLE2_NOTES),

@@ -32,12 +32,9 @@ LOMO_CAUSES = {  # (method or "*", quantity) -> why ours differs from LOMO Table
     "gradient (0.24 GiB = 32000x4096 x 2 B); at our peak none is stored (one in flight counts as 'other')",
     ("*", "gradients"): "the peak falls inside backward, before every gradient exists "
     "(one in flight counts as 'other')",
-    ("*", "activations"): "our own maximum is at the end of forward, measured there (the estimate's split of it "
-    "agrees with the trace within 0.5%): with checkpointing, the saved layer inputs (32 x 8x512x4096 x 2 B = "
-    "1.00 GiB), the loss's logits-sized tensors that transformers materialises (2-byte logits 0.24 GiB, their fp32 "
-    "copy 0.49, the fp32 log-softmax output 0.49) and the final norm's and LM head's inputs (about 0.1); "
-    "recomputed activations in backward count as 'other'. Without one of the two fp32 logits-sized tensors ours "
-    "would be 1.86 GiB (+4%): the paper's figure holds one fewer of them",
+    ("*", "activations"): "our own maximum is at the end of forward: with checkpointing, the saved layer inputs "
+    "(1.00 GiB), the final norm's and LM head's inputs (0.1) and the loss's logits-sized tensors, with today's fp32 "
+    "copy of the logits and fp32 log-softmax (0.49 GiB each) that the paper's code had not (loss 'model-dtype')",
     ("*", "peak"): "our peak is one moment of the step; the paper's total adds every column as if all were live at "
     "once, so the differences above add up here",
 }
@@ -128,11 +125,30 @@ def _lomo_row(record: dict[str, Any], paper: pd.DataFrame) -> pd.Series | None:
     return match.iloc[0] if len(match) else None
 
 
+def _paper_loss_cause(record: dict[str, Any], records: list[dict[str, Any]], labels: list[str],
+                      theirs: float | None) -> str:
+    """The measured cause of a full-loss run's activations cell: the same method and precision traced on the
+    paper's loss path (loss 'model-dtype'), when such a run is in the report; '' when none is."""
+    for other, label in zip(records, labels):
+        same = (other["method"]["name"], other["train"].get("precision"), other["train"].get("loss")) == (
+            record["method"]["name"], record["train"].get("precision"), "model-dtype")
+        own = (category_peaks_of(other) or breakdown_of(other)).get("activations") if same else None
+        if own and theirs:
+            delta = ((category_peaks_of(record) or breakdown_of(record)).get("activations", 0) - own) / GIB
+            return (f"measured: the same step on the paper's loss path (run {label}: model-dtype logits, their "
+                    f"shifted copy and its model-dtype log-softmax, as LOMO's get_loss on transformers 4.30) traces "
+                    f"{own / GIB:.2f} GiB ({(own / GIB - theirs) / theirs * 100:+.1f}%); the {delta:.2f} GiB between "
+                    "them is today's fp32 copy of the logits and fp32 log-softmax (transformers 4.31+) in place "
+                    "of the model-dtype copy and log-softmax")
+    return ""
+
+
 def lomo_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataFrame) -> pd.DataFrame | None:
     """Each category of ours beside LOMO Table 1 (GiB), with the difference and the known cause.
 
     The paper lists each category's own size, so the comparison uses each category's own maximum over the
     step (`memory.category_peaks`) where the record has it; the composition at the peak is shown beside it.
+    A run on transformers' loss path takes its activations cause from a run on the paper's, when there is one.
     """
     rows = []
     for record, label in zip(records, labels):
@@ -150,7 +166,10 @@ def lomo_table(records: list[dict[str, Any]], labels: list[str], paper: pd.DataF
             cause = ACTIVATIONS_FREED if freed else (LOMO_CAUSES.get((record["method"]["name"], quantity))
                                                      or LOMO_CAUSES.get(("*", quantity), ""))
             train = record["train"]
+            if quantity == "activations" and not freed and train.get("loss", "full") == "full":
+                cause = _paper_loss_cause(record, records, labels, theirs) or cause
             rows.append({"run": label, "precision": train.get("precision") or train.get("dtype"),
+                         "loss": train.get("loss", "full"),
                          "ac": ref["activation_checkpointing"], "quantity": quantity,
                          "ours GiB": ours,
                          "at peak GiB": at_peak, "% of peak": at_peak * GIB / peak * 100, "paper GiB": theirs,

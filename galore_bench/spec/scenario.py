@@ -12,6 +12,7 @@ import tomllib
 
 from galore_bench.errors import SAFE_NAME, Problems, UserError, is_safe_name, listed, one_of, shown, type_name
 from galore_bench.methods import REGISTRY, TrainSettings, precision
+from galore_bench.methods.base import LOSS_NAMES
 from galore_bench.models import DTYPES, Model, matrix_shapes
 from galore_bench.spec.distributed import DistributedSpec, parse_distributed
 from galore_bench.spec.model import check_targets, parse_model, run_model, with_model
@@ -23,7 +24,7 @@ SHIPPED_SCENARIOS = resources.files("galore_bench") / "scenarios"
 MODES = ("auto", "estimate", "simulate", "measure")
 DATA_SOURCES = ("synthetic", "wiki", "wiki-bytes")  # wiki-bytes: UTF-8 bytes, model.vocab_size = 258
 LR_SCHEDULES = ("constant", "cosine")
-LOSSES = ("full", "chunked")
+LOSSES = LOSS_NAMES
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +281,7 @@ def parse_scenario(raw: dict[str, Any], path: Path) -> Scenario:
     distributed = parse_distributed(problems, problems.table(raw, "distributed"), runs, mode)
     if isinstance(eval_every, int) and eval_every and not eval_batches:
         problems.add("eval.every", eval_every, "0 unless eval.batches > 0 (there is nothing to evaluate on)")
-    if train.loss == "chunked" and distributed is not None:
+    if distributed is not None and "chunked" in {precision.run_settings(train, run.options).loss for run in runs}:
         problems.add("train.loss", train.loss, "'full' with [distributed] (the chunked loss reads the LM head's "
                      "weight outside the head's forward, where FSDP2 holds only a shard of it)")
     if isinstance(eval_batches, int) and eval_batches and distributed is not None:
