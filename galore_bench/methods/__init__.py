@@ -31,6 +31,7 @@ from galore_bench.methods import (
     lora,
     muon,
     qgalore,
+    qlora,
     sgd,
     torchao_adamw,
 )
@@ -55,6 +56,7 @@ METHODS: tuple[MethodDef, ...] = (
     lora.LORA,
     lora.RELORA,
     lora.LOW_RANK,
+    qlora.METHOD,
     torchao_adamw.METHOD_8BIT,
     torchao_adamw.METHOD_4BIT,
     inference.METHOD,
