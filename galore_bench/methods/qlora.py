@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
+from galore_bench.errors import UserError
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.common import adamw_state, adamw_update_temporaries, adamw_whole_update, impl_flags, trainable
 from galore_bench.methods.lora import LORA_OPTIONS, adapter_activations
@@ -22,11 +23,12 @@ from galore_bench.methods.terms import (
     EstimateTerms,
     ParamShape,
     adam8bit_state,
+    blocks,
     model_parameters,
 )
 from galore_bench.models import DTYPES, Model
 from galore_bench.models.layout import projections, refuse_experts
-from galore_bench.optim.bnb4bit import quantize_projection, weight_bytes
+from galore_bench.optim.bnb4bit import quantize_projection, weight_tensor_bytes
 from galore_bench.optim.relora import lora_config, wrap_lora
 
 OPTIMIZERS = {
@@ -51,7 +53,8 @@ def prepare(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) 
         parent = model.get_submodule(parent_name)
         setattr(parent, child, quantize_projection(getattr(parent, child), opts["quant_type"], opts["double_quant"],
                                                    compute))
-    model.is_loaded_in_4bit = True  # as transformers marks a 4-bit model: peft then wraps with its 4-bit LoRA layer
+    # as transformers marks a 4-bit model: peft then wraps each base with its 4-bit LoRA layer
+    model.__dict__["is_loaded_in_4bit"] = True
     config = lora_config(opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"], target_modules=names)
     return wrap_lora(model, config, train_non_lora=False, fp32_adapters=opts["adapter_dtype"] == "fp32")
 
@@ -73,14 +76,16 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
     hyper = {"lr": opts["lr"], "weight_decay": opts["weight_decay"]}
     if name == "adamw":
         flags = impl_flags(opts["impl"], params)
-        optimizer = torch.optim.AdamW(params, foreach=flags.get("foreach"), fused=flags.get("fused"), **hyper)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, foreach=flags.get("foreach"),
+                                                             fused=flags.get("fused"), **hyper)
     else:
         optimizer = _bnb_optimizer(name, params, hyper)
     info = {"optimizer": OPTIMIZERS[name], "adapters": "peft LoRA",
             "base_weights": f"bitsandbytes Linear4bit {opts['quant_type']}"
                             + (" double-quantized" if opts["double_quant"] else ""),
             "quantized_projections": sum(1 for p in model.parameters() if hasattr(p, "quant_state")),
-            "lora_layers": sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules() if hasattr(m, "lora_A")})}
+            "lora_layers": sorted({f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()
+                                   if hasattr(m, "lora_A")})}
     if name.startswith("paged"):
         info["paged"] = PAGED_NOTE
     return Trainer(model, optimizer, info=info)
@@ -88,26 +93,53 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
 
 # -- estimate terms ----------------------------------------------------------------------------------------------
 def layout(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
-    """Each projection a frozen 4-bit weight (its packed codes, absmax and tables as one byte count, see
-    optim/bnb4bit.py) beside trainable A and B; everything else frozen in the model dtype."""
+    """Each projection a frozen 4-bit weight, one entry per tensor it stores (packed codes, absmax, tables: each
+    its own allocation, see optim/bnb4bit.py), beside trainable A and B; everything else frozen in the model dtype.
+    A compute dtype other than the model's is refused: peft then casts the adapters to it."""
+    if opts.get("compute_dtype", "model") != "model":
+        raise UserError("estimate: qlora's closed form covers compute_dtype = \"model\" (peft casts the adapters to "
+                        "any other compute dtype); run it in simulate or measure mode")
     r, own = opts.get("rank") or 0, 4 if opts.get("adapter_dtype", "fp32") == "fp32" else 0
     double = opts.get("double_quant", True)
-    frozen = [p if p.name.endswith((".lora_A", ".lora_B")) else
-              ParamShape(p.name, p.shape, trainable=False, value_bytes=p.value_bytes, itemsize=p.itemsize)
-              for p in model_parameters(shape, lambda name, rows, cols: [
-                  ParamShape(name, (rows, cols), trainable=False, value_bytes=weight_bytes(rows * cols, double)),
-                  ParamShape(name + ".lora_A", (r, cols), itemsize=own),
-                  ParamShape(name + ".lora_B", (rows, r), itemsize=own)], opts.get("target_modules") or None)]
-    return frozen
+
+    def matrix(name: str, rows: int, cols: int) -> list[ParamShape]:
+        stored = [ParamShape(f"{name}.4bit.{k}", (size,), trainable=False, value_bytes=1)
+                  for k, size in enumerate(weight_tensor_bytes(rows * cols, double))]
+        return [*stored, ParamShape(name + ".lora_A", (r, cols), itemsize=own),
+                ParamShape(name + ".lora_B", (rows, r), itemsize=own)]
+
+    return [p if p.name.endswith((".lora_A", ".lora_B")) or not p.trainable else
+            ParamShape(p.name, p.shape, trainable=False, value_bytes=p.value_bytes, itemsize=p.itemsize)
+            for p in model_parameters(shape, matrix, opts.get("target_modules") or None)]
 
 
 def state_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
+    """torch AdamW's moments and step; bitsandbytes' 8-bit blockwise moments, or its two fp32 moments."""
     name = opts.get("optimizer", "adamw")
     if name == "adamw":
         return adamw_state(p, opts, e)
-    if name.endswith("8bit"):
-        return adam8bit_state(p.numel)
-    return 2 * adam8bit_state(0) + 2 * (p.numel * 4)  # 32-bit bitsandbytes: two fp32 moments
+    return adam8bit_state(p.numel) if name.endswith("8bit") else 2 * blocks(p.numel * 4)
+
+
+def quantization_maps(opts: dict[str, Any]) -> int:
+    """bitsandbytes' optimizers keep one pair of 256-entry maps (the 32-bit ones too: fill_qmap makes them)."""
+    return 0 if opts.get("optimizer", "adamw") == "adamw" else BNB_QUANTIZATION_MAPS
+
+
+def frozen_norm_activations(shape: Model, tokens: int, e: int, opts: dict[str, Any]) -> int:
+    """LoRA's saved tensors, less each RMSNorm's normalized output: with its weight frozen, the weight's
+    product no longer keeps it for the weight's gradient (two norms a layer)."""
+    return adapter_activations(shape, tokens, e, opts) - 2 * blocks(tokens * shape.hidden_size * e)
+
+
+def frozen_ends(shape: Model, tokens: int, e: int, opts: dict[str, Any], checkpointing: bool) -> int:
+    """Outside the layers: the final norm's normalized output is not kept; without checkpointing, neither is
+    anything of layer 0's first norm (its input, from the frozen embedding, needs no gradient), whose fp32 input
+    and 1/rms a layer otherwise saves. (The frozen head's input, alive through the loss's forward, is freed
+    before its backward; the estimate keeps it there: at most one hidden state over.)"""
+    h = shape.hidden_size
+    first_norm = 0 if checkpointing else blocks(tokens * h * 4) + blocks(tokens * 4)
+    return -(blocks(tokens * h * e) + first_norm)
 
 
 OPTIONS = {
@@ -128,9 +160,8 @@ METHOD = MethodDef(
     build=build, prepare=prepare, options=OPTIONS, uses_rank=True, paper="arXiv 2305.14314",
     estimate=EstimateTerms(state_bytes=state_bytes, update_temporaries=adamw_update_temporaries,
                            whole_update_temporaries=adamw_whole_update, layout=layout,
-                           saved_per_layer=adapter_activations,
-                           shared_state_bytes=lambda opts: BNB_QUANTIZATION_MAPS
-                           if opts.get("optimizer", "adamw") != "adamw" else 0),
+                           saved_per_layer=frozen_norm_activations, saved_outside_layers=frozen_ends,
+                           shared_state_bytes=quantization_maps),
     incompatible=lambda strategy, opts: (
         "bitsandbytes' 4-bit weights are plain packed tensors, not FSDP2's DTensor shards; use strategy ddp"
         if strategy == "fsdp2" else None),

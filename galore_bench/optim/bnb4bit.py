@@ -68,6 +68,18 @@ def quantization_constants(model: torch.nn.Module) -> Iterator[torch.Tensor]:
 
 
 @contextlib.contextmanager
+def _fp32_tables() -> Iterator[None]:
+    """bitsandbytes builds each NF4 / FP4 table from a Python list, in torch's default dtype: the fp32 it assumes,
+    not the training dtype a model's preparation runs under."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextlib.contextmanager
 def _fake_dynamic_map(like: torch.Tensor) -> Iterator[None]:
     """bitsandbytes caches the double quantization's code table as one real tensor per process; a traced
     quantization must read a fake copy of it (a fake op refuses real inputs)."""
@@ -98,7 +110,7 @@ def quantize_projection(linear: torch.nn.Linear, quant_type: str, double_quant: 
                                    compress_statistics=double_quant, quant_type=quant_type, device="meta")
     source = linear.weight.detach()
     if is_fake(source):
-        with _fake_dynamic_map(source):
+        with _fake_dynamic_map(source), _fp32_tables():
             packed, state = bnb.functional.quantize_4bit(source.contiguous(), blocksize=BLOCKSIZE,
                                                          compress_statistics=double_quant, quant_type=quant_type)
         weight = torch.nn.Parameter(packed, requires_grad=False)
@@ -108,10 +120,16 @@ def quantize_projection(linear: torch.nn.Linear, quant_type: str, double_quant: 
                             ("bnb_quantized", True), ("module", module)):
             setattr(weight, name, value)
     else:
-        weight = bnb.nn.Params4bit(source, requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=double_quant,
-                                   quant_type=quant_type, module=module)._quantize(source.device)
+        with _fp32_tables():
+            weight = bnb.nn.Params4bit(source, requires_grad=False, blocksize=BLOCKSIZE,
+                                       compress_statistics=double_quant, quant_type=quant_type,
+                                       module=module)._quantize(source.device)
         state = weight.quant_state
     module.weight = weight
     module.quant_state = state
+    # bitsandbytes repacks a CPU weight for AVX512-BF16 inference the first time it runs in eval mode without
+    # autograd: a layout with no backward, which would also change the weight's bytes mid-run. A trained model
+    # keeps the one layout (perplexity evaluations included).
+    module.support_avx512bf16_for_cpu = False
     module.bias = linear.bias
     return module
