@@ -9,7 +9,7 @@ import torch
 from test_estimate import SETTINGS, estimate_vs_simulate_failures
 
 from galore_bench.errors import UserError
-from galore_bench.measure.estimate import estimate
+from galore_bench.measure.estimate import estimate, estimate_run
 from galore_bench.measure.training import train_steps
 from galore_bench.models import ZOO
 from galore_bench.spec.scenario import load_scenario, parse_scenario
@@ -105,3 +105,21 @@ def test_estimate_within_two_percent_of_simulate_at_llama_8b():
                                "runs": [{"method": "qlora", "rank": 16}]}, Path("qlora-8b.toml"))
     failures = estimate_vs_simulate_failures(scenario)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("preset", ["llama3.2-1b", "qwen3-8b"])
+def test_estimate_within_two_percent_of_simulate_on_shrunken_modern_families(preset):
+    """Tied embeddings with GQA; Qwen3's frozen per-head q/k norms (which save less, like the layer norms)."""
+    model = {"preset": preset, "num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512,
+             "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 2048, "head_dim": 48}
+    scenario = parse_scenario({"model": model, "train": {"batch_size": 2, "seq_len": 128, "dtype": "bf16"},
+                               "runs": [{"method": "qlora", "rank": 16}]}, Path("qlora-modern.toml"))
+    failures = estimate_vs_simulate_failures(scenario)
+    assert not failures, "\n".join(failures)
+
+
+def test_estimate_refuses_phi3():
+    scenario = parse_scenario({"model": {"preset": "phi-3-mini"}, "train": {"batch_size": 1, "seq_len": 8},
+                               "runs": [{"method": "qlora"}]}, Path("qlora-phi.toml"))
+    with pytest.raises(UserError, match="qlora's closed form does not cover Phi-3"):
+        estimate_run(scenario, scenario.runs[0])

@@ -26,7 +26,7 @@ from galore_bench.methods.terms import (
     blocks,
     model_parameters,
 )
-from galore_bench.models import DTYPES, Model
+from galore_bench.models import DTYPES, HFModel, Model
 from galore_bench.models.layout import projections, refuse_experts
 from galore_bench.optim.bnb4bit import quantize_projection, weight_tensor_bytes
 from galore_bench.optim.relora import lora_config, wrap_lora
@@ -95,10 +95,13 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
 def layout(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
     """Each projection a frozen 4-bit weight, one entry per tensor it stores (packed codes, absmax, tables: each
     its own allocation, see optim/bnb4bit.py), beside trainable A and B; everything else frozen in the model dtype.
-    A compute dtype other than the model's is refused: peft then casts the adapters to it."""
+    A compute dtype other than the model's is refused (peft then casts the adapters to it), and so is Phi-3."""
     if opts.get("compute_dtype", "model") != "model":
         raise UserError("estimate: qlora's closed form covers compute_dtype = \"model\" (peft casts the adapters to "
                         "any other compute dtype); run it in simulate or measure mode")
+    if isinstance(shape, HFModel) and shape.model_type == "phi3":
+        raise UserError("estimate: qlora's closed form does not cover Phi-3's fused qkv_proj / gate_up_proj (it "
+                        "overstates the saved activations by ~2% there); run it in simulate or measure mode")
     r, own = opts.get("rank") or 0, 4 if opts.get("adapter_dtype", "fp32") == "fp32" else 0
     double = opts.get("double_quant", True)
 
@@ -128,8 +131,12 @@ def quantization_maps(opts: dict[str, Any]) -> int:
 
 def frozen_norm_activations(shape: Model, tokens: int, e: int, opts: dict[str, Any]) -> int:
     """LoRA's saved tensors, less each RMSNorm's normalized output: with its weight frozen, the weight's
-    product no longer keeps it for the weight's gradient (two norms a layer)."""
-    return adapter_activations(shape, tokens, e, opts) - 2 * blocks(tokens * shape.hidden_size * e)
+    product no longer keeps it for the weight's gradient (two norms a layer; Qwen3's per-head q and k norms too)."""
+    unsaved = 2 * blocks(tokens * shape.hidden_size * e)
+    if isinstance(shape, HFModel) and shape.model_type == "qwen3":
+        unsaved += blocks(tokens * shape.num_attention_heads * shape.head_dim * e)
+        unsaved += blocks(tokens * shape.num_key_value_heads * shape.head_dim * e)
+    return adapter_activations(shape, tokens, e, opts) - unsaved
 
 
 def frozen_ends(shape: Model, tokens: int, e: int, opts: dict[str, Any], checkpointing: bool) -> int:
