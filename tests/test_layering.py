@@ -21,6 +21,8 @@ LAZY = {  # (importer, imported; a package stands for its modules) -> why the im
     ("galore_bench.methods.adam8bit", "bitsandbytes"): "starts CUDA at import; the fork-server preload "
                                                        "(run.worker) must not: test_fork_safety.py",
     ("galore_bench.optim.galore", "bitsandbytes"): "the same: CUDA at import",
+    ("galore_bench.optim.bnb4bit", "bitsandbytes"): "the same: CUDA at import (the tracker imports this module)",
+    ("galore_bench.methods.qlora", "bitsandbytes"): "the same: CUDA at import",
     ("galore_bench.optim.relora", "peft"): "peft imports bitsandbytes",
     ("galore_bench.methods.adapters", "peft"): "peft imports bitsandbytes",
     ("galore_bench.methods.peft", "peft"): "peft imports bitsandbytes",

@@ -44,7 +44,9 @@ def _shrunk_failures(preset: str, runs: list[dict]) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_estimate_within_two_percent_of_simulate_on_shrunken_modern_families(preset):
-    failures = _shrunk_failures(preset, EVERY_METHOD)
+    # QLoRA's estimate refuses Phi-3's fused projections (test_qlora.test_estimate_refuses_phi3)
+    failures = _shrunk_failures(preset, [r for r in EVERY_METHOD
+                                         if not (preset == "phi-3-mini" and r["method"] == "qlora")])
     assert not failures, "\n".join(failures)
 
 

@@ -209,7 +209,8 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
         own, temps = master_update(trainable, options, lambda p, opts, width: update_temporaries(
             terms, [p], opts, width, layerwise, target), e)
     carried = grads if grad_accum > 1 and not layerwise else 0  # later micro-batches find the gradients there
-    saved = act["saved_layers"] + act["head"]
+    saved = act["saved_layers"] + act["head"] + terms.saved_outside_layers(shape, batch_size * seq_len, e, options,
+                                                                            activation_checkpointing)
 
     def moment(held: Moment) -> dict[str, int]:
         return dict(zip(CATEGORIES, (weights, held.gradients, states, held.activations, held.other), strict=True))

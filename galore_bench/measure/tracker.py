@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from galore_bench.optim import layerwise
+from galore_bench.optim.bnb4bit import quantization_constants
 from galore_bench.optim.torchao_lowbit import inner_tensors
 from galore_bench.units import CATEGORIES, allocator_bytes
 
@@ -133,6 +134,7 @@ class MemoryTracker(TorchDispatchMode):
         gradient is labelled before a layer-wise update frees it.
         """
         self.label([p for p in model.parameters()], "weights")
+        self.label(quantization_constants(model), "weights")  # 4-bit weights' absmax and code tables
         self.label([b for b in model.buffers()], "other")
         for p in model.parameters():
             if p.requires_grad:

@@ -107,10 +107,11 @@ def nvml_used_bytes() -> int | None:
 
 @contextlib.contextmanager
 def _moves_in_place_are_noops(active: bool) -> Iterator[None]:
-    """Under fake tensors, make Module.to() a no-op when nothing would change.
+    """Under fake tensors, make Module.to() a no-op when nothing would change, and a dtype cast an in-place one.
 
     Module.to() swaps fake parameters, and FakeTensors carry a weakref that forbids the swap; libraries
-    (peft) call .to(base_layer.device) on modules already there. A real move still goes through.
+    (peft) call .to(base_layer.device) on modules already there, and cast adapters to a base layer's compute
+    dtype. A real move to another device still goes through.
     """
     if not active:
         yield
@@ -120,11 +121,12 @@ def _moves_in_place_are_noops(active: bool) -> Iterator[None]:
     def to(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
         device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
         tensors = [*module.parameters(), *module.buffers()]
-        if all((device is None or t.device == device)
-               and (dtype is None or t.dtype == dtype or not t.is_floating_point())
-               for t in tensors):
-            return module
-        return original(module, *args, **kwargs)
+        if any(device is not None and t.device != device for t in tensors):
+            return original(module, *args, **kwargs)
+        for t in tensors:  # a cast in place (peft casts 4-bit layers' adapters to their compute dtype)
+            if dtype is not None and t.dtype != dtype and t.is_floating_point():
+                t.data = t.data.to(dtype)
+        return module
 
     torch.nn.Module.to = to  # type: ignore[method-assign, assignment]
     try:

@@ -32,6 +32,7 @@ from galore_bench.methods import (
     muon,
     peft,
     qgalore,
+    qlora,
     sgd,
     torchao_adamw,
 )
@@ -57,6 +58,7 @@ METHODS: tuple[MethodDef, ...] = (
     lora.RELORA,
     lora.LOW_RANK,
     peft.METHOD,
+    qlora.METHOD,
     torchao_adamw.METHOD_8BIT,
     torchao_adamw.METHOD_4BIT,
     inference.METHOD,

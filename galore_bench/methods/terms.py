@@ -156,6 +156,9 @@ class EstimateTerms:
     """The parameters after the method's model changes (adapters with a frozen base, factors, projected flags)."""
     saved_per_layer: Callable[[Model, int, int, Options], int] = nothing
     """(shape, tokens, e, options) -> extra activations one decoder layer saves (rank-r intermediates)."""
+    saved_outside_layers: Callable[[Model, int, int, Options, bool], int] = nothing
+    """(shape, tokens, e, options, checkpointing) -> what the method changes in the activations saved outside the
+    decoder layers' repeated part (QLoRA's frozen final norm and head save less; negative bytes)."""
     updates_in_backward: Callable[[Options], bool] = layerwise_option
     """Whether each weight is updated inside backward, its gradient freed at once (LOMO, layer-wise)."""
     extra_moments: Callable[[StepBytes], dict[str, Moment]] | None = None
