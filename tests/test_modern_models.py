@@ -77,7 +77,8 @@ METHOD_RUNS = {  # every registered method; impl = "for-loop" compares a CPU run
     "fira": "rank = 8", "qgalore": "rank = 8\nproj_group_size = 128", "apollo": "rank = 4", "apollo_mini": "",
     "muon": 'impl = "for-loop"',
     "adalomo": "", "badam": 'impl = "for-loop"\nswitch_every = 3', "torchao_adamw8bit": "",
-    "torchao_adamw4bit": "", "peft": 'peft = { type = "IA3" }\nimpl = "for-loop"', "qlora": 'rank = 8\nimpl = "for-loop"',
+    "torchao_adamw4bit": "", "peft": 'peft = { type = "IA3" }\nimpl = "for-loop"',
+    "qlora": 'rank = 8\nimpl = "for-loop"',
 }
 PROJECTING = ("galore", "galore8bit", "lora", "relora", "lowrank", "fira", "qgalore", "apollo", "apollo_mini", "muon",
               "peft", "qlora")
