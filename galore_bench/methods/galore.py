@@ -107,12 +107,12 @@ def state_bytes(p: ParamShape, opts: dict[str, Any], e: int, eight_bit: bool) ->
 
 
 def update_temporaries(p: ParamShape, opts: dict[str, Any], e: int, eight_bit: bool) -> int:
-    """Projected: the low-rank gradient, denominator / buffer and update, then two full-size matrices (projected
-    back, then scaled). Regular: AdamW's two (the 8-bit kernel updates in place)."""
+    """Projected: the low-rank gradient and Adam's ratio (written over its denominator; 8-bit: the kernel's
+    update buffer), then one full-size matrix, projected back (the scale goes into the add: add_back).
+    Regular: AdamW's ratio, written over its denominator (the 8-bit kernel updates in place)."""
     if not p.projected:
-        return 0 if eight_bit else 2 * blocks(p.numel * e)
-    low = (2 if eight_bit else 3) * blocks(_sizes(p, opts)[1] * e)
-    return low + 2 * blocks(p.numel * e)
+        return 0 if eight_bit else blocks(p.numel * e)
+    return 2 * blocks(_sizes(p, opts)[1] * e) + blocks(p.numel * e)
 
 
 def svd_refresh_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
@@ -155,11 +155,13 @@ def svd_refresh(step: StepBytes, eight_bit: bool) -> dict[str, Moment]:
     if step.layerwise:  # inside backward, at the first projected weight reached: the last layer's last (down_proj)
         first = projected[-1]
         return {"svd_refresh": Moment(blocks(first.numel * e), step.saved, svd_refresh_bytes(first, opts, e))}
-    # the largest refresh, while the previous (LM head) update is still referenced; the 8-bit kernel
-    # updates the head in place: nothing is left
-    largest = max(svd_refresh_bytes(p, opts, e) for p in projected)
-    left = 0 if eight_bit else step.head_gradient
-    return {"svd_refresh": Moment(step.gradients, 0, largest + left)}
+    # each refresh runs while the previous weight's update is still referenced: before the first, the LM head's
+    # AdamW ratio (the 8-bit kernel updates the head in place: nothing); before the others, the previous
+    # projected weight's low-rank ratio (8-bit: its low-rank gradient and update buffer)
+    leftovers = [0 if eight_bit else step.head_gradient]
+    leftovers += [(2 if eight_bit else 1) * blocks(_sizes(p, opts)[1] * e) for p in projected[:-1]]
+    largest = max(svd_refresh_bytes(p, opts, e) + left for p, left in zip(projected, leftovers))
+    return {"svd_refresh": Moment(step.gradients, 0, largest)}
 
 
 def _terms(eight_bit: bool) -> EstimateTerms:

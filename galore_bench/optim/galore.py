@@ -80,8 +80,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW step; projected params run Adam on the low-rank gradient and apply scale * P N.
 
-        The ops per tensor are galore-torch's, in its order (so the result is bit-identical); settings are
-        read once per group rather than once per parameter.
+        The values per tensor are galore-torch's, in its order (so the result is bit-identical); with fewer
+        temporaries: Adam's ratio is written over its denominator, and the projected-back update is added
+        without a second, scaled full-size copy (GaLoreProjector.add_back). Settings are read once per group.
         """
         loss = _run_closure(closure)
         for group in self.param_groups:
@@ -115,10 +116,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 step_size = lr
                 if correct_bias:
                     step_size = step_size * math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
-                update = exp_avg / denom
+                update = torch.div(exp_avg, denom, out=denom)  # exp_avg / denom, over denom: one buffer fewer
                 if projector is not None:
-                    update = projector.project_back(update)
-                p.add_(update, alpha=-step_size)
+                    projector.add_back(p, update, -step_size)
+                else:
+                    p.add_(update, alpha=-step_size)
                 if weight_decay > 0.0:  # decoupled, applied after the update (galore-torch order)
                     p.add_(p, alpha=-lr * weight_decay)
         return loss
@@ -214,7 +216,7 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
                 state["step"] = step + 1
                 self._bnb_adam(group, state, grad, target, wd_in_kernel)
                 if projector is not None:
-                    p.add_(projector.project_back(target).to(p.dtype))
+                    projector.add_back(p, target, 1.0)
                     if group["weight_decay"] > 0.0:
                         p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss

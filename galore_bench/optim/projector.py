@@ -5,6 +5,8 @@ read, timed and tested on its own.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
@@ -43,6 +45,8 @@ class GaLoreProjector:
         self.rank = rank
         self.update_proj_gap = update_proj_gap
         self.scale = scale
+        # scaling by a power of two is exact in binary floating point: add_back folds it into the add
+        self.exact_scale = scale > 0.0 and math.frexp(scale)[0] == 0.5
         self.proj_type = proj_type
         self.svd = svd
         self.svd_oversample = svd_oversample
@@ -88,8 +92,8 @@ class GaLoreProjector:
             self.side = self._pick_side(grad)
             basis = self.ortho_matrix = self._basis(grad)
         if self.side == "right":
-            return torch.matmul(grad, basis.t())
-        return torch.matmul(basis.t(), grad)
+            return torch.mm(grad, basis.t())
+        return torch.mm(basis.t(), grad)
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
         """Lift a low-rank update to the full weight shape, multiplied by `scale` (alpha in the paper).
@@ -103,3 +107,25 @@ class GaLoreProjector:
             low_rank = low_rank.to(basis.dtype)
         full = torch.matmul(low_rank, basis) if self.side == "right" else torch.matmul(basis, low_rank)
         return full * self.scale
+
+    def add_back(self, weight: torch.Tensor, low_rank: torch.Tensor, alpha: float) -> None:
+        """weight += alpha * project_back(low_rank), in place, with one full-size temporary instead of two.
+
+        galore-torch rounds P N to the weight's dtype, multiplies by `scale` into a second full-size tensor and
+        adds that. When `scale` is a power of two, scaling a binary float is exact (the exponent moves; the
+        mantissa stays), so scale * round(P N) == round(P N) * scale and alpha * scale can go into the add's
+        multiplier instead: the same float product is added, the result is galore-torch's bit for bit (only a
+        product under the smallest normal float, 1e-38, could round differently). Any other scale multiplies
+        P N in place, which is the same kernel on the same values as galore-torch's out-of-place multiply.
+        `low_rank` is cast to the basis' dtype first (8-bit states update a buffer in the weight's dtype).
+        """
+        basis = self.ortho_matrix
+        if basis is None:
+            raise RuntimeError("add_back() called before project()")
+        if low_rank.dtype != basis.dtype:
+            low_rank = low_rank.to(basis.dtype)
+        full = torch.mm(low_rank, basis) if self.side == "right" else torch.mm(basis, low_rank)
+        if self.exact_scale:
+            weight.add_(full, alpha=alpha * self.scale)
+        else:
+            weight.add_(full.mul_(self.scale), alpha=alpha)
