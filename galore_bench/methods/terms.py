@@ -156,6 +156,9 @@ class EstimateTerms:
     """The parameters after the method's model changes (adapters with a frozen base, factors, projected flags)."""
     saved_per_layer: Callable[[Model, int, int, Options], int] = nothing
     """(shape, tokens, e, options) -> extra activations one decoder layer saves (rank-r intermediates)."""
+    saved_activations: Callable[[dict[str, int], Model, int, int, bool, Options], dict[str, int]] | None = None
+    """(activation terms, shape, tokens, e, checkpointing, options) -> those terms as the method's frozen layers
+    change them (BAdam: nothing below the active layer, less above it); None: every layer saves as it trains."""
     updates_in_backward: Callable[[Options], bool] = layerwise_option
     """Whether each weight is updated inside backward, its gradient freed at once (LOMO, layer-wise)."""
     extra_moments: Callable[[StepBytes], dict[str, Moment]] | None = None
