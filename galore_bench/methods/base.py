@@ -152,6 +152,9 @@ class MethodDef:
     for a LambdaLR); the layer-wise variants of other methods still cannot be scheduled."""
     incompatible: Callable[[str, dict[str, Any]], str | None] | None = None
     """(strategy, options) -> why the method cannot run under that distributed strategy, or None."""
+    model_problem: Callable[[torch.nn.Module, dict[str, Any]], str | None] | None = None
+    """(the model on the meta device, options) -> what the method needs of the model that this one lacks, phrased
+    as what is allowed (the scenario check reports it when the file loads, naming the run and model), or None."""
 
     def all_options(self) -> dict[str, Option]:
         common = {
