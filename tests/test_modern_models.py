@@ -75,11 +75,13 @@ METHOD_RUNS = {  # every registered method; impl = "for-loop" compares a CPU run
     "galore8bit": "rank = 8\nlayerwise = true", "lomo": "", "lora": 'rank = 8\nimpl = "for-loop"',
     "relora": 'rank = 8\nimpl = "for-loop"', "lowrank": 'rank = 8\nimpl = "for-loop"', "inference": "",
     "fira": "rank = 8", "qgalore": "rank = 8\nproj_group_size = 128", "apollo": "rank = 4", "apollo_mini": "",
+    "q_apollo_mini": "group_size = 64",
     "muon": 'impl = "for-loop"',
     "adalomo": "", "badam": 'impl = "for-loop"\nswitch_every = 3', "torchao_adamw8bit": "",
     "torchao_adamw4bit": "",
 }
-PROJECTING = ("galore", "galore8bit", "lora", "relora", "lowrank", "fira", "qgalore", "apollo", "apollo_mini", "muon")
+PROJECTING = ("galore", "galore8bit", "lora", "relora", "lowrank", "fira", "qgalore", "apollo", "apollo_mini", "muon",
+              "q_apollo_mini")
 FIRST = ("adamw", "sgd", "adam8bit", "adafactor", "galore", "galore8bit", "lomo", "lora", "relora", "lowrank",
          "inference")
 # The methods merged after the model layer run on the families that differ in what they act on: tied
@@ -112,9 +114,9 @@ def test_simulate_matches_measure_on_a_shrunken_model_of_every_family(write_scen
                                             "expert parameter.*will not skip it silently"):
             load_scenario(str(write_scenario(body)))
         return
-    if name in BIASED and method == "qgalore":  # Int8Linear has no bias: refused when the file loads, by name
-        with pytest.raises(UserError, match=r"runs\[0\] \(qgalore\) model: .*model.layers.0.self_attn.q_proj has a "
-                                            "bias"):
+    if name in BIASED and method in ("qgalore", "q_apollo_mini"):  # Int8Linear has no bias: refused on load
+        with pytest.raises(UserError, match=rf"runs\[0\] \({method}\) model: .*model.layers.0.self_attn.q_proj "
+                                            "has a bias"):
             load_scenario(str(write_scenario(body)))
         return
     scenario = load_scenario(str(write_scenario(body)))
@@ -214,7 +216,7 @@ def test_a_scenario_loaded_with_a_model_has_it_in_every_run_and_its_own_name(tmp
 
 
 PROJECTED_COUNT = {"apollo": "projected_tensors", "apollo_mini": "projected_tensors", "fira": "projected_tensors",
-                   "muon": "muon_tensors", "qgalore": "int8_weights"}
+                   "muon": "muon_tensors", "qgalore": "int8_weights", "q_apollo_mini": "int8_weights"}
 
 
 @pytest.mark.parametrize("method", list(PROJECTED_COUNT))

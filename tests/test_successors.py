@@ -25,7 +25,7 @@ def _record(method: str, peak: int, reserved: int, weights: int, **method_option
 def test_each_claim_sits_beside_the_matching_run_and_names_its_closest_reading():
     claims = paper_table("successors_7b_claims")
     records = [_record("galore8bit", 22_000_000_000, 23_000_000_000, 13_476_831_232, rank=1024, layerwise=True),
-               _record("apollo_mini", 16_000_000_000, 17_000_000_000, 13_476_831_232, rank=1, layerwise=True),
+               _record("q_apollo_mini", 16_000_000_000, 17_000_000_000, 13_476_831_232, rank=1, layerwise=True),
                _record("galore8bit", 30_000_000_000, 31_000_000_000, 13_476_831_232, rank=1024)]  # not per-layer
     table = successors_table(records, ["galore-lw", "mini-lw", "galore"], claims).set_index("claim")
     galore = table.loc["GaLore 8-bit, per-layer"]
@@ -58,7 +58,7 @@ def test_a_method_that_is_always_per_layer_matches_a_per_layer_claim_and_reading
     assert row["note"] == ""  # 1.05 B per weight: the INT8 weights are ours too
     # over the budget the allocator model stops part-way: its readings are of a partial step, so the traced peak
     # stands as allocated and reserved / device total are left out
-    stopped = _record("apollo_mini", 30_000_000_000, 24_000_000_000, 13_476_831_232, rank=1, layerwise=True)
+    stopped = _record("q_apollo_mini", 30_000_000_000, 24_000_000_000, 13_476_831_232, rank=1, layerwise=True)
     stopped["memory"]["allocator_model"]["out_of_memory"] = True
     stopped["memory"]["readings"] = {"allocated": {"bytes": 23_900_000_000, "kind": "model", "source": "test"}}
     row = successors_table([stopped], ["mini"], claims).set_index("claim").loc[

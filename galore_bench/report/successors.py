@@ -96,7 +96,7 @@ def _claim_row(claim: pd.Series, record: dict[str, Any] | None, label: str) -> d
     weights, parameters = record["memory"]["breakdown"].get("weights", 0), record["model"].get("parameters") or 0
     if claim["weights"] == "int8" and parameters and weights / parameters > 1.5:
         note = (f"the claim keeps INT8 weights; our run holds {weights / parameters:.2f} B per weight "
-                f"({weights / GB:.2f} GB): INT8 weight storage is not built here")
+                f"({weights / GB:.2f} GB), not INT8 (q_apollo_mini and qgalore store INT8 weights)")
     note = "; ".join(text for text in (note, _setting_differs(record, claim)) if text)
     return {**row, **readings, "closest reading": name, "diff %": diff, "flag": ">5%" if off else "", "note": note}
 
