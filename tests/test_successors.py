@@ -87,9 +87,10 @@ def test_badams_fine_tuning_claim_sits_beside_our_run_on_its_model_with_the_sett
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("label", ["apollo", "apollo_mini", "apollo_mini-layerwise", "muon"])
+@pytest.mark.parametrize("label", ["apollo", "apollo_mini", "apollo_mini-layerwise", "muon", "q_apollo_mini",
+                                   "badam-llama3.1-8b"])
 def test_estimate_within_two_percent_of_simulate_at_7b(label):
-    """The successors_7b runs (LLaMA-7B, token batch 256, BF16): about a minute each on a CPU."""
+    """The successors_7b runs (LLaMA-7B, token batch 256, BF16; BAdam on Llama-3.1-8B): about a minute each on a CPU."""
     scenario = load_scenario("successors_7b")
     run = next(r for r in scenario.runs if r.label == label)
     planned, steps = training.simulation_plan(run)
