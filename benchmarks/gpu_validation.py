@@ -35,10 +35,10 @@ SEVEN_B_PARTS = ("7b_4090", "lomo_7b", "7b_4090_layerwise")
 RANKS = {"tiny": 16, "60m": 128, "130m": 256, "350m": 256, "1b": 512}  # GaLore paper, Table 2
 BATCH = {"tiny": 2, "60m": 16, "130m": 16, "350m": 16, "1b": 8}  # x 256 tokens, 6 steps: seconds on an H100
 RANKED = ("galore", "galore8bit", "fira", "lora", "relora", "lowrank", "qlora", "qgalore", "apollo")
-KEEPS_ITS_RANK = ("apollo_mini",)  # rank 1 is what makes it APOLLO-Mini
+KEEPS_ITS_RANK = ("apollo_mini", "q_apollo_mini")  # rank 1 is what makes it APOLLO-Mini
 METHODS = ("inference", "adamw", "sgd", "adam8bit", "torchao_adamw8bit", "torchao_adamw4bit", "adafactor", "lomo",
            "adalomo", "badam", "lora", "relora", "lowrank", "qlora", "apollo", "apollo_mini", "muon", "galore",
-           "galore8bit", "fira", "qgalore", "peft")  # slow last
+           "galore8bit", "fira", "qgalore", "q_apollo_mini", "peft")  # slow last
 OWN_OPTIONS = {"peft": {"peft": {"type": "IA3"}}}  # peft's own config: one adapter type whose simulate is exact
 PLUMBING_METHODS = ("adamw", "galore")
 PLUMBING_RUNS = {"7b_4090": (0, 4), "lomo_7b": (0, 2), "galore_table11": (2, 9)}  # two runs of each, tiny

@@ -17,7 +17,7 @@ def test_smoke_cpu_every_method_learns(tmp_path):
     scenario = load_scenario("smoke_cpu")
     assert {run.method for run in scenario.runs} == set(REGISTRY)
     paths = run_scenario(scenario, out=tmp_path)
-    assert len(paths) == len(scenario.runs) == 30
+    assert len(paths) == len(scenario.runs) == 31
     peaks = {}
     for path in paths:
         record = load_record(path)

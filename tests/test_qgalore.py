@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from galore_bench.errors import UserError
 from galore_bench.measure.estimate import estimate_run
 from galore_bench.measure.training import simulation_plan, train_steps
 from galore_bench.optim.qgalore import Int8Linear, QGaLoreAdamW8bit, QGaLoreProjector
@@ -100,12 +101,8 @@ def test_one_full_update_by_hand():
 SMALL_60M = '[model]\nsize = "60m"\n[train]\nbatch_size = 1\nseq_len = 32\ndtype = "fp32"\n'
 
 
-GRADIENT_UNDER_PYTEST = pytest.mark.xfail(strict=False, reason=(
-    "open: run by pytest, the measured 60M step holds one extra vocab x hidden fp32 gradient (65.5 MB) at every "
-    "step; the same code run as a plain script measures 305,152,328 B, simulate 305,150,152 B"))
-
-
-SIXTY_M = pytest.param(SMALL_60M, marks=[pytest.mark.slow, GRADIENT_UNDER_PYTEST])
+SIXTY_M = pytest.param(SMALL_60M, marks=pytest.mark.slow)  # under pytest this once held one more LM-head gradient:
+# bitsandbytes' import-time warning, logged from inside backward, kept the update's frames (optim/galore.py)
 
 
 @pytest.mark.parametrize("header", [TINY_HEADER, SIXTY_M], ids=["tiny", "60m"])
@@ -194,3 +191,23 @@ def test_group_sizes_that_do_not_divide_a_tensor_are_refused_with_the_field(writ
         scenario = load_scenario(str(write_scenario(body)))
         with pytest.raises(UserError, match=text):
             train_steps(scenario, scenario.runs[0], fake=True, device="cpu", steps=1)
+
+
+QWEN_SHRUNK = ('[model]\npreset = "qwen2.5-7b"\nnum_hidden_layers = 1\nhidden_size = 64\nintermediate_size = 96\n'
+               'num_attention_heads = 4\nnum_key_value_heads = 2\nvocab_size = 256\n'
+               '[train]\nbatch_size = 1\nseq_len = 8\n')
+
+
+def test_biased_projections_are_refused_when_the_scenario_loads(write_scenario):
+    """Qwen2.5's q, k, v have biases, which Int8Linear would drop: the file is refused before any model is built,
+    naming the file, the run, the model and the bias-free projections target_modules may name instead."""
+    path = write_scenario(QWEN_SHRUNK + '[[runs]]\nmethod = "adamw"\n[[runs]]\nmethod = "qgalore"\nrank = 8\n',
+                          name="biased")
+    with pytest.raises(UserError) as refused:
+        load_scenario(str(path))
+    message = str(refused.value)
+    assert f"{path}: runs[1] (qgalore) model: got 'qwen2.5-7b-shrunk'" in message
+    assert "model.layers.0.self_attn.q_proj has a bias (3 such projections)" in message
+    assert "set target_modules to bias-free ones (here: down_proj, gate_proj, o_proj, up_proj)" in message
+    free = QWEN_SHRUNK + '[[runs]]\nmethod = "qgalore"\nrank = 8\ntarget_modules = ["o_proj", "down_proj"]\n'
+    assert load_scenario(str(write_scenario(free, name="bias-free"))).runs[0].method == "qgalore"

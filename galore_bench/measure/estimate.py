@@ -192,6 +192,8 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     act = (autocast_activation_bytes(shape, params, batch_size, seq_len, c, activation_checkpointing,
                                      extra + family_layer_bytes(shape, t, c), attention_widths(shape))
            if recipe.compute else activation_bytes(shape, batch_size, seq_len, e, activation_checkpointing, extra))
+    if terms.saved_activations is not None:
+        act = terms.saved_activations(act, shape, t, e, activation_checkpointing, options)
     loss_bytes = loss_path(shape, batch_size * seq_len, c, loss, loss_chunk_tokens,
                            head_trainable=all(p.trainable for p in params if p.name == "lm_head"), sequences=batch_size)
     if terms.forward_only:  # autograd off: nothing saved, no gradient, no state; only forward transients
@@ -234,7 +236,9 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
         step = StepBytes(shape, params, options, e, grads, head_grad, saved, layerwise)
         moments.update({name: moment(held) for name, held in terms.extra_moments(step).items()})
     if activation_checkpointing:
-        so_far = head_grad if not layerwise else 0
+        head = next((p for p in params if p.name == "lm_head"), None) or next(
+            p for p in params if p.name == "embed_tokens")  # a tied head is the embedding
+        so_far = head_grad if not layerwise and head.trainable else 0  # a frozen head (LoRA, BAdam) has none
         moments["recompute"] = moment(Moment(max(carried, so_far), saved, act["layer"] + 2 * act["hidden"]))
         if not layerwise:  # the last recompute (layer 0): every later gradient is held, later checkpoints are gone
             not_yet = sum(blocks(p.numel * p.width(e)) for p in params

@@ -2,9 +2,21 @@
 every K steps; embeddings, final norm and LM head stay frozen unless made blocks (include_embedding,
 include_lm_head).
 
-What a short simulate trace sees is the starting block's steps. Memory depends on the block: autograd saves
-activations for the active layer and for every layer above it (their input gradients lead down to it), none
-below. The default order, ascending, starts at layer 0, the block with the most saved: the run's peak.
+What a short simulate trace sees is the starting block's steps, and the estimate counts the same block.
+Memory depends on the block: autograd saves activations for the active layer and for every layer above it
+(their input gradients lead down to it), none below. The default order, ascending, starts at layer 0, the
+block with the most saved: the run's peak.
+
+The estimate's terms, each checked against a trace (tests/test_estimate.py):
+- states: the active block's fp32 masters and AdamW's two fp32 moments (and its `step`), whatever the model's dtype;
+- gradients: the active block's, in the model's dtype; at the step each becomes an fp32 copy (the low-precision
+  one freed as it goes), beside AdamW's temporaries over the fp32 masters;
+- activations: a frozen layer above the active one saves what its input's gradient needs: each RMSNorm its fp32
+  input and 1/rms, SDPA its q, k, v, output and log-sum-exp, the MLP gate, SiLU(gate) and up; not the normalised
+  output before the norm weight, nor any frozen projection's input (a frozen weight's gradient is never formed).
+  The active layer saves as in full training, less its input norm's fp32 input and 1/rms (its input, from frozen
+  layers below, needs no gradient). The final norm (frozen) saves its fp32 input and 1/rms, the frozen LM head
+  nothing.
 """
 from __future__ import annotations
 
@@ -14,8 +26,24 @@ from typing import Any
 import torch
 
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
-from galore_bench.methods.common import ADAM_OPTIONS, IMPL_OPTION, impl_flags, trainable
+from galore_bench.methods.common import ADAM_OPTIONS, IMPL_OPTION, adamw_impl, impl_flags, trainable
+from galore_bench.methods.terms import TORCH_STEP, EstimateTerms, Options, ParamShape, blocks, model_parameters
+from galore_bench.models import Model
 from galore_bench.optim.badam import SWITCH_MODES, BlockAdam
+
+OPTIONS = {
+    **{k: v for k, v in ADAM_OPTIONS.items() if k != "layerwise"},
+    "impl": IMPL_OPTION,
+    "switch_every": Option(int, 50, "K: steps per block (the first block gets K - 1, as in the badam package)",
+                           minimum=1),
+    "switch_mode": Option(str, "ascending", "block order (ascending: LLaMA-Factory's default; the package's "
+                          "is descending)", choices=SWITCH_MODES),
+    "start_block": Option(int, -1, "first block; -1: the order's own (0 ascending, the last descending)",
+                          minimum=-1),
+    "include_embedding": Option(bool, False, "the embedding is a block of its own (the first)"),
+    "include_lm_head": Option(bool, False, "final norm and LM head (and the embedding, if not a block of its "
+                              "own) are the last block"),
+}
 
 
 class BAdamTrainer(Trainer):
@@ -46,6 +74,84 @@ def switch_steps(opts: dict[str, Any], steps: int) -> dict[str, set[int]]:
     return {"block_switch": {i for i in range(1, steps) if (i + 2) % opts["switch_every"] == 0}}
 
 
+def _option(opts: Options, name: str) -> Any:
+    """A block option as given, else its default (the estimate may be called with options left out)."""
+    return opts.get(name, OPTIONS[name].default)
+
+
+def _block_names(shape: Model, opts: Options) -> list[str]:
+    """Each block as the estimate names it: 'embedding', '<layer>', or 'rest' (final norm and LM head), in the
+    order optim.badam.decoder_blocks makes them."""
+    layers = [str(i) for i in range(shape.num_hidden_layers)]
+    first = ["embedding"] if _option(opts, "include_embedding") else []
+    return first + layers + (["rest"] if _option(opts, "include_lm_head") else [])
+
+
+def active_block(shape: Model, opts: Options) -> str:
+    """The block simulate traces: start_block, else the order's first (descending: the last). A random order's
+    first block depends on the run's seed, which options do not carry: the estimate takes block 0 (layer 0 or the
+    embedding), the one with the most saved activations."""
+    names = _block_names(shape, opts)
+    start = _option(opts, "start_block")
+    if start >= 0:
+        return names[min(start, len(names) - 1)]
+    return names[-1] if _option(opts, "switch_mode") == "descending" else names[0]
+
+
+def _in_block(name: str, block: str, opts: Options) -> bool:
+    if block == "embedding":
+        return name.startswith("embed")
+    if block == "rest":  # final norm, LM head, and the embedding when it is no block of its own
+        return "." not in name and not (_option(opts, "include_embedding") and name.startswith("embed"))
+    return name.startswith(block + ".")
+
+
+def layout(shape: Model, opts: Options) -> list[ParamShape]:
+    """Every parameter; only the active block's train (a tied head belongs to the embedding, as in the model)."""
+    block = active_block(shape, opts)
+    return [ParamShape(p.name, p.shape, trainable=_in_block(p.name, block, opts)) for p in model_parameters(shape)]
+
+
+def state_bytes(p: ParamShape, opts: Options, e: int) -> int:
+    """The fp32 master, AdamW's two fp32 moments and its `step`, whatever the model's dtype."""
+    return 3 * blocks(p.numel * 4) + TORCH_STEP
+
+
+def whole_update(trainable: list[ParamShape], opts: Options, e: int, layerwise: bool, target: str) -> int:
+    """The fp32 copies of the gradients (replacing the low-precision ones, freed as they go: the moment counts
+    those as gradients, so only the difference is added) and AdamW's temporaries over the fp32 masters."""
+    fp32 = [blocks(p.numel * 4) for p in trainable]
+    copies = sum(fp32) - sum(blocks(p.numel * p.width(e)) for p in trainable) if e < 4 else 0
+    impl = adamw_impl(opts, target, layerwise)
+    adamw = {"foreach": sum(fp32), "fused": 0}.get(impl, 2 * max(fp32, default=0))
+    return copies + adamw
+
+
+def saved_activations(act: dict[str, int], shape: Model, tokens: int, e: int, checkpointing: bool,
+                      opts: Options) -> dict[str, int]:
+    """What the layers save with one block active (the module docstring lists it)."""
+    h, i, layers = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
+    norm_input = blocks(tokens * h * 4) + blocks(tokens * 4)  # a norm's fp32 input and 1/rms
+    frozen = act["layer"] - 4 * blocks(tokens * h * e) - blocks(tokens * i * e)
+    block = active_block(shape, opts)
+    embedding_trains = block == "embedding" or (block == "rest" and not _option(opts, "include_embedding"))
+    # the final norm and the head save as in full training when they train, else only for the input's gradient;
+    # a frozen head's input is no saved tensor, yet lives until the loss is computed
+    head = act["head"] if block == "rest" else norm_input
+    until_loss = 0 if block == "rest" else act["hidden"]
+    if block == "rest" and not embedding_trains:  # nothing below the final norm needs a gradient
+        head -= norm_input
+    if checkpointing:  # each layer's checkpoint keeps its input, whichever trains; the recompute is the active one's
+        return {**act, "layer": act["layer"] - norm_input, "head": head, "until_loss": until_loss}
+    if embedding_trains:  # every layer's input needs its gradient
+        saved = layers * frozen
+    elif block == "rest":
+        saved = 0
+    else:
+        saved = act["layer"] - norm_input + (layers - 1 - int(block)) * frozen
+    return {**act, "saved_layers": saved, "head": head, "until_loss": until_loss}
+
+
 def incompatible(strategy: str, opts: dict[str, Any]) -> str | None:
     return (f"BAdam changes which weights train at every block switch, but {strategy} fixes the set it reduces "
             "when it wraps the model (the badam package supports DeepSpeed ZeRO-3 for this)")
@@ -55,22 +161,10 @@ METHOD = MethodDef(
     name="badam",
     summary="BAdam: block coordinate descent, AdamW on one decoder layer's fp32 masters at a time",
     build=build,
-    options={
-        **{k: v for k, v in ADAM_OPTIONS.items() if k != "layerwise"},
-        "impl": IMPL_OPTION,
-        "switch_every": Option(int, 50, "K: steps per block (the first block gets K - 1, as in the badam package)",
-                               minimum=1),
-        "switch_mode": Option(str, "ascending", "block order (ascending: LLaMA-Factory's default; the package's "
-                              "is descending)", choices=SWITCH_MODES),
-        "start_block": Option(int, -1, "first block; -1: the order's own (0 ascending, the last descending)",
-                              minimum=-1),
-        "include_embedding": Option(bool, False, "the embedding is a block of its own (the first)"),
-        "include_lm_head": Option(bool, False, "final norm and LM head (and the embedding, if not a block of its "
-                                  "own) are the last block"),
-    },
+    options=OPTIONS,
     paper="arXiv 2404.02827",
-    no_estimate_reason=("the activations depend on the active block: layers above it save what their input "
-                        "gradients need, a frozen-layer case the estimate's activation model does not have"),
+    estimate=EstimateTerms(state_bytes=state_bytes, whole_update_temporaries=whole_update, layout=layout,
+                           saved_activations=saved_activations),
     periodic_steps=switch_steps,
     incompatible=incompatible,
 )

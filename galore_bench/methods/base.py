@@ -157,6 +157,9 @@ class MethodDef:
     check: Callable[[dict[str, Any], Any], list[tuple[str, str, str]]] | None = None
     """(options, the run's model or None) -> (field, got, allowed) for what the options' own types cannot say
     (peft's validation of an adapter config), found when the scenario loads rather than in the run's process."""
+    model_problem: Callable[[torch.nn.Module, dict[str, Any]], str | None] | None = None
+    """(the model on the meta device, options) -> what the method needs of the model that this one lacks, phrased
+    as what is allowed (the scenario check reports it when the file loads, naming the run and model), or None."""
 
     def all_options(self) -> dict[str, Option]:
         common = {

@@ -40,9 +40,8 @@ def prepare(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) 
         parent_name, _, name = qualified.rpartition(".")
         parent = model.get_submodule(parent_name)
         child = getattr(parent, name)
-        if child.bias is not None:
-            raise UserError(f"qgalore: {qualified} has a bias; Int8Linear models bias-free projections (LLaMA's); "
-                            "allowed: target_modules that name bias-free projections only")
+        if child.bias is not None:  # the scenario check (model_problem) refuses this first; here for direct use
+            raise UserError(f"qgalore: {qualified} has a bias; allowed: {biased_projections(model, targets)}")
         rows, cols = child.weight.shape
         basis = min(opts["rank"], rows, cols) * min(rows, cols)  # the projector spans the shorter side
         for key, values in (("group_size", rows * cols), ("proj_group_size", basis)):
@@ -52,6 +51,20 @@ def prepare(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) 
                                 "divisor of that size")
         setattr(parent, name, Int8Linear(child.weight, opts["group_size"]))
     return model
+
+
+def biased_projections(model: torch.nn.Module, opts_or_targets: dict[str, Any] | list[str] | None) -> str | None:
+    """Why Q-GaLore cannot take this model with these targets: a projection with a bias (Int8Linear keeps INT8
+    codes and group scales of a weight, and no bias: dropping one would change the model), or None."""
+    targets = (opts_or_targets.get("target_modules") if isinstance(opts_or_targets, dict) else opts_or_targets) or None
+    names = projections(model, targets)
+    biased = [name for name in names if getattr(model.get_submodule(name), "bias", None) is not None]
+    if not biased:
+        return None
+    free = sorted({name.rsplit(".", 1)[-1] for name in names if name not in biased})
+    hint = f" (here: {', '.join(free)})" if free else ""
+    return (f"projections without a bias (Int8Linear stores INT8 weights and no bias, and would drop one): "
+            f"{biased[0]} has a bias ({len(biased)} such projections); set target_modules to bias-free ones{hint}")
 
 
 class QGaLoreTrainer(Trainer):
@@ -160,6 +173,7 @@ METHOD = MethodDef(
                            shared_state_bytes=lambda opts: 0, extra_moments=weight_moments),
     trace_plan=TracePlan("svd_refresh", lambda opts: {**opts, "update_proj_gap": 2}),
     periodic_steps=refresh_steps,
+    model_problem=biased_projections,
     incompatible=lambda strategy, opts: (
         f"Q-GaLore updates each INT8 weight inside backward (no .grad to reduce); strategy {strategy} is not "
         "supported" if strategy in ("ddp", "fsdp2") else None),

@@ -159,6 +159,9 @@ class EstimateTerms:
     saved_outside_layers: Callable[[Model, int, int, Options, bool], int] = nothing
     """(shape, tokens, e, options, checkpointing) -> what the method changes in the activations saved outside the
     decoder layers' repeated part (QLoRA's frozen final norm and head save less; negative bytes)."""
+    saved_activations: Callable[[dict[str, int], Model, int, int, bool, Options], dict[str, int]] | None = None
+    """(activation terms, shape, tokens, e, checkpointing, options) -> those terms as the method's frozen layers
+    change them (BAdam: nothing below the active layer, less above it); None: every layer saves as it trains."""
     updates_in_backward: Callable[[Options], bool] = layerwise_option
     """Whether each weight is updated inside backward, its gradient freed at once (LOMO, layer-wise)."""
     extra_moments: Callable[[StepBytes], dict[str, Moment]] | None = None

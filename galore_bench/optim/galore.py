@@ -151,6 +151,11 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
         _check_hyper(lr, betas, eps, weight_decay)
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.min_8bit_size = min_8bit_size
+        # bitsandbytes is imported here, not at its first use inside a step: its import logs a warning whose
+        # argument is a caught exception, and that exception's traceback reaches up the stack; imported inside
+        # backward, it kept the frames of a layer-wise update alive, and with them the gradient being applied,
+        # for as long as a log handler keeps the record (pytest's does: one extra LM-head gradient measured)
+        import bitsandbytes.functional  # noqa: F401
 
     @staticmethod
     def _qmaps_for(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

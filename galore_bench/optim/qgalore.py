@@ -14,7 +14,7 @@ Our own implementation of the paper's four pieces:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -23,7 +23,7 @@ from galore_bench.optim import layerwise
 from galore_bench.optim.galore import GaLoreAdamW8bit
 from galore_bench.optim.quantize import INT4_MAX, INT8_MAX, dequantize, pack_int4, quantize, unpack_int4
 
-__all__ = ["Int8Linear", "QGaLoreAdamW8bit", "QGaLoreProjector", "basis_similarity"]
+__all__ = ["Int8Linear", "QGaLoreAdamW8bit", "QGaLoreProjector", "WeightStepper", "basis_similarity"]
 
 
 class _Int8Matmul(torch.autograd.Function):
@@ -44,6 +44,12 @@ class _Int8Matmul(torch.autograd.Function):
         return grad_x, None
 
 
+class WeightStepper(Protocol):
+    """An optimizer that updates an Int8Linear's weight from its gradient inside backward (Q-GaLore, Q-APOLLO)."""
+
+    def step_weight(self, module: Int8Linear, grad: torch.Tensor) -> None: ...
+
+
 class Int8Linear(torch.nn.Module):
     """A bias-free linear layer whose weight is int8 codes + fp32 group scales (both frozen Parameters, so a
     model's parameter list, and a memory tracker, see them at their true size)."""
@@ -55,7 +61,7 @@ class Int8Linear(torch.nn.Module):
         self.weight = torch.nn.Parameter(codes, requires_grad=False)
         self.weight_scales = torch.nn.Parameter(scales, requires_grad=False)
         self.group_size = group_size
-        self.optimizer: QGaLoreAdamW8bit | None = None
+        self.optimizer: WeightStepper | None = None
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.weight, self.weight_scales, dtype)

@@ -81,7 +81,7 @@ SECTIONS = {
                           TABLE11_NOTES),
     "vs_galore_table3": ("Against GaLore Table 3 memory (LLaMA-7B, 8-bit, rank 1024; GB = 1e9 bytes)", [TABLE3_NOTE]),
     "budget": ("Peak against the budget (GB = 1e9 bytes; paper: GaLore Sec. 5.5 / Fig. 1 where it matches)", []),
-    "successors": ("GaLore's successors: the repositories' LLaMA-7B memory claims beside our readings (BF16)",
+    "successors": ("GaLore's successors: the repositories' memory claims (BAdam's: Llama-3-8B) beside our readings",
                    SUCCESSORS_NOTES),
     "gpus": ("GPUs needed per model size (sharding applied to the traced step; LOMO Table 2's counts beside)",
              [("The paper prints GiB as 'GB'; it trains with DeepSpeed ZeRO-3 in fp16 mixed precision, ours is "

@@ -5,8 +5,10 @@ A claim names no measuring tool, so each is set beside the three readings of the
 allocated (the allocator's block peak), reserved (the CUDA allocator's when measured, the caching-allocator model's
 when simulated) and device_total (what nvidia-smi shows: measured through NVML, estimated in simulate), each read
 in GB (1e9) and in GiB. A claim matches a run of the same method, per-layer setting, token batch (batch x 256),
-checkpointing and (GaLore) rank on the 7B model in BF16; a claim for INT8 weights is shown beside our BF16-weight
-run of that recipe (the weight bytes named), and a claim with no run at its setting is listed without ours.
+checkpointing and (GaLore) rank on the claim's model in BF16; a claim for INT8 weights is shown beside our BF16-weight
+run of that recipe (the weight bytes named), and a claim with no run at its setting is listed without ours. A
+fine-tuning claim (BAdam's, Llama-3-8B) is set beside our run of its recipe at the scenario's setting, the
+difference of batch, length and checkpointing named in the note.
 """
 from __future__ import annotations
 
@@ -31,13 +33,25 @@ NOTES = [
 
 
 def _matches(record: dict[str, Any], claim: pd.Series) -> bool:
+    """The same recipe on the claim's model in BF16; and, unless the claim's setting is 'any', its batch, length
+    256 and checkpointing."""
     train, method = record["train"], record["method"]
-    return (record["model"]["name"] == "7b" and record["status"] == "ok" and train.get("dtype") == "bf16"
-            and method["name"] == claim["method"]
-            and _per_layer(method) == (claim["per_layer"] == "yes")
-            and train.get("batch_size") == int(claim["batch"]) and train.get("seq_len") == SEQ_LEN
-            and bool(train.get("activation_checkpointing")) == (claim["grad_ckpt"] == "yes")
-            and (method["name"] != "galore8bit" or method.get("rank") == int(claim["rank"])))
+    recipe = (record["model"]["name"] == claim["model"] and record["status"] == "ok" and train.get("dtype") == "bf16"
+              and method["name"] == claim["method"]
+              and _per_layer(method) == (claim["per_layer"] == "yes")
+              and (method["name"] != "galore8bit" or method.get("rank") == int(claim["rank"])))
+    return recipe and (claim["setting"] == "any" or _setting_differs(record, claim) == "")
+
+
+def _setting_differs(record: dict[str, Any], claim: pd.Series) -> str:
+    """How our run's batch, length and checkpointing differ from the claim's ('' where they agree)."""
+    train = record["train"]
+    ours = (train.get("batch_size"), train.get("seq_len"), bool(train.get("activation_checkpointing")))
+    if ours == (int(claim["batch"]), SEQ_LEN, claim["grad_ckpt"] == "yes") and claim["model"] == "7b":
+        return ""
+    return (f"our run: batch {ours[0]} x {ours[1]} tokens, checkpointing {'on' if ours[2] else 'off'}; the claim's: "
+            f"batch {claim['batch']}, checkpointing {'on' if claim['grad_ckpt'] == 'yes' else 'off'} "
+            "(a fine-tuning setting this scenario does not reproduce)")
 
 
 def _per_layer(method: dict[str, Any]) -> bool:
@@ -82,7 +96,8 @@ def _claim_row(claim: pd.Series, record: dict[str, Any] | None, label: str) -> d
     weights, parameters = record["memory"]["breakdown"].get("weights", 0), record["model"].get("parameters") or 0
     if claim["weights"] == "int8" and parameters and weights / parameters > 1.5:
         note = (f"the claim keeps INT8 weights; our run holds {weights / parameters:.2f} B per weight "
-                f"({weights / GB:.2f} GB): INT8 weight storage is not built here")
+                f"({weights / GB:.2f} GB), not INT8 (q_apollo_mini and qgalore store INT8 weights)")
+    note = "; ".join(text for text in (note, _setting_differs(record, claim)) if text)
     return {**row, **readings, "closest reading": name, "diff %": diff, "flag": ">5%" if off else "", "note": note}
 
 

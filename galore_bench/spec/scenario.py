@@ -13,7 +13,7 @@ import tomllib
 from galore_bench.errors import SAFE_NAME, Problems, UserError, is_safe_name, listed, one_of, shown, type_name
 from galore_bench.methods import REGISTRY, TrainSettings, precision
 from galore_bench.methods.base import LOSS_NAMES
-from galore_bench.models import DTYPES, Model, matrix_shapes
+from galore_bench.models import DTYPES, Model, matrix_shapes, meta_model
 from galore_bench.spec.distributed import DistributedSpec, parse_distributed
 from galore_bench.spec.model import check_targets, parse_model, run_model, with_model
 from galore_bench.spec.study import StudySpec, parse_lr_grid, parse_study
@@ -217,6 +217,11 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: Model | N
         targets_ok = model_of_run is not None and (
             "target_modules" not in options or "target_modules" in invalid
             or check_targets(problems, where, method.name, resolved["target_modules"], model_of_run))
+        if targets_ok and method.model_problem is not None and model_of_run is not None:
+            why = method.model_problem(meta_model(model_of_run), resolved)
+            if why:
+                problems.add(f"{where} ({method.name}) model", run_model_name, why)
+                targets_ok = False
         if (method.uses_rank and model_of_run is not None and targets_ok and isinstance(resolved.get("rank"), int)
                 and "rank" not in invalid):
             shapes = matrix_shapes(model_of_run, resolved.get("target_modules") or None)
