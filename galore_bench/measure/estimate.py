@@ -16,6 +16,7 @@ The step's memory is modelled at the moments where it peaks, and the largest one
   recompute     activation checkpointing only: one layer's activations recomputed during backward, first
                 (every checkpoint saved) and last (layer 0: every later gradient held, non-layer-wise);
   optimizer     weights + states + all gradients + the optimizer's temporaries (non-layer-wise);
+  tied_sum      tied embeddings: the head's gradient, the embedding's and their sum, at backward's end;
   and any moment the method adds (GaLore: svd_refresh, the SVDs of a projector refresh).
 A forward-only method (autograd off: the inference reference) has three, weights + live activations each: the
 loss's tensors (loss_forward), and the last layer's MLP and attention transients (mlp_forward, attention_forward).
@@ -194,8 +195,9 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
         "loss_backward": moment(Moment(carried, saved + loss_bytes.backward_activations, loss_bytes.backward_other)),
     }
     tied = not any(p.name == "lm_head" for p in params)
-    if layerwise and tied:  # the head's gradient accumulates into the embedding's, updated only when backward ends
-        embedding = next(p for p in params if p.name == "embed_tokens")
+    embedding = next((p for p in params if p.name == "embed_tokens"), None)
+    if layerwise and tied and embedding is not None:  # the head's gradient accumulates into the embedding's,
+        # updated only when backward ends
         moments["head_update"] = moment(Moment(head_grad, saved - act.get("head_released", 0), act["hidden"]))
         moments["tied_update"] = moment(Moment(head_grad, 0, terms.update_temporaries(embedding, options, e)))
     elif layerwise:
@@ -207,14 +209,19 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     if terms.extra_moments is not None:
         step = StepBytes(shape, params, options, e, grads, head_grad, saved, layerwise)
         moments.update({name: moment(held) for name, held in terms.extra_moments(step).items()})
+    # tied embeddings: the head's gradient waits in autograd's input buffer from the loss to backward's last node
+    pending = head_grad if tied and embedding is not None and embedding.trainable else 0
+    if pending:  # there the embedding's gradient meets it and their sum is a third table-sized tensor, before it
+        # reaches .grad; every later gradient is held by then (non-layer-wise), no activation is
+        moments["tied_sum"] = moment(Moment(0 if layerwise else max(carried, grads - head_grad), 0, 3 * pending))
     if activation_checkpointing:
-        so_far = head_grad if not layerwise else 0
-        moments["recompute"] = moment(Moment(max(carried, so_far), saved, act["layer"] + 2 * act["hidden"]))
+        so_far = head_grad if not layerwise and not pending else 0
+        recomputed = act["layer"] + 2 * act["hidden"] + pending
+        moments["recompute"] = moment(Moment(max(carried, so_far), saved, recomputed))
         if not layerwise:  # the last recompute (layer 0): every later gradient is held, later checkpoints are gone
             not_yet = sum(blocks(p.numel * p.width(e)) for p in params
                           if p.trainable and (p.name.startswith("0.") or p.name == "embed_tokens"))
-            moments["last_recompute"] = moment(Moment(max(carried, grads - not_yet), act["hidden"],
-                                                      act["layer"] + 2 * act["hidden"]))
+            moments["last_recompute"] = moment(Moment(max(carried, grads - not_yet), act["hidden"], recomputed))
     peak_moment = max(moments, key=lambda name: sum(moments[name].values()))
     category_peaks = {c: max(m[c] for m in moments.values()) for c in CATEGORIES}
     category_peaks["gradients"] = head_grad if layerwise else grads
