@@ -1,5 +1,5 @@
-"""The estimate on modern decoders (GQA, head_dim, tied embeddings, biases, q/k norms) against simulate, and its
-clear refusal of what it has no closed form for (Gemma-2, Phi-3, MoE)."""
+"""The estimate on modern decoders (GQA, head_dim, tied embeddings, biases, q/k norms, eager attention) against
+simulate, and its clear refusal of what it has no closed form for (Gemma-2, MoE, eager with checkpointing)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -100,18 +100,59 @@ def test_estimate_within_two_percent_of_simulate_on_full_size_presets(preset):
 
 
 @pytest.mark.parametrize(("preset", "why"), [
-    ("gemma-2-2b", "its gemma2 layers with eager attention are not modelled"),
-    ("phi-3-mini-eager", "its phi3 layers with eager attention are not modelled"),
+    ("gemma-2-2b", "four norms per layer, a GELU MLP, .* softcapped attention scores and logits, and sliding-window"),
     ("qwen3-30b-a3b", "MoE routing .* is data-dependent"),
 ])
 def test_estimate_refuses_what_it_has_no_closed_form_for(preset, why):
-    name = preset.removesuffix("-eager")
-    model = make_model(*read_preset(name), preset=name,
-                       attn_implementation="eager" if preset.endswith("-eager") else None)
-    preset = name
+    model = make_model(*read_preset(preset), preset=preset)
     with pytest.raises(EstimateUnavailable, match=f"estimate: no closed form for {preset} \\({why}.*run it in "
                                                   "simulate or measure mode"):
         estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16")
+
+
+def test_eager_attention_with_checkpointing_is_refused_not_guessed():
+    model = make_model(*read_preset("phi-3-mini"), preset="phi-3-mini", attn_implementation="eager")
+    assert estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16").peak_bytes > 0
+    with pytest.raises(EstimateUnavailable, match="phi-3-mini with eager attention and activation checkpointing"):
+        estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16", activation_checkpointing=True)
+
+
+EAGER = {"attn_implementation": "eager"}
+EAGER_RUNS = [{"method": "adamw"}, {"method": "lora", "rank": 16}, {"method": "inference"}]
+
+
+@pytest.mark.parametrize(("preset", "dtype"), [("llama3.2-1b", "bf16"), ("qwen3-8b", "fp32"), ("phi-3-mini", "bf16")])
+def test_eager_attention_estimate_within_two_percent_where_the_scores_dominate(preset, dtype):
+    """At 768 tokens the (batch, heads, seq, seq) scores outweigh the rest of a shrunken layer: the peak is the
+    last layer's softmax (backward in training, forward in inference), as measure/eager_attention.py models it."""
+    head_dim = HEAD_DIM if preset != "phi-3-mini" else {}
+    scenario = _scenario(preset, {**SHRUNK, **head_dim, **EAGER}, {"batch_size": 2, "seq_len": 768, "dtype": dtype},
+                         EAGER_RUNS)
+    assert not _failures(scenario)
+    moments = [estimate(run.model, run.method, run.options, batch_size=2, seq_len=768, dtype=dtype).moment
+               for run in scenario.runs]
+    assert moments == ["attention_backward", "attention_backward", "attention_forward"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["llama3.2-1b", "qwen2.5-7b", "mistral-7b-v0.3"])
+def test_eager_attention_estimate_within_two_percent_for_every_method(preset):
+    head_dim = HEAD_DIM if preset != "qwen2.5-7b" else {}
+    scenario = _scenario(preset, {**SHRUNK, **head_dim, **EAGER}, {"batch_size": 2, "seq_len": 256, "dtype": "bf16"},
+                         EVERY_METHOD)
+    failures = _failures(scenario)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["llama3.2-1b", "phi-3-mini"])
+def test_eager_attention_estimate_within_two_percent_on_full_size_presets(preset):
+    """Full size, eager attention, 1024 tokens, no checkpointing (a minute or more of tracing each on a CPU)."""
+    runs = [{"method": "adamw"}, {"method": "galore8bit", "rank": 16, "layerwise": True},
+            {"method": "lora", "rank": 16}, {"method": "lomo"}]
+    scenario = _scenario(preset, EAGER, {"batch_size": 1, "seq_len": 1024, "dtype": "bf16"}, runs)
+    failures = _failures(scenario)
+    assert not failures, "\n".join(failures)
 
 
 def test_mixed_precision_on_a_preset_is_refused_by_the_estimate_not_guessed():

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from galore_bench.errors import UserError
+from galore_bench.measure import eager_attention
 from galore_bench.measure.loss_path import loss_path
 from galore_bench.measure.precision_estimate import (
     autocast_activation_bytes,
@@ -36,7 +37,7 @@ from galore_bench.measure.precision_estimate import (
 from galore_bench.methods import REGISTRY
 from galore_bench.methods.precision import PRECISIONS, run_settings
 from galore_bench.methods.terms import EstimateTerms, Moment, ParamShape, StepBytes, blocks
-from galore_bench.models import DTYPES, HFModel, Model, ModelShape
+from galore_bench.models import DTYPES, HFModel, Model, ModelShape, matrix_shapes
 from galore_bench.units import CATEGORIES
 
 
@@ -57,9 +58,11 @@ def terms_of(method: str) -> EstimateTerms:
 
 
 ESTIMATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-"""Decoders the closed form describes: RMSNorm, a gated SiLU MLP, rotary attention through sdpa (GQA, head_dim,
-biases, Qwen3's q/k norms and Phi-3's fused projections included). Gemma-2 (eager softcapped attention, extra
-norms, GELU) and MoE (routing) have no closed form here yet."""
+"""Decoders the closed form describes: RMSNorm, a gated SiLU MLP, rotary attention through sdpa or eager
+(measure/eager_attention.py) attention (GQA, head_dim, biases, Qwen3's q/k norms and Phi-3's fused projections
+included). Gemma-2 and MoE (routing) have no closed form here yet."""
+UNMODELLED = {"gemma2": "four norms per layer, a GELU MLP, a scaled embedding, softcapped attention scores and "
+                        "logits, and sliding-window masks are not modelled"}
 
 
 def check_estimable(shape: Model) -> None:
@@ -67,14 +70,15 @@ def check_estimable(shape: Model) -> None:
     if isinstance(shape, ModelShape):
         return
     family = shape.model_type
-    if family not in ESTIMATED_FAMILIES or shape.attn_implementation != "sdpa" or hasattr(shape.settings,
-                                                                                           "num_experts"):
+    if family not in ESTIMATED_FAMILIES or shape.attn_implementation not in ("sdpa", "eager") or hasattr(
+            shape.settings, "num_experts"):
         why = ("MoE routing (which experts each token reaches) is data-dependent"
                if "moe" in family or family == "mixtral" else
-               f"its {family} layers with {shape.attn_implementation} attention are not modelled")
+               UNMODELLED.get(family, f"its {family} layers with {shape.attn_implementation} attention are not "
+                                      "modelled"))
         raise EstimateUnavailable(f"estimate: no closed form for {shape.preset or family} ({why}; the estimate "
-                                  f"covers {', '.join(ESTIMATED_FAMILIES)} with sdpa); run it in simulate or "
-                                  "measure mode")
+                                  f"covers {', '.join(ESTIMATED_FAMILIES)} with sdpa or eager attention); run it in "
+                                  "simulate or measure mode")
 
 
 def attention_widths(shape: Model) -> tuple[int, int, int]:
@@ -110,22 +114,29 @@ def activation_bytes(shape: Model, batch: int, seq: int, e: int, checkpointing: 
     q, kv, heads = attention_widths(shape)
     norm = blocks(t * h * 4) + blocks(t * 4) + blocks(t * h * e)
     layer = (2 * norm + 2 * blocks(t * h * e) + blocks(t * i * e)  # norms, the projections' 2-D inputs
-             + 2 * blocks(t * q * e) + 2 * blocks(t * kv * e) + blocks(batch * heads * seq * 4)  # q, k, v, out, lse
              + 3 * blocks(t * i * e))  # gate, SiLU(gate), up
+    if isinstance(shape, HFModel) and shape.attn_implementation == "eager":
+        layer += eager_attention.saved_bytes(shape, batch, seq, e)
+    else:
+        layer += 2 * blocks(t * q * e) + 2 * blocks(t * kv * e) + blocks(batch * heads * seq * 4)  # q, k, v, out, lse
+    qk_norms = 0
     if isinstance(shape, HFModel) and shape.model_type == "qwen3":  # q and k RMS-normed per head, as a norm saves
         kv_heads = shape.num_key_value_heads
-        layer += (blocks(t * q * 4) + blocks(t * heads * 4) + blocks(t * q * e)
-                  + blocks(t * kv * 4) + blocks(t * kv_heads * 4) + blocks(t * kv * e))
-    if isinstance(shape, HFModel) and shape.model_type == "phi3":
+        qk_norms = (blocks(t * q * 4) + blocks(t * heads * 4) + blocks(t * q * e)
+                    + blocks(t * kv * 4) + blocks(t * kv_heads * 4) + blocks(t * kv * e))
+    layer += qk_norms
+    if isinstance(shape, HFModel) and shape.model_type == "phi3" and shape.attn_implementation != "eager":
         # v is a slice of the fused qkv output, so saving v keeps all of it; q, rotated from a slice, comes out
-        # (b, heads, s, d)-contiguous, and so does sdpa's output: o_proj's input is a copy (a view in LLaMA)
+        # (b, heads, s, d)-contiguous, and so does sdpa's output: o_proj's input is a copy (a view in LLaMA).
+        # (Eager attention's matmul saves a copy of v, repeated or made contiguous, and counts o_proj's copy.)
         layer += blocks(t * (q + 2 * kv) * e) - blocks(t * kv * e) + blocks(t * q * e)
     layer += method_per_layer
     head = norm + blocks(t * h * e)  # final norm, LM head input
     saved_layers = shape.num_hidden_layers * (blocks(t * h * e) if checkpointing else layer)
     return {"layer": layer, "saved_layers": saved_layers, "head": head,
             "logits": blocks(t * shape.vocab_size * e), "logits_fp32": blocks(t * shape.vocab_size * 4),
-            "hidden": blocks(t * h * e)}
+            "hidden": blocks(t * h * e), "norm": norm, "qk_norms": qk_norms,
+            "method_per_layer": method_per_layer}
 
 
 @dataclass
@@ -152,6 +163,11 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     """
     terms = terms_of(method)
     check_estimable(shape)
+    eager = isinstance(shape, HFModel) and shape.attn_implementation == "eager"
+    if isinstance(shape, HFModel) and eager and activation_checkpointing:
+        raise EstimateUnavailable(f"estimate: no closed form for {shape.preset or shape.model_type} with eager "
+                                  "attention and activation checkpointing (the recomputed layer's score tensors and "
+                                  "the mask the checkpoints keep are not modelled); run it in simulate or measure mode")
     recipe = PRECISIONS[precision or dtype]  # methods/precision.py; dtype is the weights' dtype
     e = DTYPES[recipe.weights].itemsize  # bytes per value of weights and gradients
     c = DTYPES[recipe.compute].itemsize if recipe.compute else e  # ... of what the forward computes in
@@ -214,6 +230,14 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     if pending:  # there the embedding's gradient meets it and their sum is a third table-sized tensor, before it
         # reaches .grad; every later gradient is held by then (non-layer-wise), no activation is
         moments["tied_sum"] = moment(Moment(0 if layerwise else max(carried, grads - head_grad), 0, 3 * pending))
+    if eager and isinstance(shape, HFModel):  # the method's saves for the last layer's later projections are freed
+        targets = [name for name in matrix_shapes(shape, options.get("target_modules") or None)
+                   if name not in eager_attention.QUERY_SIDE]
+        finished = terms.saved_per_layer(shape, batch_size * seq_len, c, {**options, "target_modules": targets}
+                                         ) if targets else 0
+        moments.update({name: moment(held) for name, held in eager_attention.training_moments(
+            shape, params, batch_size, seq_len, e, act, carried, head_grad, pending, layerwise,
+            act["method_per_layer"] - finished).items()})
     if activation_checkpointing:
         so_far = head_grad if not layerwise and not pending else 0
         recomputed = act["layer"] + 2 * act["hidden"] + pending
@@ -245,8 +269,12 @@ def _layer_forward_bytes(shape: Model, batch: int, seq: int, e: int) -> dict[str
     q, kv, heads = attention_widths(shape)
     held = (2 if shape.num_hidden_layers > 1 else 1) * blocks(t * h * e)
     rotary = 2 * blocks(seq * (q // heads) * e) + blocks(seq * 8)
-    return {"mlp_forward": held + rotary + 2 * blocks(t * h * e) + 3 * blocks(t * i * e),
-            "attention_forward": held + rotary + blocks(t * h * e) + 2 * blocks(t * q * e) + 5 * blocks(t * kv * e)}
+    moments = {"mlp_forward": held + rotary + 2 * blocks(t * h * e) + 3 * blocks(t * i * e),
+               "attention_forward": held + rotary + blocks(t * h * e) + 2 * blocks(t * q * e) + 5 * blocks(t * kv * e)}
+    if isinstance(shape, HFModel) and shape.attn_implementation == "eager":
+        moments["attention_forward"] = (held + rotary + blocks(t * h * e)
+                                        + eager_attention.inference_softmax_bytes(shape, batch, seq, e))
+    return moments
 
 
 def _forward_only(weights: int, activations: dict[str, int], act: dict[str, int]) -> Estimate:
