@@ -61,10 +61,10 @@ def test_estimate_within_two_percent_of_simulate_on_shrunken_modern_families_fas
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.xfail(reason="open: in a pytest process only, this trace holds a second LM-head-sized gradient (2 MiB, "
-                          "not 1) at the peak; the same trace in a plain python process matches the estimate "
-                          "(18,979,328 B traced vs 18,957,824 B estimated); not yet explained", strict=False)
 def test_phi3_layerwise_galore_estimate_under_pytest():
+    """Under pytest the trace once held a second LM-head gradient: bitsandbytes, first imported inside the head's
+    update, logs a warning carrying an exception whose traceback kept that frame (and its gradient) alive in
+    pytest's log capture. GaLoreAdamW8bit now imports it when built."""
     failures = _shrunk_failures("phi-3-mini", [r for r in FAST if r["method"] == "galore8bit"])
     assert not failures, "\n".join(failures)
 
@@ -176,10 +176,10 @@ def test_tied_embeddings_are_one_tensor_in_weights_gradients_and_states():
 
 
 def test_successor_estimates_follow_fused_projections_and_target_modules():
-    """APOLLO and Muon act on Phi-3's fused qkv_proj / gate_up_proj, or on the run's target_modules; the estimate's
-    layout has to pick the same matrices as the optimizer does. (Q-GaLore too, but it is layer-wise: under pytest
-    its trace holds the second LM-head gradient of the xfail above; in a plain process it matches.)"""
+    """APOLLO, Muon and Q-GaLore act on Phi-3's fused qkv_proj / gate_up_proj, or on the run's target_modules; the
+    estimate's layout has to pick the same matrices as the optimizer does."""
     runs = [{"method": "apollo", "rank": 16, "target_modules": ["qkv_proj", "down_proj"]},
-            {"method": "muon", "target_modules": ["gate_up_proj"]}]
+            {"method": "muon", "target_modules": ["gate_up_proj"]},
+            {"method": "qgalore", "rank": 16, "proj_group_size": 128, "target_modules": ["qkv_proj"]}]
     failures = _shrunk_failures("phi-3-mini", runs)
     assert not failures, "\n".join(failures)

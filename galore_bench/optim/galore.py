@@ -149,6 +149,10 @@ class GaLoreAdamW8bit(torch.optim.Optimizer):
         _check_hyper(lr, betas, eps, weight_decay)
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.min_8bit_size = min_8bit_size
+        # import bitsandbytes now, while no gradient exists: its import may log a warning carrying an exception,
+        # whose traceback keeps the importing frames alive; imported inside the first update, a log capture
+        # (pytest's) would hold that update's gradient for the rest of the process
+        import bitsandbytes.functional  # noqa: F401
 
     @staticmethod
     def _qmaps_for(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
