@@ -60,7 +60,8 @@ def terms_of(method: str) -> EstimateTerms:
 ESTIMATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 """Decoders the closed form describes: RMSNorm, a gated SiLU MLP, rotary attention through sdpa or eager
 (measure/eager_attention.py) attention (GQA, head_dim, biases, Qwen3's q/k norms and Phi-3's fused projections
-included). Gemma-2 and MoE (routing) have no closed form here yet."""
+included). Gemma-2 and MoE have no closed form here yet. (transformers' grouped_mm experts sort the tokens x top_k
+(token, expert) pairs into one tensor, so an MoE step's shapes, and simulate's trace, do not depend on routing.)"""
 UNMODELLED = {"gemma2": "four norms per layer, a GELU MLP, a scaled embedding, softcapped attention scores and "
                         "logits, and sliding-window masks are not modelled"}
 
@@ -72,8 +73,8 @@ def check_estimable(shape: Model) -> None:
     family = shape.model_type
     if family not in ESTIMATED_FAMILIES or shape.attn_implementation not in ("sdpa", "eager") or hasattr(
             shape.settings, "num_experts"):
-        why = ("MoE routing (which experts each token reaches) is data-dependent"
-               if "moe" in family or family == "mixtral" else
+        why = ("its MoE layers (router logits, tokens x top-k rows through grouped_mm, 3-D expert weights) are not "
+               "modelled" if "moe" in family or family == "mixtral" else
                UNMODELLED.get(family, f"its {family} layers with {shape.attn_implementation} attention are not "
                                       "modelled"))
         raise EstimateUnavailable(f"estimate: no closed form for {shape.preset or family} ({why}; the estimate "
