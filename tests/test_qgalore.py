@@ -100,12 +100,9 @@ def test_one_full_update_by_hand():
 SMALL_60M = '[model]\nsize = "60m"\n[train]\nbatch_size = 1\nseq_len = 32\ndtype = "fp32"\n'
 
 
-GRADIENT_UNDER_PYTEST = pytest.mark.xfail(strict=False, reason=(
-    "open: run by pytest, the measured 60M step holds one extra vocab x hidden fp32 gradient (65.5 MB) at every "
-    "step; the same code run as a plain script measures 305,152,328 B, simulate 305,150,152 B"))
-
-
-SIXTY_M = pytest.param(SMALL_60M, marks=[pytest.mark.slow, GRADIENT_UNDER_PYTEST])
+# (run by pytest, the measured 60M step once held an extra LM-head gradient: bitsandbytes' import-time warning, logged
+# inside the first update, kept that frame alive in pytest's log capture; GaLoreAdamW8bit now imports it when built)
+SIXTY_M = pytest.param(SMALL_60M, marks=pytest.mark.slow)
 
 
 @pytest.mark.parametrize("header", [TINY_HEADER, SIXTY_M], ids=["tiny", "60m"])
