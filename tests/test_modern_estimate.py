@@ -1,5 +1,5 @@
 """The estimate on modern decoders (GQA, head_dim, tied embeddings, biases, q/k norms, eager attention) against
-simulate, and its clear refusal of what it has no closed form for (Gemma-2, MoE, eager with checkpointing)."""
+simulate, and its clear refusal of what it has no closed form for (Gemma-2, MoE)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -110,28 +110,27 @@ def test_estimate_refuses_what_it_has_no_closed_form_for(preset, why):
         estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16")
 
 
-def test_eager_attention_with_checkpointing_is_refused_not_guessed():
-    model = make_model(*read_preset("phi-3-mini"), preset="phi-3-mini", attn_implementation="eager")
-    assert estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16").peak_bytes > 0
-    with pytest.raises(EstimateUnavailable, match="phi-3-mini with eager attention and activation checkpointing"):
-        estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16", activation_checkpointing=True)
-
-
 EAGER = {"attn_implementation": "eager"}
 EAGER_RUNS = [{"method": "adamw"}, {"method": "lora", "rank": 16}, {"method": "inference"}]
 
 
-@pytest.mark.parametrize(("preset", "dtype"), [("llama3.2-1b", "bf16"), ("qwen3-8b", "fp32"), ("phi-3-mini", "bf16")])
-def test_eager_attention_estimate_within_two_percent_where_the_scores_dominate(preset, dtype):
-    """At 768 tokens the (batch, heads, seq, seq) scores outweigh the rest of a shrunken layer: the peak is the
-    last layer's softmax (backward in training, forward in inference), as measure/eager_attention.py models it."""
+@pytest.mark.parametrize(("preset", "dtype", "checkpointing"), [
+    ("llama3.2-1b", "bf16", False), ("qwen3-8b", "fp32", False), ("phi-3-mini", "bf16", False),
+    ("llama3.2-1b", "bf16", True), ("phi-3-mini", "bf16", True)])
+def test_eager_attention_estimate_within_two_percent_where_the_scores_dominate(preset, dtype, checkpointing):
+    """At 768 tokens the (batch, heads, seq, seq) scores outweigh the rest of a shrunken layer: the peak is a
+    softmax (the last layer's backward in training, or a recomputed layer's with checkpointing; forward in
+    inference), as measure/eager_attention.py models it."""
     head_dim = HEAD_DIM if preset != "phi-3-mini" else {}
-    scenario = _scenario(preset, {**SHRUNK, **head_dim, **EAGER}, {"batch_size": 2, "seq_len": 768, "dtype": dtype},
-                         EAGER_RUNS)
+    train = {"batch_size": 2, "seq_len": 768, "dtype": dtype, "activation_checkpointing": checkpointing}
+    runs = EAGER_RUNS if not checkpointing else EAGER_RUNS[:2]
+    scenario = _scenario(preset, {**SHRUNK, **head_dim, **EAGER}, train, runs)
     assert not _failures(scenario)
-    moments = [estimate(run.model, run.method, run.options, batch_size=2, seq_len=768, dtype=dtype).moment
-               for run in scenario.runs]
-    assert moments == ["attention_backward", "attention_backward", "attention_forward"]
+    moments = [estimate(run.model, run.method, run.options, batch_size=2, seq_len=768, dtype=dtype,
+                        activation_checkpointing=checkpointing).moment for run in scenario.runs]
+    expected = (["last_recompute_softmax", "recompute_softmax"] if checkpointing
+                else ["attention_backward", "attention_backward", "attention_forward"])
+    assert moments == expected
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ a softmax upcast to fp32 and cast back, and probabilities @ v. Autograd keeps q,
 head (grouped-query attention copies them; matmul copies a non-contiguous v too), the fp32 softmax output and
 its cast to the model dtype (one tensor in fp32), and o_proj's input (a copy of the transposed product). At long
 sequences these s x s tensors dominate, so the step has two more moments: the last layer's softmax in forward
-(every earlier layer saved) and its softmax backward (two fp32 score-sized tensors). Without autograd, the
-softmax is the busiest moment of a layer.
+(every earlier layer saved) and its softmax backward (two fp32 score-sized tensors). With activation
+checkpointing the mask stays (a checkpointed input) and the softmax moments come in the recomputed layers.
+Without autograd, the softmax is the busiest moment of a layer.
 """
 from __future__ import annotations
 
@@ -93,3 +94,31 @@ def training_moments(shape: HFModel, params: list[ParamShape], batch: int, seq: 
     grads_in_flight = 2 * scores_bytes(shape, batch, seq, 4) + blocks(t * saved_kv * e) + 2 * act["hidden"]
     return {"attention_forward": Moment(carried, forward + act["method_per_layer"], 0),
             "attention_backward": Moment(max(carried, held), backward, grads_in_flight + pending)}
+
+
+def mask_bytes(batch: int, seq: int, e: int) -> int:
+    """The additive (batch, 1, seq, seq) causal mask; checkpointing keeps it (every layer's input) to the end."""
+    return blocks(batch * seq * seq * e)
+
+
+def checkpointed_moments(shape: HFModel, batch: int, seq: int, e: int, act: dict[str, int], method_query_side: int,
+                         first: Moment, last: Moment | None) -> dict[str, Moment]:
+    """Activation checkpointing: the forward runs each layer like inference (nothing saved, the softmax's
+    tensors live) beside every checkpoint and the mask; backward recomputes a layer and reaches its softmax
+    with the query side saved and the fp32 gradients in flight. `first` / `last`: the recompute moments of the
+    last layer (every checkpoint held) and of layer 0 (every later gradient held), whose activations and
+    transients are replaced here."""
+    t, (q, _, saved_kv, _) = batch * seq, widths(shape)
+    h = shape.hidden_size
+    query_side = act["norm"] + blocks(t * h * e) + act["qk_norms"] + blocks(t * q * e) + blocks(t * saved_kv * e)
+    softmax = query_side + scores_bytes(shape, batch, seq, 4) + method_query_side
+    in_flight = 2 * scores_bytes(shape, batch, seq, 4) + blocks(t * saved_kv * e) + 2 * act["hidden"]
+    mask = mask_bytes(batch, seq, e)
+    forward = act["saved_layers"] + blocks(t * h * e) + inference_softmax_bytes(shape, batch, seq, e)
+    moments = {"attention_forward": Moment(0, forward, 0),
+               "recompute_softmax": Moment(first.gradients, first.activations + mask, softmax + in_flight
+                                           + first.other - act["layer"] - 2 * act["hidden"])}
+    if last is not None:
+        moments["last_recompute_softmax"] = Moment(last.gradients, last.activations + mask, softmax + in_flight
+                                                   + last.other - act["layer"] - 2 * act["hidden"])
+    return moments

@@ -165,10 +165,6 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     terms = terms_of(method)
     check_estimable(shape)
     eager = isinstance(shape, HFModel) and shape.attn_implementation == "eager"
-    if isinstance(shape, HFModel) and eager and activation_checkpointing:
-        raise EstimateUnavailable(f"estimate: no closed form for {shape.preset or shape.model_type} with eager "
-                                  "attention and activation checkpointing (the recomputed layer's score tensors and "
-                                  "the mask the checkpoints keep are not modelled); run it in simulate or measure mode")
     recipe = PRECISIONS[precision or dtype]  # methods/precision.py; dtype is the weights' dtype
     e = DTYPES[recipe.weights].itemsize  # bytes per value of weights and gradients
     c = DTYPES[recipe.compute].itemsize if recipe.compute else e  # ... of what the forward computes in
@@ -231,22 +227,30 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     if pending:  # there the embedding's gradient meets it and their sum is a third table-sized tensor, before it
         # reaches .grad; every later gradient is held by then (non-layer-wise), no activation is
         moments["tied_sum"] = moment(Moment(0 if layerwise else max(carried, grads - head_grad), 0, 3 * pending))
-    if eager and isinstance(shape, HFModel):  # the method's saves for the last layer's later projections are freed
-        targets = [name for name in matrix_shapes(shape, options.get("target_modules") or None)
-                   if name not in eager_attention.QUERY_SIDE]
-        finished = terms.saved_per_layer(shape, batch_size * seq_len, c, {**options, "target_modules": targets}
-                                         ) if targets else 0
-        moments.update({name: moment(held) for name, held in eager_attention.training_moments(
-            shape, params, batch_size, seq_len, e, act, carried, head_grad, pending, layerwise,
-            act["method_per_layer"] - finished).items()})
+    query_side = 0  # eager: what the method saves for the last layer's q, k, v (its later saves are freed first)
+    if eager and isinstance(shape, HFModel):
+        later = [name for name in matrix_shapes(shape, options.get("target_modules") or None)
+                 if name not in eager_attention.QUERY_SIDE]
+        query_side = act["method_per_layer"] - (terms.saved_per_layer(
+            shape, batch_size * seq_len, c, {**options, "target_modules": later}) if later else 0)
+        if not activation_checkpointing:
+            moments.update({name: moment(held) for name, held in eager_attention.training_moments(
+                shape, params, batch_size, seq_len, e, act, carried, head_grad, pending, layerwise,
+                query_side).items()})
     if activation_checkpointing:
         so_far = head_grad if not layerwise and not pending else 0
         recomputed = act["layer"] + 2 * act["hidden"] + pending
-        moments["recompute"] = moment(Moment(max(carried, so_far), saved, recomputed))
+        moments["recompute"] = moment(first := Moment(max(carried, so_far), saved, recomputed))
+        last = None
         if not layerwise:  # the last recompute (layer 0): every later gradient is held, later checkpoints are gone
             not_yet = sum(blocks(p.numel * p.width(e)) for p in params
                           if p.trainable and (p.name.startswith("0.") or p.name == "embed_tokens"))
-            moments["last_recompute"] = moment(Moment(max(carried, grads - not_yet), act["hidden"], recomputed))
+            moments["last_recompute"] = moment(last := Moment(max(carried, grads - not_yet), act["hidden"],
+                                                              recomputed))
+        if eager and isinstance(shape, HFModel):  # at the last layer's recompute, the head's saves are freed
+            moments.update({name: moment(held) for name, held in eager_attention.checkpointed_moments(
+                shape, batch_size, seq_len, e, act, query_side, first._replace(activations=act["saved_layers"]),
+                last).items()})
     peak_moment = max(moments, key=lambda name: sum(moments[name].values()))
     category_peaks = {c: max(m[c] for m in moments.values()) for c in CATEGORIES}
     category_peaks["gradients"] = head_grad if layerwise else grads
