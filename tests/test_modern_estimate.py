@@ -1,5 +1,5 @@
-"""The estimate on modern decoders (GQA, head_dim, tied embeddings, biases, q/k norms) against simulate, and its
-clear refusal of what it has no closed form for (Gemma-2, Phi-3, MoE)."""
+"""The estimate on modern decoders (GQA, head_dim, tied embeddings, biases, q/k norms, eager attention) against
+simulate, and its clear refusal of what it has no closed form for (Gemma-2, MoE)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,23 +63,34 @@ def test_estimate_within_two_percent_of_simulate_on_shrunken_modern_families_fas
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.xfail(reason="open: in a pytest process only, this trace holds a second LM-head-sized gradient (2 MiB, "
-                          "not 1) at the peak; the same trace in a plain python process matches the estimate "
-                          "(18,979,328 B traced vs 18,957,824 B estimated); not yet explained", strict=False)
 def test_phi3_layerwise_galore_estimate_under_pytest():
+    """Under pytest the trace once held a second LM-head gradient: bitsandbytes, first imported inside the head's
+    update, logs a warning carrying an exception whose traceback kept that frame (and its gradient) alive in
+    pytest's log capture. GaLoreAdamW8bit now imports it when built."""
     failures = _shrunk_failures("phi-3-mini", [r for r in FAST if r["method"] == "galore8bit"])
     assert not failures, "\n".join(failures)
 
 
-TIED_WITH_CHECKPOINTING = pytest.mark.xfail(
-    reason="open: tied embeddings with activation checkpointing: simulate's peak is 4.6% (layer-wise 8-bit GaLore) "
-           "and 5.3% (LoRA) above the estimate at Llama-3.2-3B, about 0.6 GB that is not the head gradient's "
-           "placement (tried: holding it through the recomputes changed nothing); not yet explained", strict=True)
+@pytest.mark.parametrize(("checkpointing", "methods"), [(False, ["adamw"]), (True, ["galore8bit", "lora"])])
+def test_tied_embedding_gradients_meet_in_a_third_table_at_the_end_of_backward(checkpointing, methods):
+    """A tied table large against the layers (Llama-3.2-3B's proportions at 1k tokens): the peak is backward's last
+    node, where the head's gradient (held since the loss), the embedding's and their sum are live at once."""
+    model = {**SHRUNK, **HEAD_DIM, "vocab_size": 16384}
+    options = {"adamw": {}, "galore8bit": {"rank": 16, "layerwise": True}, "lora": {"rank": 16}}
+    runs = [{"method": method, **options[method]} for method in methods]
+    train = {"batch_size": 1, "seq_len": 32, "dtype": "bf16", "activation_checkpointing": checkpointing}
+    scenario = _scenario("llama3.2-1b", model, train, runs)
+    assert not _failures(scenario)
+    table = 16384 * 256 * 2
+    for run in scenario.runs:
+        guess = estimate(run.model, run.method, run.options, batch_size=1, seq_len=32, dtype="bf16",
+                         activation_checkpointing=checkpointing)
+        assert guess.moment == "tied_sum" and guess.breakdown["other"] == 3 * table
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["llama3.1-8b", "qwen3-8b", "phi-3-mini",
-                                    pytest.param("llama3.2-3b", marks=TIED_WITH_CHECKPOINTING)])
+                                    "llama3.2-3b"])
 def test_estimate_within_two_percent_of_simulate_on_full_size_presets(preset):
     """Full-size models, a 24 GB card's settings (modern_24gb): a minute or more of tracing each on a CPU."""
     runs = [{"method": "adamw"}, {"method": "galore8bit", "rank": 1024, "layerwise": True},
@@ -91,15 +102,11 @@ def test_estimate_within_two_percent_of_simulate_on_full_size_presets(preset):
 
 
 @pytest.mark.parametrize(("preset", "why"), [
-    ("gemma-2-2b", "its gemma2 layers with eager attention are not modelled"),
-    ("phi-3-mini-eager", "its phi3 layers with eager attention are not modelled"),
-    ("qwen3-30b-a3b", "MoE routing .* is data-dependent"),
+    ("gemma-2-2b", "four norms per layer, a GELU MLP, .* softcapped attention scores and logits, and sliding-window"),
+    ("qwen3-30b-a3b", "its MoE layers \\(router logits, tokens x top-k rows through grouped_mm.*not modelled"),
 ])
 def test_estimate_refuses_what_it_has_no_closed_form_for(preset, why):
-    name = preset.removesuffix("-eager")
-    model = make_model(*read_preset(name), preset=name,
-                       attn_implementation="eager" if preset.endswith("-eager") else None)
-    preset = name
+    model = make_model(*read_preset(preset), preset=preset)
     with pytest.raises(EstimateUnavailable, match=f"estimate: no closed form for {preset} \\({why}.*run it in "
                                                   "simulate or measure mode"):
         estimate(model, "adamw", {}, batch_size=1, seq_len=8, dtype="bf16")
@@ -129,6 +136,39 @@ def test_autocast_estimate_with_checkpointing_on_shrunken_families(preset):
     assert not failures, "\n".join(failures)
 
 
+EAGER = {"attn_implementation": "eager"}
+EAGER_RUNS = [{"method": "adamw"}, {"method": "lora", "rank": 16}, {"method": "inference"}]
+
+
+@pytest.mark.parametrize(("preset", "dtype", "checkpointing"), [
+    ("llama3.2-1b", "bf16", False), ("qwen3-8b", "fp32", False), ("phi-3-mini", "bf16", False),
+    ("llama3.2-1b", "bf16", True), ("phi-3-mini", "bf16", True)])
+def test_eager_attention_estimate_within_two_percent_where_the_scores_dominate(preset, dtype, checkpointing):
+    """At 768 tokens the (batch, heads, seq, seq) scores outweigh the rest of a shrunken layer: the peak is a
+    softmax (the last layer's backward in training, or a recomputed layer's with checkpointing; forward in
+    inference), as measure/eager_attention.py models it."""
+    head_dim = HEAD_DIM if preset != "phi-3-mini" else {}
+    train = {"batch_size": 2, "seq_len": 768, "dtype": dtype, "activation_checkpointing": checkpointing}
+    runs = EAGER_RUNS if not checkpointing else EAGER_RUNS[:2]
+    scenario = _scenario(preset, {**SHRUNK, **head_dim, **EAGER}, train, runs)
+    assert not _failures(scenario)
+    moments = [estimate(run.model, run.method, run.options, batch_size=2, seq_len=768, dtype=dtype,
+                        activation_checkpointing=checkpointing).moment for run in scenario.runs]
+    expected = (["last_recompute_softmax", "recompute_softmax"] if checkpointing
+                else ["attention_backward", "attention_backward", "attention_forward"])
+    assert moments == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["llama3.2-1b", "qwen3-8b", "mistral-7b-v0.3"])
+def test_eager_attention_estimate_within_two_percent_for_every_method(preset):
+    head_dim = HEAD_DIM
+    scenario = _scenario(preset, {**SHRUNK, **head_dim, **EAGER}, {"batch_size": 2, "seq_len": 256, "dtype": "bf16"},
+                         EVERY_METHOD)
+    failures = _failures(scenario)
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("preset", "precision"), [("llama3.1-8b", "bf16-mixed"), ("mistral-7b-v0.3", "fp16-mixed")])
 def test_autocast_estimate_within_two_percent_of_simulate_at_8b(preset, precision):
@@ -136,6 +176,17 @@ def test_autocast_estimate_within_two_percent_of_simulate_at_8b(preset, precisio
     scenario = _scenario(preset, {}, {"batch_size": 1, "seq_len": 1024, "precision": precision,
                                       "activation_checkpointing": True}, [{"method": "adamw"},
                                                                           {"method": "lora", "rank": 64}])
+    failures = _failures(scenario)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["llama3.2-1b", "phi-3-mini"])
+def test_eager_attention_estimate_within_two_percent_on_full_size_presets(preset):
+    """Full size, eager attention, 1024 tokens, no checkpointing (a minute or more of tracing each on a CPU)."""
+    runs = [{"method": "adamw"}, {"method": "galore8bit", "rank": 16, "layerwise": True},
+            {"method": "lora", "rank": 16}, {"method": "lomo"}]
+    scenario = _scenario(preset, EAGER, {"batch_size": 1, "seq_len": 1024, "dtype": "bf16"}, runs)
     failures = _failures(scenario)
     assert not failures, "\n".join(failures)
 
@@ -171,10 +222,10 @@ def test_tied_embeddings_are_one_tensor_in_weights_gradients_and_states():
 
 
 def test_successor_estimates_follow_fused_projections_and_target_modules():
-    """APOLLO and Muon act on Phi-3's fused qkv_proj / gate_up_proj, or on the run's target_modules; the estimate's
-    layout has to pick the same matrices as the optimizer does. (Q-GaLore too, but it is layer-wise: under pytest
-    its trace holds the second LM-head gradient of the xfail above; in a plain process it matches.)"""
+    """APOLLO, Muon and Q-GaLore act on Phi-3's fused qkv_proj / gate_up_proj, or on the run's target_modules; the
+    estimate's layout has to pick the same matrices as the optimizer does."""
     runs = [{"method": "apollo", "rank": 16, "target_modules": ["qkv_proj", "down_proj"]},
-            {"method": "muon", "target_modules": ["gate_up_proj"]}]
+            {"method": "muon", "target_modules": ["gate_up_proj"]},
+            {"method": "qgalore", "rank": 16, "proj_group_size": 128, "target_modules": ["qkv_proj"]}]
     failures = _shrunk_failures("phi-3-mini", runs)
     assert not failures, "\n".join(failures)

@@ -16,6 +16,7 @@ The step's memory is modelled at the moments where it peaks, and the largest one
   recompute     activation checkpointing only: one layer's activations recomputed during backward, first
                 (every checkpoint saved) and last (layer 0: every later gradient held, non-layer-wise);
   optimizer     weights + states + all gradients + the optimizer's temporaries (non-layer-wise);
+  tied_sum      tied embeddings: the head's gradient, the embedding's and their sum, at backward's end;
   and any moment the method adds (GaLore: svd_refresh, the SVDs of a projector refresh).
 A forward-only method (autograd off: the inference reference) has three, weights + live activations each: the
 loss's tensors (loss_forward), and the last layer's MLP and attention transients (mlp_forward, attention_forward).
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from galore_bench.errors import UserError
+from galore_bench.measure import eager_attention
 from galore_bench.measure.loss_path import loss_path
 from galore_bench.measure.precision_estimate import (
     autocast_activation_bytes,
@@ -35,7 +37,7 @@ from galore_bench.measure.precision_estimate import (
 from galore_bench.methods import REGISTRY
 from galore_bench.methods.precision import PRECISIONS, run_settings
 from galore_bench.methods.terms import EstimateTerms, Moment, ParamShape, StepBytes, blocks
-from galore_bench.models import DTYPES, HFModel, Model, ModelShape
+from galore_bench.models import DTYPES, HFModel, Model, ModelShape, matrix_shapes
 from galore_bench.units import CATEGORIES
 
 
@@ -56,9 +58,12 @@ def terms_of(method: str) -> EstimateTerms:
 
 
 ESTIMATED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-"""Decoders the closed form describes: RMSNorm, a gated SiLU MLP, rotary attention through sdpa (GQA, head_dim,
-biases, Qwen3's q/k norms and Phi-3's fused projections included). Gemma-2 (eager softcapped attention, extra
-norms, GELU) and MoE (routing) have no closed form here yet."""
+"""Decoders the closed form describes: RMSNorm, a gated SiLU MLP, rotary attention through sdpa or eager
+(measure/eager_attention.py) attention (GQA, head_dim, biases, Qwen3's q/k norms and Phi-3's fused projections
+included). Gemma-2 and MoE have no closed form here yet. (transformers' grouped_mm experts sort the tokens x top_k
+(token, expert) pairs into one tensor, so an MoE step's shapes, and simulate's trace, do not depend on routing.)"""
+UNMODELLED = {"gemma2": "four norms per layer, a GELU MLP, a scaled embedding, softcapped attention scores and "
+                        "logits, and sliding-window masks are not modelled"}
 
 
 def check_estimable(shape: Model) -> None:
@@ -66,14 +71,15 @@ def check_estimable(shape: Model) -> None:
     if isinstance(shape, ModelShape):
         return
     family = shape.model_type
-    if family not in ESTIMATED_FAMILIES or shape.attn_implementation != "sdpa" or hasattr(shape.settings,
-                                                                                           "num_experts"):
-        why = ("MoE routing (which experts each token reaches) is data-dependent"
-               if "moe" in family or family == "mixtral" else
-               f"its {family} layers with {shape.attn_implementation} attention are not modelled")
+    if family not in ESTIMATED_FAMILIES or shape.attn_implementation not in ("sdpa", "eager") or hasattr(
+            shape.settings, "num_experts"):
+        why = ("its MoE layers (router logits, tokens x top-k rows through grouped_mm, 3-D expert weights) are not "
+               "modelled" if "moe" in family or family == "mixtral" else
+               UNMODELLED.get(family, f"its {family} layers with {shape.attn_implementation} attention are not "
+                                      "modelled"))
         raise EstimateUnavailable(f"estimate: no closed form for {shape.preset or family} ({why}; the estimate "
-                                  f"covers {', '.join(ESTIMATED_FAMILIES)} with sdpa); run it in simulate or "
-                                  "measure mode")
+                                  f"covers {', '.join(ESTIMATED_FAMILIES)} with sdpa or eager attention); run it in "
+                                  "simulate or measure mode")
 
 
 def attention_widths(shape: Model) -> tuple[int, int, int]:
@@ -140,14 +146,22 @@ def activation_bytes(shape: Model, batch: int, seq: int, e: int, checkpointing: 
     q, kv, heads = attention_widths(shape)
     norm = blocks(t * h * 4) + blocks(t * 4) + blocks(t * h * e)
     layer = (2 * norm + 2 * blocks(t * h * e) + blocks(t * i * e)  # norms, the projections' 2-D inputs
-             + 2 * blocks(t * q * e) + 2 * blocks(t * kv * e) + blocks(batch * heads * seq * 4)  # q, k, v, out, lse
              + 3 * blocks(t * i * e))  # gate, SiLU(gate), up
-    layer += family_layer_bytes(shape, t, e) + method_per_layer
+    eager = isinstance(shape, HFModel) and shape.attn_implementation == "eager"
+    if eager and isinstance(shape, HFModel):
+        layer += eager_attention.saved_bytes(shape, batch, seq, e)
+    else:
+        layer += 2 * blocks(t * q * e) + 2 * blocks(t * kv * e) + blocks(batch * heads * seq * 4)  # q, k, v, out, lse
+    qk_norms = family_layer_bytes(shape, t, e) if isinstance(shape, HFModel) and shape.model_type == "qwen3" else 0
+    # Phi-3's fused-qkv extras are sdpa's; eager attention's matmul saves its own copy of v and o_proj's input
+    layer += qk_norms if eager else family_layer_bytes(shape, t, e)
+    layer += method_per_layer
     head = norm + blocks(t * h * e)  # final norm, LM head input
     saved_layers = shape.num_hidden_layers * (blocks(t * h * e) if checkpointing else layer)
     return {"layer": layer, "saved_layers": saved_layers, "head": head,
             "logits": blocks(t * shape.vocab_size * e), "logits_fp32": blocks(t * shape.vocab_size * 4),
-            "hidden": blocks(t * h * e)}
+            "hidden": blocks(t * h * e), "norm": norm, "qk_norms": qk_norms,
+            "method_per_layer": method_per_layer}
 
 
 @dataclass
@@ -175,6 +189,7 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     """
     terms = terms_of(method)
     check_estimable(shape)
+    eager = isinstance(shape, HFModel) and shape.attn_implementation == "eager"
     recipe = PRECISIONS[precision or dtype]  # methods/precision.py; dtype is the weights' dtype
     e = DTYPES[recipe.weights].itemsize  # bytes per value of weights and gradients
     c = DTYPES[recipe.compute].itemsize if recipe.compute else e  # ... of what the forward computes in
@@ -222,8 +237,9 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
         "loss_backward": moment(Moment(carried, saved + loss_bytes.backward_activations, loss_bytes.backward_other)),
     }
     tied = not any(p.name == "lm_head" for p in params)
-    if layerwise and tied:  # the head's gradient accumulates into the embedding's, updated only when backward ends
-        embedding = next(p for p in params if p.name == "embed_tokens")
+    embedding = next((p for p in params if p.name == "embed_tokens"), None)
+    if layerwise and tied and embedding is not None:  # the head's gradient accumulates into the embedding's,
+        # updated only when backward ends
         moments["head_update"] = moment(Moment(head_grad, saved - act.get("head_released", 0), act["hidden"]))
         moments["tied_update"] = moment(Moment(head_grad, 0, terms.update_temporaries(embedding, options, e)))
     elif layerwise:
@@ -235,16 +251,38 @@ def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: 
     if terms.extra_moments is not None:
         step = StepBytes(shape, params, options, e, grads, head_grad, saved, layerwise)
         moments.update({name: moment(held) for name, held in terms.extra_moments(step).items()})
+    # tied embeddings: the head's gradient waits in autograd's input buffer from the loss to backward's last node
+    pending = head_grad if tied and embedding is not None and embedding.trainable else 0
+    if pending:  # there the embedding's gradient meets it and their sum is a third table-sized tensor, before it
+        # reaches .grad; every later gradient is held by then (non-layer-wise), no activation is
+        moments["tied_sum"] = moment(Moment(0 if layerwise else max(carried, grads - head_grad), 0, 3 * pending))
+    query_side = 0  # eager: what the method saves for the last layer's q, k, v (its later saves are freed first)
+    if eager and isinstance(shape, HFModel):
+        later = [name for name in matrix_shapes(shape, options.get("target_modules") or None)
+                 if name not in eager_attention.QUERY_SIDE]
+        query_side = act["method_per_layer"] - (terms.saved_per_layer(
+            shape, batch_size * seq_len, c, {**options, "target_modules": later}) if later else 0)
+        if not activation_checkpointing:
+            moments.update({name: moment(held) for name, held in eager_attention.training_moments(
+                shape, params, batch_size, seq_len, e, act, carried, head_grad, pending, layerwise,
+                query_side).items()})
     if activation_checkpointing:
         head = next((p for p in params if p.name == "lm_head"), None) or next(
             p for p in params if p.name == "embed_tokens")  # a tied head is the embedding
-        so_far = head_grad if not layerwise and head.trainable else 0  # a frozen head (LoRA, BAdam) has none
-        moments["recompute"] = moment(Moment(max(carried, so_far), saved, act["layer"] + 2 * act["hidden"]))
+        # a frozen head (LoRA, BAdam) has no gradient; a tied one's is pending (in `recomputed`)
+        so_far = head_grad if not layerwise and head.trainable and not pending else 0
+        recomputed = act["layer"] + 2 * act["hidden"] + pending
+        moments["recompute"] = moment(first := Moment(max(carried, so_far), saved, recomputed))
+        last = None
         if not layerwise:  # the last recompute (layer 0): every later gradient is held, later checkpoints are gone
             not_yet = sum(blocks(p.numel * p.width(e)) for p in params
                           if p.trainable and (p.name.startswith("0.") or p.name == "embed_tokens"))
-            moments["last_recompute"] = moment(Moment(max(carried, grads - not_yet), act["hidden"],
-                                                      act["layer"] + 2 * act["hidden"]))
+            moments["last_recompute"] = moment(last := Moment(max(carried, grads - not_yet), act["hidden"],
+                                                              recomputed))
+        if eager and isinstance(shape, HFModel):  # at the last layer's recompute, the head's saves are freed
+            moments.update({name: moment(held) for name, held in eager_attention.checkpointed_moments(
+                shape, batch_size, seq_len, e, act, query_side, first._replace(activations=act["saved_layers"]),
+                last).items()})
     peak_moment = max(moments, key=lambda name: sum(moments[name].values()))
     category_peaks = {c: max(m[c] for m in moments.values()) for c in CATEGORIES}
     category_peaks["gradients"] = head_grad if layerwise else grads
@@ -268,8 +306,12 @@ def _layer_forward_bytes(shape: Model, batch: int, seq: int, e: int) -> dict[str
     q, kv, heads = attention_widths(shape)
     held = (2 if shape.num_hidden_layers > 1 else 1) * blocks(t * h * e)
     rotary = 2 * blocks(seq * (q // heads) * e) + blocks(seq * 8)
-    return {"mlp_forward": held + rotary + 2 * blocks(t * h * e) + 3 * blocks(t * i * e),
-            "attention_forward": held + rotary + blocks(t * h * e) + 2 * blocks(t * q * e) + 5 * blocks(t * kv * e)}
+    moments = {"mlp_forward": held + rotary + 2 * blocks(t * h * e) + 3 * blocks(t * i * e),
+               "attention_forward": held + rotary + blocks(t * h * e) + 2 * blocks(t * q * e) + 5 * blocks(t * kv * e)}
+    if isinstance(shape, HFModel) and shape.attn_implementation == "eager":
+        moments["attention_forward"] = (held + rotary + blocks(t * h * e)
+                                        + eager_attention.inference_softmax_bytes(shape, batch, seq, e))
+    return moments
 
 
 def _forward_only(weights: int, activations: dict[str, int], act: dict[str, int]) -> Estimate:

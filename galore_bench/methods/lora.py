@@ -19,7 +19,7 @@ from galore_bench.methods.common import (
     adamw_whole_update,
 )
 from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks, model_parameters
-from galore_bench.models import Model, matrix_shapes
+from galore_bench.models import HFModel, Model, matrix_shapes
 from galore_bench.optim.lowrank import apply_low_rank
 from galore_bench.optim.relora import ReLoRA, jagged_cosine_lr, lora_config, wrap_lora
 
@@ -137,7 +137,7 @@ def rank_intermediates(shape: Model, tokens: int, e: int, opts: dict[str, Any]) 
 def adapter_activations(shape: Model, tokens: int, e: int, opts: dict[str, Any]) -> int:
     """The rank-r intermediates; with fp32 adapters on a 2-byte model, peft also casts each adapter's input to fp32
     (saved for A's gradient: one copy per projection), while the frozen base matmuls save nothing, so the norms'
-    outputs and down_proj's input are no longer kept."""
+    outputs and down_proj's input (and eager attention's o_proj input) are no longer kept."""
     if opts.get("adapter_dtype") != "fp32" or e >= 4:
         return rank_intermediates(shape, tokens, e, opts) + dora_saved(shape, tokens, e, opts)
     h, i = shape.hidden_size, shape.intermediate_size
@@ -146,6 +146,8 @@ def adapter_activations(shape: Model, tokens: int, e: int, opts: dict[str, Any])
     casts = sum(blocks(tokens * cols * 4) for _, cols in matrix_shapes(shape, opts.get("target_modules") or None
                                                                            ).values())
     unsaved = 2 * blocks(tokens * h * e) + blocks(tokens * i * e)
+    if isinstance(shape, HFModel) and shape.attn_implementation == "eager":  # and eager attention's copy for o_proj
+        unsaved += blocks(tokens * shape.num_attention_heads * shape.head_dim * e)
     return rank_intermediates(shape, tokens, 4, opts) + casts - unsaved + dora_saved(shape, tokens, e, opts)
 
 
