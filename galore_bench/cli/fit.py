@@ -130,6 +130,10 @@ def fit_table(
     for name in columns:
         table.add_column(name, justify="left" if name in ("run", "model", "fits", "confirmed") else "right")
     for row in rows:
+        if "refused" in row:  # the estimate has no closed form for it: say why, in the row
+            table.add_row(Text(row["run"]), Text(row["model"]), Text("refused: " + row["refused"]),
+                          *(Text("-") for _ in columns[3:]))
+            continue
         cells = [
             row["run"],
             row["model"],
