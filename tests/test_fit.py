@@ -107,3 +107,17 @@ def test_cli_fit_searches_the_length(write_scenario, capsys):
     assert "longest seq" in out and "batch 2" in out
     assert main(["fit", "--scenario", str(path), "--search", "seq_len", "--multiple-of", "0"]) == 1
     assert "--multiple-of: got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("above", "verdict"), [
+    (2 << 20, "no (allocator model: out of memory at the cap; it holds 512)"),
+    (1 << 20, "no (estimate off at the boundary; allocator model: out of memory at the cap; it holds 512)"),
+])
+def test_confirmation_says_what_the_allocator_model_holds_even_when_the_estimate_is_off(above, verdict):
+    """Simulate one step above the answer within the budget (the estimate too high there) and the allocator model
+    out of memory at the answer: both are said (QLoRA at Llama-3.1-8B, finetune_8b_24gb)."""
+    from galore_bench.cli.fit import _confirmation
+
+    row = {"simulate_at_largest_bytes": 1 << 20, "simulate_above_largest_bytes": above, "largest_reserved": 512,
+           "allocator_model_at_largest": {"out_of_memory": {"requested": 1}, "peak_reserved_bytes": 3 << 20}}
+    assert _confirmation(row, (3 << 20) // 2) == ["1.00 MiB", f"{above / 2**20:.2f} MiB", "OOM", verdict]

@@ -161,10 +161,11 @@ def _confirmation(row: dict[str, Any], budget: int) -> list[str]:
         else format_bytes(model["peak_reserved_bytes"])
     )
     held = row.get("largest_reserved", row.get("largest_batch_reserved"))
-    verdict = (
-        "no (estimate off at the boundary)"
+    out_of_memory = f"allocator model: out of memory at the cap; it holds {held or 'none'}"
+    verdict = (  # an estimate off at the boundary still says what the allocator model holds, when it ran out
+        "no (estimate off at the boundary" + (f"; {out_of_memory})" if model and model["out_of_memory"] else ")")
         if not ok
-        else f"no (allocator model: out of memory at the cap; it holds {held or 'none'})"
+        else f"no ({out_of_memory})"
         if model and model["out_of_memory"]
         else "yes"
     )
