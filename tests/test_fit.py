@@ -107,3 +107,36 @@ def test_cli_fit_searches_the_length(write_scenario, capsys):
     assert "longest seq" in out and "batch 2" in out
     assert main(["fit", "--scenario", str(path), "--search", "seq_len", "--multiple-of", "0"]) == 1
     assert "--multiple-of: got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("above", "verdict"), [
+    (2 << 20, "no (allocator model: out of memory at the cap; it holds 512)"),
+    (1 << 20, "no (estimate off at the boundary; allocator model: out of memory at the cap; it holds 512)"),
+])
+def test_confirmation_says_what_the_allocator_model_holds_even_when_the_estimate_is_off(above, verdict):
+    """Simulate one step above the answer within the budget (the estimate too high there) and the allocator model
+    out of memory at the answer: both are said (QLoRA at Llama-3.1-8B, finetune_8b_24gb)."""
+    from galore_bench.cli.fit import _confirmation
+
+    row = {"simulate_at_largest_bytes": 1 << 20, "simulate_above_largest_bytes": above, "largest_reserved": 512,
+           "allocator_model_at_largest": {"out_of_memory": {"requested": 1}, "peak_reserved_bytes": 3 << 20}}
+    assert _confirmation(row, (3 << 20) // 2) == ["1.00 MiB", f"{above / 2**20:.2f} MiB", "OOM", verdict]
+
+
+def test_cli_fit_markdown_is_the_table_with_its_provenance(write_scenario, capsys):
+    """Every row of the table with its cells, headed by the command that regenerates it."""
+    path = write_scenario(TINY_HEADER + RUNS)
+    assert main(["fit", "--scenario", str(path), "--budget", "20 MiB", "--search", "seq_len",
+                 "--multiple-of", "64", "--markdown"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[2] == f"- command: `galore-bench fit --scenario {path} --budget '20 MiB' --search seq_len " \
+                       "--multiple-of 64 --markdown`"
+    assert any(line.startswith("- git commit: ") for line in lines) and "- generated: " in text
+    table = [line for line in lines if line.startswith("| ")]
+    scenario = load_scenario(str(path))
+    rows = fit_rows(scenario, parse_bytes("20 MiB"), search="seq_len", multiple_of=64)
+    assert len(table) == 2 + len(rows) == 2 + len(scenario.runs)
+    for line, row in zip(table[2:], rows, strict=True):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[0] == row["run"] and cells[4] == str(row["largest"] or "none")

@@ -13,9 +13,10 @@ from galore_bench import methods
 from galore_bench.cli import main
 from galore_bench.errors import UserError
 from galore_bench.measure.estimate import EstimateUnavailable, estimate
+from galore_bench.measure.largest_batch import fit_rows, largest_batch
 from galore_bench.methods import PLUGIN_ENV, REGISTRY
 from galore_bench.models import ZOO, build_model
-from galore_bench.spec.scenario import parse_scenario
+from galore_bench.spec.scenario import load_scenario, parse_scenario
 from tests.conftest import TINY_HEADER
 
 PLUGIN = Path(__file__).with_name("plugin_method.py")
@@ -85,8 +86,9 @@ def test_a_method_without_estimate_terms_is_refused_by_estimate_and_fit(write_sc
     assert str(refused.value) == message
     path, results = write_scenario(TINY_HEADER + '[[runs]]\nmethod = "sketch"\n'), tmp_path / "results"
     capsys.readouterr()
-    assert main(["fit", "--scenario", str(path)]) == 1
-    assert capsys.readouterr().err == f"galore-bench: error: {message}\n"
+    assert main(["fit", "--scenario", str(path)]) == 0  # a refused run is a row saying why, not an abort
+    shown = capsys.readouterr()
+    assert "refused: estimate: method 'sketch'" in shown.out.replace("\n", " ") and shown.err == ""
     assert main(["run", "--scenario", str(path), "--mode", "estimate", "--out", str(results)]) == 1
     assert f"run sketch failed: EstimateUnavailable: {message}" in capsys.readouterr().err
     assert main(["run", "--scenario", str(path), "--mode", "simulate", "--out", str(results)]) == 0
@@ -94,6 +96,19 @@ def test_a_method_without_estimate_terms_is_refused_by_estimate_and_fit(write_sc
     assert simulated["status"] == "ok" and simulated["memory"]["peak_bytes"] > 0
     assert simulated["memory"]["estimate"] is None and simulated["memory"]["estimate_unavailable"] == message
     assert simulated["cross_check_errors"] == {}
+
+
+def test_fit_searches_the_other_runs_when_one_is_refused(write_scenario, monkeypatch):
+    """The refused run is a row with the estimate's message; the run after it gets its largest batch."""
+    monkeypatch.setenv(PLUGIN_ENV, str(PLUGIN))
+    scenario = load_scenario(str(write_scenario(TINY_HEADER + '[[runs]]\nmethod = "sketch"\n\n[[runs]]\n'
+                                                'method = "adamw"\n')))
+    refused, searched = fit_rows(scenario, 64 << 20, search="batch_size")
+    assert refused == {"run": "sketch", "model": "tiny", "search": "batch_size",
+                       "refused": ("estimate: method 'sketch' has no closed-form estimate terms (a sketch: its bytes "
+                                   "are not written down yet); run it in simulate or measure mode")}
+    assert searched["run"] == "adamw" and searched["largest"] == largest_batch(scenario, scenario.runs[1], 64 << 20)
+    assert searched["largest"] > 0
 
 
 def test_scenario_validation_knows_the_plugin_options_and_strategies(monkeypatch):

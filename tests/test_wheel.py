@@ -65,7 +65,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path):
     assert sorted(n.split("/")[-1][:-5] for n in names if n.startswith("galore_bench/scenarios/")) == SHIPPED
     assert sorted(n.split("/")[-1] for n in names if n.startswith("galore_bench/report/reference/")) == PAPER_TABLES
     assert sorted(n.split("/")[-1] for n in names if n.startswith("galore_bench/models/presets/")) == PRESETS
-    assert len(SHIPPED) == 12 and len(PAPER_TABLES) == 8 and len(PRESETS) == 9
+    assert len(SHIPPED) == 13 and len(PAPER_TABLES) == 8 and len(PRESETS) == 9
 
     venv = fresh_venv(tmp_path, wheel)
     outside = tmp_path / "elsewhere"

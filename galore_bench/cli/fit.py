@@ -4,6 +4,9 @@ that does?"""
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "at the scenario's batch",
     )
     parser.add_argument(
+        "--markdown", action="store_true",
+        help="print the table as Markdown with its provenance (command, machine, commit, date), for a report",
+    )
+    parser.add_argument(
         "--multiple-of", type=int, default=1, metavar="N",
         help="only values that are multiples of N (e.g. 256 for sequence lengths); default 1",
     )
@@ -53,11 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> int:
     return run(args.scenario, budget=args.budget, confirm=args.confirm, search=args.search,
-               multiple_of=args.multiple_of)
+               multiple_of=args.multiple_of, markdown=args.markdown)
 
 
 def run(scenario: str, *, budget: str | None = None, confirm: bool = False, search: str = "batch_size",
-        multiple_of: int = 1) -> int:
+        multiple_of: int = 1, markdown: bool = False) -> int:
     """Print the fit table of `scenario` (a shipped name or a .toml path) for `budget` (or the scenario's):
     the largest `search` value (batch_size or seq_len, a multiple of `multiple_of`) within it."""
     from galore_bench.measure.largest_batch import fit_rows
@@ -85,7 +92,14 @@ def run(scenario: str, *, budget: str | None = None, confirm: bool = False, sear
             search=search,
             multiple_of=multiple_of,
         )
-    console.print(fit_table(loaded, rows, text, budget_bytes, confirm, search))
+    table = fit_table(loaded, rows, text, budget_bytes, confirm, search)
+    if markdown:
+        command = (f"galore-bench fit --scenario {scenario}" + (f" --budget '{budget}'" if budget else "")
+                   + f" --search {search}" + (f" --multiple-of {multiple_of}" if multiple_of > 1 else "")
+                   + (" --confirm" if confirm else "") + " --markdown")
+        print(markdown_table(table, command), end="")
+    else:
+        console.print(table)
     if loaded.distributed is not None:  # the estimate is per device, unsharded
         spread = loaded.distributed
         console.print(
@@ -130,6 +144,10 @@ def fit_table(
     for name in columns:
         table.add_column(name, justify="left" if name in ("run", "model", "fits", "confirmed") else "right")
     for row in rows:
+        if "refused" in row:  # the estimate has no closed form for it: say why, in the row
+            table.add_row(Text(row["run"]), Text(row["model"]), Text("refused: " + row["refused"]),
+                          *(Text("-") for _ in columns[3:]))
+            continue
         cells = [
             row["run"],
             row["model"],
@@ -142,6 +160,26 @@ def fit_table(
             cells += _confirmation(row, budget)
         table.add_row(*map(Text, cells))  # run and model names are text, never markup
     return table
+
+
+def markdown_table(table: Table, command: str) -> str:
+    """The fit table as Markdown, headed by what regenerates it: the command, the machine, the commit, the date."""
+    from galore_bench.run.assemble import environment
+
+    env = environment()
+    commit = (env["git_commit"] or "not a checkout") + (" + uncommitted changes" if env["git_dirty"] else "")
+    columns = table.columns
+    lines = [f"# {table.title}", "",
+             f"- command: `{command}`",
+             (f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()} (simulate traces "
+              "fake tensors: the bytes do not depend on the machine)"),
+             f"- git commit: {commit}",
+             f"- generated: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC", "",
+             "| " + " | ".join(str(c.header) for c in columns) + " |",
+             "| " + " | ".join("---" if c.justify == "left" else "---:" for c in columns) + " |"]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |"
+              for row in zip(*(list(c.cells) for c in columns), strict=True)]
+    return "\n".join([*lines, "", str(table.caption), ""])
 
 
 def _confirmation(row: dict[str, Any], budget: int) -> list[str]:
@@ -157,10 +195,11 @@ def _confirmation(row: dict[str, Any], budget: int) -> list[str]:
         else format_bytes(model["peak_reserved_bytes"])
     )
     held = row.get("largest_reserved", row.get("largest_batch_reserved"))
-    verdict = (
-        "no (estimate off at the boundary)"
+    out_of_memory = f"allocator model: out of memory at the cap; it holds {held or 'none'}"
+    verdict = (  # an estimate off at the boundary still says what the allocator model holds, when it ran out
+        "no (estimate off at the boundary" + (f"; {out_of_memory})" if model and model["out_of_memory"] else ")")
         if not ok
-        else f"no (allocator model: out of memory at the cap; it holds {held or 'none'})"
+        else f"no ({out_of_memory})"
         if model and model["out_of_memory"]
         else "yes"
     )

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from galore_bench.errors import UserError
 from galore_bench.measure import training
 from galore_bench.measure.allocator import replay
 from galore_bench.measure.estimate import estimate_run
@@ -104,10 +105,15 @@ def fit_rows(scenario: Scenario, budget: int, confirm: bool = False, tracing: Tr
     """Per run: the estimated peak at the scenario's settings, the largest `search` value within budget, and
     (confirm) the simulated peaks there and one step (`multiple_of`) above, with the caching-allocator model's
     reserved bytes there (and, when the model runs out, the largest value it holds). Batch searches also keep
-    their historical keys (largest_batch, largest_batch_reserved)."""
+    their historical keys (largest_batch, largest_batch_reserved). A run the estimate refuses is a row with
+    `refused` (the estimate's message) and nothing else; the other runs are still searched."""
     rows = []
     for run in scenario.runs:
-        at_scenario = estimate_run(scenario, run)
+        try:
+            at_scenario = estimate_run(scenario, run)
+        except UserError as refused:  # no closed form for this run (a method without terms, QLoRA on Phi-3)
+            rows.append({"run": run.label, "model": run.model_name, "search": search, "refused": str(refused)})
+            continue
         best = largest(scenario, run, budget, search, multiple_of)
         row: dict[str, Any] = {"run": run.label, "model": run.model_name, "estimate_bytes": at_scenario.peak_bytes,
                                "fits": at_scenario.peak_bytes <= budget, "search": search, "largest": best,

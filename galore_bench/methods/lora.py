@@ -4,12 +4,19 @@ The three of GaLore's Table 2 comparison that change the model itself before tra
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
 import torch
 
-from galore_bench.methods.adapters import ADAPTER_DTYPE_OPTION, adamw_of_trainable, adapted_projections
+from galore_bench.methods.adapters import (
+    ADAPTER_DTYPE_OPTION,
+    TRAIN_NON_ADAPTER_OPTION,
+    adamw_of_trainable,
+    adapted_projections,
+    wrap_adapters,
+)
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.common import (
     IMPL_OPTION,
@@ -18,10 +25,10 @@ from galore_bench.methods.common import (
     adamw_update_temporaries,
     adamw_whole_update,
 )
-from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks, model_parameters
+from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks, model_parameters, nothing
 from galore_bench.models import HFModel, Model, matrix_shapes
 from galore_bench.optim.lowrank import apply_low_rank
-from galore_bench.optim.relora import ReLoRA, jagged_cosine_lr, lora_config, wrap_lora
+from galore_bench.optim.relora import ReLoRA, jagged_cosine_lr, lora_config
 
 _adamw = adamw_of_trainable
 
@@ -34,11 +41,17 @@ def _targets(model: torch.nn.Module, opts: dict[str, Any], method: str) -> list[
 def prepare_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings,
                  method: str = "lora") -> torch.nn.Module:
     """Wrap every projection (q,k,v,o,gate,up,down in LLaMA) with adapters; as in pre-training, embeddings, norms
-    and head stay trainable."""
+    and head stay trainable unless the run's train_non_adapter is false (peft's fine-tuning: adapters only)."""
     config = lora_config(opts["rank"], alpha=opts["alpha"], dropout=opts["dropout"],
                          target_modules=_targets(model, opts, method), use_dora=opts.get("use_dora", False),
                          init=peft_init(opts.get("init", "default")))
-    return wrap_lora(model, config, train_non_lora=True, fp32_adapters=opts["adapter_dtype"] == "fp32")
+    return wrap_adapters(model, config, train_non_adapter=trains_non_adapter(opts),
+                         fp32_adapters=opts["adapter_dtype"] == "fp32")
+
+
+def trains_non_adapter(opts: dict[str, Any]) -> bool:
+    """Whether embeddings, norms and head train beside the adapters (ReLoRA has no option: they always do)."""
+    return bool(opts.get("train_non_adapter", True))
 
 
 def build_lora(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
@@ -101,11 +114,18 @@ def adapters(shape: Model, opts: dict[str, Any]) -> list[ParamShape]:
     DoRA adds its trainable magnitude, one value per output row."""
     r, own = opts.get("rank") or 0, 4 if opts.get("adapter_dtype") == "fp32" else 0
     dora = bool(opts.get("use_dora"))
-    return model_parameters(shape, lambda name, rows, cols: [
+    params = model_parameters(shape, lambda name, rows, cols: [
         ParamShape(name, (rows, cols), trainable=False), ParamShape(name + ".lora_A", (r, cols), itemsize=own),
         ParamShape(name + ".lora_B", (rows, r), itemsize=own),
         *([ParamShape(name + ".lora_magnitude", (rows,), itemsize=own)] if dora else [])],
         opts.get("target_modules") or None)
+    if trains_non_adapter(opts):
+        return params
+    # peft's fine-tuning: embeddings, norms and head frozen with the base (no gradient, no state)
+    return [p if p.name.endswith(ADAPTER_SUFFIXES) else dataclasses.replace(p, trainable=False) for p in params]
+
+
+ADAPTER_SUFFIXES = (".lora_A", ".lora_B", ".lora_magnitude")
 
 
 def dora_saved(shape: Model, tokens: int, e: int, opts: dict[str, Any]) -> int:
@@ -151,10 +171,41 @@ def adapter_activations(shape: Model, tokens: int, e: int, opts: dict[str, Any])
     return rank_intermediates(shape, tokens, 4, opts) + casts - unsaved + dora_saved(shape, tokens, e, opts)
 
 
-def _terms(layout, saved_per_layer=rank_intermediates) -> EstimateTerms:
+def frozen_norm_activations(shape: Model, tokens: int, e: int, opts: dict[str, Any]) -> int:
+    """LoRA's saved tensors, less each RMSNorm's normalized output: with its weight frozen, the weight's
+    product no longer keeps it for the weight's gradient (two norms a layer; Qwen3's per-head q and k norms too)."""
+    unsaved = 2 * blocks(tokens * shape.hidden_size * e)
+    if isinstance(shape, HFModel) and shape.model_type == "qwen3":
+        unsaved += blocks(tokens * shape.num_attention_heads * shape.head_dim * e)
+        unsaved += blocks(tokens * shape.num_key_value_heads * shape.head_dim * e)
+    return adapter_activations(shape, tokens, e, opts) - unsaved
+
+
+def frozen_ends(shape: Model, tokens: int, e: int, opts: dict[str, Any], checkpointing: bool) -> int:
+    """Outside the layers: the final norm's normalized output is not kept; without checkpointing, neither is
+    anything of layer 0's first norm (its input, from the frozen embedding, needs no gradient), whose fp32 input
+    and 1/rms a layer otherwise saves. (The frozen head's input, alive through the loss's forward, is freed
+    before its backward; the estimate keeps it there: at most one hidden state over.)"""
+    h = shape.hidden_size
+    first_norm = 0 if checkpointing else blocks(tokens * h * 4) + blocks(tokens * 4)
+    return -(blocks(tokens * h * e) + first_norm)
+
+
+def lora_saved(shape: Model, tokens: int, e: int, opts: dict[str, Any]) -> int:
+    """Per layer: the adapters' saved tensors, less the norms' when they are frozen (train_non_adapter false)."""
+    if trains_non_adapter(opts):
+        return adapter_activations(shape, tokens, e, opts)
+    return frozen_norm_activations(shape, tokens, e, opts)
+
+
+def lora_saved_outside(shape: Model, tokens: int, e: int, opts: dict[str, Any], checkpointing: bool) -> int:
+    return 0 if trains_non_adapter(opts) else frozen_ends(shape, tokens, e, opts, checkpointing)
+
+
+def _terms(layout, saved_per_layer=rank_intermediates, saved_outside_layers=nothing) -> EstimateTerms:
     return EstimateTerms(state_bytes=adamw_state, update_temporaries=adamw_update_temporaries,
                          whole_update_temporaries=adamw_whole_update, layout=layout,
-                         saved_per_layer=saved_per_layer)
+                         saved_per_layer=saved_per_layer, saved_outside_layers=saved_outside_layers)
 
 
 LORA_OPTIONS = {
@@ -171,8 +222,10 @@ LORA = MethodDef(name="lora", summary="LoRA adapters (peft) on attention and MLP
                  options={**LORA_OPTIONS,
                           "use_dora": Option(bool, False, "DoRA (arXiv 2402.09353): a trainable magnitude per output "
                                              "row times the normalised W + s B A"),
-                          "init": Option(str, "default", "peft's init_lora_weights: " + ", ".join(INITS))},
-                 paper="arXiv 2106.09685; baseline in arXiv 2403.03507", estimate=_terms(adapters, adapter_activations))
+                          "init": Option(str, "default", "peft's init_lora_weights: " + ", ".join(INITS)),
+                          "train_non_adapter": TRAIN_NON_ADAPTER_OPTION},
+                 paper="arXiv 2106.09685; baseline in arXiv 2403.03507",
+                 estimate=_terms(adapters, lora_saved, lora_saved_outside))
 
 RELORA = MethodDef(
     name="relora", summary="ReLoRA: LoRA merged into W and restarted periodically, jagged cosine schedule",

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from galore_bench.errors import UserError
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.common import adamw_state, adamw_update_temporaries, adamw_whole_update, impl_flags, trainable
-from galore_bench.methods.lora import LORA_OPTIONS, adapter_activations
+from galore_bench.methods.lora import LORA_OPTIONS, frozen_ends, frozen_norm_activations
 from galore_bench.methods.terms import (
     BNB_QUANTIZATION_MAPS,
     EstimateTerms,
@@ -127,26 +127,6 @@ def state_bytes(p: ParamShape, opts: dict[str, Any], e: int) -> int:
 def quantization_maps(opts: dict[str, Any]) -> int:
     """bitsandbytes' optimizers keep one pair of 256-entry maps (the 32-bit ones too: fill_qmap makes them)."""
     return 0 if opts.get("optimizer", "adamw") == "adamw" else BNB_QUANTIZATION_MAPS
-
-
-def frozen_norm_activations(shape: Model, tokens: int, e: int, opts: dict[str, Any]) -> int:
-    """LoRA's saved tensors, less each RMSNorm's normalized output: with its weight frozen, the weight's
-    product no longer keeps it for the weight's gradient (two norms a layer; Qwen3's per-head q and k norms too)."""
-    unsaved = 2 * blocks(tokens * shape.hidden_size * e)
-    if isinstance(shape, HFModel) and shape.model_type == "qwen3":
-        unsaved += blocks(tokens * shape.num_attention_heads * shape.head_dim * e)
-        unsaved += blocks(tokens * shape.num_key_value_heads * shape.head_dim * e)
-    return adapter_activations(shape, tokens, e, opts) - unsaved
-
-
-def frozen_ends(shape: Model, tokens: int, e: int, opts: dict[str, Any], checkpointing: bool) -> int:
-    """Outside the layers: the final norm's normalized output is not kept; without checkpointing, neither is
-    anything of layer 0's first norm (its input, from the frozen embedding, needs no gradient), whose fp32 input
-    and 1/rms a layer otherwise saves. (The frozen head's input, alive through the loss's forward, is freed
-    before its backward; the estimate keeps it there: at most one hidden state over.)"""
-    h = shape.hidden_size
-    first_norm = 0 if checkpointing else blocks(tokens * h * 4) + blocks(tokens * 4)
-    return -(blocks(tokens * h * e) + first_norm)
 
 
 OPTIONS = {
