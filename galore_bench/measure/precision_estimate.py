@@ -44,7 +44,7 @@ def autocast_activation_bytes(shape: Model, params: list[ParamShape], batch: int
     what only the forward holds (autocast's weight-cast cache under checkpointing, the final norm's fp32 output
     that the model's output keeps until the loss is computed). `widths`: (q width, k/v width, q heads), grouped-
     query attention and head_dim included; `method_per_layer` carries the method's and the family's own tensors
-    (estimate.family_layer_bytes: Qwen3's q/k norms, Phi-3's fused slices)."""
+    (activation_terms.family_layer_bytes: Qwen3's q/k norms, Phi-3's fused slices)."""
     h, i, t = shape.hidden_size, shape.intermediate_size, batch * seq
     q, kv, heads = widths
     norm = blocks(t * h * FP32) + blocks(t * 4) + blocks(t * h * FP32)  # fp32 input (the residual), 1/rms, normed
