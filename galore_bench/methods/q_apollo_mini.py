@@ -8,7 +8,6 @@ too. Being layer-wise, it cannot accumulate gradients or follow an LR schedule.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -44,19 +43,6 @@ def prepare(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) 
     return model
 
 
-class QApolloTrainer(Trainer):
-    """Two optimizers, both stepping inside backward: Adam per regular weight, Q-APOLLO per INT8 weight."""
-
-    def __init__(self, model: torch.nn.Module, regular: LayerwiseOptimizer, quantized: QApollo,
-                 info: dict[str, Any]) -> None:
-        super().__init__(model, regular, info=info)
-        self.quantized = quantized
-
-    def state_tensors(self) -> Iterator[torch.Tensor]:
-        yield from super().state_tensors()
-        yield from self.quantized.state_tensors()
-
-
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
     hyper = {"lr": opts["lr"], "weight_decay": opts["weight_decay"], "betas": (opts["beta1"], opts["beta2"]),
              "eps": opts["eps"]}
@@ -66,7 +52,7 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
                                  lambda groups: Apollo(groups, **hyper))
     info = {"optimizer": "galore_bench.optim.q_apollo.QApollo", "layerwise": True, "int8_weights": len(modules),
             "weight_format": f"int8 codes + fp32 scale per {opts['group_size']}", "scale_type": opts["scale_type"]}
-    return QApolloTrainer(model, regular, quantized, info)
+    return qgalore.Int8WeightsTrainer(model, regular, quantized, info)
 
 
 # -- estimate terms -------------------------------------------------------------------------------

@@ -67,10 +67,11 @@ def biased_projections(model: torch.nn.Module, opts_or_targets: dict[str, Any] |
             f"{biased[0]} has a bias ({len(biased)} such projections); set target_modules to bias-free ones{hint}")
 
 
-class QGaLoreTrainer(Trainer):
-    """Two optimizers, both stepping inside backward: 8-bit Adam per regular weight, Q-GaLore per INT8 weight."""
+class Int8WeightsTrainer(Trainer):
+    """Two optimizers, both stepping inside backward: one per regular weight (Q-GaLore: 8-bit Adam; Q-APOLLO-Mini:
+    APOLLO), one per INT8 weight (stepped by Int8Linear's backward), whose states both count."""
 
-    def __init__(self, model: torch.nn.Module, regular: LayerwiseOptimizer, quantized: QGaLoreAdamW8bit,
+    def __init__(self, model: torch.nn.Module, regular: LayerwiseOptimizer, quantized: Any,
                  info: dict[str, Any]) -> None:
         super().__init__(model, regular, info=info)
         self.quantized = quantized
@@ -92,7 +93,7 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
     info = {"optimizer": "galore_bench.optim.qgalore.QGaLoreAdamW8bit", "layerwise": True,
             "int8_weights": len(modules), "weight_format": f"int8 codes + fp32 scale per {opts['group_size']}",
             "projector_format": f"packed int4 codes + fp32 scale per {opts['proj_group_size']}"}
-    return QGaLoreTrainer(model, regular, quantized, info)
+    return Int8WeightsTrainer(model, regular, quantized, info)
 
 
 # -- estimate terms -------------------------------------------------------------------------------

@@ -12,15 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from galore_bench.optim.apollo import Apollo
-from galore_bench.optim.qgalore import Int8Linear
+from galore_bench.optim.qgalore import Int8Linear, SeededRounding
 
 __all__ = ["QApollo"]
 
 
-class QApollo(Apollo):
+class QApollo(SeededRounding, Apollo):
     """APOLLO over INT8 weights: one group of Int8Linear codes with 'rank', 'update_proj_gap', 'scale',
     'scale_type', 'seed' (and 'scaled_gradient'); `step_weight` is called from each weight's backward.
 
@@ -32,17 +31,8 @@ class QApollo(Apollo):
         super().__init__([{"params": [m.weight for m in modules], **settings}], **hyper)
         self._seeds = {id(m.weight): settings.get("seed", 0) + i for i, m in enumerate(modules)}
         self._rounding_seed = rounding_seed
-        self._noise: torch.Generator | None = None
         for module in modules:
             module.optimizer = self
-
-    def _generator(self, like: torch.Tensor) -> torch.Generator | None:
-        """The stochastic rounding's own seeded stream (fake tensors: none, their values are never read)."""
-        if is_fake(like):
-            return None
-        if self._noise is None:
-            self._noise = torch.Generator(device=like.device).manual_seed(self._rounding_seed)
-        return self._noise
 
     @torch.no_grad()
     def step_weight(self, module: Int8Linear, grad: torch.Tensor) -> None:

@@ -140,7 +140,23 @@ class QGaLoreProjector:
         return full.mul_(self.scale)
 
 
-class QGaLoreAdamW8bit(GaLoreAdamW8bit):
+class SeededRounding:
+    """The INT8 weights' stochastic rounding draws from its own seeded stream, made on the weight's device at first
+    use, so a run's rounding noise depends on its seed only (Q-GaLore and Q-APOLLO-Mini share it)."""
+
+    _rounding_seed: int = 0
+    _noise: torch.Generator | None = None
+
+    def _generator(self, like: torch.Tensor) -> torch.Generator | None:
+        """The stream for `like`'s device (fake tensors: none, their values are never read)."""
+        if is_fake(like):
+            return None
+        if self._noise is None:
+            self._noise = torch.Generator(device=like.device).manual_seed(self._rounding_seed)
+        return self._noise
+
+
+class QGaLoreAdamW8bit(SeededRounding, GaLoreAdamW8bit):
     """8-bit Adam in each INT8 weight's INT4-projected subspace; the weight is re-quantized after each update.
 
     Its param groups hold the Int8Linear codes with 'rank', 'update_proj_gap', 'scale', 'group_size',
@@ -149,18 +165,9 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
 
     def __init__(self, modules: list[Int8Linear], settings: dict[str, Any], seed: int = 0, **hyper: Any) -> None:
         super().__init__([{"params": [m.weight for m in modules], **settings}], **hyper)
-        self._seed = seed
-        self._noise: torch.Generator | None = None
+        self._rounding_seed = seed
         for module in modules:
             module.optimizer = self
-
-    def _generator(self, like: torch.Tensor) -> torch.Generator | None:
-        """The stochastic rounding's own seeded stream (fake tensors: none, their values are never read)."""
-        if is_fake(like):
-            return None
-        if self._noise is None:
-            self._noise = torch.Generator(device=like.device).manual_seed(self._seed)
-        return self._noise
 
     @torch.no_grad()
     def step_weight(self, module: Int8Linear, grad: torch.Tensor) -> None:
