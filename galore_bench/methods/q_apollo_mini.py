@@ -17,7 +17,6 @@ from galore_bench.methods import apollo, qgalore
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.terms import EstimateTerms, Moment, ParamShape, StepBytes, adam_state, blocks
 from galore_bench.models import Model
-from galore_bench.models.layout import projections, refuse_experts
 from galore_bench.optim.apollo import Apollo
 from galore_bench.optim.layerwise import LayerwiseOptimizer
 from galore_bench.optim.q_apollo import QApollo
@@ -28,19 +27,13 @@ SETTINGS = ("rank", "update_proj_gap", "scale", "scale_type", "scaled_gradient",
 
 def prepare(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
     """Every projection (or the run's target_modules) becomes an Int8Linear, quantized once by nearest rounding."""
-    targets = opts.get("target_modules") or None
-    refuse_experts(model, "q_apollo_mini", targets)
-    for qualified in projections(model, targets):
-        parent_name, _, name = qualified.rpartition(".")
-        parent, child = model.get_submodule(parent_name), model.get_submodule(qualified)
-        if child.bias is not None:  # the scenario check (model_problem) refuses this first; here for direct use
-            raise UserError(f"q_apollo_mini: {qualified} has a bias; allowed: "
-                            f"{qgalore.biased_projections(model, targets)}")
-        if child.weight.numel() % opts["group_size"]:
+
+    def check(qualified: str, weight: torch.Tensor) -> None:
+        if weight.numel() % opts["group_size"]:
             raise UserError(f"q_apollo_mini: group_size {opts['group_size']} does not divide {qualified}'s "
-                            f"{child.weight.numel()} values; allowed: a divisor of that size")
-        setattr(parent, name, Int8Linear(child.weight, opts["group_size"]))
-    return model
+                            f"{weight.numel()} values; allowed: a divisor of that size")
+
+    return qgalore.int8_projections(model, "q_apollo_mini", opts, check)
 
 
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:

@@ -6,7 +6,7 @@ layer-wise too (the paper's recipe). Being layer-wise, it cannot accumulate grad
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -31,26 +31,39 @@ from galore_bench.optim.layerwise import LayerwiseOptimizer
 from galore_bench.optim.qgalore import Int8Linear, QGaLoreAdamW8bit
 
 
-def prepare(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
+def int8_projections(model: torch.nn.Module, method: str, opts: dict[str, Any],
+                     check: Callable[[str, torch.Tensor], None] | None = None) -> torch.nn.Module:
     """Every attention / MLP projection (derived from the architecture, or the run's target_modules) becomes an
-    Int8Linear (its weight quantized once, nearest rounding). 3-D MoE experts are refused unless left out."""
+    Int8Linear (its weight quantized once, nearest rounding); 3-D MoE experts are refused unless left out. Shared
+    by the methods that keep INT8 weights (Q-GaLore, Q-APOLLO-Mini); `check(qualified name, weight)` refuses what
+    the method's own quantization cannot take."""
     targets = opts.get("target_modules") or None
-    refuse_experts(model, "qgalore", targets)
+    refuse_experts(model, method, targets)
     for qualified in projections(model, targets):
         parent_name, _, name = qualified.rpartition(".")
         parent = model.get_submodule(parent_name)
         child = getattr(parent, name)
         if child.bias is not None:  # the scenario check (model_problem) refuses this first; here for direct use
-            raise UserError(f"qgalore: {qualified} has a bias; allowed: {biased_projections(model, targets)}")
-        rows, cols = child.weight.shape
+            raise UserError(f"{method}: {qualified} has a bias; allowed: {biased_projections(model, targets)}")
+        if check is not None:
+            check(qualified, child.weight)
+        setattr(parent, name, Int8Linear(child.weight, opts["group_size"]))
+    return model
+
+
+def prepare(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> torch.nn.Module:
+    """INT8 projections whose weight groups and INT4 projector groups divide their sizes."""
+
+    def check(qualified: str, weight: torch.Tensor) -> None:
+        rows, cols = weight.shape
         basis = min(opts["rank"], rows, cols) * min(rows, cols)  # the projector spans the shorter side
         for key, values in (("group_size", rows * cols), ("proj_group_size", basis)):
             if values % opts[key] or values % 2:
-                raise UserError(f"qgalore: {key} {opts[key]} does not divide {name}'s {values} values "
-                                f"({'weight' if key == 'group_size' else 'INT4 projector'}); allowed: a "
-                                "divisor of that size")
-        setattr(parent, name, Int8Linear(child.weight, opts["group_size"]))
-    return model
+                raise UserError(f"qgalore: {key} {opts[key]} does not divide {qualified.rpartition('.')[2]}'s "
+                                f"{values} values ({'weight' if key == 'group_size' else 'INT4 projector'}); "
+                                "allowed: a divisor of that size")
+
+    return int8_projections(model, "qgalore", opts, check)
 
 
 def biased_projections(model: torch.nn.Module, opts_or_targets: dict[str, Any] | list[str] | None) -> str | None:
