@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -40,14 +40,10 @@ PAIRS = 7  # timed samples per side after the warm-up one; enough for a stable m
 
 
 @pytest.fixture(autouse=True)
-def one_thread_no_cuda_sync(monkeypatch) -> Iterator[None]:
-    """One intra-op thread (steady on a shared 2-core box); galore-torch's 8-bit step calls
-    torch.cuda.synchronize() unconditionally, which raises on a CPU-only torch."""
+def no_cuda_sync(monkeypatch, one_thread) -> None:
+    """One intra-op thread (benchmarks/conftest.py); galore-torch's 8-bit step calls torch.cuda.synchronize()
+    unconditionally, which raises on a CPU-only torch."""
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class Side:

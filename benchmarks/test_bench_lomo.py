@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -31,13 +31,7 @@ TARGET_RATIO = {"h256-l4": 1.0, "h64-l16": 0.5}
 MIN_PAIRS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Thread oversubscription on a busy 2-core box makes step times swing 50x; one thread keeps them put."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread: benchmarks/conftest.py
 
 
 def build(shape: str) -> tuple[LlamaForCausalLM, torch.Tensor]:

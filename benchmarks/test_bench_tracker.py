@@ -10,7 +10,7 @@ Run: python -m pytest -q -s benchmarks/test_bench_tracker.py -p no:cacheprovider
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,12 +24,7 @@ SHAPES = {"small": ModelShape(64, 172, 2, 4, 512, source="benchmark model"),
           "wide": ModelShape(512, 1376, 2, 8, 4096, source="benchmark model")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread: benchmarks/conftest.py
 
 
 def _trainer(shape: ModelShape, tracker: MemoryTracker | None) -> Callable[[], None]:
