@@ -20,7 +20,7 @@ ADAPTERS = {  # run options after `method`; impl = "for-loop" compares a CPU run
     "oft": 'method = "peft"\npeft = { type = "OFT", r = 0, oft_block_size = 8 }',
     "hra": 'method = "peft"\npeft = { type = "HRA", r = 4 }',
     "fourierft": 'method = "peft"\npeft = { type = "FOURIERFT", n_frequency = 100 }',
-    # LyCORIS: module dropout drawn as torch.rand(1) > p in Python (training.one_value_draws_have_values)
+    # LyCORIS: module dropout drawn as torch.rand(1) > p in Python (fake_shims.one_value_draws_have_values)
     "loha": 'method = "peft"\npeft = { type = "LOHA", r = 4 }',
     "lokr": 'method = "peft"\npeft = { type = "LOKR", r = 4 }',
 }

@@ -19,8 +19,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from galore_bench.measure.fake_shims import one_value_draws_have_values
 from galore_bench.measure.tracker import MemoryTracker
-from galore_bench.measure.training import build_trainer, forward_loss, one_value_draws_have_values
+from galore_bench.measure.training import build_trainer, forward_loss
 from galore_bench.methods.precision import run_settings
 from galore_bench.models import (
     Model,

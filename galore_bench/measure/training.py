@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from galore_bench import data, data_bytes
 from galore_bench.chunked_loss import chunked_loss
+from galore_bench.measure import fake_shims
 from galore_bench.measure.timing import StepTimer
 from galore_bench.measure.tracker import MemoryTracker
 from galore_bench.methods import REGISTRY, Trainer, TrainSettings, precision
@@ -105,61 +106,6 @@ def nvml_used_bytes() -> int | None:
         return None
 
 
-@contextlib.contextmanager
-def _moves_in_place_are_noops(active: bool) -> Iterator[None]:
-    """Under fake tensors, make Module.to() a no-op when nothing would change, and a dtype cast an in-place one.
-
-    Module.to() swaps fake parameters, and FakeTensors carry a weakref that forbids the swap; libraries
-    (peft) call .to(base_layer.device) on modules already there, and cast adapters to a base layer's compute
-    dtype. A real move to another device still goes through.
-    """
-    if not active:
-        yield
-        return
-    original = torch.nn.Module.to
-
-    def to(module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
-        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
-        tensors = [*module.parameters(), *module.buffers()]
-        if any(device is not None and t.device != device for t in tensors):
-            return original(module, *args, **kwargs)
-        for t in tensors:  # a cast in place (peft casts 4-bit layers' adapters to their compute dtype)
-            if dtype is not None and t.dtype != dtype and t.is_floating_point():
-                t.data = t.data.to(dtype)
-        return module
-
-    torch.nn.Module.to = to  # type: ignore[method-assign, assignment]
-    try:
-        yield
-    finally:
-        torch.nn.Module.to = original  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def one_value_draws_have_values(active: bool) -> Iterator[None]:
-    """Under fake tensors, give `torch.rand(1)` a value: peft's LyCORIS adapters (LoHa, LoKr) decide their module
-    dropout in Python, `torch.rand(1) > p`, and a fake draw has no value to compare. The one value is drawn for
-    real and held as a fake-tensor constant (the same 4-byte tensor a real step allocates), which fake tensors
-    compare; every other draw stays fake."""
-    if not active:
-        yield
-        return
-    original = torch.rand
-
-    def rand(*size: Any, **kwargs: Any) -> torch.Tensor:
-        if size not in ((1,), ((1,),), ([1],)) or kwargs:
-            return original(*size, **kwargs)
-        with _disable_current_modes():
-            value = float(original(1))
-        return torch.tensor([value])
-
-    torch.rand = rand  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.rand = original
-
-
 def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, tracker: MemoryTracker,
                   fake_mode: FakeTensorMode | None,
                   wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Trainer:
@@ -176,7 +122,7 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, 
             enable_checkpointing(llama)
         model: torch.nn.Module = llama
         if method.prepare is not None:  # new modules (adapters, factors) are created in the training dtype
-            with default_dtype(DTYPES[settings.dtype]), _moves_in_place_are_noops(fake_mode is not None):
+            with default_dtype(DTYPES[settings.dtype]), fake_shims.moves_in_place_are_noops(fake_mode is not None):
                 model = method.prepare(model, run.options, settings)
         model.train()
         wrapped = wrap(model) if wrap is not None else model
@@ -232,7 +178,7 @@ def train_steps(scenario: Scenario, run: RunSpec, *, fake: bool, device: str | t
     cuda_peak: dict[str, Any] = {}
     mode = fake_mode if fake_mode is not None else contextlib.nullcontext()
     tracked_steps = list(range(steps if track_steps is None else min(track_steps, steps)))
-    with (mode, causal_mask_skipped_under_fake_tensors(), one_value_draws_have_values(fake),
+    with (mode, causal_mask_skipped_under_fake_tensors(), fake_shims.one_value_draws_have_values(fake),
           contextlib.ExitStack() as tracking):
         tracking.enter_context(tracker)
         tracking.callback(tracker.unwatch)  # untracked steps must not label (and so count) new gradients
