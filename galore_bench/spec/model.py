@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from galore_bench.errors import Problems, UserError, one_of
-from galore_bench.models import ZOO, Model, ModelShape, meta_model
+from galore_bench.models import ZOO, Model, ModelShape, matrix_shapes, meta_model
 from galore_bench.models.hf import ModelInputError, make_model, preset_names, read_config_file, read_preset
 from galore_bench.models.layout import projections, refuse_experts, unknown_targets
 
@@ -122,3 +122,28 @@ def with_model(raw: dict[str, Any], model: str, path: Path) -> dict[str, Any]:
                         "into a copy of the scenario instead")
     table = {"preset": model} if model in preset_names() else {"config": str(Path(model).resolve())}
     return {**raw, "model": table}
+
+
+def method_fits_model(problems: Problems, where: str, method: Any, run: dict[str, Any], resolved: dict[str, Any],
+                      invalid: set[str], model_name: str, model: Model) -> bool:
+    """A run's method against its model, when the scenario loads: its target_modules exist there, the method can
+    take the model (MethodDef.model_problem, on the meta model) and its rank fits the smallest projected matrix.
+    False when targets or model are refused (later checks that need them are skipped); `invalid`: options already
+    reported with a bad value."""
+    if "target_modules" in method.all_options() and "target_modules" not in invalid and not check_targets(
+            problems, where, method.name, resolved["target_modules"], model):
+        return False
+    if method.model_problem is not None:
+        why = method.model_problem(meta_model(model), resolved)
+        if why:
+            problems.add(f"{where} ({method.name}) model", model_name, why)
+            return False
+    if method.uses_rank and isinstance(resolved.get("rank"), int) and "rank" not in invalid:
+        shapes = matrix_shapes(model, resolved.get("target_modules") or None)
+        smallest = min(min(s) for s in shapes.values())
+        if resolved["rank"] > smallest:
+            given = "rank" in run
+            problems.add(f"{where}.rank", resolved["rank"] if given else f"not set (default {resolved['rank']})",
+                         f"an int from 1 to {smallest} (the smallest matrix side of this model)"
+                         + ("" if given else ": set rank"))
+    return True

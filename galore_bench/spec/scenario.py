@@ -13,9 +13,9 @@ import tomllib
 from galore_bench.errors import SAFE_NAME, Problems, UserError, is_safe_name, listed, one_of, shown, type_name
 from galore_bench.methods import REGISTRY, TrainSettings, precision
 from galore_bench.methods.base import LOSS_NAMES
-from galore_bench.models import DTYPES, Model, matrix_shapes, meta_model
+from galore_bench.models import DTYPES, Model
 from galore_bench.spec.distributed import DistributedSpec, parse_distributed
-from galore_bench.spec.model import check_targets, parse_model, run_model, with_model
+from galore_bench.spec.model import method_fits_model, parse_model, run_model, with_model
 from galore_bench.spec.study import StudySpec, parse_lr_grid, parse_study
 from galore_bench.units import ALLOWED_UNITS, parse_bytes
 
@@ -214,23 +214,8 @@ def _parse_runs(problems: Problems, runs: Any, model_name: str, model: Model | N
                     invalid.add(name)
                 else:
                     resolved[name] = float(value) if options[name].kind is float else value
-        targets_ok = model_of_run is not None and (
-            "target_modules" not in options or "target_modules" in invalid
-            or check_targets(problems, where, method.name, resolved["target_modules"], model_of_run))
-        if targets_ok and method.model_problem is not None and model_of_run is not None:
-            why = method.model_problem(meta_model(model_of_run), resolved)
-            if why:
-                problems.add(f"{where} ({method.name}) model", run_model_name, why)
-                targets_ok = False
-        if (method.uses_rank and model_of_run is not None and targets_ok and isinstance(resolved.get("rank"), int)
-                and "rank" not in invalid):
-            shapes = matrix_shapes(model_of_run, resolved.get("target_modules") or None)
-            smallest = min(min(s) for s in shapes.values())
-            if resolved["rank"] > smallest:
-                given = "rank" in run
-                problems.add(f"{where}.rank", resolved["rank"] if given else f"not set (default {resolved['rank']})",
-                             f"an int from 1 to {smallest} (the smallest matrix side of this model)"
-                             + ("" if given else ": set rank"))
+        targets_ok = model_of_run is not None and method_fits_model(problems, where, method, run, resolved, invalid,
+                                                                   run_model_name, model_of_run)
         for field_name, got, allowed in [*method.limits(resolved, train, model_of_run if targets_ok else None),
                                          *precision.method_problems(method, resolved, train)]:
             problems.add(f"{where} ({method.name}) {field_name}", got, allowed)
