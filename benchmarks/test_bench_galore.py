@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from bench_threads import one_thread  # noqa: F401 (a fixture, requested by name)
 
 from galore_bench.methods.galore import GALORE_OPTIONS, projected_groups
 from galore_bench.models import ModelShape, build_model
@@ -39,10 +40,13 @@ TARGET_RATIO = dict.fromkeys(VARIANTS, 1.0)
 PAIRS = 7  # timed samples per side after the warm-up one; enough for a stable median with benchmarks off
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (bench_threads.py)
+
+
 @pytest.fixture(autouse=True)
-def no_cuda_sync(monkeypatch, one_thread) -> None:
-    """One intra-op thread (benchmarks/conftest.py); galore-torch's 8-bit step calls torch.cuda.synchronize()
-    unconditionally, which raises on a CPU-only torch."""
+def no_cuda_sync(monkeypatch) -> None:
+    """galore-torch's 8-bit step calls torch.cuda.synchronize() unconditionally, which raises on a CPU-only
+    torch."""
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from bench_threads import one_thread  # noqa: F401 (a fixture, requested by name)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from galore_bench.optim.lomo import LOMO
@@ -31,7 +32,7 @@ TARGET_RATIO = {"h256-l4": 1.0, "h64-l16": 0.5}
 MIN_PAIRS = 6
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread: benchmarks/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (bench_threads.py)
 
 
 def build(shape: str) -> tuple[LlamaForCausalLM, torch.Tensor]:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from bench_threads import one_thread  # noqa: F401 (a fixture, requested by name)
 
 from galore_bench.methods.galore import GALORE_OPTIONS, projected_groups
 from galore_bench.models import ModelShape, build_model
@@ -31,7 +32,7 @@ TARGET_REFRESH_RATIO = 0.3
 ROUNDS = 7  # timed pairs before the benchmark's own rounds; enough for a stable median when benchmarks are off
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread: benchmarks/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (bench_threads.py)
 
 
 def _batch() -> torch.Tensor:

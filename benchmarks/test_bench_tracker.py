@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from bench_threads import one_thread  # noqa: F401 (a fixture, requested by name)
 from test_bench_overheads import ROUNDS
 from test_bench_overheads import _time_pairs as time_pairs
 
@@ -24,7 +25,7 @@ SHAPES = {"small": ModelShape(64, 172, 2, 4, 512, source="benchmark model"),
           "wide": ModelShape(512, 1376, 2, 8, 4096, source="benchmark model")}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread: benchmarks/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (bench_threads.py)
 
 
 def _trainer(shape: ModelShape, tracker: MemoryTracker | None) -> Callable[[], None]:

@@ -1,4 +1,5 @@
-"""Shared benchmark fixtures."""
+"""The one-thread fixture the timing benchmarks share (a module, not a conftest.py: tests/ imports its own
+`conftest` by name, and a second conftest module on the path would shadow it)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
