@@ -24,6 +24,7 @@ from galore_bench.measure.tracker import MemoryTracker
 from galore_bench.methods import REGISTRY, Trainer, TrainSettings, precision
 from galore_bench.model_dtype_loss import model_dtype_cross_entropy
 from galore_bench.models import DTYPES, build_model, causal_mask_skipped_under_fake_tensors, default_dtype
+from galore_bench.optim.group_schedule import GroupSchedule
 from galore_bench.optim.relora import warmup_cosine_lr
 from galore_bench.spec.scenario import RunSpec, Scenario
 from galore_bench.units import CUDA_BLOCK
@@ -131,12 +132,21 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, 
         trainer = precision.apply(method.build(inner, run.options, settings), settings, run.options)
         trainer.model = wrapped
     train = scenario.train
-    # validation allows cosine for plain optimizers only; a forward-only run has none to schedule
+    # a forward-only run has nothing to schedule; LOMO and AdaLomo schedule themselves
     if (train.lr_schedule == "cosine" and trainer.scheduler is None and trainer.optimizer is not None
             and not method.schedules_itself):
-        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            trainer.optimizer, lambda step: warmup_cosine_lr(step, max(train.steps, 1), train.warmup_steps))
+        trainer.scheduler = lr_schedule(trainer, train)
     return trainer
+
+
+def lr_schedule(trainer: Trainer, train: TrainSettings) -> Any:
+    """Warm-up then cosine: torch's LambdaLR for one torch optimizer, else a GroupSchedule over every group the
+    trainer updates with (layer-wise: one optimizer per parameter; INT8 weights: their own stepper)."""
+    def factor(step: int) -> float:
+        return warmup_cosine_lr(step, max(train.steps, 1), train.warmup_steps)
+    if isinstance(trainer.optimizer, torch.optim.Optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, factor)
+    return GroupSchedule(trainer.lr_groups(), factor)
 
 
 def enable_checkpointing(llama: Any) -> None:

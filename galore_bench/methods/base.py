@@ -95,6 +95,10 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
 
+    def lr_groups(self) -> list[dict[str, Any]]:
+        """Every parameter group whose 'lr' an LR schedule moves (a layer-wise optimizer's inner groups too)."""
+        return list(getattr(self.optimizer, "param_groups", []))
+
     def state_tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor the optimizer keeps between steps (the 'optimizer_states' category)."""
         yield from _tensors_in(getattr(self.optimizer, "state", {}))
@@ -150,8 +154,8 @@ class MethodDef:
     periodic_steps: Callable[[dict[str, Any], int], dict[str, set[int]]] | None = None
     """(options, steps) -> {name: steps with that periodic extra cost}, timed apart from the throughput median."""
     schedules_itself: bool = False
-    """Its trainer drives train.lr_schedule itself (LOMO and AdaLomo update inside backward, with no torch optimizer
-    for a LambdaLR); the layer-wise variants of other methods still cannot be scheduled."""
+    """Its trainer drives train.lr_schedule itself (LOMO and AdaLomo keep one lr outside any parameter group);
+    every other trainer is scheduled by the engines through `Trainer.lr_groups` (layer-wise ones included)."""
     incompatible: Callable[[str, dict[str, Any]], str | None] | None = None
     """(strategy, options) -> why the method cannot run under that distributed strategy, or None."""
     check: Callable[[dict[str, Any], Any], list[tuple[str, str, str]]] | None = None
@@ -177,9 +181,6 @@ class MethodDef:
         if not self.trains and train.grad_accum > 1:
             problems.append(("train.grad_accum", str(train.grad_accum), f"1 with {self.name} (no gradients)"))
         layerwise = bool(opts.get("layerwise", False))
-        if train.lr_schedule != "constant" and (layerwise or not (self.supports_grad_accum or self.schedules_itself)):
-            problems.append(("train.lr_schedule", train.lr_schedule,
-                             "'constant' with updates inside backward (no optimizer for a scheduler to drive)"))
         if train.grad_accum > 1 and (layerwise or not self.supports_grad_accum):
             why = "layer-wise updates" if layerwise else self.name
             problems.append(("train.grad_accum", str(train.grad_accum),

@@ -4,7 +4,7 @@ INT8 weights, every weight updated inside backward.
 The attention / MLP projections become Int8Linear (Q-GaLore's INT8 codes + fp32 group scales, stochastic
 rounding at each update: optim/qgalore.py); APOLLO-Mini's rank-1, per-tensor scaled step updates them
 (optim/q_apollo.py). Embeddings, norms and the LM head keep the training dtype and plain Adam, stepped layer-wise
-too. Being layer-wise, it cannot accumulate gradients or follow an LR schedule.
+too. Being layer-wise, it cannot accumulate gradients; an LR schedule moves both optimizers' rates.
 """
 from __future__ import annotations
 

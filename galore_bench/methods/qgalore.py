@@ -2,7 +2,8 @@
 projector refresh and 8-bit Adam states, every weight updated inside backward (layer-wise).
 
 Embeddings, the LM head and the norms stay in the training dtype with bitsandbytes 8-bit Adam, stepped
-layer-wise too (the paper's recipe). Being layer-wise, it cannot accumulate gradients or follow an LR schedule.
+layer-wise too (the paper's recipe). Being layer-wise, it cannot accumulate gradients; an LR schedule moves
+both optimizers' rates (measure/training.lr_schedule).
 """
 from __future__ import annotations
 
@@ -88,6 +89,9 @@ class Int8WeightsTrainer(Trainer):
                  info: dict[str, Any]) -> None:
         super().__init__(model, regular, info=info)
         self.quantized = quantized
+
+    def lr_groups(self) -> list[dict[str, Any]]:
+        return super().lr_groups() + list(self.quantized.param_groups)
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
         yield from super().state_tensors()
