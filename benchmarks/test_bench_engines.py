@@ -23,7 +23,7 @@ def _timed(fn):
 
 
 def _simulate(scenario, run):
-    planned, steps = training.simulation_plan(run)  # GaLore: a third step refreshes the projectors
+    planned, steps = training.simulation_plan(scenario, run)  # GaLore: a third step refreshes the projectors
     return training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)
 
 

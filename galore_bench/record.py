@@ -35,9 +35,7 @@ class BudgetSection(TypedDict):
     fits: bool | None
 
 
-class EstimateSection(TypedDict):
-    """The closed-form estimate of the same run, kept beside a trace or measurement (held close by tests)."""
-
+class _EstimateRequired(TypedDict):
     peak_bytes: int
     breakdown: dict[str, int]
     category_peaks: dict[str, int]
@@ -45,6 +43,12 @@ class EstimateSection(TypedDict):
     moments: dict[str, Any]
     terms: dict[str, Any]
     target: str
+
+
+class EstimateSection(_EstimateRequired, total=False):
+    """The closed-form estimate of the same run, kept beside a trace or measurement (held close by tests)."""
+
+    phase: str  # the run's largest phase, for a method whose memory changes along it (BAdam: which block)
 
 
 class _MemoryRequired(TypedDict):
@@ -69,6 +73,7 @@ class MemorySection(_MemoryRequired, total=False):
     includes_svd_refresh: bool  # a trace plan's extra step (GaLore's); a plugin's plan names its own keys
     peak_without_svd_refresh_bytes: int
     estimate_unavailable: str  # why there is no estimate to check against (a method without estimate terms)
+    traced_phase: str  # simulate traced this phase of the run (the estimate's largest; BAdam: which block)
     snapshot: str | None
     snapshot_note: str
 

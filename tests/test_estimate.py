@@ -74,7 +74,7 @@ def estimate_vs_simulate_failures(scenario, tolerance: float = TOLERANCE) -> lis
     Shared by the zoo, precision and modern-model estimate tests."""
     failures = []
     for run in scenario.runs:
-        planned, steps = training.simulation_plan(run)  # GaLore: a third step refreshes the projectors
+        planned, steps = training.simulation_plan(scenario, run)  # GaLore: a third step refreshes the projectors
         traced = training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
         guess = estimate_run(scenario, run)
         checks = {"peak": (guess.peak_bytes, traced.peak)}
@@ -202,7 +202,7 @@ def test_estimate_mode_through_the_worker(write_scenario):
     assert record["memory"]["peak_bytes"] == sum(record["memory"]["breakdown"].values())
     assert record["memory"]["estimate"]["target"] == "gpu"
     # the run's own options reached the estimate: within 2% of the traced step of the same run (rank 8)
-    planned, steps = training.simulation_plan(scenario.runs[0])
+    planned, steps = training.simulation_plan(scenario, scenario.runs[0])
     traced = training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
     assert record["memory"]["peak_bytes"] == pytest.approx(traced.peak, rel=0.02)
 
@@ -265,7 +265,7 @@ def test_randomized_refresh_estimate_within_two_percent_of_simulate(case):
     run = {"layerwise": True, **run, "svd": "randomized"}
     scenario = parse_scenario({"model": model, "train": {"batch_size": 1, "seq_len": 8, "dtype": "bf16"},
                                "runs": [run]}, Path("estimate-test.toml"))
-    planned, steps = training.simulation_plan(scenario.runs[0])
+    planned, steps = training.simulation_plan(scenario, scenario.runs[0])
     traced = training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
     guess = estimate_run(scenario, scenario.runs[0])
     assert guess.moment == "svd_refresh"

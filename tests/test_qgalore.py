@@ -129,7 +129,7 @@ def test_simulate_equals_cpu_measure_and_int8_weights_count_one_byte(write_scena
 
 def test_estimate_within_two_percent_of_the_traced_refresh_step(write_scenario):
     scenario = load_scenario(str(write_scenario(TINY_HEADER + '[[runs]]\nmethod = "qgalore"\nrank = 8\n')))
-    planned, steps = simulation_plan(scenario.runs[0])
+    planned, steps = simulation_plan(scenario, scenario.runs[0])
     traced = train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
     guess = estimate_run(scenario, scenario.runs[0])
     assert guess.peak_bytes == pytest.approx(traced.peak, rel=0.02)
@@ -175,7 +175,7 @@ def test_estimate_within_two_percent_of_simulate_at_7b():
 
     scenario = parse_scenario({"model": {"size": "7b"}, "train": {"batch_size": 1, "seq_len": 256, "dtype": "bf16"},
                                "runs": [{"method": "qgalore", "rank": 1024}]}, Path("qgalore-7b.toml"))
-    planned, steps = simulation_plan(scenario.runs[0])
+    planned, steps = simulation_plan(scenario, scenario.runs[0])
     traced = train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
     guess = estimate_run(scenario, scenario.runs[0])
     assert guess.peak_bytes == pytest.approx(traced.peak, rel=0.02)

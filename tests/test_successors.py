@@ -93,7 +93,7 @@ def test_estimate_within_two_percent_of_simulate_at_7b(label):
     """The successors_7b runs (LLaMA-7B, token batch 256, BF16; BAdam on Llama-3.1-8B): about a minute each on a CPU."""
     scenario = load_scenario("successors_7b")
     run = next(r for r in scenario.runs if r.label == label)
-    planned, steps = training.simulation_plan(run)
+    planned, steps = training.simulation_plan(scenario, run)
     traced = training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
     guess = estimate_run(scenario, run)
     assert guess.peak_bytes == pytest.approx(traced.peak, rel=0.02)
@@ -110,6 +110,6 @@ def test_estimate_within_two_percent_of_simulate_on_a_wide_shape(method):
                                "runs": [{"method": method}, {"method": method, "layerwise": True}]
                                if method != "muon" else [{"method": method}]}, Path("successors-test.toml"))
     for run in scenario.runs:
-        planned, steps = training.simulation_plan(run)
+        planned, steps = training.simulation_plan(scenario, run)
         traced = training.train_steps(scenario, planned, fake=True, device="cpu", steps=steps)["tracker"]
         assert estimate_run(scenario, run).peak_bytes == pytest.approx(traced.peak, rel=0.02), run.label

@@ -20,7 +20,7 @@ TOLERANCE = 0.02
 @pytest.mark.parametrize("run", [r for r in SCENARIO.runs if REGISTRY[r.method].estimate is not None],
                          ids=lambda r: r.label)
 def test_estimate_within_two_percent_of_simulate_at_7b(run):
-    planned, steps = training.simulation_plan(run)
+    planned, steps = training.simulation_plan(SCENARIO, run)
     traced = training.train_steps(SCENARIO, planned, fake=True, device="cpu", steps=steps)["tracker"]
     guess = estimate_run(SCENARIO, run)
     assert traced.breakdown()["weights"] == 6_738_415_616 * 2

@@ -109,6 +109,8 @@ class Estimate:
     moment: str
     moments: dict[str, dict[str, int]] = field(default_factory=dict)
     terms: dict[str, int] = field(default_factory=dict)
+    phase: str = ""
+    """Which phase of the run this is, for a method whose memory changes along the run (BAdam's block)."""
 
 
 def estimate(shape: Model, method: str, options: dict[str, Any], *, batch_size: int, seq_len: int,
@@ -261,10 +263,30 @@ def _forward_only(weights: int, activations: dict[str, int], act: dict[str, int]
     return Estimate(sum(peak.values()), peak, dict(peak), moment, moments, terms)
 
 
-def estimate_run(scenario: Any, run: Any, target: str = "gpu") -> Estimate:
-    """The estimate for one run of a scenario (its model, method, options and training settings)."""
+def peak_phase(scenario: Any, run: Any, target: str = "gpu") -> tuple[str, dict[str, Any], Estimate] | None:
+    """For a method whose memory changes along the run (terms.phases): the phase with the largest estimate, its
+    options and that estimate; None for every other method."""
+    phases = terms_of(run.method).phases
+    if phases is None:
+        return None
     train = run_settings(scenario.train, run.options)
-    return estimate(run.model, run.method, run.options, batch_size=train.batch_size, seq_len=train.seq_len,
+    found = [(label, options, _estimate_with(scenario, run, options, target))
+             for label, options in phases(run.model, run.options, train.steps, train.seed).items()]
+    label, options, result = max(found, key=lambda item: item[2].peak_bytes)
+    result.phase = label
+    return label, options, result
+
+
+def estimate_run(scenario: Any, run: Any, target: str = "gpu") -> Estimate:
+    """The estimate for one run of a scenario (its model, method, options and training settings); for a method
+    whose memory changes along the run, its largest phase."""
+    peak = peak_phase(scenario, run, target)
+    return peak[2] if peak is not None else _estimate_with(scenario, run, run.options, target)
+
+
+def _estimate_with(scenario: Any, run: Any, options: dict[str, Any], target: str) -> Estimate:
+    train = run_settings(scenario.train, run.options)
+    return estimate(run.model, run.method, options, batch_size=train.batch_size, seq_len=train.seq_len,
                     dtype=train.dtype, activation_checkpointing=train.activation_checkpointing,
                     grad_accum=train.grad_accum, target=target, loss=train.loss,
                     loss_chunk_tokens=train.loss_chunk_tokens, precision=train.precision)

@@ -82,7 +82,7 @@ def _traced(scenario: Scenario, run: RunSpec, budget: int, search: str, value: i
     """Simulated peak at `train.<search> = value`, and that trace through the allocator model capped at `budget`."""
     if tracing is not None:  # seconds per trace at 7B: say what is being traced
         tracing(run.label, search, value)
-    planned, steps = training.simulation_plan(run)
+    planned, steps = training.simulation_plan(scenario, run)
     tracker = training.train_steps(with_train(scenario, **{search: value}), planned, fake=True, device="cpu",
                                    steps=steps)["tracker"]
     return tracker.peak, replay(tracker.events or [], budget)

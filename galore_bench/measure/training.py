@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from galore_bench import data, data_bytes
 from galore_bench.chunked_loss import chunked_loss
 from galore_bench.measure import fake_shims
+from galore_bench.measure.estimate import EstimateUnavailable, peak_phase
 from galore_bench.measure.timing import StepTimer
 from galore_bench.measure.tracker import MemoryTracker
 from galore_bench.methods import REGISTRY, Trainer, TrainSettings, precision
@@ -34,13 +35,28 @@ EvaluateFn = Callable[[torch.nn.Module], dict[str, Any]]
 SIMULATE_STEPS = 2  # step 1 creates optimizer states; step 2 is the steady state we report
 
 
-def simulation_plan(run: RunSpec) -> tuple[RunSpec, int]:
+def simulation_plan(scenario: Scenario, run: RunSpec) -> tuple[RunSpec, int]:
     """The run and step count a simulation traces: two steps, and one more when the method has a periodic cost
-    (its trace plan; GaLore's projector refresh), so that cost's transients belong in the peak."""
+    (its trace plan; GaLore's projector refresh), so that cost's transients belong in the peak. A method whose
+    memory changes along the run (BAdam's blocks) is traced in the phase the estimate finds largest."""
+    run = largest_phase(scenario, run)
     plan = REGISTRY[run.method].trace_plan
     if plan is not None:
         return dataclasses.replace(run, options=plan.options(run.options)), SIMULATE_STEPS + 1
     return run, SIMULATE_STEPS
+
+
+def largest_phase(scenario: Scenario, run: RunSpec) -> RunSpec:
+    """The run held in its largest phase (terms.phases: BAdam's block with the most memory among those it trains),
+    else the run itself; without a closed form for the model (Gemma-2, MoE) the run as it starts."""
+    terms = REGISTRY[run.method].estimate
+    if terms is None or terms.phases is None:
+        return run
+    try:
+        found = peak_phase(scenario, run)
+    except EstimateUnavailable:
+        return run
+    return run if found is None else dataclasses.replace(run, options=found[1])
 
 
 def pick_device() -> str:

@@ -2,10 +2,12 @@
 every K steps; embeddings, final norm and LM head stay frozen unless made blocks (include_embedding,
 include_lm_head).
 
-What a short simulate trace sees is the starting block's steps, and the estimate counts the same block.
 Memory depends on the block: autograd saves activations for the active layer and for every layer above it
-(their input gradients lead down to it), none below. The default order, ascending, starts at layer 0, the
-block with the most saved: the run's peak.
+(their input gradients lead down to it), none below, and an embedding or head block holds other weights than a
+layer. So the run's peak is that of one of the blocks it trains: `phases` names the candidates (the lowest layer
+it reaches, and the embedding and head blocks when trained), the estimate is the largest of them, and simulate
+traces that block, held active for its short trace (measure/training.simulation_plan). The default order,
+ascending from layer 0, starts in the block with the most saved.
 
 The estimate's terms, each checked against a trace (tests/test_estimate.py):
 - states: the active block's fp32 masters and AdamW's two fp32 moments (and its `step`), whatever the model's dtype;
@@ -29,7 +31,7 @@ from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.common import ADAM_OPTIONS, IMPL_OPTION, adamw_impl, impl_flags, trainable
 from galore_bench.methods.terms import TORCH_STEP, EstimateTerms, Options, ParamShape, blocks, model_parameters
 from galore_bench.models import Model
-from galore_bench.optim.badam import SWITCH_MODES, BlockAdam
+from galore_bench.optim.badam import SWITCH_MODES, BlockAdam, blocks_trained, switches_after
 
 OPTIONS = {
     **{k: v for k, v in ADAM_OPTIONS.items() if k != "layerwise"},
@@ -71,7 +73,25 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
 
 def switch_steps(opts: dict[str, Any], steps: int) -> dict[str, set[int]]:
     """Steps (0-based) that end in a block switch (new masters, a fresh AdamW): the package's schedule."""
-    return {"block_switch": {i for i in range(1, steps) if (i + 2) % opts["switch_every"] == 0}}
+    return {"block_switch": {i for i in range(steps) if switches_after(i, opts["switch_every"])}}
+
+
+def phases(shape: Model, opts: Options, steps: int, seed: int) -> dict[str, Options]:
+    """The blocks a run of `steps` steps trains that can hold its peak, each held there for the whole run: the
+    lowest-numbered decoder layer among them (every layer has the same weights, and the lower the active layer,
+    the more layers above it save activations for its gradient), and the embedding and final-norm-and-head blocks
+    when the run trains them (their weights differ from a layer's). The order is replayed as the optimizer runs it
+    (optim/badam.blocks_trained), the seed included for a random order; a phase never switches (not in the run,
+    nor in simulate's trace of up to three steps)."""
+    names = _block_names(shape, opts)
+    start = _option(opts, "start_block")
+    trained = set(blocks_trained(len(names), _option(opts, "switch_mode"), min(start, len(names) - 1)
+                                 if start >= 0 else None, seed, _option(opts, "switch_every"), max(steps, 1)))
+    layers = [i for i in trained if names[i].isdigit()]
+    held = {i for i in trained if not names[i].isdigit()} | ({min(layers)} if layers else set())
+    described = {"embedding": "the embedding", "rest": "final norm and LM head"}
+    return {f"block {i} ({described.get(names[i], 'layer ' + names[i])})":
+            {**opts, "start_block": i, "switch_every": max(steps, 3) + 2} for i in sorted(held)}  # no switch at all
 
 
 def _option(opts: Options, name: str) -> Any:
@@ -164,7 +184,7 @@ METHOD = MethodDef(
     options=OPTIONS,
     paper="arXiv 2404.02827",
     estimate=EstimateTerms(state_bytes=state_bytes, whole_update_temporaries=whole_update, layout=layout,
-                           saved_activations=saved_activations),
+                           saved_activations=saved_activations, phases=phases),
     periodic_steps=switch_steps,
     incompatible=incompatible,
 )

@@ -168,3 +168,6 @@ class EstimateTerms:
     """Moments of the step only this method has (GaLore: the SVDs of a projector refresh)."""
     forward_only: bool = False
     """Autograd off: no gradient, no state, only the forward's transients (the inference reference)."""
+    phases: Callable[[Model, Options, int, int], dict[str, Options]] | None = None
+    """(shape, options, steps, seed) -> {label: options} for each phase of a run whose memory differs (BAdam: the
+    blocks it trains that can hold the peak); `estimate_run` gives the largest, and simulate traces that one."""

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SWITCH_MODES", "BlockAdam", "decoder_blocks"]
+__all__ = ["SWITCH_MODES", "BlockAdam", "BlockOrder", "blocks_trained", "decoder_blocks"]
 
 SWITCH_MODES = ("ascending", "descending", "random")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -50,6 +50,52 @@ def decoder_blocks(model: torch.nn.Module, include_embedding: bool = False,
             rest.append(param)
     blocks = ([embedding] if embedding else []) + [layers[i] for i in sorted(layers)]
     return blocks + ([rest] if include_lm_head and rest else [])
+
+
+class BlockOrder:
+    """Which block follows which: ascending, descending (wrapping around) or random (a seeded shuffle of every block,
+    visited once each before the next shuffle). Apart from the optimizer so the estimate can replay a run's order."""
+
+    def __init__(self, n_blocks: int, mode: str, seed: int = 0) -> None:
+        self.n_blocks, self.mode = n_blocks, mode
+        self._rng = random.Random(seed)
+        self._order: list[int] = []
+
+    def first(self, start_block: int | None = None) -> int:
+        if start_block is not None:
+            return start_block
+        if self.mode == "descending":
+            return self.n_blocks - 1
+        return self._next_random() if self.mode == "random" else 0
+
+    def next(self, current: int) -> int:
+        if self.mode == "random":
+            return self._next_random()
+        return (current + (1 if self.mode == "ascending" else -1)) % self.n_blocks
+
+    def _next_random(self) -> int:
+        if not self._order:
+            self._order = list(range(self.n_blocks))
+            self._rng.shuffle(self._order)
+        return self._order.pop()
+
+
+def switches_after(step: int, switch_every: int) -> bool:
+    """Whether (0-based) step `step` ends in a block switch: the package's (global_step + 1) % K == 0, counted after
+    the step, so the first block trains K - 1 steps and every later one K."""
+    return (step + 2) % switch_every == 0
+
+
+def blocks_trained(n_blocks: int, mode: str, start_block: int | None, seed: int, switch_every: int,
+                   steps: int) -> list[int]:
+    """The block active at each of a run's `steps` steps (the switch after the last step trains nothing)."""
+    order = BlockOrder(n_blocks, mode, seed)
+    active, trained = order.first(start_block), []
+    for step in range(steps):
+        trained.append(active)
+        if switches_after(step, switch_every):
+            active = order.next(active)
+    return trained
 
 
 class BlockAdam(torch.optim.Optimizer):
@@ -77,32 +123,12 @@ class BlockAdam(torch.optim.Optimizer):
         self.switch_every = switch_every
         self.switch_mode = switch_mode
         self.global_step = 0
-        self._rng = random.Random(seed)
-        self._order: list[int] = []
-        self.active_block = start_block if start_block is not None else self._first_block()
+        self.order = BlockOrder(len(self.blocks), switch_mode, seed)
+        self.active_block = self.order.first(start_block)
         self.visited = [self.active_block]
         self.masters: list[torch.Tensor] = []
         self.inner: torch.optim.Optimizer | None = None
         self._activate()
-
-    def _first_block(self) -> int:
-        if self.switch_mode == "descending":
-            return len(self.blocks) - 1
-        if self.switch_mode == "random":
-            return self._next_random()
-        return 0
-
-    def _next_random(self) -> int:
-        if not self._order:
-            self._order = list(range(len(self.blocks)))
-            self._rng.shuffle(self._order)
-        return self._order.pop()
-
-    def _next_block(self) -> int:
-        step = {"ascending": 1, "descending": -1}
-        if self.switch_mode == "random":
-            return self._next_random()
-        return (self.active_block + step[self.switch_mode]) % len(self.blocks)
 
     def _activate(self) -> None:
         """Freeze everything but the active block; give that block fp32 masters and a fresh inner optimizer."""
@@ -117,7 +143,7 @@ class BlockAdam(torch.optim.Optimizer):
     def switch(self) -> None:
         """The next block becomes active; the old block's masters and states go first."""
         self.inner, self.masters = None, []
-        self.active_block = self._next_block()
+        self.active_block = self.order.next(self.active_block)
         self.visited.append(self.active_block)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -140,9 +166,9 @@ class BlockAdam(torch.optim.Optimizer):
         for weight, master in zip(weights, self.masters):
             weight.copy_(master.to(weight.dtype))
             master.grad = None
-        self.global_step += 1
-        if (self.global_step + 1) % self.switch_every == 0:
+        if switches_after(self.global_step, self.switch_every):
             self.switch()
+        self.global_step += 1
         return None
 
     def state_tensors(self) -> Iterator[torch.Tensor]:

@@ -76,7 +76,7 @@ def whole_steps() -> list[dict[str, Any]]:
     for loss in ("full", "chunked"):
         case = scenario(loss)
         for run in case.runs:
-            planned, steps = training.simulation_plan(run)
+            planned, steps = training.simulation_plan(case, run)
             traced = training.train_steps(case, planned, fake=True, device="cpu", steps=steps)["tracker"]
             rows.append({"loss": loss, "run": run.label, "estimate_bytes": estimate_run(case, run).peak_bytes,
                          "simulate_bytes": traced.peak})

@@ -149,8 +149,9 @@ def child_io(stderr: InheritedFile | str, threads: int | None) -> None:
 def _estimate_fields(scenario: Scenario, run: RunSpec, target: str = "gpu") -> dict[str, Any]:
     """The closed-form estimate as a record stores it (labelled an estimate; tests hold it to simulate)."""
     result = estimate_run(scenario, run, target)
-    return {"peak_bytes": result.peak_bytes, "breakdown": result.breakdown, "category_peaks": result.category_peaks,
-            "peak_moment": result.moment, "moments": result.moments, "terms": result.terms, "target": target}
+    fields = {"peak_bytes": result.peak_bytes, "breakdown": result.breakdown, "category_peaks": result.category_peaks,
+              "peak_moment": result.moment, "moments": result.moments, "terms": result.terms, "target": target}
+    return fields | ({"phase": result.phase} if result.phase else {})
 
 
 def _estimate_beside(memory: MemorySection, scenario: Scenario, run: RunSpec, target: str) -> dict[str, Any] | None:
@@ -197,7 +198,7 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
            steps: int | None, snapshot: Path | None = None) -> None:
     fake = mode == "simulate"
     # measure: the tracker on for the memory window (warm-up + steady step), then at least one step timed without it
-    traced, n_steps = (training.simulation_plan(run) if fake
+    traced, n_steps = (training.simulation_plan(scenario, run) if fake
                        else (run, max(MEMORY_STEPS + 1, steps or scenario.train.steps)))
     if not fake and n_steps != scenario.train.steps:  # the LR schedule and the data length follow --steps
         scenario = dataclasses.replace(scenario, train=dataclasses.replace(scenario.train, steps=n_steps))
@@ -236,6 +237,8 @@ def _train(record: RunRecord, scenario: Scenario, run: RunSpec, mode: str, devic
     target = "gpu" if fake or device == "cuda" else "cpu"  # what 'auto' implementations resolved to
     memory["estimate"] = assemble.cross_check(record, "estimate",
                                               lambda: _estimate_beside(memory, scenario, run, target))
+    if fake and memory["estimate"] and memory["estimate"].get("phase"):  # simulation_plan traced that phase
+        memory["traced_phase"] = memory["estimate"]["phase"]
     if snapshot is not None:
         memory.update(assemble.snapshot_fields(snapshot, recording))  # type: ignore[typeddict-item]
     assemble.fill_trained(record, memory, result)
