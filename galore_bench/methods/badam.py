@@ -108,9 +108,9 @@ def _block_names(shape: Model, opts: Options) -> list[str]:
 
 
 def active_block(shape: Model, opts: Options) -> str:
-    """The block simulate traces: start_block, else the order's first (descending: the last). A random order's
-    first block depends on the run's seed, which options do not carry: the estimate takes block 0 (layer 0 or the
-    embedding), the one with the most saved activations."""
+    """The block one estimate counts: start_block (each of `phases` sets it), else the order's first (descending:
+    the last). Called without a phase, a random order's first block is unknown here (it depends on the run's
+    seed): block 0 (layer 0 or the embedding), the one with the most saved activations."""
     names = _block_names(shape, opts)
     start = _option(opts, "start_block")
     if start >= 0:
