@@ -15,7 +15,7 @@ import pytest
 from galore_bench.cli import main
 from galore_bench.errors import UserError
 from galore_bench.record import SCHEMA_VERSION
-from galore_bench.report.charts import breakdown_figure, pareto_front
+from galore_bench.report.charts import breakdown_figure, label_offsets, pareto_front
 from galore_bench.report.references import OVERRIDE_ENV, PACKAGE_FOLDER, paper_table
 from galore_bench.report.render import render_report
 
@@ -593,3 +593,10 @@ def test_activations_cause_is_the_paper_loss_run_measured_beside_it(tmp_path: Pa
     render_report([write_records(tmp_path / "alone", [full])], tmp_path / "out2", {"csv"})
     alone = pd.read_csv(tmp_path / "out2" / "lomo_7b_vs_lomo_table1.csv", keep_default_na=False)
     assert "loss 'model-dtype'" in alone.set_index(["run", "quantity"]).loc[("sgd", "activations"), "cause"]
+
+
+def test_pareto_labels_of_close_points_do_not_overlap():
+    """Two runs at the same point get labels a line apart; a run far from both keeps the default offset."""
+    offsets = label_offsets([(1.0, 10.0, "adalomo (lr 0.1)"), (1.0, 10.0, "adafactor (lr 0.001)"),
+                             (2.0, 20.0, "muon (lr 0.03)")])
+    assert offsets[0] == offsets[2] == 5.0 and abs(offsets[1] - offsets[0]) == 10.0
