@@ -142,13 +142,15 @@ def label_offsets(points: list[tuple[float, float, str]], width_pt: float = 330.
                   line_pt: float = 10.0) -> list[float]:
     """Vertical offsets (points) for each point's label, so that labels of close points do not print over one
     another: in an approximate plot box of `width_pt` x `height_pt`, a label whose box would overlap one placed
-    before it moves the fewest lines up or down that frees it (20 runs on one chart crowd at similar memory and perplexity)."""
+    before it moves the fewest lines up or down that frees it (20 runs on one chart crowd at similar memory and
+    perplexity)."""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     placed: list[tuple[float, float, float]] = []  # left, bottom, width of each label's box
     offsets = []
     for x, y, label in points:
-        left, bottom, width = (x - min(xs)) / x_span * width_pt + 5, (y - min(ys)) / y_span * height_pt, 4.6 * len(label)
+        left, width = (x - min(xs)) / x_span * width_pt + 5, 4.6 * len(label)  # about 4.6 points a character
+        bottom = (y - min(ys)) / y_span * height_pt
         shifts = (5.0 + line_pt * k * sign for k in range(len(points) + 1) for sign in (-1, 1))  # nearest first
         dy = next(d for d in shifts if not any(left < l2 + w2 and l2 < left + width and abs(bottom + d - b2) < line_pt
                                                for l2, b2, w2 in placed))
