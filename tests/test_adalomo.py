@@ -126,7 +126,8 @@ def test_update_temporaries_estimate_equals_one_traced_update(shape, dtype):
 
 
 def test_the_trainer_applies_the_cosine_schedule_itself():
-    """No torch optimizer to hand the engines' scheduler: the trainer sets lr as LambdaLR would, step by step."""
+    """No torch optimizer for a LambdaLR: the engines' schedule moves AdaLomo's one group as LambdaLR would."""
+    from galore_bench.measure.training import lr_schedule
     from galore_bench.methods import REGISTRY
     from galore_bench.methods.base import TrainSettings
     from galore_bench.optim.relora import warmup_cosine_lr
@@ -136,6 +137,7 @@ def test_the_trainer_applies_the_cosine_schedule_itself():
     opts = {name: option.default for name, option in method.all_options().items()} | {"lr": 0.5}
     assert method.limits(opts, train) == []
     trainer = method.build(torch.nn.Linear(4, 4), opts, train)
+    trainer.scheduler = lr_schedule(trainer, train)  # as measure/training.build_trainer attaches it
     seen = [trainer.optimizer.lr]
     for step in range(9):
         trainer.update(step)

@@ -15,6 +15,7 @@ import torch
 
 from galore_bench import data, data_bytes, store
 from galore_bench.errors import UserError
+from galore_bench.measure.training import lr_schedule
 from galore_bench.methods import REGISTRY, TrainSettings
 from galore_bench.models import ModelShape, build_model
 from galore_bench.optim.relora import warmup_cosine_lr
@@ -153,6 +154,7 @@ def test_lomo_follows_the_same_schedule_as_a_lambdalr():
     trainer = REGISTRY["lomo"].build(torch.nn.Linear(2, 2), {**{k: o.default for k, o in
                                                                 REGISTRY["lomo"].all_options().items()},
                                                              "lr": 0.5}, train)
+    trainer.scheduler = lr_schedule(trainer, train)  # as measure/training.build_trainer attaches it
     sgd = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.5)
     reference = torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: warmup_cosine_lr(s, 12, 3))
     for step in range(12):

@@ -148,9 +148,8 @@ def build_trainer(scenario: Scenario, run: RunSpec, device: str | torch.device, 
         trainer = precision.apply(method.build(inner, run.options, settings), settings, run.options)
         trainer.model = wrapped
     train = scenario.train
-    # a forward-only run has nothing to schedule; LOMO and AdaLomo schedule themselves
-    if (train.lr_schedule == "cosine" and trainer.scheduler is None and trainer.optimizer is not None
-            and not method.schedules_itself):
+    # a forward-only run has nothing to schedule
+    if train.lr_schedule == "cosine" and trainer.scheduler is None and trainer.optimizer is not None:
         trainer.scheduler = lr_schedule(trainer, train)
     return trainer
 

@@ -9,7 +9,7 @@ import torch
 
 from galore_bench.methods.base import MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.lomo import METHOD as LOMO_METHOD
-from galore_bench.methods.lomo import LomoTrainer, schedule_of
+from galore_bench.methods.lomo import LomoTrainer
 from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks
 from galore_bench.optim.adalomo import AdaLomo
 
@@ -26,7 +26,7 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
                         clip_threshold=opts["clip_threshold"], decay_rate=-opts["decay_exponent"],
                         clip_grad_norm=opts["clip_grad_norm"] or None, clip_grad_value=opts["clip_grad_value"] or None,
                         loss_scale=opts["loss_scale"] or None, weight_decay=opts["weight_decay"])
-    return AdaLomoTrainer(model, optimizer, schedule_of(optimizer, train),
+    return AdaLomoTrainer(model, optimizer,
                           info={"optimizer": "galore_bench.optim.adalomo.AdaLomo",
                                 "backward_passes": 2 if opts["clip_grad_norm"] else 1})
 
@@ -60,7 +60,6 @@ METHOD = MethodDef(
         "eps_scale": Option(float, 1e-3, "floor of the weight RMS that scales the learning rate", minimum=0.0),
     },
     supports_grad_accum=False,
-    schedules_itself=True,
     paper="arXiv 2310.10195",
     estimate=EstimateTerms(state_bytes=state_bytes, update_temporaries=update_temporaries,
                            updates_in_backward=lambda opts: True),

@@ -153,9 +153,6 @@ class MethodDef:
     """A periodic cost simulate must trace (one step more than usual)."""
     periodic_steps: Callable[[dict[str, Any], int], dict[str, set[int]]] | None = None
     """(options, steps) -> {name: steps with that periodic extra cost}, timed apart from the throughput median."""
-    schedules_itself: bool = False
-    """Its trainer drives train.lr_schedule itself (LOMO and AdaLomo keep one lr outside any parameter group);
-    every other trainer is scheduled by the engines through `Trainer.lr_groups` (layer-wise ones included)."""
     incompatible: Callable[[str, dict[str, Any]], str | None] | None = None
     """(strategy, options) -> why the method cannot run under that distributed strategy, or None."""
     check: Callable[[dict[str, Any], Any], list[tuple[str, str, str]]] | None = None

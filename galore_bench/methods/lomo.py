@@ -1,7 +1,7 @@
 """LOMO (arXiv 2306.09782): SGD fused into backward, at most one gradient alive."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -9,24 +9,11 @@ import torch
 from galore_bench.methods.base import FUSED_WITH_DDP, MethodDef, Option, Trainer, TrainSettings
 from galore_bench.methods.terms import EstimateTerms, ParamShape, blocks
 from galore_bench.optim.lomo import LOMO, DynamicLossScaler
-from galore_bench.optim.relora import warmup_cosine_lr
-
-
-class LomoSchedule:
-    """LambdaLR's contract for LOMO, which is no torch Optimizer: step k runs at lr x factor(k), so a scheduled
-    LOMO run gets the same warm-up and decay as the optimizers it is compared with."""
-
-    def __init__(self, lomo: LOMO, factor: Callable[[int], float]) -> None:
-        self.lomo, self.base, self.factor, self.count = lomo, lomo.lr, factor, 0
-        lomo.lr = self.base * factor(0)
-
-    def step(self) -> None:
-        self.count += 1
-        self.lomo.lr = self.base * self.factor(self.count)
 
 
 class LomoTrainer(Trainer):
-    """The update happens inside backward; after it only the schedule, if any, moves on."""
+    """The update happens inside backward; after it only the schedule, if any, moves on (the engines' schedule
+    moves LOMO's one parameter group, as it moves any optimizer's)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.step(loss)
@@ -39,13 +26,6 @@ class LomoTrainer(Trainer):
         return iter(())
 
 
-def schedule_of(lomo: LOMO, train: TrainSettings) -> LomoSchedule | None:
-    """The engines' warm-up / cosine schedule for a LOMO-style optimizer (AdaLomo too), None when constant."""
-    if train.lr_schedule != "cosine":
-        return None
-    return LomoSchedule(lomo, lambda step: warmup_cosine_lr(step, max(train.steps, 1), train.warmup_steps))
-
-
 def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) -> Trainer:
     scale: float | DynamicLossScaler | None = opts["loss_scale"] or None
     clip = opts["clip_grad_norm"] or None
@@ -53,9 +33,9 @@ def build(model: torch.nn.Module, opts: dict[str, Any], train: TrainSettings) ->
         scale, clip = DynamicLossScaler(), clip or 1.0
     lomo = LOMO(model, lr=opts["lr"], clip_grad_norm=clip, clip_grad_value=opts["clip_grad_value"] or None,
                 loss_scale=scale, weight_decay=opts["weight_decay"])
-    return LomoTrainer(model, lomo, schedule_of(lomo, train), info={"optimizer": "galore_bench.optim.lomo.LOMO",
-                                                    "backward_passes": 2 if clip else 1,
-                                                    "loss_scale": "dynamic" if opts["dynamic_loss_scale"] else scale})
+    return LomoTrainer(model, lomo, info={"optimizer": "galore_bench.optim.lomo.LOMO",
+                                          "backward_passes": 2 if clip else 1,
+                                          "loss_scale": "dynamic" if opts["dynamic_loss_scale"] else scale})
 
 
 def update_temporaries(p: ParamShape, opts: dict[str, Any], e: int) -> int:
@@ -86,7 +66,6 @@ METHOD = MethodDef(
                                      "1.0 unless set, as lomo-optim does)"),
     },
     supports_grad_accum=False,
-    schedules_itself=True,
     paper="arXiv 2306.09782",
     estimate=EstimateTerms(update_temporaries=update_temporaries, updates_in_backward=lambda opts: True),
     incompatible=incompatible,

@@ -91,7 +91,7 @@ class LOMO:
             errors.append(f"lomo.loss_scale must be > 0, got {loss_scale}")
         if errors:
             raise ValueError("; ".join(errors))
-        self.lr = lr
+        self.param_groups = [{"lr": lr}]  # one group, so an LR schedule moves it as it moves any optimizer's
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
         self.loss_scale = loss_scale
@@ -197,6 +197,14 @@ class LOMO:
             raise RuntimeError("LOMO.grad_norm: no trainable parameter received a gradient")
         total = self._norm_sq.sqrt()
         return total / scale if scale is not None else total
+
+    @property
+    def lr(self) -> float:
+        return float(self.param_groups[0]["lr"])
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.param_groups[0]["lr"] = value
 
     def step(
         self, loss: torch.Tensor, lr: float | None = None, retain_graph: bool = False
