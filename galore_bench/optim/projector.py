@@ -95,18 +95,21 @@ class GaLoreProjector:
             return torch.mm(grad, basis.t())
         return torch.mm(basis.t(), grad)
 
+    def _lifted(self, low_rank: torch.Tensor, caller: str) -> torch.Tensor:
+        """P N (or N P): the low-rank update in the full weight shape, unscaled, in the basis' dtype."""
+        basis = self.ortho_matrix
+        if basis is None:
+            raise RuntimeError(f"{caller}() called before project()")
+        if low_rank.dtype != basis.dtype:
+            low_rank = low_rank.to(basis.dtype)
+        return torch.mm(low_rank, basis) if self.side == "right" else torch.mm(basis, low_rank)
+
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
         """Lift a low-rank update to the full weight shape, multiplied by `scale` (alpha in the paper).
 
         The update is cast to the basis' dtype first (8-bit states update an fp32 low-rank buffer).
         """
-        basis = self.ortho_matrix
-        if basis is None:
-            raise RuntimeError("project_back() called before project()")
-        if low_rank.dtype != basis.dtype:
-            low_rank = low_rank.to(basis.dtype)
-        full = torch.matmul(low_rank, basis) if self.side == "right" else torch.matmul(basis, low_rank)
-        return full * self.scale
+        return self._lifted(low_rank, "project_back") * self.scale
 
     def add_back(self, weight: torch.Tensor, low_rank: torch.Tensor, alpha: float) -> None:
         """weight += alpha * project_back(low_rank), in place, with one full-size temporary instead of two.
@@ -119,12 +122,7 @@ class GaLoreProjector:
         P N in place, which is the same kernel on the same values as galore-torch's out-of-place multiply.
         `low_rank` is cast to the basis' dtype first (8-bit states update a buffer in the weight's dtype).
         """
-        basis = self.ortho_matrix
-        if basis is None:
-            raise RuntimeError("add_back() called before project()")
-        if low_rank.dtype != basis.dtype:
-            low_rank = low_rank.to(basis.dtype)
-        full = torch.mm(low_rank, basis) if self.side == "right" else torch.mm(basis, low_rank)
+        full = self._lifted(low_rank, "add_back")
         if self.exact_scale:
             weight.add_(full, alpha=alpha * self.scale)
         else:
