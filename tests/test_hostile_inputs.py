@@ -260,7 +260,7 @@ def _is_number(text: str) -> bool:
 def test_csv_safe_prefixes_only_text_that_would_be_a_formula():
     import pandas as pd
 
-    from galore_bench.report.tables import csv_safe
+    from galore_bench.report.table_text import csv_safe
     frame = pd.DataFrame({"label": ["=1+1", "+x", "-x", "@x", "-1.5", "ok", "-", "- (0.35 GB)", "- (1)+cmd"],
                           "n": [-1.0, 2, 3, 4, 5, 6, 7, 8, 9]})
     assert csv_safe(frame)["label"].tolist() == ["'=1+1", "'+x", "'-x", "'@x", "-1.5", "ok", "-", "- (0.35 GB)",

@@ -17,7 +17,8 @@ import pandas as pd
 from galore_bench import store
 from galore_bench.errors import UserError
 from galore_bench.record import Record, memory_values
-from galore_bench.report.tables import as_number, csv_safe, md_text, to_markdown
+from galore_bench.report.table_text import csv_safe, md_text, to_markdown
+from galore_bench.report.tables import as_number
 from galore_bench.units import format_bytes
 
 # quantity -> (record section, key, unit, whether a larger value is worse)

@@ -11,7 +11,8 @@ from typing import Any
 import pandas as pd
 
 from galore_bench.record import breakdown_of, peak_of
-from galore_bench.report.tables import as_number, cell_text, paper_diff, per_unit
+from galore_bench.report.table_text import cell_text
+from galore_bench.report.tables import as_number, paper_diff, per_unit
 from galore_bench.units import GB, GIB
 
 GALORE_NAMES = {"adamw": "full_rank", "galore": "galore", "lowrank": "low_rank", "lora": "lora", "relora": "relora"}

@@ -16,7 +16,7 @@ from galore_bench import store
 from galore_bench.errors import UserError
 from galore_bench.report.provenance import provenance
 from galore_bench.report.references import paper_table, provenance_line
-from galore_bench.report.tables import csv_safe, md_text
+from galore_bench.report.table_text import csv_safe, md_text
 from galore_bench.units import gib
 
 PAPER = "lomo_table2"  # LOMO (arXiv 2306.09782) Table 2: GPUs and memory per GPU on RTX 3090s

@@ -32,17 +32,8 @@ from galore_bench.report.references import load_references, provenance_line
 from galore_bench.report.successors import NOTES as SUCCESSORS_NOTES
 from galore_bench.report.successors import successors_table
 from galore_bench.report.table11 import TABLE11_NOTES, table11_table
-from galore_bench.report.tables import (
-    breakdown_table,
-    cell_text,
-    csv_safe,
-    fit_table,
-    lomo_table,
-    md_text,
-    rich_table,
-    speed_table,
-    to_markdown,
-)
+from galore_bench.report.table_text import cell_text, csv_safe, md_text, rich_table, to_markdown
+from galore_bench.report.tables import breakdown_table, fit_table, lomo_table, speed_table
 
 FORMATS = ("md", "csv", "png", "svg", "html")
 
